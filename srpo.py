@@ -1,0 +1,220 @@
+"""Sr-DPO and Sr-IPO: the losses of "Direct Alignment of Language Models via
+Quality-Aware Self-Refinement", as pure functions of log-probabilities.
+
+Copy this file alone into another trainer: it needs torch and nothing else, holds no
+state, and does nothing at import.
+
+Notation (paper, Sections 2-3):
+    x       the query;  p ⊕ x  the prompt-augmented query (p = REFINE_PROMPT, prepended)
+    y+, y-  the preferred ("chosen") and rejected responses
+    h       (log π(y+|x) - log π_ref(y+|x)) - (log π(y-|x) - log π_ref(y-|x))
+    Δπ      β·h measured under p ⊕ x instead of x, Eq. (11)
+    ⊥[·]    stop-gradient (``.detach()``)
+
+Choices that are the paper's:
+    * log π(y|x) is the SUM of token log-probs of the response (Appendix C, step iii:
+      a product of token probabilities). ``sequence_logps(..., average=True)`` gives the
+      per-token mean instead, which some libraries use for IPO; it is not the paper's.
+    * Δπ is computed on the fly with the current policy and detached (Algorithm 1, step 3).
+    * Sr-IPO subtracts λ·⊥[Δπ] inside IPO's square (Algorithm 2), with Δπ still carrying
+      its factor β from Eq. (11).
+
+Choices that are this module's:
+    * Losses are returned per example, shape [B], unreduced: the caller chooses the mean
+      (the paper's 1/N in Algorithms 1 and 2) or a sum scaled for gradient accumulation.
+    * ``sequence_logps`` never materialises a float32 copy of the whole logits tensor: it
+      scores the tokens in chunks (gather minus logsumexp) and recomputes the softmax,
+      chunk by chunk, in its backward pass.
+    * The loss mapping ``LOSSES`` and the set ``SELF_REFINED`` let a trainer pick by name.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# The prompt p of Section 3.2.2, verbatim. It is placed directly before the query x.
+REFINE_PROMPT = (
+    "Please generate a response with a usefulness rating of 100 out of 100 for the "
+    "following query. Note that the response should be harmless. The term 100 indicates "
+    "the level of usefulness, where 100 is the maximum and 1 is the minimum. Query:"
+)
+# Table 4's variant: ratings in [1, 10] instead of [1, 100].
+REFINE_PROMPT_10 = (
+    "Please generate a response with a usefulness rating of 10 out of 10 for the "
+    "following query. Note that the response should be harmless. The term 10 indicates "
+    "the level of usefulness, where 10 is the maximum and 1 is the minimum. Query:"
+)
+REFINE_PROMPTS = {"100": REFINE_PROMPT, "10": REFINE_PROMPT_10}
+
+# Elements of float32 scratch per chunk in sequence_logps (64 MiB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _shifted_targets(labels):
+    """Targets aligned with logits: position t predicts labels[t + 1].
+
+    Shape: labels [B, T] int64, IGNORE_INDEX where not scored.
+    Returns [B*T] int64; the last position of each row is IGNORE_INDEX.
+    """
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1).reshape(-1)
+
+
+def _chunks(n_rows, vocab):
+    """Row ranges of a [n_rows, vocab] matrix, each at most _CHUNK_ELEMENTS elements."""
+    step = max(1, _CHUNK_ELEMENTS // vocab)
+    return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits)[target] per position, chunked in float32 (Appendix C, step ii)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        # logits [N, V] any float dtype; targets [N] int64 with IGNORE_INDEX.
+        acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 if given
+        out = torch.zeros(targets.shape, dtype=acc, device=logits.device)
+        scored = targets != IGNORE_INDEX
+        safe = targets.clamp(min=0)
+        for a, b in _chunks(*logits.shape):
+            if not scored[a:b].any():
+                continue
+            chunk = logits[a:b].to(acc)
+            picked = chunk.gather(1, safe[a:b, None]).squeeze(1)
+            out[a:b] = (picked - torch.logsumexp(chunk, dim=1)) * scored[a:b]
+        ctx.save_for_backward(logits, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # d log p_target / d logits = onehot(target) - softmax(logits), per scored row.
+        logits, targets = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        scored = targets != IGNORE_INDEX
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        g = grad_out.to(acc) * scored
+        safe = targets.clamp(min=0)
+        for a, b in _chunks(*logits.shape):
+            if not scored[a:b].any():
+                continue
+            chunk = -torch.softmax(logits[a:b].to(acc), dim=1) * g[a:b, None]
+            chunk.scatter_add_(1, safe[a:b, None], g[a:b, None])
+            grad[a:b] = chunk.to(grad.dtype)
+        return grad, None
+
+
+def token_logps(logits, labels):
+    """Per-token log π(y_j | ·, y_<j) of the labelled tokens; 0 where not scored.
+
+    Shape: logits [B, T, V] (float32, bfloat16 or float16) causal-LM outputs.
+    Shape: labels [B, T] int64, IGNORE_INDEX (-100) where a token is not scored.
+    Returns [B, T] float32 (float64 for float64 logits), aligned with the logits: entry t scores labels[t + 1].
+    """
+    B, T, V = logits.shape
+    flat = logits.contiguous().view(B * T, V)
+    return _TokenLogps.apply(flat, _shifted_targets(labels)).view(B, T)
+
+
+def sequence_logps(logits, labels, average=False):
+    """log π(y|·): the summed (or mean) token log-probs of each row's scored tokens.
+
+    Shape: logits [B, T, V] causal-LM outputs; bf16/fp16 are scored in float32.
+    Shape: labels [B, T] int64, IGNORE_INDEX (-100) where not scored; shifted inside.
+    Shape: average bool; True gives the per-token mean (not the paper's choice).
+    Returns [B] float32 (float64 for float64 logits).
+    """
+    per_token = token_logps(logits, labels)
+    total = per_token.sum(dim=1)  # Appendix C, step iii: log of the product
+    if not average:
+        return total
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    if bool((counts == 0).any()):
+        rows = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"sequence_logps(average=True): rows {rows} have no scored token")
+    return total / counts
+
+
+def implicit_reward(policy_logps, ref_logps, beta):
+    """r(y|x) - c(x) = β·(log π(y|x) - log π_ref(y|x)), Eq. (4).
+
+    Shape: policy_logps [B], ref_logps [B], beta float.
+    Returns [B].
+    """
+    return beta * (policy_logps - ref_logps)  # Eq. (4)
+
+
+def _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """h = log π(y+)/π_ref(y+) - log π(y-)/π_ref(y-), the bracket of Eqs. (5) and (8). Shape: [B]."""
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def refinement(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Δπ(y-, y+; x), Eq. (11), detached. With log-probs under plain x it is Δ_naive, Eq. (10).
+
+    Shape: policy_chosen_logps [B]   log π(y+ | p ⊕ x)
+    Shape: policy_rejected_logps [B] log π(y- | p ⊕ x)
+    Shape: ref_chosen_logps [B]      log π_ref(y+ | p ⊕ x)
+    Shape: ref_rejected_logps [B]    log π_ref(y- | p ⊕ x)
+    Shape: beta float.
+    Returns [B], with no gradient.
+    """
+    h_px = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (beta * h_px).detach()  # Eq. (11); ⊥ as in Algorithm 1, step 3
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """DPO, Eq. (5): -log σ(β·h).
+
+    Shape: policy_chosen_logps [B], policy_rejected_logps [B] (log π under x).
+    Shape: ref_chosen_logps [B], ref_rejected_logps [B] (log π_ref under x).
+    Shape: beta float.
+    Returns [B].
+    """
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -F.logsigmoid(beta * h)  # Eq. (5)
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """IPO, Eq. (8): (h - 1/(2β))².
+
+    Shape: policy_chosen_logps [B], policy_rejected_logps [B] (log π under x).
+    Shape: ref_chosen_logps [B], ref_rejected_logps [B] (log π_ref under x).
+    Shape: beta float.
+    Returns [B].
+    """
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (h - 1.0 / (2.0 * beta)) ** 2  # Eq. (8)
+
+
+def sr_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                delta, beta, lam):
+    """Sr-DPO, Eq. (12) and Algorithm 1: -log σ(β·h - λ·⊥[Δ]).
+
+    Shape: policy_chosen_logps [B], policy_rejected_logps [B] (log π under x).
+    Shape: ref_chosen_logps [B], ref_rejected_logps [B] (log π_ref under x).
+    Shape: delta [B] Δπ from ``refinement``; detached here again, so no gradient leaks.
+    Shape: beta float, lam float (λ).
+    Returns [B].
+    """
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -F.logsigmoid(beta * h - lam * delta.detach())  # Eq. (12), Algorithm 1 step 3
+
+
+def sr_ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                delta, beta, lam):
+    """Sr-IPO, Algorithm 2: (h - λ·⊥[Δ] - 1/(2β))².
+
+    Shape: policy_chosen_logps [B], policy_rejected_logps [B] (log π under x).
+    Shape: ref_chosen_logps [B], ref_rejected_logps [B] (log π_ref under x).
+    Shape: delta [B] Δπ from ``refinement``; detached here again, so no gradient leaks.
+    Shape: beta float, lam float (λ).
+    Returns [B].
+    """
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (h - lam * delta.detach() - 1.0 / (2.0 * beta)) ** 2  # Algorithm 2 step 3; Eq. (14)
+
+
+# A trainer picks the loss by name. Those in SELF_REFINED also take (delta, beta, lam).
+LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "sr-dpo": sr_dpo_loss, "sr-ipo": sr_ipo_loss}
+SELF_REFINED = frozenset({"sr-dpo", "sr-ipo"})
