@@ -67,7 +67,7 @@ class Config:
     resume: bool = False          # continue from out_dir/checkpoint
     seed: int = 0                 # data order and tiny-model initialisation
     log_every: int = 1            # progress line every this many steps
-    fault_nan_step: int = -1      # testing only: make the loss NaN at this step
+    fault_nan_step: int = -1      # testing only: make the loss NaN at this step (steps count from 1)
 
 
 def parse_config(argv=None):
@@ -310,7 +310,7 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
         policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
         losses, stats = sft_terms(policy, batch, cfg) if stage == "sft" else \
             preference_terms(policy, ref, cache, batch, cfg)
-        if step == cfg.fault_nan_step:
+        if step + 1 == cfg.fault_nan_step:
             losses = losses * float("nan")
         # Sum over the global batch: FSDP averages gradients over ranks, so scale by world / batch_size.
         (losses.sum() * world / cfg.batch_size).backward()
@@ -325,8 +325,8 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
     summed = dict(zip(keys, all_sum([totals[k] for k in keys], device)))
     if not (math.isfinite(summed["loss"]) and math.isfinite(grad_norm.item())):
         raise FloatingPointError(
-            f"non-finite loss ({summed['loss']:.4g}) or gradient norm ({grad_norm.item():.4g}) at step {step}; "
-            f"no update was applied, and the last good checkpoint is kept")
+            f"non-finite loss ({summed['loss']:.4g}) or gradient norm ({grad_norm.item():.4g}) at {stage} step {step + 1}; "
+            f"no update was applied, and the last good checkpoint is kept")  # steps count from 1
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     summed["grad_norm"], summed["lr"] = grad_norm.item(), lr
@@ -512,6 +512,9 @@ def plan(cfg, n_examples):
 
 
 def run(cfg, rank, world, device):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     os.makedirs(cfg.out_dir, exist_ok=True)
     stop = Stop()
     say = (lambda msg: log(rank, msg))
@@ -588,11 +591,10 @@ def run(cfg, rank, world, device):
             if preempted:
                 say(f"SIGTERM: checkpoint written at {stage} step {step}; rerun with --resume to continue")
                 return 0
+        save_checkpoint(cfg.out_dir, policy, optimizer, {"stage_index": stage_index, "step": step}, rank)
         if stage == "sft" and stage_index < len(stages) - 1:
             export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank)
             say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
-        # A finished stage is recorded as the start of the next one, so a resume skips it.
-        save_checkpoint(cfg.out_dir, policy, optimizer, {"stage_index": stage_index + 1, "step": 0}, rank)
     final = os.path.join(cfg.out_dir, FINAL)
     if policy is not None:
         export(policy, tokenizer, final, rank)

@@ -1,0 +1,158 @@
+"""train.py on CPU: distributed against one process, accumulation, resume, reference cache, learning,
+export and faults. Every run is a few steps of the tiny model on the embedded data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small and fast: 8 pairs a step, no SFT stage, no held-out evaluation until the end.
+FAST = ["--batch_size", "8", "--sft_steps", "0", "--eval_every", "0", "--eval_pairs", "8", "--save_every", "0",
+        "--lr", "3e-3", "--warmup_steps", "1"]
+
+
+def run(out_dir, *flags):
+    """train.main in this process; returns its exit code and the metrics it wrote."""
+    code = train.main(["--out_dir", str(out_dir), *FAST, *map(str, flags)])
+    return code, metrics(out_dir)
+
+
+def metrics(out_dir):
+    path = os.path.join(out_dir, train.METRICS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def final_weights(out_dir):
+    """The exported final/ folder's weights, loaded with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, train.FINAL))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_close_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+
+
+def test_two_processes_match_one(tmp_path):
+    flags = ["--loss", "sr-dpo", "--max_steps", "3"]
+    code, _ = run(tmp_path / "one", *flags)
+    assert code == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "two"), *FAST, *flags]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in two], rel=1e-5)
+    assert_close_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_accumulation_matches_full_batch(tmp_path):
+    flags = ["--loss", "sr-ipo", "--max_steps", "2"]
+    assert run(tmp_path / "full", *flags)[0] == 0
+    assert run(tmp_path / "micro", *flags, "--micro_batch_size", "2")[0] == 0
+    assert_close_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "micro"), atol=1e-6)
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    flags = ["--loss", "sr-dpo", "--sft_steps", "2"]
+    _, whole = run(tmp_path / "whole", *flags, "--max_steps", "4")
+    # Stop after alignment step 2 (the stage's end writes a checkpoint), then continue to step 4.
+    run(tmp_path / "cut", *flags, "--max_steps", "2")
+    _, resumed = run(tmp_path / "cut", *flags, "--max_steps", "4", "--resume")
+    key = [(m["stage"], m["step"], m["loss"]) for m in whole]
+    assert [(m["stage"], m["step"], m["loss"]) for m in resumed] == key  # bitwise in one process
+
+
+def test_precomputed_reference_matches_live(tmp_path):
+    flags = ["--loss", "sr-dpo", "--max_steps", "3"]
+    _, live = run(tmp_path / "live", *flags)
+    _, cached = run(tmp_path / "cached", *flags, "--precompute_ref")
+    for a, b in zip(live, cached, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["delta_mean"] == pytest.approx(b["delta_mean"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "sr-dpo", "sr-ipo"])
+def test_every_loss_learns(tmp_path, loss):
+    extra = ["--lam", "0.5"] if loss.startswith("sr-") else []
+    code, ms = run(tmp_path, "--loss", loss, "--max_steps", "12", "--batch_size", "16", *extra)
+    assert code == 0
+    losses = [m["loss"] for m in ms]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+def test_export_loads_and_matches_the_checkpoint(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    assert run(tmp_path, "--loss", "dpo", "--max_steps", "2")[0] == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / train.FINAL).eval()
+    dcp_to_torch_save(str(tmp_path / train.CHECKPOINT), str(tmp_path / "ckpt.pt"))
+    trained = train.load_model(train.TINY).eval()
+    trained.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    code, ms = run(tmp_path, "--loss", "sr-dpo", "--max_steps", "6", "--save_every", "2", "--fault_nan_step", "3")
+    assert code == 1
+    extra = torch.load(tmp_path / train.CHECKPOINT / "extra_rank0.pt", weights_only=True)
+    assert extra["step"] == 2
+    assert [m["step"] for m in ms] == [1, 2]
+    assert not (tmp_path / train.FINAL).exists()
+
+
+def test_nan_message_names_the_step(tmp_path, capsys):
+    run(tmp_path, "--loss", "dpo", "--max_steps", "3", "--fault_nan_step", "2")
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "dpo step 2" in err
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path), *FAST,
+           "--loss", "dpo", "--max_steps", "200"]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while len(metrics(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "SIGTERM" in out
+    extra = torch.load(tmp_path / train.CHECKPOINT / "extra_rank0.pt", weights_only=True)
+    assert extra["step"] == len(metrics(tmp_path)) >= 2
+    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", str(extra["step"] + 1), "--resume")
+    assert code == 0 and ms[-1]["step"] == extra["step"] + 1
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    for flags, words in ((["--loss", "dpo", "--lam", "0.3"], "--lam"),
+                         (["--batch_size", "10", "--micro_batch_size", "4"], "not divisible")):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], env=env(),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2
+        assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_get_lr_warms_up_linearly_then_holds():
+    assert [train.get_lr(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
