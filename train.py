@@ -34,6 +34,7 @@ import data
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, implicit_reward, refinement, sequence_logps
 
 TINY = "tiny"
+OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 CHECKPOINT, FINAL, SFT_DIR, METRICS = "checkpoint", "final", "sft", "metrics.jsonl"
 
 
@@ -58,6 +59,7 @@ class Config:
     epochs: float = 1.0           # alignment epochs over --data ...
     max_steps: int = -1           # ... or this many alignment steps, whichever ends first (-1: no limit)
     max_grad_norm: float = 10.0   # gradient-norm clipping
+    optimizer: str = "rmsprop"    # rmsprop (the paper's), adamw or sgd
     precompute_ref: bool = False  # one pass of the reference model before training, then free it
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     average_logps: bool = False   # per-token mean log-probs instead of the paper's sums (Appendix C)
@@ -112,6 +114,8 @@ def validate(cfg, world=1):
         raise ValueError(f"--refine {cfg.refine}: expected prompt or naive")
     if cfg.refine_prompt not in REFINE_PROMPTS:
         raise ValueError(f"--refine_prompt {cfg.refine_prompt}: expected one of {', '.join(REFINE_PROMPTS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer {cfg.optimizer}: expected one of {', '.join(OPTIMIZERS)}")
     if cfg.beta <= 0:
         raise ValueError(f"--beta {cfg.beta}: must be positive")
     per_rank, rem = divmod(cfg.batch_size, world)
@@ -560,7 +564,7 @@ def run(cfg, rank, world, device):
                 say(f"precomputed reference log-probs of {len(examples):,} pairs in {time.time() - t0:.1f}s; "
                     f"reference model freed")
         policy.train()
-        optimizer = torch.optim.RMSprop(policy.parameters(), lr=cfg.lr)
+        optimizer = OPTIMIZERS[cfg.optimizer](policy.parameters(), lr=cfg.lr)
         step = 0
         if resume and stage_index == start_stage:
             step = load_checkpoint(resume, policy, optimizer, rank)["step"]
