@@ -96,12 +96,19 @@ class _TokenLogps(torch.autograd.Function):
         g = grad_out.to(acc) * scored
         safe = targets.clamp(min=0)
         for a, b in _chunks(*logits.shape):
-            if not scored[a:b].any():
-                continue
-            chunk = -torch.softmax(logits[a:b].to(acc), dim=1) * g[a:b, None]
-            chunk.scatter_add_(1, safe[a:b, None], g[a:b, None])
-            grad[a:b] = chunk.to(grad.dtype)
+            if scored[a:b].any():
+                _softmax_grad_into(grad[a:b], logits[a:b].to(acc), safe[a:b], g[a:b])
         return grad, None
+
+
+def _softmax_grad_into(out, logits, targets, g):
+    """out = g·(onehot(targets) - softmax(logits)), with one chunk of scratch, freed on return.
+
+    Shape: out [n, V] (written), logits [n, V] float32/64, targets [n] int64 >= 0, g [n].
+    """
+    scratch = torch.softmax(logits, dim=1)
+    scratch.mul_(-g[:, None]).scatter_add_(1, targets[:, None], g[:, None])
+    out.copy_(scratch)  # converts to out's dtype without a second temporary
 
 
 def token_logps(logits, labels):
