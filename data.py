@@ -1,0 +1,717 @@
+"""data.py: preference pairs in, exact token batches out, for the plain query x and the
+prompt-augmented query p ⊕ x (paper, Section 3.2.2 and Appendix C).
+
+    load_pairs(source, split) -> [Pair] -> tokenize_pairs(...) -> [example] -> collate(...) -> tensors
+    batch_indices(n, global_batch, epoch, seed, rank, world) -> which examples each step takes
+
+Sources (``load_pairs``)
+    "embedded"              the built-in copy task below (no download)
+    a local file            .jsonl, .jsonl.gz, .json (a list of records, or JSON Lines), .json.gz;
+                            one file is one split, so ``split`` is ignored for files
+    "Anthropic/hh-rlhf"     through huggingface_hub: the harmless-base, helpful-base, helpful-online and
+                            helpful-rejection-sampled files of the split; "Anthropic/hh-rlhf/helpful-base"
+                            takes one of them
+    any other hub name      through the optional ``datasets`` package (split "train" falls back to
+                            "train_prefs" where only that exists, as in HuggingFaceH4/ultrafeedback_binarized)
+
+Record formats (chosen by the keys of each record)
+    HH-RLHF      {"chosen": transcript, "rejected": transcript}. The prompt is everything up to and
+                 including the last "\\n\\nAssistant:", the response is the rest (its leading space kept).
+                 Dropped and counted: a transcript without "\\n\\nAssistant:" ("no assistant turn"), two
+                 transcripts whose prompts differ ("prompt mismatch"; the two are never mixed), a response
+                 that contains a "\\n\\nHuman:" turn ("irregular transcript").
+    UltraFeedback (argilla layout)  {"instruction", "chosen_response", "rejected_response",
+                 "chosen_avg_rating", "rejected_avg_rating"}; the instruction becomes one user message.
+    Generic and UltraFeedback (H4 layout)  {"prompt", "chosen", "rejected", "score_chosen",
+                 "score_rejected"}. prompt is text or a list of {"role", "content"} messages; chosen and
+                 rejected are text, or message lists ending in the assistant's reply. A list's earlier
+                 messages are the prompt: they must be the same in chosen and rejected, equal to prompt
+                 when prompt is a list, and contain prompt as a user message when prompt is text
+                 (otherwise "prompt mismatch"). Responses given as lists make the prompt a chat.
+    Scores are optional (null or absent -> None). Any format: a pair with an empty (blank) response is
+    dropped as "empty response", one whose two responses are equal as "identical responses", a chat
+    whose last prompt message is not a user turn as "prompt not ending in a user turn".
+    Malformed JSON, non-UTF-8 bytes, a missing field or a field of the wrong type raise DataError
+    naming the file and line. Drops are counted by reason in one summary line; nothing is left if
+    every pair is dropped raises DataError.
+
+Tokenisation (``encode_prompt``, ``tokenize_pairs``)
+    Text is encoded with add_special_tokens=False; BOS and EOS are added here. BOS appears exactly
+    once, first, where the tokenizer uses one (it prepends its bos_token_id when asked for special
+    tokens) or the chat template writes one. Each response is its tokens plus EOS, all scored; every
+    prompt token is labelled -100.
+    Plain text:  x view  = [BOS] x            p view = [BOS] p x      (Appendix C: torch.cat([p, x]))
+    Chat with a template: the template is rendered (with the generation prompt) and encoded in two
+      pieces, split where the first user message's content begins: x = head + tail. Then
+                 x view  = [BOS] head tail    p view = [BOS] head p tail
+      so p sits at the start of the first user message and the template stays intact.
+    Chat without a template: one user message is its plain text; a longer conversation is written as
+      an HH transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...", ending in "\\n\\nAssistant:"), then
+      treated as plain text. In every case the p view is the x view with p's tokens inserted, and the
+      scored response tokens are the same in both views.
+
+Truncation to max_length (exact rule)
+    Let n be the query's tokens (excluding BOS), r the longer response (with EOS), m = max_length.
+    1. x view: if [BOS] + n + r fits in m nothing is cut. Otherwise the query loses its oldest tokens,
+       but keeps at least min(n, min_prompt_length) (default m // 2); if that is still too long the
+       responses lose their last tokens (EOS first) to the room left, both to the same room. This is
+       exactly what a run without p would see, so DPO and Sr-DPO train on the same x view.
+    2. p view: the same, already truncated, responses; p is never cut; the query keeps its newest
+       min(kept in x view, m - [BOS] - |p| - r) tokens, so it may lose more old tokens than in the
+       x view (in a chat, the template head goes first, then the conversation).
+    3. Dropped and counted: a pair left with no response token ("response truncated away"), or whose
+       p view has no room for any query token ("no room for the query after p").
+    The summary line also counts the prompts and responses that were cut.
+
+Embedded dataset (``embedded_pairs``, ``embedded_score``)
+    A copy task small enough for the "tiny" byte-level model. Prompt "Copy: KDWXB\\n" (5 distinct
+    letters from EMBEDDED_ALPHABET: upper case without C, N, P, Q, T, which occur in "Copy" and in p);
+    the ideal response is the exact copy "KDWXB". A response's true score is the fraction of the
+    target's positions it gets right, over the longer of the two lengths (so 1.0 only for the exact
+    copy, and extra or missing letters cost). A pair's responses are the target with k+ < k- of its
+    letters replaced ((k+, k-) uniform over the pairs 0 <= k+ < k- <= 5), so the true score gap runs
+    from 0.2 (slightly better) to 1.0 (much better). Sizes: train 2,000 pairs, test 200, one pair per
+    prompt; a word belongs to the test split iff crc32(word) % 10 == 0, so no test prompt is a train
+    prompt under any seed. Everything is a function of (split, seed).
+
+Order (``steps_per_epoch``, ``batch_indices``, ``schedule``)
+    Each epoch is a permutation of range(n) drawn from numpy's default_rng((seed, epoch)); step s
+    takes its G = global_batch entries [s*G, (s+1)*G); rank r of w takes the slice
+    [r*G/w, (r+1)*G/w) of those. The n % G left over are not used that epoch (a new permutation
+    each epoch). A resumed run at global step k continues with schedule(..., start_step=k).
+"""
+
+import gzip
+import json
+import os
+import random
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from srpo import IGNORE_INDEX
+
+FORMATS = ("HH-RLHF {chosen, rejected} transcripts; "
+           "{prompt, chosen, rejected[, score_chosen, score_rejected]} with text or message lists; "
+           "UltraFeedback {instruction, chosen_response, rejected_response[, chosen_avg_rating, "
+           "rejected_avg_rating]}")
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+HH_REPO = "Anthropic/hh-rlhf"
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+_TRANSCRIPT_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+_MARK = "\ue000srpo-p\ue000"  # placed where p goes in a chat; never left in any output
+
+EMBEDDED_TEMPLATE = "Copy: {}\n"
+EMBEDDED_ALPHABET = "ABDEFGHIJKLMORSUVWXYZ"
+EMBEDDED_LENGTH = 5
+EMBEDDED_SIZES = {"train": 2000, "test": 200}
+_EMBEDDED_PROMPT = re.compile(r"Copy: ([A-Z]+)\n\Z")
+
+
+class DataError(ValueError):
+    """Bad input or an unusable dataset, in one line that names the file and line where known."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair: prompt (text, or chat messages ending in a user turn), two responses."""
+    prompt: "str | tuple[dict, ...]"
+    chosen: str
+    rejected: str
+    score_chosen: "float | None" = None
+    score_rejected: "float | None" = None
+
+
+class _Dropped(Exception):
+    """A pair dropped by a documented rule; the argument is the reason counted in the summary."""
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def summary(kept, dropped, what="pairs"):
+    """'kept 2,304 of 2,312 pairs; dropped 4 empty response, 4 prompt mismatch' (dropped: reason -> count)."""
+    line = f"kept {kept:,} of {kept + sum(dropped.values()):,} {what}"
+    if dropped:
+        line += "; dropped " + ", ".join(f"{n:,} {reason}" for reason, n in dropped.items())
+    return line
+
+
+def _keep_all(items, convert):
+    """([convert(item) for each item], Counter of reasons) without the items that raise _Dropped."""
+    kept, dropped = [], Counter()
+    for item in items:
+        try:
+            kept.append(convert(item))
+        except _Dropped as d:
+            dropped[d.args[0]] += 1
+    return kept, dropped
+
+
+def _report(label, kept, dropped, log, extra=""):
+    """Log the one summary line; DataError (with that line) when nothing was kept."""
+    line = f"{label}: {summary(len(kept), dropped)}{extra}"
+    if not kept:
+        raise DataError(f"{line}; nothing left")
+    if log:
+        log(line)
+
+
+# ----------------------------------------------------------------------------- records -> Pair
+
+
+def _field(record, name, where):
+    """record[name], or DataError naming the field and the accepted formats."""
+    if name not in record:
+        raise DataError(f"{where}: field '{name}' missing; expected one of: {FORMATS}")
+    return record[name]
+
+
+def _text(record, name, where):
+    """A field that must be a string."""
+    value = _field(record, name, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _score(record, name, where):
+    """An optional numeric field: None when absent or null."""
+    value = record.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: field '{name}' must be a number or null, got {value!r:.40}")
+    return float(value)
+
+
+def _messages(value, name, where):
+    """A list of {"role", "content"} strings as a tuple of plain dicts."""
+    out = []
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: field '{name}' message {i} must be {{\"role\": str, \"content\": str}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def _response(record, name, where):
+    """(earlier messages, reply text) of a response field: text, or messages ending in the assistant's reply."""
+    value = _field(record, name, where)
+    if isinstance(value, str):
+        return (), value
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{name}' must be a string or a list of messages, "
+                        f"got {type(value).__name__}")
+    messages = _messages(value, name, where)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise _Dropped("no assistant turn")
+    return messages[:-1], messages[-1]["content"]
+
+
+def _make_pair(prompt, chosen, rejected, score_chosen, score_rejected):
+    """A Pair, unless a rule drops it (empty response, identical responses, chat not ending in a user turn)."""
+    if not chosen.strip() or not rejected.strip():
+        raise _Dropped("empty response")
+    if chosen == rejected:
+        raise _Dropped("identical responses")
+    if not isinstance(prompt, str) and (not prompt or prompt[-1]["role"] != "user"):
+        raise _Dropped("prompt not ending in a user turn")
+    return Pair(prompt, chosen, rejected, score_chosen, score_rejected)
+
+
+def _split_transcript(text):
+    """(prompt up to and including the last '\\n\\nAssistant:', response) of an HH transcript."""
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise _Dropped("no assistant turn")
+    response = text[cut + len(HH_ASSISTANT):]
+    if HH_HUMAN in response:
+        raise _Dropped("irregular transcript")
+    return text[:cut + len(HH_ASSISTANT)], response
+
+
+def _hh_pair(record, where):
+    """HH-RLHF: two whole transcripts sharing the prompt."""
+    prompt_c, chosen = _split_transcript(_text(record, "chosen", where))
+    prompt_r, rejected = _split_transcript(_text(record, "rejected", where))
+    if prompt_c != prompt_r:
+        raise _Dropped("prompt mismatch")
+    return _make_pair(prompt_c, chosen, rejected, None, None)
+
+
+def _ultrafeedback_pair(record, where):
+    """UltraFeedback, argilla layout: instruction, chosen_response, rejected_response, *_avg_rating."""
+    prompt = ({"role": "user", "content": _text(record, "instruction", where)},)
+    return _make_pair(prompt, _text(record, "chosen_response", where), _text(record, "rejected_response", where),
+                      _score(record, "chosen_avg_rating", where), _score(record, "rejected_avg_rating", where))
+
+
+def _chat_prompt(prompt, history, where):
+    """The prompt of a generic record whose responses are message lists (history: their earlier messages)."""
+    if isinstance(prompt, list):
+        messages = _messages(prompt, "prompt", where)
+        if history and history != messages:
+            raise _Dropped("prompt mismatch")
+        return messages
+    if not history:
+        return ({"role": "user", "content": prompt},)
+    if not any(m["role"] == "user" and m["content"] == prompt for m in history):
+        raise _Dropped("prompt mismatch")
+    return history
+
+
+def _generic_pair(record, where):
+    """{prompt, chosen, rejected[, score_chosen, score_rejected]}, text or messages (UltraFeedback H4 layout too)."""
+    prompt = _field(record, "prompt", where)
+    if not isinstance(prompt, (str, list)):
+        raise DataError(f"{where}: field 'prompt' must be a string or a list of messages, "
+                        f"got {type(prompt).__name__}")
+    history_c, chosen = _response(record, "chosen", where)
+    history_r, rejected = _response(record, "rejected", where)
+    if history_c != history_r:
+        raise _Dropped("prompt mismatch")
+    chat = isinstance(prompt, list) or isinstance(record["chosen"], list) or isinstance(record["rejected"], list)
+    prompt = _chat_prompt(prompt, history_c, where) if chat else prompt
+    return _make_pair(prompt, chosen, rejected,
+                      _score(record, "score_chosen", where), _score(record, "score_rejected", where))
+
+
+def record_to_pair(record, where):
+    """One record of any accepted format as a Pair; DataError for bad input, _Dropped by rule.
+
+    where: "FILE:LINE", used in messages.
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "instruction" in record or "chosen_response" in record:
+        return _ultrafeedback_pair(record, where)
+    if "prompt" in record:
+        return _generic_pair(record, where)
+    return _hh_pair(record, where)
+
+
+# ----------------------------------------------------------------------------- files and hub
+
+
+def _decode(raw, path, line, column_base=0):
+    """Bytes as UTF-8 text, or DataError naming the file, line and column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line += raw.count(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start - start + 1 + column_base})") from None
+
+
+def _read_bytes(path):
+    """The file's bytes, gunzipped for .gz; DataError if it cannot be read."""
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _json_error(path, e):
+    """DataError for a json.JSONDecodeError, naming the file and line."""
+    return DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+
+
+def _json_lines(data, path):
+    """(where, record) for each non-blank line of JSON Lines bytes."""
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        text = _decode(raw, path, number).removeprefix("\ufeff" if number == 1 else "")
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+        yield f"{path}:{number}", record
+
+
+def _json_array(text, path):
+    """(where, record) for each element of a JSON array document, where = the line it starts on."""
+    decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
+    i = ws.match(text, text.index("[") + 1).end()
+    if text.startswith("]", i):
+        return
+    while True:
+        try:
+            record, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise _json_error(path, e) from None
+        yield f"{path}:{text.count(chr(10), 0, i) + 1}", record
+        i = ws.match(text, end).end()
+        if text.startswith("]", i):
+            return
+        if not text.startswith(",", i):
+            raise _json_error(path, json.JSONDecodeError("expected ',' or ']'", text, i))
+        i = ws.match(text, i + 1).end()
+
+
+def read_records(path):
+    """(where "FILE:LINE", record) of a .jsonl/.json file, optionally gzipped."""
+    data = _read_bytes(path)
+    if path.endswith((".json", ".json.gz")) and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        yield from _json_array(_decode(data, path, 1).removeprefix("\ufeff"), path)
+    else:
+        yield from _json_lines(data, path)
+
+
+def _hh_hub_records(name, split):
+    """HH-RLHF records of a split, downloaded with huggingface_hub (already installed with transformers)."""
+    from huggingface_hub import hf_hub_download
+
+    subset = name[len(HH_REPO):].strip("/")
+    for part in [subset] if subset else HH_SUBSETS:
+        try:
+            path = hf_hub_download(HH_REPO, f"{part}/{split}.jsonl.gz", repo_type="dataset")
+        except Exception as e:  # offline, unknown subset or split: one line, not a traceback
+            raise DataError(f"{HH_REPO}/{part} [{split}]: cannot download ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        yield from read_records(path)
+
+
+def _datasets_hub_records(name, split):
+    """Records of a hub dataset through the optional `datasets` package."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name}: loading a hub dataset needs the datasets package: pip install datasets") from None
+    try:
+        splits = datasets.get_dataset_split_names(name)
+        chosen = split if split in splits else f"{split}_prefs"
+        if chosen not in splits:
+            raise DataError(f"{name}: no split '{split}' (has: {', '.join(splits)})")
+        rows = datasets.load_dataset(name, split=chosen)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{name} [{split}]: cannot load ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for number, row in enumerate(rows, 1):
+        yield f"{name}/{chosen}:{number}", row
+
+
+def source_records(source, split="train"):
+    """(where, record) of a local file or a hub dataset name."""
+    if os.path.isfile(source):
+        if not source.endswith(FILE_SUFFIXES):
+            raise DataError(f"{source}: unsupported file type; expected {', '.join(FILE_SUFFIXES)}")
+        return read_records(source)
+    if os.path.exists(source) or source.endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~")):
+        raise DataError(f"{source}: not a file; expected a {', '.join(FILE_SUFFIXES)} file, "
+                        f"a hub dataset name or 'embedded'")
+    if source.lower() == HH_REPO.lower() or source.lower().startswith(HH_REPO.lower() + "/"):
+        return _hh_hub_records(HH_REPO + source[len(HH_REPO):], split)
+    return _datasets_hub_records(source, split)
+
+
+def load_pairs(source="embedded", split="train", log=print):
+    """Preference pairs of a source (see the module docstring), with one summary line of kept/dropped.
+
+    source: "embedded", a local .jsonl/.jsonl.gz/.json path (split ignored), or a hub dataset name.
+    Returns list[Pair]. Raises DataError on bad input or when no pair is left.
+    """
+    if source == "embedded":
+        pairs, dropped = embedded_pairs(split), Counter()
+        label = f"embedded/{split}"
+    else:
+        source = os.fspath(source)
+        pairs, dropped = _keep_all(source_records(source, split), lambda item: record_to_pair(item[1], item[0]))
+        label = source if os.path.isfile(source) else f"{source} [{split}]"
+    _report(label, pairs, dropped, log)
+    return pairs
+
+
+# ----------------------------------------------------------------------------- embedded dataset
+
+
+def _embedded_words(split, rng):
+    """The split's distinct target words, in order (test iff crc32(word) % 10 == 0)."""
+    words, seen = [], set()
+    while len(words) < EMBEDDED_SIZES[split]:
+        word = "".join(rng.sample(EMBEDDED_ALPHABET, EMBEDDED_LENGTH))
+        if word not in seen and (zlib.crc32(word.encode()) % 10 == 0) == (split == "test"):
+            seen.add(word)
+            words.append(word)
+    return words
+
+
+def _corrupt(word, k, rng):
+    """word with exactly k of its letters replaced by other letters of the alphabet."""
+    letters = list(word)
+    for i in rng.sample(range(len(word)), k):
+        letters[i] = rng.choice([c for c in EMBEDDED_ALPHABET if c != word[i]])
+    return "".join(letters)
+
+
+def embedded_pairs(split="train", seed=0):
+    """The embedded copy task's pairs of a split (module docstring), deterministic in (split, seed)."""
+    if split not in EMBEDDED_SIZES:
+        raise DataError(f"embedded: no split '{split}' (has: {', '.join(EMBEDDED_SIZES)})")
+    rng = random.Random(f"srpo-embedded:{split}:{seed}")
+    pairs = []
+    for word in _embedded_words(split, rng):
+        prompt = EMBEDDED_TEMPLATE.format(word)
+        k_chosen, k_rejected = sorted(rng.sample(range(EMBEDDED_LENGTH + 1), 2))
+        chosen, rejected = _corrupt(word, k_chosen, rng), _corrupt(word, k_rejected, rng)
+        pairs.append(Pair(prompt, chosen, rejected, embedded_score(prompt, chosen), embedded_score(prompt, rejected)))
+    return pairs
+
+
+def embedded_score(prompt, response):
+    """The true score in [0, 1] of any response to an embedded prompt "Copy: WORD\\n".
+
+    Positions where response matches WORD, divided by the longer of the two lengths.
+    """
+    match = _EMBEDDED_PROMPT.match(prompt) if isinstance(prompt, str) else None
+    if match is None:
+        raise DataError(f"embedded_score: not an embedded prompt: {prompt!r:.60}")
+    target = match.group(1)
+    return sum(a == b for a, b in zip(target, response)) / max(len(target), len(response))
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """What tokenisation needs to know about a tokenizer."""
+    bos: "int | None"  # prepended once when the tokenizer uses a BOS
+    eos: int
+    template: bool     # has a chat template
+
+
+def _encode(tokenizer, text):
+    """Token ids of text without special tokens."""
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def _inspect(tokenizer):
+    """The _Tokens of a tokenizer: it uses BOS iff it prepends bos_token_id when asked for special tokens."""
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{type(tokenizer).__name__} has no EOS token; set tokenizer.eos_token")
+    bos = tokenizer.bos_token_id
+    with_special = list(tokenizer.encode("a", add_special_tokens=True))
+    uses_bos = bos is not None and with_special[:1] == [bos] and _encode(tokenizer, "a")[:1] != [bos]
+    return _Tokens(bos if uses_bos else None, tokenizer.eos_token_id, bool(getattr(tokenizer, "chat_template", None)))
+
+
+def _transcript(messages):
+    """Chat messages as plain text: one user message is its content; more are an HH transcript."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    turns = "".join(f"\n\n{_TRANSCRIPT_ROLES.get(m['role'], m['role'].capitalize())}: {m['content']}"
+                    for m in messages)
+    return turns + HH_ASSISTANT
+
+
+def _template_halves(messages, tokenizer):
+    """The rendered chat (with generation prompt) split where the first user message's content begins."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    marked = [dict(m, content=_MARK + m["content"]) if i == first else dict(m) for i, m in enumerate(messages)]
+    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    if not isinstance(text, str) or text.count(_MARK) != 1:
+        raise DataError("the chat template did not keep the first user message's text intact; "
+                        "cannot place the refinement prompt at its start")
+    head, tail = text.split(_MARK)
+    return head, tail
+
+
+def _query(prompt, tokenizer, tokens):
+    """(prefix, x, s): [BOS] or [], the query's tokens, and where p goes in x (0 for plain text).
+
+    The p view is prefix + x[:s] + p + x[s:]; the x view is prefix + x.
+    """
+    if isinstance(prompt, str) or not tokens.template:
+        x = _encode(tokenizer, prompt if isinstance(prompt, str) else _transcript(prompt))
+        return ([tokens.bos] if tokens.bos is not None else []), x, 0
+    head, tail = (_encode(tokenizer, part) for part in _template_halves(prompt, tokenizer))
+    bos = tokenizer.bos_token_id
+    wrote_bos = bos is not None and head[:1] == [bos]
+    while bos is not None and head[:1] == [bos]:
+        head = head[1:]
+    prefix = [bos] if (tokens.bos is not None or wrote_bos) else []
+    return prefix, head + tail, len(head)
+
+
+def _with_p(prefix, x, s, p):
+    """prefix + x[:s] + p + x[s:]: p directly before the query (plain text) or its first user message."""
+    return prefix + x[:s] + p + x[s:]
+
+
+def encode_prompt(prompt, tokenizer, refine_prompt=None):
+    """The query's token ids, as scored and as given to generation (no truncation).
+
+    prompt: text, or chat messages (the chat template with generation prompt where the tokenizer has one).
+    refine_prompt: p; its tokens go directly before the query's (for a chat: at the start of the first
+    user message). BOS, where used, exactly once and first. Returns list[int].
+    """
+    prefix, x, s = _query(prompt, tokenizer, _inspect(tokenizer))
+    return _with_p(prefix, x, s, _encode(tokenizer, refine_prompt)) if refine_prompt else prefix + x
+
+
+def _fit(n_fixed, n_query, n_response, max_length, min_prompt):
+    """(query tokens kept, response room) of the x view; rule 1 of the module docstring."""
+    room = max_length - n_fixed
+    if n_query + n_response <= room:
+        return n_query, n_response
+    keep = min(n_query, max(room - n_response, min_prompt))
+    return keep, room - keep
+
+
+def _views(query, chosen, rejected, key=""):
+    """ids and labels of chosen and rejected after the same query tokens (labelled -100)."""
+    ignore = [IGNORE_INDEX] * len(query)
+    return {f"{key}chosen_ids": query + chosen, f"{key}chosen_labels": ignore + chosen,
+            f"{key}rejected_ids": query + rejected, f"{key}rejected_labels": ignore + rejected}
+
+
+def _tokenize_pair(pair, tokenizer, tokens, max_length, p, min_prompt, cut):
+    """One pair's example (module docstring), or _Dropped; counts what truncation cut into `cut`."""
+    prefix, x, s = _query(pair.prompt, tokenizer, tokens)
+    chosen = _encode(tokenizer, pair.chosen) + [tokens.eos]
+    rejected = _encode(tokenizer, pair.rejected) + [tokens.eos]
+    longest = max(len(chosen), len(rejected))
+    keep, room = _fit(len(prefix), len(x), longest, max_length, min(len(x), min_prompt))
+    cut["prompts"] += keep < len(x)
+    cut["responses"] += room < longest
+    chosen, rejected = chosen[:max(room, 0)], rejected[:max(room, 0)]
+    if not chosen or not rejected:
+        raise _Dropped("response truncated away")
+    example = _views(prefix + x[len(x) - keep:], chosen, rejected)
+    if p is not None:
+        keep_p = min(keep, max_length - len(prefix) - len(p) - max(len(chosen), len(rejected)))
+        if keep_p < min(1, len(x)):
+            raise _Dropped("no room for the query after p")
+        cut["more prompts in the p view"] += keep_p < keep
+        start = len(x) - keep_p
+        example.update(_views(_with_p(prefix, x[start:], max(0, s - start), p), chosen, rejected, "p_"))
+    nan = float("nan")
+    example["score_chosen"] = nan if pair.score_chosen is None else float(pair.score_chosen)
+    example["score_rejected"] = nan if pair.score_rejected is None else float(pair.score_rejected)
+    return example
+
+
+def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=print, min_prompt_length=None):
+    """One example per kept pair: the x view, and the p ⊕ x view when refine_prompt is given.
+
+    Keys: "index" (position in the returned list), "pair_index" (position in `pairs`),
+    "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels" (list[int]; -100 on the prompt),
+    with refine_prompt also "p_chosen_ids", "p_chosen_labels", "p_rejected_ids", "p_rejected_labels";
+    "score_chosen", "score_rejected" (float, nan if unknown). Truncation: module docstring.
+    min_prompt_length: a query is never cut below this many tokens (default max_length // 2).
+    Logs one summary line; DataError when no pair is left.
+    """
+    tokens = _inspect(tokenizer)
+    p = _encode(tokenizer, refine_prompt) if refine_prompt else None
+    fixed = len(p or []) + (tokens.bos is not None)
+    if max_length - fixed < 2:
+        raise DataError(f"max_length={max_length} leaves no room for a query and a response "
+                        f"after {fixed} tokens of BOS and refinement prompt")
+    min_prompt = max_length // 2 if min_prompt_length is None else min_prompt_length
+    cut = Counter()
+
+    def convert(item):
+        example = _tokenize_pair(item[1], tokenizer, tokens, max_length, p, min_prompt, cut)
+        example["pair_index"] = item[0]
+        return example
+
+    examples, dropped = _keep_all(enumerate(pairs), convert)
+    for i, example in enumerate(examples):
+        example["index"] = i
+    truncated = ", ".join(f"{n:,} {what}" for what, n in cut.items() if n)
+    _report(f"tokenized (max_length={max_length}{', with p' if p is not None else ''})", examples, dropped, log,
+            f"; truncated {truncated}" if truncated else "")
+    return examples
+
+
+# ----------------------------------------------------------------------------- batches and order
+
+
+def _pad(rows, value):
+    """Right-padded [len(rows), max length] int64 tensor of lists of ints."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.int64)
+
+
+def _stack_view(examples, pad_token_id, key=""):
+    """input_ids, attention_mask, labels [2B, T] of one view: chosen rows first, then rejected."""
+    ids = [e[f"{key}chosen_ids"] for e in examples] + [e[f"{key}rejected_ids"] for e in examples]
+    labels = [e[f"{key}chosen_labels"] for e in examples] + [e[f"{key}rejected_labels"] for e in examples]
+    return {f"{key}input_ids": _pad(ids, pad_token_id),
+            f"{key}attention_mask": _pad([[1] * len(r) for r in ids], 0),
+            f"{key}labels": _pad(labels, IGNORE_INDEX)}
+
+
+def collate(examples, pad_token_id):
+    """A batch of B examples as tensors, right-padded, chosen rows first then rejected.
+
+    Returns "input_ids", "attention_mask", "labels" [2B, T] (labels -100 on padding); with the p view
+    also "p_input_ids", "p_attention_mask", "p_labels" [2B, T']; "index" [B] int64;
+    "score_chosen", "score_rejected" [B] float32 (nan if unknown). Rows [:B] are the chosen half (SFT).
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    if pad_token_id is None:
+        raise ValueError("collate: pad_token_id is None; pass the tokenizer's pad (or EOS) token id")
+    with_p = {"p_chosen_ids" in e for e in examples}
+    if len(with_p) > 1:
+        raise ValueError("collate: some examples have the p view and some do not")
+    batch = _stack_view(examples, pad_token_id)
+    if with_p == {True}:
+        batch.update(_stack_view(examples, pad_token_id, "p_"))
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.int64)
+    for key in ("score_chosen", "score_rejected"):
+        batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def steps_per_epoch(n, global_batch, log=None):
+    """n // global_batch; the n % global_batch pairs left over are not used that epoch (logged if log)."""
+    if global_batch < 1:
+        raise ValueError(f"global batch must be >= 1, got {global_batch}")
+    steps, left = divmod(n, global_batch)
+    if log and left:
+        log(f"{left:,} of {n:,} pairs are not used each epoch ({steps:,} steps of {global_batch}; "
+            f"each epoch draws a new order)")
+    return steps
+
+
+def batch_indices(n, global_batch, epoch, seed, rank=0, world=1):
+    """For each step of the epoch, the pair indices this rank takes from that step's global batch.
+
+    Deterministic in (n, global_batch, epoch, seed); ranks take disjoint contiguous slices
+    [rank*G/world, (rank+1)*G/world) of each step's G shuffled indices. Returns list[list[int]].
+    """
+    if global_batch % world or not 0 <= rank < world:
+        raise ValueError(f"global batch {global_batch} must split evenly over {world} ranks (rank {rank})")
+    order = np.random.default_rng((seed, epoch)).permutation(n).tolist()
+    share = global_batch // world
+    return [order[s * global_batch + rank * share:s * global_batch + (rank + 1) * share]
+            for s in range(steps_per_epoch(n, global_batch))]
+
+
+def schedule(n, global_batch, seed, epochs, rank=0, world=1, start_step=0):
+    """(epoch, step in epoch, indices) for global steps start_step, start_step + 1, ... of `epochs` epochs.
+
+    A run resumed at global step k yields exactly what the uninterrupted run yields from step k.
+    """
+    per_epoch = steps_per_epoch(n, global_batch)
+    for epoch in range(start_step // per_epoch if per_epoch else epochs, epochs):
+        steps = batch_indices(n, global_batch, epoch, seed, rank, world)
+        for step in range(max(0, start_step - epoch * per_epoch), per_epoch):
+            yield epoch, step, steps[step]
