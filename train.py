@@ -396,7 +396,8 @@ def pair_table(model, examples, micro, pad_id, device, need_p, rank=0, world=1, 
         rows = torch.stack([x[:B], x[B:], px[:B], px[B:]], 1)
         owned = torch.tensor([a + j < n for j in range(B)], device=device)
         table[torch.tensor(idx, device=device)[owned]] = rows[owned]
-    dist.all_reduce(table)
+    if world > 1:
+        dist.all_reduce(table)
     return table.cpu()
 
 
@@ -631,9 +632,10 @@ def summary(cfg, stages, ev, final):
              + (f", lambda {cfg.lam}" if cfg.loss in SELF_REFINED else "")]
     if ev:
         lines.append(f"held-out accuracy: {ev['accuracy']:.3f} under x, {ev['p_accuracy']:.3f} under p+x "
-                     f"({ev['pairs']} pairs)")
-        if ev.get("spearman") is not None:
-            lines.append(f"Δπ vs true score gap: Spearman {ev['spearman']:+.3f}, Kendall {ev['kendall']:+.3f}")
+                     f"({ev['n_pairs']} pairs)")
+        if "spearman" in ev:
+            lines.append(f"Δπ vs true score gap: Spearman {ev['spearman']:+.3f}, Kendall {ev['kendall_tau_b']:+.3f}, "
+                         f"pairs ranked by informativeness {ev['concordance']:.3f} (0.5 is chance)")
     lines += [f"final model: {final}  (a plain transformers folder)",
               f"next: python evaluate.py accuracy --model {final} --ref_model {reference_name(cfg)} --data {cfg.data}",
               "=" * 72]
