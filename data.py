@@ -38,7 +38,10 @@ Record formats (chosen by the keys of each record)
 Tokenisation (``encode_prompt``, ``tokenize_pairs``)
     Text is encoded with add_special_tokens=False; BOS and EOS are added here. BOS appears exactly
     once, first, where the tokenizer uses one (it prepends its bos_token_id when asked for special
-    tokens) or the chat template writes one. Each response is its tokens plus EOS, all scored; every
+    tokens) or the chat template writes one. Plain prompts, responses and p are encoded literally
+    (split_special_tokens=True: a "</s>" in the data is text, not EOS); a chat template's rendering
+    is encoded as apply_chat_template(tokenize=True) would, so its special tokens are parsed (and so
+    would be special-token text inside the messages). Each response is its tokens plus EOS, all scored; every
     prompt token is labelled -100.
     Plain text:  x view  = [BOS] x            p view = [BOS] p x      (Appendix C: torch.cat([p, x]))
     Chat with a template: the template is rendered (with the generation prompt) and encoded in two
@@ -51,16 +54,19 @@ Tokenisation (``encode_prompt``, ``tokenize_pairs``)
       scored response tokens are the same in both views.
 
 Truncation to max_length (exact rule)
-    Let n be the query's tokens (excluding BOS), r the longer response (with EOS), m = max_length.
-    1. x view: if [BOS] + n + r fits in m nothing is cut. Otherwise the query loses its oldest tokens,
-       but keeps at least min(n, min_prompt_length) (default m // 2); if that is still too long the
-       responses lose their last tokens (EOS first) to the room left, both to the same room. This is
-       exactly what a run without p would see, so DPO and Sr-DPO train on the same x view.
-    2. p view: the same, already truncated, responses; p is never cut; the query keeps its newest
-       min(kept in x view, m - [BOS] - |p| - r) tokens, so it may lose more old tokens than in the
-       x view (in a chat, the template head goes first, then the conversation).
-    3. Dropped and counted: a pair left with no response token ("response truncated away"), or whose
-       p view has no room for any query token ("no room for the query after p").
+    Let n be the query's tokens (excluding BOS), r the longer response's tokens (with EOS), m =
+    max_length, and the longest view be the p view when p is given, else the x view.
+    1. Longest view: if [BOS] + p + n + r fits in m nothing is cut. Otherwise the query loses its
+       oldest tokens, but keeps at least min(n, min_prompt_length) (default: half the room left
+       after BOS and p); if that is still too long, both responses lose their last tokens (EOS first)
+       down to the room left. p is never cut.
+    2. x view (when p is given): the same, already truncated, responses after the newest
+       min(n, m - [BOS] - r) query tokens: it keeps at least as much of the query as the p view
+       (in a chat the p view loses the template head first, then the oldest turns).
+    So both views score exactly the same response tokens, and without p the two steps are one.
+    The x view is the one a run without p sees, unless a response had to be cut to fit the p view.
+    3. Dropped and counted: a pair left with no response token ("response truncated away"), or with
+       no query token in the longest view ("no room for the query"; only with min_prompt_length=0).
     The summary line also counts the prompts and responses that were cut.
 
 Embedded dataset (``embedded_pairs``, ``embedded_score``)
@@ -495,9 +501,9 @@ class _Tokens:
     template: bool     # has a chat template
 
 
-def _encode(tokenizer, text):
-    """Token ids of text without special tokens."""
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+def _encode(tokenizer, text, literal=True):
+    """Token ids of text, no special tokens added; literal: text such as "</s>" stays text, not EOS."""
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=literal)) if text else []
 
 
 def _inspect(tokenizer):
@@ -520,15 +526,23 @@ def _transcript(messages):
 
 
 def _template_halves(messages, tokenizer):
-    """The rendered chat (with generation prompt) split where the first user message's content begins."""
+    """The rendered chat (with generation prompt), split where the first user message's content begins.
+
+    The split is found by rendering once more with a marker before that content; the text itself is
+    the plain rendering, so templates that trim or otherwise touch the content render as they would.
+    """
+    def render(chat):
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
     first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    marked = [dict(m, content=_MARK + m["content"]) if i == first else dict(m) for i, m in enumerate(messages)]
-    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
-    if not isinstance(text, str) or text.count(_MARK) != 1:
-        raise DataError("the chat template did not keep the first user message's text intact; "
+    marked = render([dict(m, content=_MARK + m["content"]) if i == first else dict(m)
+                     for i, m in enumerate(messages)])
+    text = render([dict(m) for m in messages])
+    head = marked[:marked.find(_MARK)]
+    if marked.count(_MARK) != 1 or not text.startswith(head):
+        raise DataError("the chat template did not keep the first user message's text in place; "
                         "cannot place the refinement prompt at its start")
-    head, tail = text.split(_MARK)
-    return head, tail
+    return head, text[len(head):]
 
 
 def _query(prompt, tokenizer, tokens):
@@ -539,7 +553,7 @@ def _query(prompt, tokenizer, tokens):
     if isinstance(prompt, str) or not tokens.template:
         x = _encode(tokenizer, prompt if isinstance(prompt, str) else _transcript(prompt))
         return ([tokens.bos] if tokens.bos is not None else []), x, 0
-    head, tail = (_encode(tokenizer, part) for part in _template_halves(prompt, tokenizer))
+    head, tail = (_encode(tokenizer, part, literal=False) for part in _template_halves(prompt, tokenizer))
     bos = tokenizer.bos_token_id
     wrote_bos = bos is not None and head[:1] == [bos]
     while bos is not None and head[:1] == [bos]:
@@ -565,7 +579,7 @@ def encode_prompt(prompt, tokenizer, refine_prompt=None):
 
 
 def _fit(n_fixed, n_query, n_response, max_length, min_prompt):
-    """(query tokens kept, response room) of the x view; rule 1 of the module docstring."""
+    """(query tokens kept, response room) of the longest view; rule 1 of the module docstring."""
     room = max_length - n_fixed
     if n_query + n_response <= room:
         return n_query, n_response
@@ -586,17 +600,17 @@ def _tokenize_pair(pair, tokenizer, tokens, max_length, p, min_prompt, cut):
     chosen = _encode(tokenizer, pair.chosen) + [tokens.eos]
     rejected = _encode(tokenizer, pair.rejected) + [tokens.eos]
     longest = max(len(chosen), len(rejected))
-    keep, room = _fit(len(prefix), len(x), longest, max_length, min(len(x), min_prompt))
-    cut["prompts"] += keep < len(x)
-    cut["responses"] += room < longest
+    keep_p, room = _fit(len(prefix) + len(p or []), len(x), longest, max_length, min(len(x), min_prompt))
     chosen, rejected = chosen[:max(room, 0)], rejected[:max(room, 0)]
     if not chosen or not rejected:
         raise _Dropped("response truncated away")
+    if keep_p == 0 < len(x):
+        raise _Dropped("no room for the query")
+    keep = min(len(x), max_length - len(prefix) - max(len(chosen), len(rejected)))
+    cut["prompts"] += keep < len(x)
+    cut["responses"] += room < longest
     example = _views(prefix + x[len(x) - keep:], chosen, rejected)
     if p is not None:
-        keep_p = min(keep, max_length - len(prefix) - len(p) - max(len(chosen), len(rejected)))
-        if keep_p < min(1, len(x)):
-            raise _Dropped("no room for the query after p")
         cut["more prompts in the p view"] += keep_p < keep
         start = len(x) - keep_p
         example.update(_views(_with_p(prefix, x[start:], max(0, s - start), p), chosen, rejected, "p_"))
@@ -613,8 +627,8 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
     "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels" (list[int]; -100 on the prompt),
     with refine_prompt also "p_chosen_ids", "p_chosen_labels", "p_rejected_ids", "p_rejected_labels";
     "score_chosen", "score_rejected" (float, nan if unknown). Truncation: module docstring.
-    min_prompt_length: a query is never cut below this many tokens (default max_length // 2).
-    Logs one summary line; DataError when no pair is left.
+    min_prompt_length: a query is cut no shorter than this to make room for a response (default:
+    half of max_length less BOS and p's tokens). Logs one summary line; DataError when no pair is left.
     """
     tokens = _inspect(tokenizer)
     p = _encode(tokenizer, refine_prompt) if refine_prompt else None
@@ -622,7 +636,7 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
     if max_length - fixed < 2:
         raise DataError(f"max_length={max_length} leaves no room for a query and a response "
                         f"after {fixed} tokens of BOS and refinement prompt")
-    min_prompt = max_length // 2 if min_prompt_length is None else min_prompt_length
+    min_prompt = (max_length - fixed) // 2 if min_prompt_length is None else min_prompt_length
     cut = Counter()
 
     def convert(item):

@@ -1,0 +1,632 @@
+"""data.py: the two views, formats, truncation, order, resume and bad input. No network."""
+import gzip
+import json
+import math
+import os
+import random
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+import data
+from data import DataError, Pair
+from srpo import IGNORE_INDEX, REFINE_PROMPT, sequence_logps
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+P = REFINE_PROMPT
+CHAT_BOS = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHAT_PLAIN = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | trim }}\n{% endfor %}"
+              "{% if add_generation_prompt %}[assistant] {% endif %}")
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "Human", "Assistant", "café", "naïve", "日本", "!", "?", "\n",
+         "  ", "Query:", "100", "x", "ünïcode", "🙂", "tab\t", "<s>", "</s>"]
+
+
+def fixture(name):
+    return os.path.join(FIXTURES, name)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def byte_tokenizer(template=None):
+    from transformers import ByT5Tokenizer
+
+    tok = ByT5Tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A small byte-level BPE trained in memory that prepends <s> (id 1) and has EOS </s> (id 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([P, " ".join(WORDS), "Copy: ABDEF\n the cat sat on the mat"] * 4, trainer)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                        special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def bpe_chat(bpe):
+    import copy
+
+    tok = copy.deepcopy(bpe)
+    tok.chat_template = CHAT_BOS
+    return tok
+
+
+def test_fixture_tokenizers_are_what_the_tests_assume(bpe):
+    assert bpe.encode("the cat", add_special_tokens=True)[0] == bpe.bos_token_id == 1
+    assert bpe.bos_token_id not in bpe.encode("the cat", add_special_tokens=False)
+    assert len(bpe.encode("the cat sat", add_special_tokens=False)) < len("the cat sat")  # real merges
+    assert byte_tokenizer().bos_token_id is None and byte_tokenizer().eos_token_id == 1
+
+
+# ----------------------------------------------------------------------------- random pairs
+
+
+def random_text(rng, lo=1, hi=12):
+    return "".join(rng.choice(WORDS) + rng.choice([" ", "", " "]) for _ in range(rng.randint(lo, hi)))
+
+
+def random_pair(rng, chat, lo=1, hi=12):
+    """A random Pair: plain text, or a chat (optionally with a system message and earlier turns).
+
+    Chat contents start with a non-space, so a BPE encodes the rendered chat the same whole or
+    split where a message's content begins (data.py encodes it split there; see full_query).
+    """
+    if chat:
+        # special-token text in a chat is parsed as special tokens, as apply_chat_template does
+        say = lambda role, lo=1, hi=12: {  # noqa: E731
+            "role": role, "content": "x" + random_text(rng, lo, hi).replace("<s>", "").replace("</s>", "")}
+        turns = [say("system")] if rng.random() < 0.4 else []
+        for _ in range(rng.randint(0, 2)):
+            turns += [say("user", lo, hi), say("assistant")]
+        prompt = tuple(turns + [say("user", lo, hi)])
+    else:
+        prompt = random_text(rng, lo, hi)
+    chosen = random_text(rng, lo, hi)
+    return Pair(prompt, chosen, chosen + random_text(rng), rng.random(), None)
+
+
+def scored(labels):
+    return [t for t in labels if t != IGNORE_INDEX]
+
+
+def split_example(ids, labels):
+    """(prompt ids, response ids) of one sequence; checks labels copy ids on the response suffix."""
+    n = sum(t == IGNORE_INDEX for t in labels)
+    assert all(t == IGNORE_INDEX for t in labels[:n]), "prompt labels must be one -100 prefix"
+    assert labels[n:] == ids[n:], "response labels must equal the response ids"
+    return ids[:n], ids[n:]
+
+
+def without(seq, part, at):
+    assert seq[at:at + len(part)] == part, "p's tokens are not where they belong"
+    return seq[:at] + seq[at + len(part):]
+
+
+def literal(tok, text):
+    """Token ids of text with special-token text kept as text."""
+    return tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def full_query(tok, prompt):
+    """The query ids independently of data.py: the template via apply_chat_template, or the text."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    if isinstance(prompt, str) or not tok.chat_template:
+        text = prompt if isinstance(prompt, str) else data._transcript(prompt)
+        return bos + literal(tok, text)
+    ids = tok.apply_chat_template(list(prompt), tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return ids if ids[:1] == bos else bos + ids
+
+
+def p_position(tok, prompt, bos):
+    """Where p's tokens start in the untruncated p view: after BOS, or at the first user message's content."""
+    if isinstance(prompt, str) or not tok.chat_template:
+        return len(bos)
+    first = next(i for i, m in enumerate(prompt) if m["role"] == "user")
+    probe = [dict(m, content="\x01") if i == first else m for i, m in enumerate(prompt)]
+    text = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    head = tok.encode(text[:text.index("\x01")], add_special_tokens=False)
+    return len(bos) + len([t for t in head if t != tok.bos_token_id])
+
+
+def check_example(ex, pair, tok, max_length, refine=True):
+    """All the invariants of one tokenised example, against independently computed token ids."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = tok.eos_token_id
+    p = literal(tok, P) if refine else []
+    query = full_query(tok, pair.prompt)[len(bos):]
+    full = {side: literal(tok, text) + [eos] for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected))}
+    longest_full = max(map(len, full.values()))
+    longest = max(len(scored(ex["chosen_labels"])), len(scored(ex["rejected_labels"])))
+    for side, response in full.items():
+        x_prompt, x_resp = split_example(ex[f"{side}_ids"], ex[f"{side}_labels"])
+        assert x_resp and response[:len(x_resp)] == x_resp, "scored tokens are a prefix of response + EOS"
+        assert x_prompt[:len(bos)] == bos, "BOS first"
+        assert query[len(query) - len(x_prompt) + len(bos):] == x_prompt[len(bos):], "oldest query tokens go first"
+        assert len(x_prompt) - len(bos) == min(len(query), max_length - len(bos) - longest), "x view keeps all it can"
+        if len(bos) + len(query) + longest_full <= max_length:
+            assert x_prompt == bos + query, "the query is not cut when it fits"
+        if len(bos) + len(p) + len(query) + longest_full <= max_length:
+            assert x_resp == response, "the response is not cut when the longest view fits"
+        for key in ("", "p_") if refine else ("",):
+            ids = ex[f"{key}{side}_ids"]
+            assert len(ids) <= max_length
+            assert not bos or ids[1:].count(bos[0]) == 0, "BOS exactly once"
+        if not refine:
+            continue
+        p_prompt, p_resp = split_example(ex[f"p_{side}_ids"], ex[f"p_{side}_labels"])
+        assert scored(ex[f"p_{side}_labels"]) == scored(ex[f"{side}_labels"]), "the two views score different tokens"
+        assert p_resp == x_resp
+        kept = len(p_prompt) - len(bos) - len(p)
+        at = max(len(bos), p_position(tok, pair.prompt, bos) - (len(query) - kept))
+        rest = without(p_prompt, p, at)
+        assert rest[:len(bos)] == bos and x_prompt[len(x_prompt) - len(rest) + len(bos):] == rest[len(bos):], \
+            "the p view's query must be the newest tokens of the x view's query"
+        if len(x_prompt) + len(p) + longest <= max_length:
+            assert rest == x_prompt, "the p view must be the x view with p inserted when it fits"
+
+
+TOKENIZERS = {"byte": lambda req: byte_tokenizer(), "bpe": lambda req: req.getfixturevalue("bpe"),
+              "bpe-chat": lambda req: req.getfixturevalue("bpe_chat"),
+              "byte-chat": lambda req: byte_tokenizer(CHAT_PLAIN)}
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_two_views_score_the_same_tokens_and_p_comes_first(name, request):
+    tok = TOKENIZERS[name](request)
+    rng = random.Random(name)
+    pairs = [random_pair(rng, chat=i % 2 == 1) for i in range(24)]
+    examples = data.tokenize_pairs(pairs, tok, 512, P, log=None)
+    assert [e["pair_index"] for e in examples] == list(range(len(pairs)))
+    p = tok.encode(P, add_special_tokens=False)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    for pair, ex in zip(pairs, examples):
+        check_example(ex, pair, tok, 512)
+        if isinstance(pair.prompt, str) or not tok.chat_template:
+            assert ex["p_chosen_ids"][:len(bos) + len(p)] == bos + p, "p ⊕ x must start with p's tokens"
+    if tok.chat_template:  # p sits at the start of the first user message, after the system turn
+        system = {"role": "system", "content": "Be kind."}
+        ids = data.encode_prompt((system, {"role": "user", "content": "Hi"}), tok, P)
+        text = tok.apply_chat_template([system, {"role": "user", "content": P + "Hi"}], tokenize=False,
+                                       add_generation_prompt=True)
+        assert tok.decode(ids) == (text if bos else text)
+        assert ids[-len(full_query(tok, ({"role": "user", "content": "Hi"},))) + len(bos):] != []
+
+
+def test_x_view_is_the_same_with_or_without_p(bpe_chat):
+    """...unless a response had to be cut to fit the p view (module docstring, truncation rule)."""
+    rng = random.Random(1)
+    pairs = [random_pair(rng, chat=i % 2 == 0, hi=40) for i in range(30)]
+    p_len = len(literal(bpe_chat, P))
+    cases = Counter()
+    for max_length in (512, p_len + 60):
+        with_p = data.tokenize_pairs(pairs, bpe_chat, max_length, P, log=None)
+        plain = {e["pair_index"]: e for e in data.tokenize_pairs(pairs, bpe_chat, max_length, None, log=None)}
+        assert "p_chosen_ids" not in plain[0]
+        for e in with_p:
+            pair = pairs[e["pair_index"]]
+            cut = scored(e["chosen_labels"]) != literal(bpe_chat, pair.chosen) + [bpe_chat.eos_token_id]
+            cut |= scored(e["rejected_labels"]) != literal(bpe_chat, pair.rejected) + [bpe_chat.eos_token_id]
+            same = all(e[k] == plain[e["pair_index"]][k] for k in ("chosen_ids", "chosen_labels", "rejected_ids",
+                                                                   "rejected_labels"))
+            assert same or cut
+            cases[same, len(e["chosen_ids"]) - len(scored(e["chosen_labels"]))
+                  < len(full_query(bpe_chat, pair.prompt))] += 1
+    assert cases[True, True] and cases[True, False] and cases[False, True], cases
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_truncation_keeps_the_scored_tokens_identical(name, request):
+    tok = TOKENIZERS[name](request)
+    rng = random.Random("cut" + name)
+    pairs = [random_pair(rng, chat=i % 2 == 1, lo=5, hi=60) for i in range(24)]
+    bos = int(tok.bos_token_id is not None)
+    p_len = len(literal(tok, P))
+    cases = Counter()
+    for max_length in (p_len + 40, p_len + 120, p_len + 600):
+        lines = []
+        examples = data.tokenize_pairs(pairs, tok, max_length, P, log=lines.append)
+        assert len(lines) == 1 and len(examples) == len(pairs)
+        floor = (max_length - bos - p_len) // 2
+        for ex in examples:
+            pair = pairs[ex["pair_index"]]
+            check_example(ex, pair, tok, max_length)
+            n = len(full_query(tok, pair.prompt)) - bos
+            full = max(len(literal(tok, t)) + 1 for t in (pair.chosen, pair.rejected))
+            longest = max(len(scored(ex["chosen_labels"])), len(scored(ex["rejected_labels"])))
+            kept_p = len(ex["p_chosen_ids"]) - len(scored(ex["p_chosen_labels"])) - bos - p_len
+            if longest < full:  # a response was cut: the p view is full and its query at the floor
+                assert max(len(ex["p_chosen_ids"]), len(ex["p_rejected_ids"])) == max_length
+                assert kept_p == min(n, floor)
+            else:
+                assert kept_p == min(n, max_length - bos - p_len - longest)
+            cases[longest < full, kept_p < n] += 1
+    assert cases[True, True] and cases[False, True] and cases[False, False], cases
+
+
+def test_truncation_rule_by_hand():
+    """Byte tokenizer, so token counts are byte counts: a 30-byte query and responses of 9 and 4 bytes."""
+    tok = byte_tokenizer()
+    pair = Pair("abcdefghijklmnopqrstuvwxyz0123", "RESPONSE1", "RESP")
+    q = len(P.encode())
+
+    def views(max_length, refine=None, min_prompt_length=None):
+        (ex,) = data.tokenize_pairs([pair], tok, max_length, refine, log=None, min_prompt_length=min_prompt_length)
+        return [tok.decode(ex[k]) for k in ex if k.endswith("_ids")]
+
+    # 20 tokens: the longer response + EOS is 10, so the query keeps its newest 10 bytes
+    assert views(20, min_prompt_length=4) == ["uvwxyz0123RESPONSE1</s>", "uvwxyz0123RESP</s>"]
+    # 16 tokens, floor 8: the query keeps 8 bytes and the responses are cut to 8 (EOS goes first)
+    assert views(16, min_prompt_length=8) == ["wxyz0123RESPONSE", "wxyz0123RESP</s>"]
+    # with p and 14 tokens after it: floor 8, responses cut to 6; the x view keeps the whole query
+    assert views(q + 14, P, 8) == [pair.prompt + "RESPON", pair.prompt + "RESP</s>",
+                                   P + "wxyz0123RESPON", P + "wxyz0123RESP</s>"]
+    # the default floor is half the room after p: 7
+    assert views(q + 14, P) == [pair.prompt + "RESPONS", pair.prompt + "RESP</s>",
+                                P + "xyz0123RESPONS", P + "xyz0123RESP</s>"]
+    # 20 tokens after p: the responses fit, the p view's query loses 20 of 30, the x view's none
+    assert views(q + 20, P) == [pair.prompt + "RESPONSE1</s>", pair.prompt + "RESP</s>",
+                                P + "uvwxyz0123RESPONSE1</s>", P + "uvwxyz0123RESP</s>"]
+    assert views(q + 40, P) == [pair.prompt + "RESPONSE1</s>", pair.prompt + "RESP</s>",
+                                P + pair.prompt + "RESPONSE1</s>", P + pair.prompt + "RESP</s>"]
+
+
+def test_truncation_drops_are_counted():
+    tok = byte_tokenizer()
+    p_len = len(P.encode())
+    pairs = [Pair("q" * 12, "a" * 30, "b"), Pair("q" * 10, "a", "b")]
+    lines = []
+    examples = data.tokenize_pairs(pairs, tok, p_len + 12, P, log=lines.append, min_prompt_length=0)
+    # pair 0: 12 tokens after p, a 31-token response: floor 0 leaves the query nothing
+    assert [e["pair_index"] for e in examples] == [1] and [e["index"] for e in examples] == [0]
+    assert lines == [f"tokenized (max_length={p_len + 12}, with p): kept 1 of 2 pairs; "
+                     f"dropped 1 no room for the query"]
+    lines.clear()
+    examples = data.tokenize_pairs(pairs, tok, 12, None, log=lines.append, min_prompt_length=12)
+    # pair 0: the query keeps its 12 bytes (the floor), which leaves no room for a response
+    assert [e["pair_index"] for e in examples] == [1]
+    assert lines == ["tokenized (max_length=12): kept 1 of 2 pairs; dropped 1 response truncated away"]
+    lines.clear()
+    assert len(data.tokenize_pairs(pairs, tok, 20, None, log=lines.append)) == 2
+    assert lines == ["tokenized (max_length=20): kept 2 of 2 pairs; truncated 1 prompts, 1 responses"]
+    lines.clear()
+    data.tokenize_pairs(pairs, tok, p_len + 8, P, log=lines.append)
+    # 8 tokens after p, floor 4: pair 0 keeps 4 query tokens and 4 of its response; pair 1 keeps 6 of 10
+    # query tokens; both x views keep their whole query
+    assert lines == [f"tokenized (max_length={p_len + 8}, with p): kept 2 of 2 pairs; truncated 1 responses, "
+                     f"2 more prompts in the p view"]
+    with pytest.raises(DataError, match="kept 0 of 1 pairs; dropped 1 response truncated away; nothing left"):
+        data.tokenize_pairs(pairs[:1], tok, 12, None, log=None, min_prompt_length=12)
+    with pytest.raises(DataError, match="leaves no room"):
+        data.tokenize_pairs(pairs, tok, p_len + 1, P, log=None)
+
+
+def test_bos_exactly_once_even_when_the_template_writes_it(bpe, bpe_chat):
+    messages = ({"role": "user", "content": "the cat"},)
+    for tok, prompt in ((bpe, "the cat"), (bpe_chat, messages)):
+        for refine in (None, P):
+            ids = data.encode_prompt(prompt, tok, refine)
+            assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert data.encode_prompt(messages, bpe_chat) == full_query(bpe_chat, messages)
+    assert data.encode_prompt("ab", byte_tokenizer()) == [ord("a") + 3, ord("b") + 3]
+
+
+def test_encode_prompt_is_the_prompt_of_the_example(bpe_chat):
+    rng = random.Random(5)
+    for tok in (bpe_chat, byte_tokenizer(), byte_tokenizer(CHAT_PLAIN)):
+        pairs = [random_pair(rng, chat=i % 2 == 0) for i in range(6)]
+        for pair, ex in zip(pairs, data.tokenize_pairs(pairs, tok, 4096, P, log=None)):  # nothing cut
+            n = len(ex["chosen_ids"]) - len(scored(ex["chosen_labels"]))
+            n_p = len(ex["p_chosen_ids"]) - len(scored(ex["p_chosen_labels"]))
+            assert data.encode_prompt(pair.prompt, tok) == ex["chosen_ids"][:n]
+            assert data.encode_prompt(pair.prompt, tok, P) == ex["p_chosen_ids"][:n_p]
+
+
+def test_chat_without_template_single_turn_is_plain_text():
+    tok = byte_tokenizer()
+    single = ({"role": "user", "content": "Copy: ABDEF\n"},)
+    assert data.encode_prompt(single, tok) == data.encode_prompt("Copy: ABDEF\n", tok)
+    multi = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Yo"},
+             {"role": "user", "content": "Bye"})
+    assert tok.decode(data.encode_prompt(multi, tok)) == "\n\nHuman: Hi\n\nAssistant:  Yo\n\nHuman: Bye\n\nAssistant:"
+
+
+def test_template_that_mangles_the_user_text_is_an_error():
+    tok = byte_tokenizer("{% for m in messages %}{{ m['content'][3:] }}{% endfor %}")
+    with pytest.raises(DataError, match="chat template"):
+        data.encode_prompt(({"role": "user", "content": "hello"},), tok, P)
+
+
+# ----------------------------------------------------------------------------- collate
+
+
+def test_collate_pads_right_and_puts_chosen_first():
+    tok = byte_tokenizer()
+    pairs = [Pair("ab", "c", "dddd", 1.0, 0.5), Pair("abcdef", "gh", "i")]
+    examples = data.tokenize_pairs(pairs, tok, 512, P, log=None)
+    batch = data.collate(examples, tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (4, 9)
+    assert batch["p_input_ids"].shape == (4, len(P.encode()) + 9)
+    rows = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    for r, ids in enumerate(rows):
+        assert batch["input_ids"][r, :len(ids)].tolist() == ids
+        assert batch["input_ids"][r, len(ids):].eq(tok.pad_token_id).all()
+        assert batch["attention_mask"][r].sum() == len(ids) and batch["attention_mask"][r, :len(ids)].all()
+        assert batch["labels"][r, len(ids):].eq(IGNORE_INDEX).all()
+    assert batch["index"].tolist() == [0, 1] and batch["index"].dtype == torch.int64
+    assert batch["score_chosen"][0] == 1.0 and math.isnan(batch["score_chosen"][1])
+    assert batch["score_rejected"].dtype == torch.float32
+    # sequence_logps scores exactly the response tokens and EOS, in both views
+    for key in ("", "p_"):
+        labels = batch[f"{key}labels"]
+        logits = torch.zeros(*labels.shape, 384)
+        assert torch.allclose(sequence_logps(logits, labels), -torch.tensor([2.0, 3, 5, 2]) * math.log(384))
+    assert "p_input_ids" not in data.collate(data.tokenize_pairs(pairs, tok, 64, log=None), 0)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        data.collate(examples, None)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def load(name, lines=None):
+    return data.load_pairs(fixture(name), log=(lines.append if lines is not None else None))
+
+
+def test_hh_transcripts():
+    lines = []
+    pairs = load("hh.jsonl", lines)
+    H, A = "\n\nHuman: ", "\n\nAssistant:"
+    assert pairs == [
+        Pair(H + "What is the capital of France?" + A, " Paris.", " I don't know."),
+        Pair(H + "Hi" + A + " Hello!" + H + "Tell me a joke." + A, " Why did the chicken cross the road?", " No."),
+    ]
+    assert lines == [f"{fixture('hh.jsonl')}: kept 2 of 6 pairs; dropped 1 empty response, 1 prompt mismatch, "
+                     f"1 irregular transcript, 1 identical responses"]
+
+
+def test_ultrafeedback_both_layouts():
+    question = lambda q: ({"role": "user", "content": q},)  # noqa: E731
+    argilla = load("ultrafeedback_argilla.jsonl")
+    assert argilla == [Pair(question("Name a primary colour."), "Red.", "Green.", 5.0, 2.5),
+                       Pair(question("What is 3 times 4?"), "12", "7", 4.75, 1.0),
+                       Pair(question("Greet me."), "Hello there!", "Go away.", None, None)]
+    lines = []
+    h4 = load("ultrafeedback_h4.jsonl", lines)
+    assert h4 == [Pair(question("Name a primary colour."), "Red.", "Green.", 9.0, 4.0),
+                  Pair(question("What is 3 times 4?"), "12", "7", 10.0, 1.0)]
+    assert lines[0].endswith("kept 2 of 3 pairs; dropped 1 prompt mismatch")
+
+
+def test_generic_text_and_messages():
+    assert load("generic_text.json") == [Pair("2 + 2 =", " 4", " 5", 1.0, 0.0),
+                                         Pair("The opposite of hot is", " cold", " warm"),
+                                         Pair("Capital of Italy:", " Rome", " Milan", 0.9, None)]
+    lines = []
+    pairs = load("generic_messages.jsonl", lines)
+    assert pairs == [
+        Pair(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a planet."}),
+             "Mars.", "The Sun.", 7.0, 2.0),
+        Pair(({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "Bye"}), "Goodbye!", "What?"),
+    ]
+    assert lines[0].endswith("kept 2 of 3 pairs; dropped 1 prompt not ending in a user turn")
+
+
+def test_gzip_and_json_lines_in_a_json_file(tmp_path):
+    records = [json.loads(line) for line in open(fixture("hh.jsonl"))]
+    gz = tmp_path / "hh.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n\n")
+    as_json = tmp_path / "lines.json"
+    as_json.write_text("\n".join(json.dumps(r) for r in records))
+    assert data.load_pairs(str(gz), log=None) == data.load_pairs(str(as_json), log=None) == load("hh.jsonl")
+
+
+def test_hh_from_the_hub_reads_each_subset(monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def fake_download(repo_id, filename, repo_type=None, **kw):
+        asked.append((repo_id, filename, repo_type))
+        return fixture("hh.jsonl")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    lines = []
+    pairs = data.load_pairs("Anthropic/hh-rlhf", "test", log=lines.append)
+    assert asked == [("Anthropic/hh-rlhf", f"{s}/test.jsonl.gz", "dataset") for s in data.HH_SUBSETS]
+    assert len(pairs) == 8 and lines == ["Anthropic/hh-rlhf [test]: kept 8 of 24 pairs; dropped 4 empty response, "
+                                         "4 prompt mismatch, 4 irregular transcript, 4 identical responses"]
+    asked.clear()
+    assert data.load_pairs("Anthropic/hh-rlhf/helpful-base", "train", log=None) == pairs[:2]
+    assert asked == [("Anthropic/hh-rlhf", "helpful-base/train.jsonl.gz", "dataset")]
+
+
+def test_hub_failures_are_one_line(monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **kw):
+        raise OSError("offline mode is enabled\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf/harmless-base \[train\]: cannot download "
+                                        r"\(OSError: offline mode is enabled\)$"):
+        data.load_pairs("Anthropic/hh-rlhf", log=None)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(DataError, match=r"pip install datasets$"):
+        data.load_pairs("HuggingFaceH4/ultrafeedback_binarized", log=None)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+GOOD = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("bad.jsonl", f"{GOOD}\n\n{{\"prompt\": \"q\", \n{GOOD}\n", r"bad.jsonl:3: malformed JSON"),
+    ("bad.jsonl", f"{GOOD}\n{json.dumps({'prompt': 'q', 'chosen': 'a'})}\n",
+     r"bad.jsonl:2: field 'rejected' missing; expected one of: HH-RLHF .*UltraFeedback"),
+    ("bad.jsonl", f"{GOOD}\n{json.dumps({'instruction': 'q', 'chosen_response': 'a'})}\n",
+     r"bad.jsonl:2: field 'rejected_response' missing; expected one of:"),
+    ("bad.jsonl", f"{json.dumps({'text': 'q'})}\n", r"bad.jsonl:1: field 'chosen' missing; expected one of:"),
+    ("bad.jsonl", f"{GOOD}\n".encode() + b'{"prompt": "q\xff", "chosen": "a", "rejected": "b"}\n',
+     r"bad.jsonl:2: not valid UTF-8 \(byte 0xff at column 14\)"),
+    ("bad.json", f"[\n  {GOOD},\n  {GOOD},\n  {{\"prompt\": 1, \"chosen\": \"a\", \"rejected\": \"b\"}}\n]",
+     r"bad.json:4: field 'prompt' must be a string or a list of messages, got int"),
+    ("bad.json", f"[\n  {GOOD},\n  {GOOD}\n  {GOOD}\n]", r"bad.json:4: malformed JSON \(expected ',' or ']'"),
+    ("bad.json", f"[\n  {GOOD},\n  {{\"prompt\": \n]", r"bad.json:4: malformed JSON \(Expecting value"),
+    ("bad.json", f"[\n  {GOOD},\n".encode() + b"  \"\xc3\"\n]", r"bad.json:3: not valid UTF-8 \(byte 0xc3 at column 4\)"),
+    ("bad.jsonl", json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"}),
+     r"bad.jsonl:1: field 'chosen' must be a string or a list of messages, got int"),
+    ("bad.jsonl", json.dumps({"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": "b"}),
+     r"bad.jsonl:1: field 'chosen' message 0 must be"),
+    ("bad.jsonl", json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high"}),
+     r"bad.jsonl:1: field 'score_chosen' must be a number or null, got 'high'"),
+    ("bad.jsonl", "[1, 2]", r"bad.jsonl:1: expected a JSON object, got list"),
+    ("bad.jsonl.gz", b"not gzip", r"bad.jsonl.gz: cannot read"),
+    ("bad.txt", GOOD, r"bad.txt: unsupported file type"),
+])
+def test_bad_input_messages(tmp_path, name, content, message):
+    path = write(tmp_path, name, content)
+    with pytest.raises(DataError, match=message) as info:
+        data.load_pairs(path, log=None)
+    assert "\n" not in str(info.value) and str(info.value).startswith(path)
+
+
+def test_missing_file_and_empty_dataset(tmp_path):
+    with pytest.raises(DataError, match="nothere.jsonl: not a file"):
+        data.load_pairs(str(tmp_path / "nothere.jsonl"), log=None)
+    path = write(tmp_path, "empty.jsonl", json.dumps({"prompt": "q", "chosen": " ", "rejected": "b"}) + "\n"
+                 + json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"kept 0 of 2 pairs; dropped 1 empty response, 1 identical responses; "
+                                        r"nothing left$"):
+        data.load_pairs(path, log=None)
+    with pytest.raises(DataError, match="kept 0 of 0 pairs"):
+        data.load_pairs(write(tmp_path, "blank.jsonl", "\n\n"), log=None)
+
+
+def test_summary_counts_for_many_drops(tmp_path):
+    rng = random.Random(3)
+    reasons = {"empty response": {"prompt": "q", "chosen": "", "rejected": "b"},
+               "identical responses": {"prompt": "q", "chosen": "a", "rejected": "a"},
+               "prompt mismatch": {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},
+               "no assistant turn": {"prompt": "q", "chosen": [{"role": "user", "content": "q"}], "rejected": "b"},
+               None: {"prompt": "q", "chosen": "a", "rejected": "b"}}
+    chosen = [rng.choice(list(reasons)) for _ in range(2312)]
+    write(tmp_path, "many.jsonl", "\n".join(json.dumps(reasons[r]) for r in chosen))
+    lines = []
+    pairs = data.load_pairs(str(tmp_path / "many.jsonl"), log=lines.append)
+    counts = {r: chosen.count(r) for r in reasons}
+    order = sorted((r for r in reasons if r), key=chosen.index)
+    expected = (f"kept {counts[None]:,} of 2,312 pairs; dropped "
+                + ", ".join(f"{counts[r]:,} {r}" for r in order))
+    assert len(pairs) == counts[None] and lines == [f"{tmp_path / 'many.jsonl'}: {expected}"]
+
+
+# ----------------------------------------------------------------------------- embedded dataset
+
+
+def test_embedded_is_deterministic_split_and_scored():
+    train, test = data.embedded_pairs("train"), data.embedded_pairs("test")
+    assert (len(train), len(test)) == (2000, 200)
+    assert train == data.embedded_pairs("train", seed=0) and train != data.embedded_pairs("train", seed=1)
+    prompts = {p.prompt for p in train}
+    assert len(prompts) == 2000 and not prompts & {p.prompt for p in test + data.embedded_pairs("test", seed=1)}
+    gaps = set()
+    for pair in train + test:
+        word = pair.prompt[len("Copy: "):-1]
+        assert pair.prompt == f"Copy: {word}\n" and len(pair.prompt.encode()) <= 24
+        for response, score in ((pair.chosen, pair.score_chosen), (pair.rejected, pair.score_rejected)):
+            assert len(response.encode()) <= 12 and len(response) == len(word)
+            wrong = sum(a != b for a, b in zip(word, response))
+            assert score == pytest.approx(1 - wrong / len(word)) == data.embedded_score(pair.prompt, response)
+        assert pair.score_chosen > pair.score_rejected
+        gaps.add(round(pair.score_chosen - pair.score_rejected, 6))
+    assert gaps == {0.2, 0.4, 0.6, 0.8, 1.0}
+    assert data.load_pairs("embedded", "test", log=None) == test
+    with pytest.raises(DataError, match="no split 'valid'"):
+        data.embedded_pairs("valid")
+
+
+@pytest.mark.parametrize("response,score", [("ABDEF", 1.0), ("ABDEX", 0.8), ("ABDE", 0.8), ("ABDEFG", 5 / 6),
+                                            ("", 0.0), ("FEDBA", 0.2), ("XABDEF", 0.0)])
+def test_embedded_score_of_any_response(response, score):
+    assert data.embedded_score("Copy: ABDEF\n", response) == pytest.approx(score)
+
+
+def test_embedded_score_rejects_other_prompts():
+    with pytest.raises(DataError, match="not an embedded prompt"):
+        data.embedded_score("What is 2 + 2?", "4")
+
+
+# ----------------------------------------------------------------------------- order, shards, resume
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_are_disjoint_and_cover_the_epoch(world):
+    n, G = 50, 6
+    for epoch in range(3):
+        whole = data.batch_indices(n, G, epoch, seed=7)
+        shards = [data.batch_indices(n, G, epoch, seed=7, rank=r, world=world) for r in range(world)]
+        assert len(whole) == data.steps_per_epoch(n, G) == 8
+        for step in range(len(whole)):
+            parts = [shards[r][step] for r in range(world)]
+            assert all(len(part) == G // world for part in parts)
+            assert sum(parts, []) == whole[step]  # rank order = the global batch's order
+        seen = sum(whole, [])
+        assert len(seen) == len(set(seen)) == 48 and set(seen) <= set(range(n))
+    assert data.batch_indices(n, G, 0, 7) != data.batch_indices(n, G, 1, 7) != data.batch_indices(n, G, 1, 8)
+    left = [set(range(n)) - set(sum(data.batch_indices(n, G, e, 7), [])) for e in range(4)]
+    assert len(set(map(frozenset, left))) > 1, "the unused remainder must change between epochs"
+    with pytest.raises(ValueError):
+        data.batch_indices(n, 6, 0, 7, rank=0, world=4)
+
+
+def test_steps_per_epoch_reports_the_remainder():
+    lines = []
+    assert data.steps_per_epoch(50, 6, log=lines.append) == 8
+    assert lines == ["2 of 50 pairs are not used each epoch (8 steps of 6; each epoch draws a new order)"]
+    assert data.steps_per_epoch(5, 6) == 0 and data.steps_per_epoch(48, 6, log=lines.append) == 8 and len(lines) == 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_resume_at_step_k_yields_the_uninterrupted_batches(world):
+    n, G, epochs = 40, 6, 3
+    for rank in range(world):
+        full = list(data.schedule(n, G, seed=3, epochs=epochs, rank=rank, world=world))
+        assert len(full) == epochs * 6 and [(e, s) for e, s, _ in full] == [(e, s) for e in range(3) for s in range(6)]
+        assert [idx for e, s, idx in full if e == 1] == data.batch_indices(n, G, 1, 3, rank, world)
+        for k in range(len(full) + 1):
+            assert list(data.schedule(n, G, seed=3, epochs=epochs, rank=rank, world=world, start_step=k)) == full[k:]
+
+
+def test_resumed_batches_are_identical_tensors():
+    tok = byte_tokenizer()
+    examples = data.tokenize_pairs(data.embedded_pairs("test")[:24], tok, 512, P, log=None)
+    run = [data.collate([examples[i] for i in idx], 0) for _, _, idx in data.schedule(24, 4, 0, 2)]
+    resumed = [data.collate([examples[i] for i in idx], 0) for _, _, idx in data.schedule(24, 4, 0, 2, start_step=5)]
+    assert len(resumed) == len(run) - 5
+    for a, b in zip(run[5:], resumed):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k not in ("score_chosen",))
