@@ -529,8 +529,13 @@ def run(cfg, rank, world, device):
     need_p = cfg.loss in SELF_REFINED and cfg.refine == "prompt"
     examples = data.tokenize_pairs(data.load_pairs(cfg.data, "train", log=say), tokenizer, cfg.max_length,
                                    refine_prompt if need_p else None, log=say)
-    eval_pairs = data.load_pairs(cfg.eval_data or cfg.data, "test", log=say)[:cfg.eval_pairs or None]
-    eval_examples = data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say)
+    eval_examples = []
+    eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
+    if eval_source is None:
+        say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")
+    else:
+        eval_pairs = data.load_pairs(eval_source, "test", log=say)[:cfg.eval_pairs or None]
+        eval_examples = data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say)
     micro = cfg.micro_batch_size or cfg.batch_size // world
     stages = plan(cfg, len(examples))
     table = functools.partial(pair_table, micro=micro, pad_id=pad_id, device=device, rank=rank, world=world,
@@ -543,8 +548,9 @@ def run(cfg, rank, world, device):
     if resume:
         start_stage = torch.load(os.path.join(resume, f"extra_rank{rank}.pt"), weights_only=True)["stage_index"]
     metrics_path = os.path.join(cfg.out_dir, METRICS)
-    if rank == 0 and not resume:
-        open(metrics_path, "w").close()
+    if rank == 0:
+        keep_metrics(metrics_path, torch.load(os.path.join(resume, "extra_rank0.pt"), weights_only=True)
+                     if resume else None, [name for name, _ in stages])
 
     policy, last = None, None
     for stage_index, (stage, n_steps) in enumerate(stages):
@@ -555,7 +561,8 @@ def run(cfg, rank, world, device):
         ref, cache, eval_ref = None, None, None
         if stage != "sft":
             ref = shard(load_model(cfg.ref_model or start, tokenizer, seed=cfg.seed), device).requires_grad_(False)
-            eval_ref = table(ref, eval_examples, need_p=True)  # π_ref is frozen: score held-out pairs once
+            if eval_examples:  # π_ref is frozen: score the held-out pairs once
+                eval_ref = table(ref, eval_examples, need_p=True)
             if cfg.precompute_ref:
                 t0 = time.time()
                 cache = table(ref, examples, need_p=need_p)
@@ -605,6 +612,20 @@ def run(cfg, rank, world, device):
         export(policy, tokenizer, final, rank)
     say(summary(cfg, stages, last, final))
     return 0
+
+
+def keep_metrics(path, extra, stage_names):
+    """Start metrics.jsonl afresh, or on resume keep only the lines up to the checkpoint's step."""
+    lines = []
+    if extra is not None and os.path.exists(path):
+        with open(path) as fh:
+            for line in fh:
+                m = json.loads(line)
+                position = (stage_names.index(m["stage"]), m["step"])
+                if position <= (extra["stage_index"], extra["step"]):
+                    lines.append(line)
+    with open(path, "w") as fh:
+        fh.writelines(lines)
 
 
 def progress_line(m, n_steps):
