@@ -82,7 +82,8 @@ class _TokenLogps(torch.autograd.Function):
                 continue
             chunk = logits[a:b].to(acc)
             picked = chunk.gather(1, safe[a:b, None]).squeeze(1)
-            out[a:b] = (picked - torch.logsumexp(chunk, dim=1)) * scored[a:b]
+            # where, not a product: an unscored row's stand-in target may have a -inf logit
+            out[a:b] = torch.where(scored[a:b], picked - torch.logsumexp(chunk, dim=1), 0.0)
         ctx.save_for_backward(logits, targets)
         return out
 
