@@ -239,6 +239,17 @@ def test_sequence_logps_matches_cross_entropy(lm_batch, chunking, average):
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_sequence_logps_with_a_masked_vocabulary_entry(lm_batch, chunking):
+    """A token whose logit is -inf everywhere (never a label) leaves every sum finite."""
+    logits, labels = lm_batch
+    masked = logits.clone()
+    masked[..., 0] = float("-inf")
+    assert not (labels == 0).any()
+    ours = srpo.sequence_logps(masked, labels)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, reference_sequence_logps(masked, labels), rtol=1e-5, atol=1e-5)
+
+
 def test_sequence_logps_average_rejects_rows_without_scored_tokens(lm_batch):
     logits, labels = lm_batch
     assert srpo.sequence_logps(logits, labels)[-1] == 0  # sum over nothing
