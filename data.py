@@ -27,13 +27,15 @@ Record formats (chosen by the keys of each record)
                  rejected are text, or message lists ending in the assistant's reply. A list's earlier
                  messages are the prompt: they must be the same in chosen and rejected, equal to prompt
                  when prompt is a list, and contain prompt as a user message when prompt is text
-                 (otherwise "prompt mismatch"). Responses given as lists make the prompt a chat.
+                 (otherwise "prompt mismatch"). Responses given as lists make the prompt a chat; then
+                 prompt may be absent, and the shared earlier messages are the prompt.
     Scores are optional (null or absent -> None). Any format: a pair with an empty (blank) response is
     dropped as "empty response", one whose two responses are equal as "identical responses", a chat
     whose last prompt message is not a user turn as "prompt not ending in a user turn".
     Malformed JSON, non-UTF-8 bytes, a missing field or a field of the wrong type raise DataError
-    naming the file and line. Drops are counted by reason in one summary line; nothing is left if
-    every pair is dropped raises DataError.
+    naming the file and line (text chosen/rejected with no "Human:"/"Assistant:" turn is a missing
+    prompt). Drops are counted by reason in one summary line; a dataset with no pair left raises
+    DataError.
 
 Tokenisation (``encode_prompt``, ``tokenize_pairs``)
     Text is encoded with add_special_tokens=False; BOS and EOS are added here. BOS appears exactly
@@ -41,8 +43,8 @@ Tokenisation (``encode_prompt``, ``tokenize_pairs``)
     tokens) or the chat template writes one. Plain prompts, responses and p are encoded literally
     (split_special_tokens=True: a "</s>" in the data is text, not EOS); a chat template's rendering
     is encoded as apply_chat_template(tokenize=True) would, so its special tokens are parsed (and so
-    would be special-token text inside the messages). Each response is its tokens plus EOS, all scored; every
-    prompt token is labelled -100.
+    would special-token text inside the messages be). Each response is its tokens plus EOS, all
+    scored; every prompt token is labelled -100.
     Plain text:  x view  = [BOS] x            p view = [BOS] p x      (Appendix C: torch.cat([p, x]))
     Chat with a template: the template is rendered (with the generation prompt) and encoded in two
       pieces, split where the first user message's content begins: x = head + tail. Then
@@ -244,9 +246,11 @@ def _split_transcript(text):
 
 
 def _hh_pair(record, where):
-    """HH-RLHF: two whole transcripts sharing the prompt."""
-    prompt_c, chosen = _split_transcript(_text(record, "chosen", where))
-    prompt_r, rejected = _split_transcript(_text(record, "rejected", where))
+    """HH-RLHF: two whole transcripts sharing the prompt. Text with no turn at all lacks a prompt field."""
+    transcripts = _text(record, "chosen", where), _text(record, "rejected", where)
+    if not any(turn in text for text in transcripts for turn in (HH_HUMAN, HH_ASSISTANT)):
+        raise DataError(f"{where}: field 'prompt' missing (and no HH transcript); expected one of: {FORMATS}")
+    (prompt_c, chosen), (prompt_r, rejected) = map(_split_transcript, transcripts)
     if prompt_c != prompt_r:
         raise _Dropped("prompt mismatch")
     return _make_pair(prompt_c, chosen, rejected, None, None)
@@ -260,7 +264,11 @@ def _ultrafeedback_pair(record, where):
 
 
 def _chat_prompt(prompt, history, where):
-    """The prompt of a generic record whose responses are message lists (history: their earlier messages)."""
+    """The prompt of a chat record (history: the responses' earlier messages; prompt None if absent)."""
+    if prompt is None:
+        if not history:
+            raise DataError(f"{where}: field 'prompt' missing; expected one of: {FORMATS}")
+        return history
     if isinstance(prompt, list):
         messages = _messages(prompt, "prompt", where)
         if history and history != messages:
@@ -274,16 +282,19 @@ def _chat_prompt(prompt, history, where):
 
 
 def _generic_pair(record, where):
-    """{prompt, chosen, rejected[, score_chosen, score_rejected]}, text or messages (UltraFeedback H4 layout too)."""
-    prompt = _field(record, "prompt", where)
-    if not isinstance(prompt, (str, list)):
+    """{prompt, chosen, rejected[, score_chosen, score_rejected]}, text or messages (UltraFeedback H4 layout too).
+
+    prompt may be absent when chosen and rejected are whole conversations (their shared earlier turns).
+    """
+    prompt = record.get("prompt")
+    if not isinstance(prompt, (str, list, type(None))):
         raise DataError(f"{where}: field 'prompt' must be a string or a list of messages, "
                         f"got {type(prompt).__name__}")
     history_c, chosen = _response(record, "chosen", where)
     history_r, rejected = _response(record, "rejected", where)
     if history_c != history_r:
         raise _Dropped("prompt mismatch")
-    chat = isinstance(prompt, list) or isinstance(record["chosen"], list) or isinstance(record["rejected"], list)
+    chat = not isinstance(prompt, str) or isinstance(record["chosen"], list) or isinstance(record["rejected"], list)
     prompt = _chat_prompt(prompt, history_c, where) if chat else prompt
     return _make_pair(prompt, chosen, rejected,
                       _score(record, "score_chosen", where), _score(record, "score_rejected", where))
@@ -298,7 +309,7 @@ def record_to_pair(record, where):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "instruction" in record or "chosen_response" in record:
         return _ultrafeedback_pair(record, where)
-    if "prompt" in record:
+    if "prompt" in record or isinstance(record.get("chosen"), list):
         return _generic_pair(record, where)
     return _hh_pair(record, where)
 
@@ -306,15 +317,15 @@ def record_to_pair(record, where):
 # ----------------------------------------------------------------------------- files and hub
 
 
-def _decode(raw, path, line, column_base=0):
-    """Bytes as UTF-8 text, or DataError naming the file, line and column."""
+def _decode(raw, path, line):
+    """Bytes as UTF-8 text, or DataError naming the file, line and column (raw starts on `line`)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         start = raw.rfind(b"\n", 0, e.start) + 1
         line += raw.count(b"\n", 0, e.start)
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                        f"{e.start - start + 1 + column_base})") from None
+                        f"{e.start - start + 1})") from None
 
 
 def _read_bytes(path):
@@ -329,9 +340,9 @@ def _read_bytes(path):
         raise DataError(f"{path}: cannot read ({e})") from None
 
 
-def _json_error(path, e):
-    """DataError for a json.JSONDecodeError, naming the file and line."""
-    return DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+def _json_error(path, e, first_line=1):
+    """DataError for a json.JSONDecodeError in text that starts on first_line of the file."""
+    return DataError(f"{path}:{e.lineno + first_line - 1}: malformed JSON ({e.msg} at column {e.colno})")
 
 
 def _json_lines(data, path):
@@ -343,7 +354,7 @@ def _json_lines(data, path):
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise _json_error(path, e, number) from None
         yield f"{path}:{number}", record
 
 
@@ -376,6 +387,12 @@ def read_records(path):
         yield from _json_lines(data, path)
 
 
+def _hub_error(label, e):
+    """A one-line DataError for an exception raised while fetching from the hub."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return DataError(f"{label}: cannot load from the hub ({type(e).__name__}: {first})")
+
+
 def _hh_hub_records(name, split):
     """HH-RLHF records of a split, downloaded with huggingface_hub (already installed with transformers)."""
     from huggingface_hub import hf_hub_download
@@ -385,8 +402,7 @@ def _hh_hub_records(name, split):
         try:
             path = hf_hub_download(HH_REPO, f"{part}/{split}.jsonl.gz", repo_type="dataset")
         except Exception as e:  # offline, unknown subset or split: one line, not a traceback
-            raise DataError(f"{HH_REPO}/{part} [{split}]: cannot download ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise _hub_error(f"{HH_REPO}/{part} [{split}]", e) from None
         yield from read_records(path)
 
 
@@ -398,15 +414,15 @@ def _datasets_hub_records(name, split):
         raise DataError(f"{name}: loading a hub dataset needs the datasets package: pip install datasets") from None
     try:
         splits = datasets.get_dataset_split_names(name)
-        chosen = split if split in splits else f"{split}_prefs"
-        if chosen not in splits:
-            raise DataError(f"{name}: no split '{split}' (has: {', '.join(splits)})")
-        rows = datasets.load_dataset(name, split=chosen)
-    except DataError:
-        raise
     except Exception as e:
-        raise DataError(f"{name} [{split}]: cannot load ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise _hub_error(f"{name} [{split}]", e) from None
+    chosen = split if split in splits else f"{split}_prefs"
+    if chosen not in splits:
+        raise DataError(f"{name}: no split '{split}' (has: {', '.join(splits)})")
+    try:
+        rows = datasets.load_dataset(name, split=chosen)
+    except Exception as e:
+        raise _hub_error(f"{name} [{chosen}]", e) from None
     for number, row in enumerate(rows, 1):
         yield f"{name}/{chosen}:{number}", row
 
@@ -435,7 +451,7 @@ def load_pairs(source="embedded", split="train", log=print):
         pairs, dropped = embedded_pairs(split), Counter()
         label = f"embedded/{split}"
     else:
-        source = os.fspath(source)
+        source = os.path.expanduser(os.fspath(source))
         pairs, dropped = _keep_all(source_records(source, split), lambda item: record_to_pair(item[1], item[0]))
         label = source if os.path.isfile(source) else f"{source} [{split}]"
     _report(label, pairs, dropped, log)

@@ -12,7 +12,7 @@ import torch
 
 import data
 from data import DataError, Pair
-from srpo import IGNORE_INDEX, REFINE_PROMPT, sequence_logps
+from srpo import IGNORE_INDEX, REFINE_PROMPT, REFINE_PROMPTS, sequence_logps
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 P = REFINE_PROMPT
@@ -198,13 +198,13 @@ def test_two_views_score_the_same_tokens_and_p_comes_first(name, request):
         check_example(ex, pair, tok, 512)
         if isinstance(pair.prompt, str) or not tok.chat_template:
             assert ex["p_chosen_ids"][:len(bos) + len(p)] == bos + p, "p ⊕ x must start with p's tokens"
-    if tok.chat_template:  # p sits at the start of the first user message, after the system turn
-        system = {"role": "system", "content": "Be kind."}
-        ids = data.encode_prompt((system, {"role": "user", "content": "Hi"}), tok, P)
-        text = tok.apply_chat_template([system, {"role": "user", "content": P + "Hi"}], tokenize=False,
-                                       add_generation_prompt=True)
-        assert tok.decode(ids) == (text if bos else text)
-        assert ids[-len(full_query(tok, ({"role": "user", "content": "Hi"},))) + len(bos):] != []
+    if tok.chat_template:  # p at the start of the first user message, after the system turn
+        chat = ({"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"})
+        ids = data.encode_prompt(chat, tok, P)
+        assert tok.decode(ids) == tok.apply_chat_template([chat[0], {"role": "user", "content": P + "Hi"}],
+                                                          tokenize=False, add_generation_prompt=True)
+        at = p_position(tok, chat, bos)
+        assert at > len(bos) and without(ids, p, at) == full_query(tok, chat)
 
 
 def test_x_view_is_the_same_with_or_without_p(bpe_chat):
@@ -325,6 +325,14 @@ def test_bos_exactly_once_even_when_the_template_writes_it(bpe, bpe_chat):
     assert data.encode_prompt("ab", byte_tokenizer()) == [ord("a") + 3, ord("b") + 3]
 
 
+def test_special_token_text_in_the_data_stays_text(bpe):
+    for tok in (bpe, byte_tokenizer()):
+        (ex,) = data.tokenize_pairs([Pair("say <s>", "a</s>", "b")], tok, 512, P, log=None)
+        assert scored(ex["chosen_labels"]) == literal(tok, "a</s>") + [tok.eos_token_id]
+        assert scored(ex["chosen_labels"]).count(tok.eos_token_id) == 1
+        assert ex["p_chosen_ids"].count(tok.bos_token_id) == (tok.bos_token_id is not None)
+
+
 def test_encode_prompt_is_the_prompt_of_the_example(bpe_chat):
     rng = random.Random(5)
     for tok in (bpe_chat, byte_tokenizer(), byte_tokenizer(CHAT_PLAIN)):
@@ -409,7 +417,7 @@ def test_ultrafeedback_both_layouts():
     h4 = load("ultrafeedback_h4.jsonl", lines)
     assert h4 == [Pair(question("Name a primary colour."), "Red.", "Green.", 9.0, 4.0),
                   Pair(question("What is 3 times 4?"), "12", "7", 10.0, 1.0)]
-    assert lines[0].endswith("kept 2 of 3 pairs; dropped 1 prompt mismatch")
+    assert lines[0].endswith("kept 2 of 4 pairs; dropped 2 prompt mismatch")
 
 
 def test_generic_text_and_messages():
@@ -425,6 +433,18 @@ def test_generic_text_and_messages():
               {"role": "user", "content": "Bye"}), "Goodbye!", "What?"),
     ]
     assert lines[0].endswith("kept 2 of 3 pairs; dropped 1 prompt not ending in a user turn")
+
+
+def test_whole_conversations_without_a_prompt_field(tmp_path):
+    def chat(*turns):
+        return [{"role": role, "content": text} for role, text in zip(["user", "assistant"] * 2, turns)]
+
+    records = [{"chosen": chat("Hi", "Hello!", "Bye", "Goodbye!"), "rejected": chat("Hi", "Hello!", "Bye", "What?")},
+               {"chosen": chat("Hi", "Hello!"), "rejected": chat("Yo", "Hey")}]
+    path = write(tmp_path, "conv.jsonl", "\n".join(map(json.dumps, records)))
+    lines = []
+    assert data.load_pairs(path, log=lines.append) == [Pair(tuple(chat("Hi", "Hello!", "Bye")), "Goodbye!", "What?")]
+    assert lines == [f"{path}: kept 1 of 2 pairs; dropped 1 prompt mismatch"]
 
 
 def test_gzip_and_json_lines_in_a_json_file(tmp_path):
@@ -464,7 +484,7 @@ def test_hub_failures_are_one_line(monkeypatch):
         raise OSError("offline mode is enabled\nmore detail")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf/harmless-base \[train\]: cannot download "
+    with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf/harmless-base \[train\]: cannot load from the hub "
                                         r"\(OSError: offline mode is enabled\)$"):
         data.load_pairs("Anthropic/hh-rlhf", log=None)
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
@@ -491,6 +511,9 @@ GOOD = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
     ("bad.jsonl", f"{GOOD}\n{json.dumps({'instruction': 'q', 'chosen_response': 'a'})}\n",
      r"bad.jsonl:2: field 'rejected_response' missing; expected one of:"),
     ("bad.jsonl", f"{json.dumps({'text': 'q'})}\n", r"bad.jsonl:1: field 'chosen' missing; expected one of:"),
+    ("bad.jsonl", json.dumps({"chosen": "a", "rejected": "b"}), r"bad.jsonl:1: field 'prompt' missing \(and no HH"),
+    ("bad.jsonl", json.dumps({"chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}),
+     r"bad.jsonl:1: field 'prompt' missing; expected one of:"),
     ("bad.jsonl", f"{GOOD}\n".encode() + b'{"prompt": "q\xff", "chosen": "a", "rejected": "b"}\n',
      r"bad.jsonl:2: not valid UTF-8 \(byte 0xff at column 14\)"),
     ("bad.json", f"[\n  {GOOD},\n  {GOOD},\n  {{\"prompt\": 1, \"chosen\": \"a\", \"rejected\": \"b\"}}\n]",
@@ -568,6 +591,8 @@ def test_embedded_is_deterministic_split_and_scored():
     assert data.load_pairs("embedded", "test", log=None) == test
     with pytest.raises(DataError, match="no split 'valid'"):
         data.embedded_pairs("valid")
+    # the letters to copy occur neither in the template nor in either refinement prompt
+    assert not set(data.EMBEDDED_ALPHABET) & set("Copy: " + "".join(REFINE_PROMPTS.values()))
 
 
 @pytest.mark.parametrize("response,score", [("ABDEF", 1.0), ("ABDEX", 0.8), ("ABDE", 0.8), ("ABDEFG", 5 / 6),
