@@ -49,6 +49,7 @@ class Config:
     ref_model: str = ""           # reference π_ref; unset: the starting policy (after the SFT stage, if any)
     data: str = "embedded"        # "embedded", a .jsonl/.jsonl.gz/.json file, or a hub dataset name
     eval_data: str = ""           # held-out pairs; unset: the test split of --data
+    max_pairs: int = 0            # train on the first N pairs of --data only (0: all)
     out_dir: str = "out"          # metrics.jsonl, checkpoint/, sft/, final/
     sft_steps: int | None = None  # SFT steps on the chosen responses before alignment; unset: 120 for tiny, else 0
     lr: float | None = None       # peak learning rate; unset: the paper's 5e-7, or 1e-3 for the randomly initialised tiny model
@@ -527,8 +528,8 @@ def run(cfg, rank, world, device):
     pad_id = tokenizer.pad_token_id
     refine_prompt = REFINE_PROMPTS[cfg.refine_prompt]
     need_p = cfg.loss in SELF_REFINED and cfg.refine == "prompt"
-    examples = data.tokenize_pairs(data.load_pairs(cfg.data, "train", log=say), tokenizer, cfg.max_length,
-                                   refine_prompt if need_p else None, log=say)
+    pairs = data.load_pairs(cfg.data, "train", log=say)[:cfg.max_pairs or None]
+    examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if need_p else None, log=say)
     eval_examples = []
     eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
     if eval_source is None:

@@ -15,7 +15,7 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small and fast: 8 pairs a step, no SFT stage, no held-out evaluation until the end.
-FAST = ["--batch_size", "8", "--sft_steps", "0", "--eval_every", "0", "--eval_pairs", "8", "--save_every", "0",
+FAST = ["--batch_size", "8", "--max_pairs", "32", "--sft_steps", "0", "--eval_every", "0", "--eval_pairs", "8", "--save_every", "0",
         "--lr", "3e-3", "--warmup_steps", "1"]
 
 
@@ -95,7 +95,8 @@ def test_precomputed_reference_matches_live(tmp_path):
 @pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "sr-dpo", "sr-ipo"])
 def test_every_loss_learns(tmp_path, loss):
     extra = ["--lam", "0.5"] if loss.startswith("sr-") else []
-    code, ms = run(tmp_path, "--loss", loss, "--max_steps", "12", "--batch_size", "16", *extra)
+    # 16 pairs seen 8 times: each loss must fit them.
+    code, ms = run(tmp_path, "--loss", loss, "--max_pairs", "16", "--epochs", "8", "--batch_size", "8", *extra)
     assert code == 0
     losses = [m["loss"] for m in ms]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
@@ -132,7 +133,7 @@ def test_nan_message_names_the_step(tmp_path, capsys):
 
 def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path), *FAST,
-           "--loss", "dpo", "--max_steps", "200"]
+           "--loss", "dpo", "--max_steps", "200", "--epochs", "100"]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while len(metrics(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
