@@ -1,0 +1,58 @@
+"""The first five minutes: the README's two commands, and the main job end to end."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands():
+    """The shell commands of the README's first code block."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_the_two_commands_and_they_name_real_files():
+    run, test = readme_commands()[:2]
+    assert run == "pip install -r requirements.txt && python train.py"
+    assert test == "pip install -r requirements.txt && python -m pytest"
+    for command in (run, test):
+        for name in re.findall(r"[\w./-]+\.(?:txt|py)\b", command):
+            assert os.path.isfile(os.path.join(ROOT, name)), name
+
+
+def test_ci_runs_the_readmes_test_command():
+    test = readme_commands()[1].split("&&")[-1].strip()
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as fh:
+        lines = [line.strip() for line in fh]
+    assert test in lines
+    assert any("-r requirements.txt" in line for line in lines)
+
+
+def test_main_job_end_to_end(tmp_path):
+    """`python train.py` with its defaults, cut short by the step flags."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path),
+           "--sft_steps", "2", "--max_steps", "2", "--eval_pairs", "16"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for words in ("trained: sft (2 steps) -> sr-dpo (2 steps)", "held-out accuracy:", "under p+x",
+                  "Δπ vs true score gap: Spearman", "final model:", "next: python evaluate.py accuracy"):
+        assert words in out, out[-2000:]
+    with open(tmp_path / "metrics.jsonl") as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [(r["stage"], r["step"]) for r in rows] == [("sft", 1), ("sft", 2), ("sr-dpo", 1), ("sr-dpo", 2)]
+    assert "eval_accuracy" in rows[-1] and "delta_std" in rows[-1]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final")
+    ids = tokenizer("Copy: ABDEF\n", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
