@@ -693,11 +693,11 @@ def collate(examples, pad_token_id):
     Returns "input_ids", "attention_mask", "labels" [2B, T] (labels -100 on padding); with the p view
     also "p_input_ids", "p_attention_mask", "p_labels" [2B, T']; "index" [B] int64;
     "score_chosen", "score_rejected" [B] float32 (nan if unknown). Rows [:B] are the chosen half (SFT).
+    pad_token_id None (a tokenizer without a pad token, e.g. Pythia's) pads with 0.
     """
     if not examples:
         raise ValueError("collate: no examples")
-    if pad_token_id is None:
-        raise ValueError("collate: pad_token_id is None; pass the tokenizer's pad (or EOS) token id")
+    pad_token_id = 0 if pad_token_id is None else pad_token_id  # any id: padding is masked and unscored
     with_p = {"p_chosen_ids" in e for e in examples}
     if len(with_p) > 1:
         raise ValueError("collate: some examples have the p view and some do not")
