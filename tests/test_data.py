@@ -316,8 +316,12 @@ def test_truncation_drops_are_counted():
 
 
 def test_bos_exactly_once_even_when_the_template_writes_it(bpe, bpe_chat):
+    import copy
+
     messages = ({"role": "user", "content": "the cat"},)
-    for tok, prompt in ((bpe, "the cat"), (bpe_chat, messages)):
+    no_bos_template = copy.deepcopy(bpe)  # a BOS tokenizer whose template does not write it (zephyr-like)
+    no_bos_template.chat_template = CHAT_PLAIN
+    for tok, prompt in ((bpe, "the cat"), (bpe_chat, messages), (no_bos_template, messages)):
         for refine in (None, P):
             ids = data.encode_prompt(prompt, tok, refine)
             assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
@@ -519,7 +523,8 @@ GOOD = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
      r"bad.json:4: field 'prompt' must be a string or a list of messages, got int"),
     ("bad.json", f"[\n  {GOOD},\n  {GOOD}\n  {GOOD}\n]", r"bad.json:4: malformed JSON \(expected ',' or ']'"),
     ("bad.json", f"[\n  {GOOD},\n  {{\"prompt\": \n]", r"bad.json:4: malformed JSON \(Expecting value"),
-    ("bad.json", f"[\n  {GOOD},\n".encode() + b"  \"\xc3\"\n]", r"bad.json:3: not valid UTF-8 \(byte 0xc3 at column 4\)"),
+    ("bad.json", f"[\n  {GOOD},\n".encode() + b"  \"\xc3\"\n]",
+     r"bad.json:3: not valid UTF-8 \(byte 0xc3 at column 4\)"),
     ("bad.jsonl", json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"}),
      r"bad.jsonl:1: field 'chosen' must be a string or a list of messages, got int"),
     ("bad.jsonl", json.dumps({"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": "b"}),
@@ -553,7 +558,8 @@ def test_summary_counts_for_many_drops(tmp_path):
     rng = random.Random(3)
     reasons = {"empty response": {"prompt": "q", "chosen": "", "rejected": "b"},
                "identical responses": {"prompt": "q", "chosen": "a", "rejected": "a"},
-               "prompt mismatch": {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},
+               "prompt mismatch": {"chosen": "\n\nHuman: a\n\nAssistant: x",
+                                   "rejected": "\n\nHuman: b\n\nAssistant: y"},
                "no assistant turn": {"prompt": "q", "chosen": [{"role": "user", "content": "q"}], "rejected": "b"},
                None: {"prompt": "q", "chosen": "a", "rejected": "b"}}
     chosen = [rng.choice(list(reasons)) for _ in range(2312)]
@@ -653,4 +659,4 @@ def test_resumed_batches_are_identical_tensors():
     resumed = [data.collate([examples[i] for i in idx], 0) for _, _, idx in data.schedule(24, 4, 0, 2, start_step=5)]
     assert len(resumed) == len(run) - 5
     for a, b in zip(run[5:], resumed):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k not in ("score_chosen",))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
