@@ -69,6 +69,7 @@ class Config:
     save_every: int = 50          # checkpoint every this many steps (0: only on SIGTERM and at stage ends)
     resume: bool = False          # continue from out_dir/checkpoint
     seed: int = 0                 # data order and tiny-model initialisation
+    device: str = "auto"          # auto: cuda when this machine has a GPU for every local rank, else cpu
     log_every: int = 1            # progress line every this many steps
     fault_nan_step: int = -1      # testing only: make the loss NaN at this step (steps count from 1)
 
@@ -111,6 +112,8 @@ def validate(cfg, world=1):
         raise ValueError(f"--loss {cfg.loss}: expected one of sft, {', '.join(LOSSES)}")
     if cfg.lam is not None and cfg.loss not in SELF_REFINED:
         raise ValueError(f"--lam is used only by the Sr losses ({', '.join(sorted(SELF_REFINED))}), not --loss {cfg.loss}")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device {cfg.device}: expected auto, cuda or cpu")
     if cfg.refine not in ("prompt", "naive"):
         raise ValueError(f"--refine {cfg.refine}: expected prompt or naive")
     if cfg.refine_prompt not in REFINE_PROMPTS:
@@ -224,20 +227,21 @@ def shard(model, device, activation_checkpointing=False):
 # ----------------------------------------------------------------------------- distributed
 
 
-def setup_distributed():
+def setup_distributed(device="auto"):
     """A process group under torchrun (RANK set), else one of size 1. Returns (rank, world, device)."""
-    cuda = torch.cuda.is_available()
+    local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "cpu"
+    cuda = device == "cuda"
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return rank, world, device
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def all_sum(values, device):
@@ -270,23 +274,26 @@ def reference_logps(ref, cache, batch, need_p, average=False):
 
 
 def preference_terms(policy, ref, cache, batch, cfg):
-    """Per-pair loss [B] and the log-prob terms that the metrics need."""
+    """Per-pair loss [B] and the summed statistics that the metrics need.
+
+    The no-grad passes run first, so their scratch is freed before the policy's graph is held.
+    """
     B = batch["index"].numel()
     need_p = cfg.loss in SELF_REFINED and cfg.refine == "prompt"
-    pol = forward_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"], cfg.average_logps)
     ref_x, ref_px = reference_logps(ref, cache, batch, need_p, cfg.average_logps)
+    if need_p:  # Δπ, Eq. (11): the current policy on p ⊕ x, without grad
+        with torch.no_grad():
+            pol_p = forward_logps(policy, batch["p_input_ids"], batch["p_attention_mask"], batch["p_labels"],
+                                  cfg.average_logps)
+        delta = refinement(pol_p[:B], pol_p[B:], ref_px[:B], ref_px[B:], cfg.beta)
+    pol = forward_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"], cfg.average_logps)
     pc, pr, rc, rr = pol[:B], pol[B:], ref_x[:B], ref_x[B:]
-    delta = torch.zeros_like(pc)
     if cfg.loss in SELF_REFINED:
-        if need_p:  # Δπ, Eq. (11): the current policy on p ⊕ x, without grad
-            with torch.no_grad():
-                pol_p = forward_logps(policy, batch["p_input_ids"], batch["p_attention_mask"], batch["p_labels"],
-                                      cfg.average_logps)
-            delta = refinement(pol_p[:B], pol_p[B:], ref_px[:B], ref_px[B:], cfg.beta)
-        else:  # Δ_naive, Eq. (10)
+        if not need_p:  # Δ_naive, Eq. (10)
             delta = refinement(pc, pr, rc, rr, cfg.beta)
         losses = LOSSES[cfg.loss](pc, pr, rc, rr, delta, cfg.beta, cfg.lam)
     else:
+        delta = torch.zeros_like(pc.detach())
         losses = LOSSES[cfg.loss](pc, pr, rc, rr, cfg.beta)
     chosen_r = implicit_reward(pc.detach(), rc, cfg.beta)
     rejected_r = implicit_reward(pr.detach(), rr, cfg.beta)
@@ -309,8 +316,11 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
     lr = get_lr(step, cfg.lr, cfg.warmup_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    totals = {"loss": 0.0, "pairs": 0.0, "tokens": 0.0}
+    totals = {}  # summed on the device; one host sync per step, not per micro-batch
+    pairs = tokens = 0
     for i, batch in enumerate(micro_batches):
+        pairs += batch["index"].numel()
+        tokens += int(batch["attention_mask"].sum())  # still on the CPU: no device sync
         batch = to_device(batch, device)
         policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
         losses, stats = sft_terms(policy, batch, cfg) if stage == "sft" else \
@@ -319,22 +329,22 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
             losses = losses * float("nan")
         # Sum over the global batch: FSDP averages gradients over ranks, so scale by world / batch_size.
         (losses.sum() * world / cfg.batch_size).backward()
-        totals["loss"] += losses.detach().sum().item()
-        totals["pairs"] += batch["index"].numel()
-        totals["tokens"] += batch["attention_mask"].sum().item()
-        for key, value in stats.items():
-            totals[key] = totals.get(key, 0.0) + value.item()
+        for key, value in {"loss": losses.detach().sum(), **stats}.items():
+            totals[key] = totals.get(key, 0.0) + value.double()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     keys = sorted(totals)
-    summed = dict(zip(keys, all_sum([totals[k] for k in keys], device)))
-    if not (math.isfinite(summed["loss"]) and math.isfinite(grad_norm.item())):
+    local = torch.stack([totals[k] for k in keys] + [torch.tensor(float(pairs), dtype=torch.float64, device=device),
+                                                     torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+    dist.all_reduce(local)
+    summed = dict(zip(keys + ["pairs", "tokens"], local.tolist()))
+    summed["grad_norm"], summed["lr"] = grad_norm.item(), lr
+    if not (math.isfinite(summed["loss"]) and math.isfinite(summed["grad_norm"])):
         raise FloatingPointError(
-            f"non-finite loss ({summed['loss']:.4g}) or gradient norm ({grad_norm.item():.4g}) at {stage} step {step + 1}; "
-            f"no update was applied, and the last good checkpoint is kept")  # steps count from 1
+            f"non-finite loss ({summed['loss']:.4g}) or gradient norm ({summed['grad_norm']:.4g}) at {stage} "
+            f"step {step + 1}; no update was applied, and the last good checkpoint is kept")  # steps count from 1
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    summed["grad_norm"], summed["lr"] = grad_norm.item(), lr
     return summed
 
 
@@ -499,7 +509,7 @@ def log(rank, *args):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.device)
     try:
         validate(cfg, world)
         return run(resolved(cfg), rank, world, device)

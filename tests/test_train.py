@@ -15,7 +15,7 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small and fast: 8 pairs a step, no SFT stage, no held-out evaluation until the end.
-FAST = ["--batch_size", "8", "--max_pairs", "32", "--sft_steps", "0", "--eval_every", "0", "--eval_pairs", "8", "--save_every", "0",
+FAST = ["--device", "cpu", "--batch_size", "8", "--max_pairs", "32", "--sft_steps", "0", "--eval_every", "0", "--eval_pairs", "8", "--save_every", "0",
         "--lr", "3e-3", "--warmup_steps", "1"]
 
 
@@ -144,7 +144,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     assert "SIGTERM" in out
     extra = torch.load(tmp_path / train.CHECKPOINT / "extra_rank0.pt", weights_only=True)
     assert extra["step"] == len(metrics(tmp_path)) >= 2
-    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", str(extra["step"] + 1), "--resume")
+    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", str(extra["step"] + 1), "--epochs", "100", "--resume")
     assert code == 0 and ms[-1]["step"] == extra["step"] + 1
 
 
