@@ -555,13 +555,11 @@ def run(cfg, rank, world, device):
     resume = checkpoint_dir(cfg.out_dir) if cfg.resume else None
     if cfg.resume and resume is None:
         say(f"--resume: no checkpoint in {cfg.out_dir}; starting from the beginning")
-    start_stage = 0
-    if resume:
-        start_stage = torch.load(os.path.join(resume, f"extra_rank{rank}.pt"), weights_only=True)["stage_index"]
+    saved = torch.load(os.path.join(resume, f"extra_rank{rank}.pt"), weights_only=True) if resume else None
+    start_stage = saved["stage_index"] if saved else 0
     metrics_path = os.path.join(cfg.out_dir, METRICS)
     if rank == 0:
-        keep_metrics(metrics_path, torch.load(os.path.join(resume, "extra_rank0.pt"), weights_only=True)
-                     if resume else None, [name for name, _ in stages])
+        keep_metrics(metrics_path, saved, [name for name, _ in stages])
 
     policy, last = None, None
     for stage_index, (stage, n_steps) in enumerate(stages):
@@ -571,7 +569,9 @@ def run(cfg, rank, world, device):
         policy = shard(load_model(start, tokenizer, seed=cfg.seed), device, cfg.activation_checkpointing)
         ref, cache, eval_ref = None, None, None
         if stage != "sft":
-            ref = shard(load_model(cfg.ref_model or start, tokenizer, seed=cfg.seed), device).requires_grad_(False)
+            frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # π_ref is never updated
+            ref = shard(load_model(cfg.ref_model or start, tokenizer, frozen_dtype, cfg.seed), device)
+            ref.requires_grad_(False)
             if eval_examples:  # π_ref is frozen: score the held-out pairs once
                 eval_ref = table(ref, eval_examples, need_p=True)
             if cfg.precompute_ref:
