@@ -51,7 +51,7 @@ class Config:
     eval_data: str = ""           # held-out pairs; unset: the test split of --data
     max_pairs: int = 0            # train on the first N pairs of --data only (0: all)
     out_dir: str = "out"          # metrics.jsonl, checkpoint/, sft/, final/
-    sft_steps: int | None = None  # SFT steps on the chosen responses before alignment; unset: 120 for tiny, else 0
+    sft_steps: int | None = None  # SFT steps on the chosen responses before alignment; unset: 300 for tiny, else 0
     lr: float | None = None       # peak learning rate; unset: the paper's 5e-7, or 1e-3 for the randomly initialised tiny model
     warmup_steps: int = 10        # linear warm-up of the learning rate, in steps (each stage)
     batch_size: int = 64          # global pairs per optimizer step, split over ranks and micro-batches
@@ -137,7 +137,7 @@ def resolved(cfg):
     return dataclasses.replace(
         cfg, lam=lam,
         lr=cfg.lr if cfg.lr is not None else (1e-3 if tiny else 5e-7),
-        sft_steps=cfg.sft_steps if cfg.sft_steps is not None else (120 if tiny and cfg.loss != "sft" else 0))
+        sft_steps=cfg.sft_steps if cfg.sft_steps is not None else (300 if tiny and cfg.loss != "sft" else 0))
 
 
 def get_lr(step, peak_lr, warmup_steps):
