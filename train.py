@@ -509,6 +509,7 @@ def log(rank, *args):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    previous = signal.getsignal(signal.SIGTERM)  # restored on return, for callers of main() in-process
     rank, world, device = setup_distributed(cfg.device)
     try:
         validate(cfg, world)
@@ -517,6 +518,7 @@ def main(argv=None):
         print(f"train.py: error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
 
 
