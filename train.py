@@ -385,7 +385,11 @@ def step_indices(cfg, n_examples, step, rank, world):
     """This rank's pair indices for a stage-relative step (epoch order reshuffled by seed each epoch)."""
     per_epoch = data.steps_per_epoch(n_examples, cfg.batch_size)
     epoch, k = divmod(step, per_epoch)
-    return data.batch_indices(n_examples, cfg.batch_size, epoch, cfg.seed, rank, world)[k]
+    return _epoch_batches(n_examples, cfg.batch_size, epoch, cfg.seed, rank, world)[k]
+
+
+# The epoch's shuffled order is computed once per epoch, not once per step.
+_epoch_batches = functools.lru_cache(maxsize=1)(data.batch_indices)
 
 
 @torch.no_grad()
