@@ -1,6 +1,6 @@
 """Peak extra memory of srpo.sequence_logps against the naive log_softmax + gather.
 
-Run:  python benchmarks/logps_memory.py [--shape 8,512,50304] [--device cpu|cuda]
+Run:  python benchmarks/logps_memory.py [--shape 8,512,50304] [--device cpu|cuda] [--dtype bf16] [--json F]
 
 How it counts:
   * Every (method, dtype, pass) is measured in a fresh subprocess, so no run inherits
@@ -139,6 +139,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="8,512,50304", help="B,T,V of the logits")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("all", *DTYPES), default="all", help="logits dtype(s) to measure")
+    parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "DTYPE", "PASS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = parse_shape(args.shape)
@@ -149,15 +151,22 @@ def main():
     print(f"logits {list(shape)} on {args.device}; fp32 logits = {fp32_bytes / MIB:.0f} MiB; "
           f"srpo chunk = {srpo._CHUNK_ELEMENTS * 4 / MIB:.0f} MiB of fp32 scratch")
     print(f"{'dtype':5} {'pass':17} {'naive MiB':>9} {'% fp32':>8} {'srpo MiB':>9} {'% fp32':>8} naive/srpo")
-    worst_srpo, least_naive = 0.0, float("inf")
-    for dtype in DTYPES:
+    worst_srpo, least_naive, rows = 0.0, float("inf"), []
+    for dtype in DTYPES if args.dtype == "all" else (args.dtype,):
         for pass_name in PASSES:
             naive, ours = (measure_in_subprocess(m, dtype, pass_name, args) for m in METHODS)
             print(format_row(dtype, pass_name, naive, ours, fp32_bytes), flush=True)
             worst_srpo, least_naive = max(worst_srpo, ours / fp32_bytes), min(least_naive, naive / fp32_bytes)
+            rows.append({"dtype": dtype, "pass": pass_name, "naive_bytes": naive, "srpo_bytes": ours,
+                         "srpo_fraction": ours / fp32_bytes, "naive_fraction": naive / fp32_bytes})
     met = worst_srpo <= GOAL_SRPO and least_naive >= GOAL_NAIVE
     print(f"goal (srpo <= {GOAL_SRPO:.0%}, naive >= {GOAL_NAIVE:.0%} of fp32 logits): "
           f"{'met' if met else 'NOT met'} (srpo worst {worst_srpo:.1%}, naive least {least_naive:.1%})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"shape": list(shape), "device": args.device, "fp32_logits_bytes": fp32_bytes,
+                       "goal_srpo_fraction": GOAL_SRPO, "rows": rows, "srpo_worst_fraction": worst_srpo,
+                       "met": met}, fh, indent=1)
 
 
 if __name__ == "__main__":
