@@ -1,14 +1,16 @@
 """Step cost: time and peak memory of one training step of train.py, beside its bare compute floor.
 
     python benchmarks/step_cost.py                                   # tiny model, a couple of minutes on 2 CPU cores
-    python benchmarks/step_cost.py --model PATH --device cuda --pairs 8 --steps 5 --json out.json
+    python benchmarks/step_cost.py --model PATH --device cuda --pairs 8 --steps 5 --json out.json \
+        --memory loop --profile profile.txt
 
 Three cases, on the same model and the same batch: DPO; Sr-DPO with the live reference; Sr-DPO with the
 reference cache of --precompute_ref (built by train.pair_table). Each runs two variants:
     loop   train.train_step, as train.py runs it;
     floor  the same passes written plainly: model(...).logits, a cross-entropy gather, the loss, backward,
            clip, RMSprop step, and nothing else.
-Both use the same FSDP2-wrapped models (train.setup_distributed, a process group of one; train.shard).
+Both use the same FSDP2-wrapped models (train.setup_distributed, a process group of one; train.shard), the
+reference in train.run's dtype (bf16 on CUDA, float32 on CPU).
 
 Time: all six in one subprocess (sharing one policy), taking turns step by step for --warmup + --steps
 rounds; the table gives each one's median, the ratios the median over rounds of each round's ratio, so
@@ -19,6 +21,12 @@ peak RSS (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap threshol
 freed tensors leave the RSS (that slows allocation, hence not in the timed run). CPU runs use one thread
 unless OMP_NUM_THREADS says otherwise.
 The batch is synthetic, of fixed lengths (the issue's scale: prompt 64 + response 64 tokens, p 40 tokens).
+
+Expected Sr-DPO/DPO time, from the passes each step runs over the real token counts Tx (x view) and Tp
+(p ⊕ x view) of the batch, at 2N FLOPs a token forward and 4N backward (attention's quadratic term and the
+optimizer step left out): DPO = policy forward+backward on x + reference on x = 8N·Tx; live Sr-DPO adds the
+policy and the reference on p ⊕ x, 4N·Tp; cached Sr-DPO = 6N·Tx + 2N·Tp (the policy on p ⊕ x only).
+--profile: one more live Sr-DPO step under torch.profiler after the timing: its top kernels by time.
 """
 
 import argparse
@@ -57,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--response_tokens", type=int, default=64, help="tokens of each response")
     p.add_argument("--p_tokens", type=int, default=40, help="tokens of the refinement prompt p")
     p.add_argument("--json", default="", help="write the results to this file")
+    p.add_argument("--memory", choices=("all", "loop"), default="all",
+                   help="variants whose memory is measured (each in its own process); loop: the ratios' only")
+    p.add_argument("--profile", default="", help="write a torch.profiler table of one live Sr-DPO step here")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: "case:variant", run in this process
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.pairs < 1:
@@ -142,7 +153,8 @@ def setup(args, cached):
     kit.rank, kit.world, kit.device = train.setup_distributed()
     tokenizer = train.load_tokenizer(args.model)
     kit.policy = train.shard(train.load_model(args.model, tokenizer), kit.device).train()
-    kit.ref = train.shard(train.load_model(args.model, tokenizer), kit.device).requires_grad_(False)
+    frozen_dtype = torch.bfloat16 if kit.device.type == "cuda" else torch.float32  # as train.run loads π_ref
+    kit.ref = train.shard(train.load_model(args.model, tokenizer, frozen_dtype), kit.device).requires_grad_(False)
     examples = synthetic_examples(args.pairs, min(len(tokenizer), kit.policy.config.vocab_size),
                                   args.prompt_tokens, args.response_tokens, args.p_tokens)
     kit.batch = data.collate(examples, tokenizer.pad_token_id)
@@ -187,7 +199,44 @@ def measure_time(args):
             sync(kit.device)
             if i >= args.warmup:
                 seconds[key].append(time.perf_counter() - t0)
-    return [{"case": c, "variant": v, "seconds": s, "step_s": statistics.median(s)} for (c, v), s in seconds.items()]
+    if args.profile:
+        profile_step(steps["sr-dpo", "loop"], args.warmup + args.steps, kit.device, args.profile)
+    tokens = {"x_tokens": int(kit.batch["attention_mask"].sum()), "p_tokens": int(kit.batch["p_attention_mask"].sum())}
+    return [{"case": c, "variant": v, "seconds": s, "step_s": statistics.median(s), **tokens}
+            for (c, v), s in seconds.items()]
+
+
+KERNEL_KINDS = {"matmul": ("gemm", "nvjet", "xmma", "cutlass", "cublas"), "attention": ("flash", "fmha", "attention")}
+
+
+def profile_step(step, i, device, path):
+    """One step under torch.profiler: where its time goes, and the top operators/kernels by self time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step(i)
+        sync(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines = [f"one live Sr-DPO step of train.train_step under torch.profiler: {wall * 1e3:.1f} ms wall "
+             "(the profiler's overhead included)"]
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # not the CPU ops that launch them
+        busy = sum(getattr(e, key) for e in kernels) / 1e6  # microseconds -> seconds
+        kinds = {kind: sum(getattr(e, key) for e in kernels if any(w in e.key.lower() for w in words)) / 1e6
+                 for kind, words in KERNEL_KINDS.items()}
+        lines.append(f"GPU kernels busy {busy * 1e3:.1f} ms ({100 * busy / wall:.0f}% of the wall time); of that "
+                     + ", ".join(f"{k} {100 * v / max(busy, 1e-12):.0f}%" for k, v in kinds.items())
+                     + f", other {100 * (busy - sum(kinds.values())) / max(busy, 1e-12):.0f}%")
+    lines.append(events.table(sort_by=key, row_limit=25, max_name_column_width=70))
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
 def measure_memory(args, case, variant):
@@ -237,10 +286,15 @@ def measure_all(args, argv):
     # glibc keeps freed tensors in its heap, out of sight of the RSS, unless every tensor is mmapped
     mem_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536") if device == "cpu" else env
     for r in results:
-        r.update(child(argv, f"{r['case']}:{r['variant']}", mem_env))
-        print(f"  {r['case']:<14} {r['variant']:<5} {r['step_s'] * 1e3:9.1f} ms/step {r['step_bytes'] / MiB:8.1f} MiB",
-              flush=True)
+        if args.memory == "all" or r["variant"] == "loop":
+            r.update(child(argv, f"{r['case']}:{r['variant']}", mem_env))
+        print(f"  {r['case']:<14} {r['variant']:<5} {r['step_s'] * 1e3:9.1f} ms/step "
+              f"{mib(r.get('step_bytes')):>8} MiB", flush=True)
     return device, results
+
+
+def mib(n):
+    return "-" if n is None else f"{n / MiB:.1f}"
 
 
 def child(argv, one, env):
@@ -264,10 +318,14 @@ def ratios(results):
         return get[a, "loop"][key] / get["dpo", "loop"][key]
 
     out = {f"loop/floor {c}": t(c, c, vb="floor") for c in CASES}
+    tx, tp = get["dpo", "loop"]["x_tokens"], get["dpo", "loop"]["p_tokens"]
     out.update({"sr-dpo/dpo time": t("sr-dpo", "dpo"), "sr-dpo cached/dpo time": t("sr-dpo cached", "dpo"),
+                "expected sr-dpo/dpo time": (8 * tx + 4 * tp) / (8 * tx),
+                "expected sr-dpo cached/dpo time": (6 * tx + 2 * tp) / (8 * tx),
                 "sr-dpo/dpo step memory": m("sr-dpo", "step_bytes"),
                 "sr-dpo cached/dpo step memory": m("sr-dpo cached", "step_bytes"),
-                "sr-dpo/dpo peak memory": m("sr-dpo", "peak_bytes")})
+                "sr-dpo/dpo peak memory": m("sr-dpo", "peak_bytes"),
+                "sr-dpo cached/dpo peak memory": m("sr-dpo cached", "peak_bytes")})
     return out
 
 
@@ -277,17 +335,18 @@ def report(args, device, results, r):
              f"on {machine(device)}",
              f"{'case':<14} {'variant':<7} {'ms/step':>9} {'step MiB':>9} {'peak MiB':>9}"]
     for x in results:
-        lines.append(f"{x['case']:<14} {x['variant']:<7} {x['step_s'] * 1e3:9.1f} {x['step_bytes'] / MiB:9.1f} "
-                     f"{x['peak_bytes'] / MiB:9.1f}")
+        lines.append(f"{x['case']:<14} {x['variant']:<7} {x['step_s'] * 1e3:9.1f} {mib(x.get('step_bytes')):>9} "
+                     f"{mib(x.get('peak_bytes')):>9}")
     lines += ["step MiB: peak over the memory held between steps; peak MiB: "
               + ("max_memory_allocated" if device == "cuda" else "peak RSS of the process"),
               "loop / floor time:      " + ", ".join(f"{c} {r[f'loop/floor {c}']:.2f}" for c in CASES)
               + "   (goal <= 1.10)",
               f"Sr-DPO / DPO time:      live {r['sr-dpo/dpo time']:.2f}, cached {r['sr-dpo cached/dpo time']:.2f}"
-              "   (issue's scale at 64+64 tokens, p 40: about 1.65 and 1.1)",
+              f"   (expected from the passes: {r['expected sr-dpo/dpo time']:.2f} and "
+              f"{r['expected sr-dpo cached/dpo time']:.2f})",
               f"Sr-DPO / DPO step mem:  live {r['sr-dpo/dpo step memory']:.2f}, "
               f"cached {r['sr-dpo cached/dpo step memory']:.2f}   (goal <= 1.05); "
-              f"peak memory live {r['sr-dpo/dpo peak memory']:.2f}"]
+              f"peak memory live {r['sr-dpo/dpo peak memory']:.2f}, cached {r['sr-dpo cached/dpo peak memory']:.2f}"]
     return "\n".join(lines)
 
 
