@@ -10,8 +10,8 @@
 #      of --precompute_ref: peak memory, Sr-DPO/DPO time beside the expectation from the passes, loop/floor,
 #      and a torch.profiler table of one live Sr-DPO step;
 #   4. benchmarks/logps_memory.py for bf16 logits [8, 512, 50304];
-#   5. the test suite on CUDA (python -m pytest -x -q, with pytest-xdist when installed), in the time left of
-#      BUDGET_S;
+#   5. the test suite on CUDA (python -m pytest -x, with pytest-xdist when installed), in the time left of
+#      BUDGET_S, in the background from step 4 on (step 4 measures memory, which the suite leaves alone);
 #   6. summary.json and summary.txt: every figure beside its goal, met or not.
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine
@@ -37,17 +37,18 @@ if [ "${SMALL:-0}" = 1 ]; then
   BUDGET_S=${BUDGET_S:-900}
   STEPS=${STEPS:-3}; BATCH=8; MICRO=4; LENGTHS="--prompt_tokens 64 --response_tokens 64 --p_tokens 40"
   STEP_COST_ARGS=${STEP_COST_ARGS:---pairs 2 --steps 2 --warmup 1}; LOGITS=4,64,512
-  PYTEST_ARGS=${PYTEST_ARGS:--x -q tests/test_srpo.py}
+  PYTEST_ARGS=${PYTEST_ARGS:--x -rfE tests/test_srpo.py}; TIMEOUT_SCALE=5  # pytest.ini already says -q
 else
   BUDGET_S=${BUDGET_S:-330}
   STEPS=${STEPS:-12}; BATCH=64; MICRO=16; LENGTHS="--prompt_tokens 240 --response_tokens 240 --p_tokens 240"
   STEP_COST_ARGS=${STEP_COST_ARGS:---pairs 16 --steps 5 --warmup 2}; LOGITS=8,512,50304
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-  PYTEST_ARGS=${PYTEST_ARGS:--x -q -p no:cacheprovider ${XDIST:-}}
+  PYTEST_ARGS=${PYTEST_ARGS:--x -rfE -p no:cacheprovider --durations=10 ${XDIST:-}}; TIMEOUT_SCALE=1
 fi
 FAILED=()
 step() { echo; echo "== $1 ($((SECONDS))s)"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
+limit() { echo $(($1 * TIMEOUT_SCALE)); }  # a part's time limit in seconds
 
 main() {
 step "machine"
@@ -56,7 +57,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limi
 
 if has train || has step_cost; then
 step "1. model and data in $WORK"
-timeout -k 10 90 $PY - "$WORK" <<'EOF' || FAILED+=(model)
+timeout -k 10 "$(limit 90)" $PY - "$WORK" <<'EOF' || FAILED+=(model)
 import json, os, random, sys
 import torch
 import transformers
@@ -102,7 +103,7 @@ fi
 
 if has train; then
 step "2. $STEPS Sr-DPO steps of train.py (FSDP2, bf16 on CUDA)"
-timeout -k 10 170 $PY - "$WORK/train_peak.json" --model "$WORK/model" --data "$WORK/pairs.jsonl" --out_dir "$WORK/run" \
+timeout -k 10 "$(limit 170)" $PY - "$WORK/train_peak.json" --model "$WORK/model" --data "$WORK/pairs.jsonl" --out_dir "$WORK/run" \
   --loss sr-dpo --max_steps "$STEPS" --epochs 100 --batch_size "$BATCH" --micro_batch_size "$MICRO" \
   --max_length 1024 --warmup_steps 1 --eval_every 0 --save_every 0 <<'EOF' || FAILED+=(train)
 import json, sys, time
@@ -127,32 +128,38 @@ fi
 if has step_cost; then
 step "3. step cost on the same model"
 # shellcheck disable=SC2086
-timeout -k 10 170 $PY benchmarks/step_cost.py --model "$WORK/model" $STEP_COST_ARGS $LENGTHS --memory loop \
+timeout -k 10 "$(limit 170)" $PY benchmarks/step_cost.py --model "$WORK/model" $STEP_COST_ARGS $LENGTHS --memory loop \
   --profile "$OUT/profile.txt" --json "$OUT/step_cost.json" || FAILED+=(step_cost)
+fi
+
+if has pytest; then  # in the background: the parts left measure memory, not time
+  LEFT=$((BUDGET_S - SECONDS))
+  if [ "$LEFT" -lt 30 ]; then
+    echo "test suite skipped: ${LEFT}s left of BUDGET_S=$BUDGET_S" > "$WORK/pytest.txt"; FAILED+=(pytest-no-time)
+  else
+    step "5. test suite started in the background: $PY -m pytest $PYTEST_ARGS (timeout ${LEFT}s; CUDA visible)"
+    # shellcheck disable=SC2086
+    timeout -k 10 "$LEFT" $PY -m pytest $PYTEST_ARGS > "$WORK/pytest.log" 2>&1 &
+    PYTEST_PID=$!
+  fi
 fi
 
 if has logps; then
 step "4. sequence_logps memory, bf16 logits [$LOGITS]"
-timeout -k 10 90 $PY benchmarks/logps_memory.py --shape "$LOGITS" --dtype bf16 --json "$OUT/logps_memory.json" \
+timeout -k 10 "$(limit 90)" $PY benchmarks/logps_memory.py --shape "$LOGITS" --dtype bf16 --json "$OUT/logps_memory.json" \
   || FAILED+=(logps)
 fi
 
 summarize  # now, and again after the test suite: a run cut short still leaves one
 
-if has pytest; then
-step "5. test suite"
-LEFT=$((BUDGET_S - SECONDS))
-if [ "$LEFT" -lt 30 ]; then
-  echo "test suite skipped: ${LEFT}s left of BUDGET_S=$BUDGET_S" | tee "$WORK/pytest.txt"; FAILED+=(pytest-no-time)
-else
-  echo "$PY -m pytest $PYTEST_ARGS  (timeout ${LEFT}s; CUDA visible)"
-  # shellcheck disable=SC2086
-  timeout -k 10 "$LEFT" $PY -m pytest $PYTEST_ARGS 2>&1 | tee "$WORK/pytest.log"
-  rc=${PIPESTATUS[0]}
+if [ -n "${PYTEST_PID:-}" ]; then
+  step "5. waiting for the test suite"
+  wait "$PYTEST_PID"
+  rc=$?
+  cat "$WORK/pytest.log"
   { echo "rc $rc"; tail -n 1 "$WORK/pytest.log"; } > "$WORK/pytest.txt"
   [ "$rc" -eq 0 ] || FAILED+=(pytest)
-fi
-summarize
+  summarize
 fi
 
 echo; echo "== done in ${SECONDS}s; output in $OUT; failed: ${FAILED[*]:-none}"
