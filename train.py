@@ -209,9 +209,12 @@ def block_class(model):
 
 def shard(model, device, activation_checkpointing=False):
     """FSDP2: fully_shard each transformer block, then the root (bf16 compute, fp32 reduce on CUDA)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model.to(device)
+    # the mesh on `device`: left out, FSDP2 puts it on the machine's accelerator, even for --device cpu
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -219,8 +222,8 @@ def shard(model, device, activation_checkpointing=False):
     block = block_class(model)
     for module in model.modules():
         if isinstance(module, block):
-            fully_shard(module, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 

@@ -159,3 +159,15 @@ def test_bad_flags_are_one_line_errors(tmp_path):
 
 def test_get_lr_warms_up_linearly_then_holds():
     assert [train.get_lr(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_shard_keeps_a_cpu_model_on_the_cpu_of_a_gpu_machine(monkeypatch):
+    # FSDP2's default mesh is on the machine's accelerator: --device cpu on a GPU machine moved the model to cuda
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+    rank, world, device = train.setup_distributed("cpu")
+    try:
+        model = train.shard(train.load_model(), device)
+        assert {p.device_mesh.device_type for p in model.parameters()} == {"cpu"}
+        assert {p.to_local().device.type for p in model.parameters()} == {"cpu"}
+    finally:
+        train.dist.destroy_process_group()
