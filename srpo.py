@@ -67,6 +67,15 @@ def _chunks(n_rows, vocab):
     return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
+def _scored_chunks(scored, vocab):
+    """The row ranges of _chunks holding a scored row: one host sync for all of them, not one per chunk."""
+    chunks = _chunks(scored.numel(), vocab)
+    if not chunks:
+        return []
+    keep = torch.stack([scored[a:b].any() for a, b in chunks]).tolist()
+    return [chunk for chunk, k in zip(chunks, keep) if k]
+
+
 class _TokenLogps(torch.autograd.Function):
     """log softmax(logits)[target] per position, chunked in float32 (Appendix C, step ii)."""
 
@@ -77,13 +86,11 @@ class _TokenLogps(torch.autograd.Function):
         out = torch.zeros(targets.shape, dtype=acc, device=logits.device)
         scored = targets != IGNORE_INDEX
         safe = targets.clamp(min=0)
-        for a, b in _chunks(*logits.shape):
-            if not scored[a:b].any():
-                continue
-            chunk = logits[a:b].to(acc)
-            picked = chunk.gather(1, safe[a:b, None]).squeeze(1)
+        for a, b in _scored_chunks(scored, logits.shape[1]):
+            # one fused kernel on CUDA, in float32; its [rows, V] output is freed right after the gather
+            picked = torch.log_softmax(logits[a:b], dim=1, dtype=acc).gather(1, safe[a:b, None]).squeeze(1)
             # where, not a product: an unscored row's stand-in target may have a -inf logit
-            out[a:b] = torch.where(scored[a:b], picked - torch.logsumexp(chunk, dim=1), 0.0)
+            out[a:b] = torch.where(scored[a:b], picked, 0.0)
         ctx.save_for_backward(logits, targets)
         return out
 
@@ -96,18 +103,17 @@ class _TokenLogps(torch.autograd.Function):
         acc = torch.promote_types(logits.dtype, torch.float32)
         g = grad_out.to(acc) * scored
         safe = targets.clamp(min=0)
-        for a, b in _chunks(*logits.shape):
-            if scored[a:b].any():
-                _softmax_grad_into(grad[a:b], logits[a:b].to(acc), safe[a:b], g[a:b])
+        for a, b in _scored_chunks(scored, logits.shape[1]):
+            _softmax_grad_into(grad[a:b], logits[a:b], safe[a:b], g[a:b], acc)
         return grad, None
 
 
-def _softmax_grad_into(out, logits, targets, g):
-    """out = g·(onehot(targets) - softmax(logits)), with one chunk of scratch, freed on return.
+def _softmax_grad_into(out, logits, targets, g, acc):
+    """out = g·(onehot(targets) - softmax(logits)), with one chunk of scratch in `acc`, freed on return.
 
-    Shape: out [n, V] (written), logits [n, V] float32/64, targets [n] int64 >= 0, g [n].
+    Shape: out [n, V] (written), logits [n, V] any float dtype, targets [n] int64 >= 0, g [n] acc.
     """
-    scratch = torch.softmax(logits, dim=1)
+    scratch = torch.softmax(logits, dim=1, dtype=acc)
     scratch.mul_(-g[:, None]).scatter_add_(1, targets[:, None], g[:, None])
     out.copy_(scratch)  # converts to out's dtype without a second temporary
 

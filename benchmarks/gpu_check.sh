@@ -43,7 +43,7 @@ else
   STEPS=${STEPS:-12}; BATCH=64; MICRO=16; LENGTHS="--prompt_tokens 240 --response_tokens 240 --p_tokens 240"
   STEP_COST_ARGS=${STEP_COST_ARGS:---pairs 16 --steps 5 --warmup 2}; LOGITS=8,512,50304
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-  PYTEST_ARGS=${PYTEST_ARGS:--x -rfE -p no:cacheprovider --durations=10 ${XDIST:-}}; TIMEOUT_SCALE=1
+  PYTEST_ARGS=${PYTEST_ARGS:--x -rfE -p no:cacheprovider --durations=10 ${XDIST:+$XDIST --dist loadfile}}; TIMEOUT_SCALE=1
 fi
 FAILED=()
 step() { echo; echo "== $1 ($((SECONDS))s)"; }
