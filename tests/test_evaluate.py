@@ -1,4 +1,5 @@
-"""evaluate.py: metrics against hand-worked and brute-force answers, the judge against a local server."""
+"""metrics.py, judge.py and evaluate.py's commands: metrics against hand-worked and brute-force answers, the judge
+against a local server."""
 import http.server
 import itertools
 import json
@@ -12,7 +13,10 @@ import torch
 
 import data
 import evaluate as ev
-import train
+import judge
+import metrics
+import models
+from srpo import REFINE_PROMPTS
 
 
 # ------------------------------------------------------------------ accuracy and margins
@@ -29,39 +33,48 @@ def test_pair_metrics_hand_built_case():
              "ref_chosen": t(-11, -11, -9), "ref_rejected": t(-12, -12, -9),
              "p_policy_chosen": t(-9, -11, -11), "p_policy_rejected": t(-14, -11, -9),
              "p_ref_chosen": t(-11, -11, -9), "p_ref_rejected": t(-12, -11, -9)}
-    m = ev.pair_metrics(logps, beta=0.5)
+    m = metrics.pair_metrics(logps, beta=0.5)
     assert m["n_pairs"] == 3
     assert m["accuracy"] == pytest.approx(2 / 3)
     assert m["tie_rate"] == 0
     assert m["margin_mean"] == pytest.approx(1 / 3)
     margins = [1.5, -1.0, 0.5]
-    assert m["margin_std"] == pytest.approx(math.sqrt(sum((v - 1 / 3) ** 2 for v in margins) / 2))
+    assert m["margin_std"] == pytest.approx(math.sqrt(sum((v - 1 / 3) ** 2 for v in margins) / 3))  # population
     assert m["reward_chosen_mean"] == pytest.approx((0.5 - 0.5 + 0.5) / 3)
     assert m["reward_rejected_mean"] == pytest.approx((-1.0 + 0.5 + 0.0) / 3)
     assert m["p_accuracy"] == pytest.approx(1 / 3)
     assert m["p_tie_rate"] == pytest.approx(1 / 3)
     assert m["delta_mean"] == pytest.approx(1 / 3)
-    assert m["delta_std"] == pytest.approx(float(np.std([2.0, 0.0, -1.0], ddof=1)))
+    assert m["delta_std"] == pytest.approx(float(np.std([2.0, 0.0, -1.0], ddof=0)))
     assert m["sign_agreement"] == pytest.approx(2 / 3)
     assert "spearman" not in m  # no scores given
 
 
 def test_pair_metrics_without_p_view_and_missing_keys():
     zeros = torch.zeros(2)
-    m = ev.pair_metrics({k: zeros for k in ev.LOGP_KEYS}, beta=0.1)
+    m = metrics.pair_metrics({k: zeros for k in metrics.LOGP_KEYS}, beta=0.1)
     assert m["accuracy"] == 0 and m["tie_rate"] == 1 and "delta_mean" not in m
-    with pytest.raises(ev.EvalError, match="ref_rejected"):
-        ev.pair_metrics({k: zeros for k in ev.LOGP_KEYS[:3]}, beta=0.1)
+    with pytest.raises(metrics.EvalError, match="ref_rejected"):
+        metrics.pair_metrics({k: zeros for k in metrics.LOGP_KEYS[:3]}, beta=0.1)
 
 
-def test_tables_to_logps_maps_columns():
-    pol = torch.arange(8.0).view(2, 4) + 1
-    ref = -torch.arange(8.0).view(2, 4) - 1
-    out = ev.tables_to_logps(pol, ref)
-    assert out["policy_chosen"].tolist() == [1, 5] and out["p_ref_rejected"].tolist() == [-4, -8]
-    no_p = ev.tables_to_logps(torch.cat([pol[:, :2], torch.zeros(2, 2)], 1),
-                              torch.cat([ref[:, :2], torch.zeros(2, 2)], 1))
-    assert "p_policy_chosen" not in no_p
+def test_preference_logps_names_both_models_and_views():
+    pol = {"chosen": torch.tensor([1.0]), "rejected": torch.tensor([2.0]), "p_chosen": torch.tensor([3.0]),
+           "p_rejected": torch.tensor([4.0])}
+    ref = {k: -v for k, v in pol.items()}
+    out = metrics.preference_logps(pol, ref)
+    assert sorted(out) == sorted([*metrics.LOGP_KEYS, *("p_" + k for k in metrics.LOGP_KEYS)])
+    assert out["policy_chosen"].tolist() == [1] and out["p_ref_rejected"].tolist() == [-4]
+    no_p = metrics.preference_logps(pol, {k: ref[k] for k in ("chosen", "rejected")})
+    assert sorted(no_p) == sorted(metrics.LOGP_KEYS)  # the p view only where both models were scored with it
+
+
+def test_one_std_for_training_and_heldout():
+    v = torch.tensor([0.5, -1.0, 2.0, 3.5], dtype=torch.float64)
+    assert metrics.std_from_sums(float(v.sum()), float((v * v).sum()), 4) == pytest.approx(float(v.std(unbiased=False)))
+    sums = metrics.preference_sums(v, v - 1, torch.ones(4), v)
+    assert metrics.preference_means({k: float(t) for k, t in sums.items()}, 4)["delta_std"] == \
+        pytest.approx(float(np.std(v.numpy())))
 
 
 # ------------------------------------------------------------------ rank statistics
@@ -93,17 +106,17 @@ def _brute_concordance(pred, truth):
 def test_rank_statistics_match_brute_force_with_ties():
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 4, 40).astype(float), rng.integers(0, 5, 40).astype(float)
-    assert ev.spearman(x, y) == pytest.approx(np.corrcoef(_brute_ranks(x), _brute_ranks(y))[0, 1])
-    assert ev.kendall_tau_b(x, y) == pytest.approx(_brute_kendall_tau_b(x, y))
-    assert ev.concordance(x, y) == pytest.approx(_brute_concordance(x, y))
+    assert metrics.spearman(x, y) == pytest.approx(np.corrcoef(_brute_ranks(x), _brute_ranks(y))[0, 1])
+    assert metrics.kendall_tau_b(x, y) == pytest.approx(_brute_kendall_tau_b(x, y))
+    assert metrics.concordance(x, y) == pytest.approx(_brute_concordance(x, y))
     # the block size of the pair counting does not change the counts
-    assert ev._sign_counts(x, y, budget=7) == ev._sign_counts(x, y)
+    assert metrics._sign_counts(x, y, budget=7) == metrics._sign_counts(x, y)
     u = rng.normal(size=25)
     v = rng.normal(size=25)
     d = np.array(_brute_ranks(u)) - np.array(_brute_ranks(v))
-    assert ev.spearman(u, v) == pytest.approx(1 - 6 * (d ** 2).sum() / (25 * (25 ** 2 - 1)))
-    assert math.isnan(ev.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
-    assert math.isnan(ev.concordance([1.0, 2.0], [3.0, 3.0]))
+    assert metrics.spearman(u, v) == pytest.approx(1 - 6 * (d ** 2).sum() / (25 * (25 ** 2 - 1)))
+    assert math.isnan(metrics.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    assert math.isnan(metrics.concordance([1.0, 2.0], [3.0, 3.0]))
 
 
 def _logps_with(delta, naive, beta):
@@ -120,11 +133,11 @@ def test_delta_correlations_agree_then_disagree():
     sr = rng.uniform(0, 5, 30)
     gap = sc - sr
     agree = np.exp(gap) - 3.0   # strictly increasing in the gap
-    m = ev.pair_metrics(_logps_with(agree, -agree, 0.1), 0.1, torch.tensor(sc), torch.tensor(sr))
+    m = metrics.pair_metrics(_logps_with(agree, -agree, 0.1), 0.1, torch.tensor(sc), torch.tensor(sr))
     assert m["spearman"] == pytest.approx(1) and m["kendall_tau_b"] == pytest.approx(1)
     assert m["concordance"] == pytest.approx(1)
     assert m["naive_spearman"] == pytest.approx(-1) and m["naive_concordance"] == pytest.approx(0)
-    m = ev.pair_metrics(_logps_with(-agree, agree, 0.1), 0.1, torch.tensor(sc), torch.tensor(sr))
+    m = metrics.pair_metrics(_logps_with(-agree, agree, 0.1), 0.1, torch.tensor(sc), torch.tensor(sr))
     assert m["spearman"] == pytest.approx(-1) and m["kendall_tau_b"] == pytest.approx(-1)
     assert m["concordance"] == pytest.approx(0)
     assert m["n_scored"] == 30 and m["n_unscored"] == 0
@@ -133,7 +146,7 @@ def test_delta_correlations_agree_then_disagree():
 def test_unscored_pairs_are_counted_and_left_out():
     delta = np.array([1.0, 2.0, 3.0, 100.0])
     sc, sr = torch.tensor([1.0, 2.0, 3.0, math.nan]), torch.zeros(4)
-    m = ev.pair_metrics(_logps_with(delta, delta, 0.1), 0.1, sc, sr)
+    m = metrics.pair_metrics(_logps_with(delta, delta, 0.1), 0.1, sc, sr)
     assert (m["n_scored"], m["n_unscored"]) == (3, 1)
     assert m["gap_mean"] == pytest.approx(2.0) and m["spearman"] == pytest.approx(1)
 
@@ -141,41 +154,44 @@ def test_unscored_pairs_are_counted_and_left_out():
 # ------------------------------------------------------------------ the model pass
 
 def test_pair_logps_matches_forward_logps_one_pair_at_a_time():
-    tok = train.load_tokenizer("tiny")
-    policy, ref = train.load_model("tiny", tok, seed=0), train.load_model("tiny", tok, seed=1)
+    tok = models.load_tokenizer("tiny")
+    model = models.load_model("tiny", tok, seed=0)
     pairs = [data.Pair("Copy: ABDEF\n", "ABDEF", "AB"), data.Pair("Say hi\n", "hi there, friend", "no"),
              data.Pair("Q\n", "x", "yyyyyyyy", 1.0, 0.5)]  # unequal lengths: padding in every batch
-    examples = data.tokenize_pairs(pairs, tok, 300, ev.REFINE_PROMPTS["100"], log=None)
-    out = ev.pair_logps(policy, ref, examples, tok.pad_token_id, batch_size=2)
+    examples = data.tokenize_pairs(pairs, tok, 300, REFINE_PROMPTS["100"], log=None)
+    out = metrics.pair_logps(model, examples, tok.pad_token_id, batch_size=2, with_p=True)
+    assert sorted(out) == ["chosen", "p_chosen", "p_rejected", "rejected"]
     for i, example in enumerate(examples):
         batch = data.collate([example], tok.pad_token_id)
         for prefix in ("", "p_"):
-            for role, model in (("policy", policy), ("ref", ref)):
-                with torch.no_grad():
-                    rows = train.forward_logps(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
-                                           batch[prefix + "labels"])
-                assert out[f"{prefix}{role}_chosen"][i] == pytest.approx(float(rows[0]), abs=1e-4)
-                assert out[f"{prefix}{role}_rejected"][i] == pytest.approx(float(rows[1]), abs=1e-4)
-    assert out["index"].tolist() == [0, 1, 2]
-    assert torch.isnan(out["score_chosen"][:2]).all() and out["score_chosen"][2] == 1.0
-    same = ev.pair_logps(policy, policy, examples, tok.pad_token_id, batch_size=5)
-    assert torch.equal(same["policy_chosen"], same["ref_chosen"])
+            with torch.no_grad():
+                rows = models.forward_logps(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                                            batch[prefix + "labels"])
+            assert out[prefix + "chosen"][i] == pytest.approx(float(rows[0]), abs=1e-4)
+            assert out[prefix + "rejected"][i] == pytest.approx(float(rows[1]), abs=1e-4)
+    x_only = metrics.pair_logps(model, examples, tok.pad_token_id, batch_size=5)
+    assert sorted(x_only) == ["chosen", "rejected"] and torch.equal(x_only["chosen"], out["chosen"])
+    score_chosen, _ = metrics.true_scores(examples)
+    assert torch.isnan(score_chosen[:2]).all() and score_chosen[2] == 1.0
+    no_p = data.tokenize_pairs(pairs, tok, 300, None, log=None)
+    with pytest.raises(metrics.EvalError, match="no p ⊕ x view"):
+        metrics.pair_logps(model, no_p, tok.pad_token_id, with_p=True)
 
 
 def test_accuracy_command_matches_the_functions(tmp_path, capsys):
-    tok = train.load_tokenizer("tiny")
+    tok = models.load_tokenizer("tiny")
     policy_dir = tmp_path / "policy"
-    train.load_model("tiny", tok, seed=3).save_pretrained(policy_dir)
+    models.load_model("tiny", tok, seed=3).save_pretrained(policy_dir)
     tok.save_pretrained(policy_dir)
     out, pairs_out = tmp_path / "acc.json", tmp_path / "pairs.jsonl"
     argv = ["accuracy", "--model", str(policy_dir), "--ref_model", "tiny", "--limit", "4", "--max_length", "300",
             "--beta", "0.2", "--out", str(out), "--pairs_out", str(pairs_out)]
     assert ev.main(argv) == 0
     doc = json.loads(out.read_text())
-    examples = data.tokenize_pairs(data.embedded_pairs("test"), tok, 300, ev.REFINE_PROMPTS["100"], log=None)[:4]
-    logps = ev.pair_logps(train.load_model(str(policy_dir)), train.load_model("tiny", tok), examples,
-                          tok.pad_token_id)
-    expected = ev.pair_metrics(logps, 0.2, logps["score_chosen"], logps["score_rejected"])
+    examples = data.tokenize_pairs(data.embedded_pairs("test"), tok, 300, REFINE_PROMPTS["100"], log=None)[:4]
+    expected = metrics.heldout_metrics(
+        *(metrics.pair_logps(m, examples, tok.pad_token_id, with_p=True)
+          for m in (models.load_model(str(policy_dir)), models.load_model("tiny", tok))), examples, 0.2)
     assert doc["metrics"].keys() == expected.keys() and doc["metrics"]["n_pairs"] == 4
     for key, value in expected.items():
         assert doc["metrics"][key] == (None if math.isnan(value) else pytest.approx(value, abs=1e-5)), key
@@ -188,13 +204,13 @@ def test_accuracy_command_matches_the_functions(tmp_path, capsys):
 # ------------------------------------------------------------------ verdicts
 
 def test_parse_verdict_needs_one_explicit_marker():
-    assert ev.parse_verdict("A is clearer.\n[[A]]") == ("A", None)
-    assert ev.parse_verdict("[[B]] ... as said, [[B]]") == ("B", None)
-    assert ev.parse_verdict("Final verdict: [[C]]")[0] == "C"
+    assert judge.parse_verdict("A is clearer.\n[[A]]") == ("A", None)
+    assert judge.parse_verdict("[[B]] ... as said, [[B]]") == ("B", None)
+    assert judge.parse_verdict("Final verdict: [[C]]")[0] == "C"
     for text in ("Assistant A is better.", "[A]", "[[D]]", "", None, "[[a]]"):
-        verdict, reason = ev.parse_verdict(text)
+        verdict, reason = judge.parse_verdict(text)
         assert verdict is None and "no" in reason
-    verdict, reason = ev.parse_verdict("[[A]] or maybe [[B]]")
+    verdict, reason = judge.parse_verdict("[[A]] or maybe [[B]]")
     assert verdict is None and "conflicting" in reason
 
 
@@ -209,8 +225,8 @@ def test_both_orders_rule():
             expected = "lose"
         else:
             expected = "tie"
-        assert ev.both_orders(first, second) == expected, (first, second)
-    r = ev.rates(["win", "win", "tie", "lose", None])
+        assert judge.both_orders(first, second) == expected, (first, second)
+    r = judge.rates(["win", "win", "tie", "lose", None])
     assert (r["games"], r["decided"], r["unparseable"]) == (5, 4, 1)
     assert (r["win_rate"], r["tie_rate"], r["lose_rate"]) == (0.5, 0.25, 0.25)
 
@@ -221,19 +237,19 @@ def test_judge_prompt_file_and_fields(tmp_path):
                {"name": "two", "system_prompt": "judge turn {turn}",
                 "prompt_template": "{question_1}|{answer_a_1}|{question_2}|{answer_b_2}|{ref_answer_1}"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    single, multi = ev.load_judge_prompts(str(path), "one", "two")
+    single, multi = judge.load_judge_prompts(str(path), "one", "two")
     q = {"question_id": 1, "turns": ["q1", "q2"], "reference": ["r1", "r2"]}
-    fields = ev.prompt_fields(q, ["a1", "a2"], ["b1", "b2"], 2)
-    assert ev.render_prompt(multi, fields) == ("judge turn 2", "q1|a1|q2|b2|r1")
-    assert ev.render_prompt(single, ev.prompt_fields(q, ["a1", "a2"], ["b1", "b2"], 1))[1] == "Q q1 A a1 B b1"
-    with pytest.raises(ev.EvalError, match="no judge prompt named 'three'"):
-        ev.load_judge_prompts(str(path), "three")
-    broken = ev.JudgePrompt("x", "", "{nope}", str(path))
-    with pytest.raises(ev.EvalError, match=r"prompts.jsonl: judge prompt 'x' uses \{nope\}"):
-        ev.render_prompt(broken, fields)
-    builtin = ev.load_judge_prompts()
-    assert [p.name for p in builtin] == list(ev.BUILTIN_NAMES)
-    system, user = ev.render_prompt(builtin[1], fields)
+    fields = judge.prompt_fields(q, ["a1", "a2"], ["b1", "b2"], 2)
+    assert judge.render_prompt(multi, fields) == ("judge turn 2", "q1|a1|q2|b2|r1")
+    assert judge.render_prompt(single, judge.prompt_fields(q, ["a1", "a2"], ["b1", "b2"], 1))[1] == "Q q1 A a1 B b1"
+    with pytest.raises(metrics.EvalError, match="no judge prompt named 'three'"):
+        judge.load_judge_prompts(str(path), "three")
+    broken = judge.JudgePrompt("x", "", "{nope}", str(path))
+    with pytest.raises(metrics.EvalError, match=r"prompts.jsonl: judge prompt 'x' uses \{nope\}"):
+        judge.render_prompt(broken, fields)
+    builtin = judge.load_judge_prompts()
+    assert [p.name for p in builtin] == list(judge.BUILTIN_NAMES)
+    system, user = judge.render_prompt(builtin[1], fields)
     assert "[[A]]" in system and "a1" in user and "b2" in user and "q2" in user
 
 
@@ -311,9 +327,9 @@ def _judge_files(tmp_path):
     a = {1: ["GOOD one"], 2: ["GOOD two", "GOOD follow"], 3: ["GOOD three"], 4: ["GOOD four"]}
     b = {1: ["BAD one"], 2: ["BAD two", "BAD follow"], 3: ["BAD three"], 4: ["GOOD too"]}
     paths = {name: tmp_path / f"{name}.jsonl" for name in ("q", "a", "b")}
-    ev.write_jsonl(paths["q"], questions)
+    data.write_jsonl(paths["q"], questions)
     for name, answers in (("a", a), ("b", b)):
-        ev.write_jsonl(paths[name], [{"question_id": k, "model_id": f"model-{name}",
+        data.write_jsonl(paths[name], [{"question_id": k, "model_id": f"model-{name}",
                                       "choices": [{"index": 0, "turns": v}]} for k, v in answers.items()])
     return paths
 
@@ -377,8 +393,8 @@ def test_http_judge_resumes_after_an_interruption(tmp_path, judge_server, monkey
 
 def test_http_judge_does_not_retry_a_client_error(judge_server):
     calls = []
-    ask = ev.http_judge("http://127.0.0.1:9/v1", "m", max_retries=0, timeout=2, sleep=calls.append)
-    with pytest.raises(ev.JudgeError, match="127.0.0.1:9/v1/chat/completions"):
+    ask = judge.http_judge("http://127.0.0.1:9/v1", "m", max_retries=0, timeout=2, sleep=calls.append)
+    with pytest.raises(judge.JudgeError, match="127.0.0.1:9/v1/chat/completions"):
         ask("s", "u")   # nothing listens on port 9 (discard): a connection error, no retries left
     assert calls == []
 
@@ -388,7 +404,7 @@ def test_table_layout():
              "decided": 4, "games": 4, "win_rate": 0.5, "tie_rate": 0.25, "lose_rate": 0.25},
             {"benchmark": "Vicuna-Bench", "model_a": "Sr-DPO", "model_b": "DPO", "unparseable": 1,
              "decided": 1, "games": 2, "win_rate": 1.0, "tie_rate": 0.0, "lose_rate": 0.0}]
-    lines = ev.format_table(rows).splitlines()
+    lines = judge.format_table(rows).splitlines()
     assert "MT-Bench" in lines[0] and "Vicuna-Bench" in lines[0]
     assert lines[1].split() == ["Win", "Rate", "Tie", "Rate", "Lose", "Rate"] * 2
     assert lines[2].split() == ["Sr-DPO", "vs", "DPO", "50.00%", "25.00%", "25.00%", "100.00%", "0.00%", "0.00%"]
@@ -403,10 +419,10 @@ def _answers(path):
 
 def test_generate_is_repeatable_by_seed(tmp_path):
     questions = tmp_path / "q.jsonl"
-    ev.write_jsonl(questions, [{"question_id": "x1", "turns": ["Hello there"]},
+    data.write_jsonl(questions, [{"question_id": "x1", "turns": ["Hello there"]},
                                {"question_id": "x2", "turns": ["One", "Two"]}])
     only_x2 = tmp_path / "q2.jsonl"
-    ev.write_jsonl(only_x2, [{"question_id": "x2", "turns": ["One", "Two"]}])
+    data.write_jsonl(only_x2, [{"question_id": "x2", "turns": ["One", "Two"]}])
 
     def run(name, seed, qfile=questions, *extra):
         out = tmp_path / name
@@ -425,10 +441,10 @@ def test_generate_is_repeatable_by_seed(tmp_path):
 
 
 def test_exact_on_the_embedded_dataset(tmp_path, capsys):
-    questions = ev.embedded_questions("test")
+    questions = judge.embedded_questions("test")
     first_pair = {}
     for pair in data.embedded_pairs("test"):
-        first_pair.setdefault(ev._prompt_text(pair.prompt), pair)
+        first_pair.setdefault(judge._prompt_text(pair.prompt), pair)
     rows = {"chosen": [], "rejected": []}
     expected = {"win": 0, "tie": 0, "lose": 0}
     for q in questions:
@@ -441,7 +457,7 @@ def test_exact_on_the_embedded_dataset(tmp_path, capsys):
     paths = {}
     for side, records in rows.items():
         paths[side] = tmp_path / f"{side}.jsonl"
-        ev.write_jsonl(paths[side], records)
+        data.write_jsonl(paths[side], records)
     summary = tmp_path / "s.json"
     argv = ["exact", "--answers_a", str(paths["chosen"]), "--answers_b", str(paths["rejected"]),
             "--summary", str(summary)]
@@ -464,5 +480,5 @@ def test_bad_question_file_is_one_line_naming_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"{path}:2: field 'turns' missing" in err
     path.write_text('{"question_id": 1, "turns": ["hi"]}\n{"question_id": 1, "turns": ["again"]}\n')
-    with pytest.raises(ev.EvalError, match=r"q.jsonl:2: question_id 1 repeats .*q.jsonl:1$"):
-        ev.load_questions(str(path))
+    with pytest.raises(metrics.EvalError, match=r"q.jsonl:2: question_id 1 repeats .*q.jsonl:1$"):
+        judge.load_questions(str(path))

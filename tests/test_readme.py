@@ -63,6 +63,7 @@ def test_readme_srpo_example_runs_and_matches_train_step():
     import torch
 
     import data
+    import models
     import train
     from srpo import REFINE_PROMPT
 
@@ -70,8 +71,8 @@ def test_readme_srpo_example_runs_and_matches_train_step():
         code = re.search(r"```python\n(.*?)```", fh.read(), re.S).group(1)
     namespace = {}
     exec(code, namespace)
-    tokenizer = train.load_tokenizer()
-    policy, ref = train.load_model(seed=1), train.load_model(seed=2)
+    tokenizer = models.load_tokenizer()
+    policy, ref = models.load_model(seed=1), models.load_model(seed=2)
     examples = data.tokenize_pairs(data.embedded_pairs("test")[:4], tokenizer, 512, REFINE_PROMPT, log=None)
     batch = data.collate(examples, tokenizer.pad_token_id)
     loss = namespace["sr_dpo_step"](policy, ref, batch, beta=0.1, lam=0.5)

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import models
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,26 +110,49 @@ def test_export_loads_and_matches_the_checkpoint(tmp_path):
     assert run(tmp_path, "--loss", "dpo", "--max_steps", "2")[0] == 0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / train.FINAL).eval()
     dcp_to_torch_save(str(tmp_path / train.CHECKPOINT), str(tmp_path / "ckpt.pt"))
-    trained = train.load_model(train.TINY).eval()
+    trained = models.load_model(models.TINY).eval()
     trained.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
     ids = torch.randint(3, 200, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
 
 
-def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    code, ms = run(tmp_path, "--loss", "sr-dpo", "--max_steps", "6", "--save_every", "2", "--fault_nan_step", "3")
-    assert code == 1
+def nan_at_step(monkeypatch, k):
+    """Make the preference loss NaN at step k (steps count from 1; FAST runs one micro-batch a step)."""
+    calls, terms = [], train.preference_terms
+
+    def faulty(*args):
+        losses, stats = terms(*args)
+        calls.append(1)
+        return (losses * float("nan") if len(calls) == k else losses), stats
+
+    monkeypatch.setattr(train, "preference_terms", faulty)
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    nan_at_step(monkeypatch, 3)
+    code, ms = run(tmp_path, "--loss", "sr-dpo", "--max_steps", "6", "--save_every", "2")
+    assert code == 2
     extra = torch.load(tmp_path / train.CHECKPOINT / "extra_rank0.pt", weights_only=True)
     assert extra["step"] == 2
     assert [m["step"] for m in ms] == [1, 2]
     assert not (tmp_path / train.FINAL).exists()
 
 
-def test_nan_message_names_the_step(tmp_path, capsys):
-    run(tmp_path, "--loss", "dpo", "--max_steps", "3", "--fault_nan_step", "2")
+def test_nan_message_names_the_step(tmp_path, capsys, monkeypatch):
+    nan_at_step(monkeypatch, 2)
+    run(tmp_path, "--loss", "dpo", "--max_steps", "3")
     err = capsys.readouterr().err
-    assert "non-finite loss" in err and "dpo step 2" in err
+    assert "non-finite loss" in err and "dpo step 2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_only_project_errors_become_one_line(tmp_path, monkeypatch):
+    def bug(*args):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(train, "preference_terms", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        run(tmp_path, "--loss", "dpo", "--max_steps", "1")
 
 
 def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
@@ -164,10 +188,10 @@ def test_get_lr_warms_up_linearly_then_holds():
 def test_shard_keeps_a_cpu_model_on_the_cpu_of_a_gpu_machine(monkeypatch):
     # FSDP2's default mesh is on the machine's accelerator: --device cpu on a GPU machine moved the model to cuda
     monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
-    rank, world, device = train.setup_distributed("cpu")
+    rank, world, device = models.setup_distributed("cpu")
     try:
-        model = train.shard(train.load_model(), device)
+        model = models.shard(models.load_model(), device)
         assert {p.device_mesh.device_type for p in model.parameters()} == {"cpu"}
         assert {p.to_local().device.type for p in model.parameters()} == {"cpu"}
     finally:
-        train.dist.destroy_process_group()
+        models.dist.destroy_process_group()

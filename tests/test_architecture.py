@@ -1,0 +1,82 @@
+"""The import graph, read from the source with ast: one way, srpo <- data <- models <- metrics <- train / evaluate /
+judge <- experiments, benchmarks; no cycle; srpo.py on torch and the standard library alone."""
+import ast
+import glob
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT = ("srpo", "data", "models", "metrics", "train", "judge", "evaluate")
+# What each module may import from the project: only what lies below it.
+ALLOWED = {
+    "srpo": set(),
+    "data": {"srpo"},
+    "models": {"srpo", "data"},
+    "metrics": {"srpo", "data", "models"},
+    "train": {"srpo", "data", "models", "metrics"},
+    "judge": {"srpo", "data", "models", "metrics"},
+    "evaluate": {"srpo", "data", "models", "metrics", "judge"},  # the CLI dispatches into judge.py
+}
+TOP = {"experiments", "benchmarks"}  # may import any module above; nothing imports them
+
+
+def imported(path):
+    """Top-level names of every module that a file imports (at any depth of its code)."""
+    with open(path, encoding="utf-8") as fh:
+        tree = ast.parse(fh.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def graph():
+    """{module: project modules it imports} of the top-level modules, experiments/ and benchmarks/."""
+    edges = {name: imported(os.path.join(ROOT, name + ".py")) & set(PROJECT) for name in PROJECT}
+    for folder in TOP:
+        for path in glob.glob(os.path.join(ROOT, folder, "*.py")):
+            edges[os.path.relpath(path, ROOT)] = imported(path) & (set(PROJECT) | TOP)
+    return edges
+
+
+def test_imports_go_one_way_only():
+    for module, deps in graph().items():
+        allowed = ALLOWED.get(module, set(PROJECT))  # experiments/, benchmarks/: any module below them
+        assert deps <= allowed, f"{module} imports {sorted(deps - allowed)}, which lie above it or beside it"
+
+
+def test_no_import_cycle():
+    edges = graph()
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "open":
+            pytest.fail("import cycle: " + " -> ".join(path + [node]))
+        if state.get(node) == "done":
+            return
+        state[node] = "open"
+        for dep in edges.get(node, ()):
+            visit(dep, path + [node])
+        state[node] = "done"
+
+    for node in edges:
+        visit(node, [])
+
+
+def test_the_checks_can_fail(tmp_path):
+    """The cycle finder and the one-way rule catch a planted upward import."""
+    path = tmp_path / "metrics.py"
+    path.write_text("import train\nfrom evaluate import main\n")
+    assert imported(path) == {"train", "evaluate"}
+    assert not imported(path) <= ALLOWED["metrics"]
+
+
+def test_srpo_imports_torch_and_the_standard_library_only():
+    stdlib = set(sys.stdlib_module_names)
+    outside = {name for name in imported(os.path.join(ROOT, "srpo.py")) if name not in stdlib}
+    assert outside == {"torch"}
