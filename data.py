@@ -2,7 +2,11 @@
 prompt-augmented query p ⊕ x (paper, Section 3.2.2 and Appendix C).
 
     load_pairs(source, split) -> [Pair] -> tokenize_pairs(...) -> [example] -> collate(...) -> tensors
-    batch_indices(n, global_batch, epoch, seed, rank, world) -> which examples each step takes
+    schedule(n, global_batch, seed, ...) -> which examples each step takes, on each rank
+
+Owns: reading and checking pair sources, the embedded dataset, tokenization of both views, batches and
+their order, the project's base error SrpoError (DataError), JSON/JSONL output and the progress bar.
+Does not own: models (models.py), losses (srpo.py) or any metric (metrics.py).
 
 Sources (``load_pairs``)
     "embedded"              the built-in copy task below (no download)

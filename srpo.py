@@ -3,6 +3,8 @@ Quality-Aware Self-Refinement", as pure functions of log-probabilities.
 
 Copy this file alone into another trainer: it needs torch and nothing else, holds no
 state, and does nothing at import.
+Owns the math only: data, models, training and measurements live in data.py, models.py,
+train.py and metrics.py.
 
 Notation (paper, Sections 2-3):
     x       the query;  p ⊕ x  the prompt-augmented query (p = REFINE_PROMPT, prepended)
