@@ -8,56 +8,8 @@ Owns: reading and checking pair sources, the embedded dataset, tokenization of b
 their order, the project's base error SrpoError (DataError), JSON/JSONL output and the progress bar.
 Does not own: models (models.py), losses (srpo.py) or any metric (metrics.py).
 
-Sources (``load_pairs``)
-    "embedded"              the built-in copy task below (no download)
-    a local file            .jsonl, .jsonl.gz, .json (a list of records, or JSON Lines), .json.gz;
-                            one file is one split, so ``split`` is ignored for files
-    "Anthropic/hh-rlhf"     through huggingface_hub: the harmless-base, helpful-base, helpful-online and
-                            helpful-rejection-sampled files of the split; "Anthropic/hh-rlhf/helpful-base"
-                            takes one of them
-    any other hub name      through the optional ``datasets`` package (split "train" falls back to
-                            "train_prefs" where only that exists, as in HuggingFaceH4/ultrafeedback_binarized)
-
-Record formats (chosen by the keys of each record)
-    HH-RLHF      {"chosen": transcript, "rejected": transcript}. The prompt is everything up to and
-                 including the last "\\n\\nAssistant:", the response is the rest (its leading space kept).
-                 Dropped and counted: a transcript without "\\n\\nAssistant:" ("no assistant turn"), two
-                 transcripts whose prompts differ ("prompt mismatch"; the two are never mixed), a response
-                 that contains a "\\n\\nHuman:" turn ("irregular transcript").
-    UltraFeedback (argilla layout)  {"instruction", "chosen_response", "rejected_response",
-                 "chosen_avg_rating", "rejected_avg_rating"}; the instruction becomes one user message.
-    Generic and UltraFeedback (H4 layout)  {"prompt", "chosen", "rejected", "score_chosen",
-                 "score_rejected"}. prompt is text or a list of {"role", "content"} messages; chosen and
-                 rejected are text, or message lists ending in the assistant's reply. A list's earlier
-                 messages are the prompt: they must be the same in chosen and rejected, equal to prompt
-                 when prompt is a list, and contain prompt as a user message when prompt is text
-                 (otherwise "prompt mismatch"). Responses given as lists make the prompt a chat; then
-                 prompt may be absent, and the shared earlier messages are the prompt.
-    Scores are optional (null or absent -> None). Any format: a pair with an empty (blank) response is
-    dropped as "empty response", one whose two responses are equal as "identical responses", a chat
-    whose last prompt message is not a user turn as "prompt not ending in a user turn".
-    Malformed JSON, non-UTF-8 bytes, a missing field or a field of the wrong type raise DataError
-    naming the file and line (text chosen/rejected with no "Human:"/"Assistant:" turn is a missing
-    prompt). Drops are counted by reason in one summary line; a dataset with no pair left raises
-    DataError.
-
-Tokenisation (``encode_prompt``, ``tokenize_pairs``)
-    Text is encoded with add_special_tokens=False; BOS and EOS are added here. BOS appears exactly
-    once, first, where the tokenizer uses one (it prepends its bos_token_id when asked for special
-    tokens) or the chat template writes one. Plain prompts, responses and p are encoded literally
-    (split_special_tokens=True: a "</s>" in the data is text, not EOS); a chat template's rendering
-    is encoded as apply_chat_template(tokenize=True) would, so its special tokens are parsed (and so
-    would special-token text inside the messages be). Each response is its tokens plus EOS, all
-    scored; every prompt token is labelled -100.
-    Plain text:  x view  = [BOS] x            p view = [BOS] p x      (Appendix C: torch.cat([p, x]))
-    Chat with a template: the template is rendered (with the generation prompt) and encoded in two
-      pieces, split where the first user message's content begins: x = head + tail. Then
-                 x view  = [BOS] head tail    p view = [BOS] head p tail
-      so p sits at the start of the first user message and the template stays intact.
-    Chat without a template: one user message is its plain text; a longer conversation is written as
-      an HH transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...", ending in "\\n\\nAssistant:"), then
-      treated as plain text. In every case the p view is the x view with p's tokens inserted, and the
-      scored response tokens are the same in both views.
+Sources, record formats, tokenisation of the two views, the embedded dataset and the batch order: see
+docs/data.md (one place; tests/test_data.py checks each rule).
 
 Truncation to max_length (exact rule)
     Let n be the query's tokens (excluding BOS), r the longer response's tokens (with EOS), m =
@@ -74,25 +26,9 @@ Truncation to max_length (exact rule)
     3. Dropped and counted: a pair left with no response token ("response truncated away"), or with
        no query token in the longest view ("no room for the query"; only with min_prompt_length=0).
     The summary line also counts the prompts and responses that were cut.
-
-Embedded dataset (``embedded_pairs``, ``embedded_score``)
-    A copy task small enough for the "tiny" byte-level model. Prompt "Copy: KDWXB\\n" (5 distinct
-    letters from EMBEDDED_ALPHABET: upper case without C, N, P, Q, T, which occur in "Copy" and in p);
-    the ideal response is the exact copy "KDWXB". A response's true score is the fraction of the
-    target's positions it gets right, over the longer of the two lengths (so 1.0 only for the exact
-    copy, and extra or missing letters cost). A pair's responses are the target with k+ < k- of its
-    letters replaced ((k+, k-) uniform over the pairs 0 <= k+ < k- <= 5), so the true score gap runs
-    from 0.2 (slightly better) to 1.0 (much better). Sizes: train 2,000 pairs, test 200, one pair per
-    prompt; a word belongs to the test split iff crc32(word) % 10 == 0, so no test prompt is a train
-    prompt under any seed. Everything is a function of (split, seed).
-
-Order (``steps_per_epoch``, ``batch_indices``, ``schedule``)
-    Each epoch is a permutation of range(n) drawn from numpy's default_rng((seed, epoch)); step s
-    takes its G = global_batch entries [s*G, (s+1)*G); rank r of w takes the slice
-    [r*G/w, (r+1)*G/w) of those. The n % G left over are not used that epoch (a new permutation
-    each epoch). A resumed run at global step k continues with schedule(..., start_step=k).
 """
 
+import contextlib
 import gzip
 import itertools
 import json
@@ -100,12 +36,12 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -767,11 +703,63 @@ def schedule(n, global_batch, seed, epochs=None, rank=0, world=1, start_step=0):
 # ----------------------------------------------------------------------------- files out, progress
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path`` (file or folder); once the block ends without an error
+    it replaces ``path`` by a rename, so a crash leaves either the old or the new one whole."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    _remove(tmp)
+    yield tmp
+    replace_path(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_open(path, encoding="utf-8"):
+    """A text file opened for writing at ``path``, written atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding) as fh:
+        yield fh
+
+
+def replace_path(tmp, path):
+    """Rename ``tmp`` onto ``path``. A folder at ``path`` is first renamed to path.old and removed after,
+    so a crash between the renames leaves it whole as path.old."""
+    if os.path.isdir(path):
+        old = path + ".old"
+        _remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def write_jsonl(path, records):
-    """One JSON object per line (UTF-8, not ASCII-escaped)."""
-    with open(path, "w", encoding="utf-8") as f:
+    """One JSON object per line (UTF-8, not ASCII-escaped), written atomically."""
+    with atomic_open(path) as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def num(value, fmt=".3f", std=None, unit=""):
+    """``value`` in ``fmt`` (then ``unit``), with " ± std" where std is given; "-" when missing or not finite."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    known = std is not None and math.isfinite(std)
+    return format(value, fmt) + unit + (f" ± {format(std, fmt.lstrip('+'))}" if known else "")
+
+
+def pct(value, std=None, digits=1):
+    """A fraction as a percentage: pct(0.462, 0.295) == "46.2% ± 29.5"."""
+    std = None if std is None else 100 * std
+    return num(None if value is None else 100 * value, f".{digits}f", std, unit="%")
 
 
 def jsonable(value):
@@ -792,7 +780,8 @@ def emit(document, table, out=None):
         sys.stdout.write(text)
         sys.stderr.write(table + "\n")
     else:
-        Path(out).write_text(text, encoding="utf-8")
+        with atomic_open(out) as fh:
+            fh.write(text)
         sys.stdout.write(table + "\n")
 
 

@@ -19,7 +19,6 @@ Commands (``python evaluate.py COMMAND --help`` for every option):
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -28,14 +27,10 @@ import torch
 import data
 import judge
 import metrics
+from data import num
 from metrics import EvalError
 from models import DTYPES, TINY, load_lm, load_model, load_tokenizer
 from srpo import REFINE_PROMPTS
-
-
-def _num(value, fmt="+.4f"):
-    return "-" if value is None or not math.isfinite(value) else format(value, fmt)
-
 
 # ----------------------------------------------------------------------------------------------
 # Tables for people
@@ -44,21 +39,21 @@ def _num(value, fmt="+.4f"):
 def accuracy_table(m):
     """A few lines for people from ``pair_metrics``."""
     lines = [f"{'query':<6} {'accuracy':>9} {'ties':>6} {'r(y+)':>9} {'r(y-)':>9}   reward margin",
-             f"{'x':<6} {_num(m['accuracy'], '.4f'):>9} {_num(m['tie_rate'], '.3f'):>6} "
-             f"{_num(m['reward_chosen_mean']):>9} {_num(m['reward_rejected_mean']):>9}   "
-             f"Δ_naive {_num(m['margin_mean'])} ± {_num(m['margin_std'], '.4f')}"]
+             f"{'x':<6} {num(m['accuracy'], '.4f'):>9} {num(m['tie_rate'], '.3f'):>6} "
+             f"{num(m['reward_chosen_mean'], '+.4f'):>9} {num(m['reward_rejected_mean'], '+.4f'):>9}   "
+             f"Δ_naive {num(m['margin_mean'], '+.4f')} ± {num(m['margin_std'], '.4f')}"]
     if "delta_mean" in m:
-        lines.append(f"{'p⊕x':<6} {_num(m['p_accuracy'], '.4f'):>9} {_num(m['p_tie_rate'], '.3f'):>6} "
-                     f"{_num(m['p_reward_chosen_mean']):>9} {_num(m['p_reward_rejected_mean']):>9}   "
-                     f"Δπ {_num(m['delta_mean'])} ± {_num(m['delta_std'], '.4f')}")
-        lines.append(f"pairs ranked alike under x and p⊕x (Assumption 3.2): {_num(m['sign_agreement'], '.4f')}")
+        lines.append(f"{'p⊕x':<6} {num(m['p_accuracy'], '.4f'):>9} {num(m['p_tie_rate'], '.3f'):>6} "
+                     f"{num(m['p_reward_chosen_mean'], '+.4f'):>9} {num(m['p_reward_rejected_mean'], '+.4f'):>9}   "
+                     f"Δπ {num(m['delta_mean'], '+.4f')} ± {num(m['delta_std'], '.4f')}")
+        lines.append(f"pairs ranked alike under x and p⊕x (Assumption 3.2): {num(m['sign_agreement'], '.4f')}")
     if "n_scored" in m:
         for name, prefix in (("Δπ", ""), ("Δ_naive", "naive_")):
             if prefix + "spearman" in m:
                 lines.append(f"{name} vs true score gap ({m['n_scored']} scored pairs): "
-                             f"Spearman {_num(m[prefix + 'spearman'], '+.3f')}, "
-                             f"Kendall τb {_num(m[prefix + 'kendall_tau_b'], '+.3f')}, "
-                             f"ranking concordance {_num(m[prefix + 'concordance'], '.3f')}")
+                             f"Spearman {num(m[prefix + 'spearman'], '+.3f')}, "
+                             f"Kendall τb {num(m[prefix + 'kendall_tau_b'], '+.3f')}, "
+                             f"ranking concordance {num(m[prefix + 'concordance'], '.3f')}")
     lines.append(f"{m['n_pairs']} pairs")
     return "\n".join(lines)
 
@@ -264,7 +259,8 @@ def _judge_args(p):
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the key")
     p.add_argument("--judge_prompt", help="JSONL of judge prompts (MT-Bench judge_prompts.jsonl layout)")
     p.add_argument("--prompt_single", help="single-turn prompt name (default srpo-pair, or pair-v2 from a file)")
-    p.add_argument("--prompt_multi", help="multi-turn prompt name (default srpo-pair-multi-turn, or pair-v2-multi-turn)")
+    p.add_argument("--prompt_multi",
+                   help="multi-turn prompt name (default srpo-pair-multi-turn, or pair-v2-multi-turn)")
     p.add_argument("--max_retries", type=int, default=5)
     p.add_argument("--retry_wait", type=float, default=2.0, help="first backoff in seconds, doubled each retry")
     p.add_argument("--timeout", type=float, default=120.0)

@@ -25,7 +25,6 @@ import data
 from metrics import EvalError
 from models import model_device
 
-
 # ----------------------------------------------------------------------------------------------
 # Questions and answers: JSONL in
 # ----------------------------------------------------------------------------------------------
@@ -625,10 +624,6 @@ def exact_summary(records, identity, benchmark, missing):
 # Tables for people
 # ----------------------------------------------------------------------------------------------
 
-def _pct(value):
-    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
-
-
 def format_table(summaries):
     """Table 2's layout: one row per comparison "A vs B", Win/Tie/Lose Rate per benchmark.
 
@@ -650,7 +645,7 @@ def format_table(summaries):
         parts = []
         for b in benches:
             s = cells.get((row, b), {})
-            parts.append(" ".join(f"{_pct(s.get(k + '_rate')):>9}" for k in OUTCOMES))
+            parts.append(" ".join(f"{data.pct(s.get(k + '_rate'), digits=2):>9}" for k in OUTCOMES))
         lines.append(f"{row:<{width}}  " + " ".join(parts))
     for (row, b), s in cells.items():
         lacking = {k: v for k, v in s.get("missing_answers", {}).items() if v}

@@ -34,8 +34,18 @@ import torch.distributed as dist
 
 import data
 import metrics
-from models import TINY, all_sum, forward_logps, frozen_dtype, load_model, load_tokenizer, log, setup_distributed, \
-    shard, to_device
+from models import (
+    TINY,
+    all_sum,
+    forward_logps,
+    frozen_dtype,
+    load_model,
+    load_tokenizer,
+    log,
+    setup_distributed,
+    shard,
+    to_device,
+)
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -484,7 +494,7 @@ def save_checkpoint(out_dir, policy, optimizer, extra, rank):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    final, tmp, old = (os.path.join(out_dir, name) for name in (CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".old"))
+    final, tmp = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, CHECKPOINT + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
@@ -494,10 +504,7 @@ def save_checkpoint(out_dir, policy, optimizer, extra, rank):
     torch.save(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        data.replace_path(tmp, final)
     dist.barrier()
 
 
@@ -513,8 +520,12 @@ def checkpoint_dir(out_dir):
 def load_checkpoint(path, policy, optimizer, rank):
     """Restore model, optimizer and RNG in place; return the saved extra dict (step, stage, ...)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
     dcp.load(state, checkpoint_id=path)
@@ -531,12 +542,9 @@ def export(policy, tokenizer, path, rank):
 
     state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with data.atomic_path(path) as tmp:
+            policy.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
     dist.barrier()
 
 
@@ -550,7 +558,7 @@ def keep_metrics(path, extra, stage_names):
                 position = (stage_names.index(m["stage"]), m["step"])
                 if position <= (extra["stage_index"], extra["step"]):
                     lines.append(line)
-    with open(path, "w") as fh:
+    with data.atomic_open(path) as fh:
         fh.writelines(lines)
 
 

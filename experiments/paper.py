@@ -33,6 +33,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -47,7 +48,11 @@ import data  # noqa: E402
 import judge  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
+from data import num, pct  # noqa: E402
 
+RESULTS = os.path.join(ROOT, "experiments", "results")
+READING = os.path.join(ROOT, "experiments", "reading.md")
+README = os.path.join(ROOT, "experiments", "README.md")
 EXPERIMENTS = ("methods", "figure1", "lambda", "table4", "corollary")
 LAMBDAS = (0.0, 0.1, 0.3, 0.5, 1.0)  # Figure 2a's grid
 DEFAULT_LAM = 0.5
@@ -229,11 +234,9 @@ def smollm2_folder(cache_dir):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    with data.atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return folder
 
 
@@ -296,8 +299,7 @@ class Context:
             os.makedirs(folder, exist_ok=True)
             for split, path in paths.items():
                 pairs = data.embedded_pairs(split)[:(s.train_pairs if split == "train" else s.eval_pairs) or None]
-                data.write_jsonl(path + ".tmp", [pair_record(p, s.chat) for p in pairs])
-                os.replace(path + ".tmp", path)
+                data.write_jsonl(path, [pair_record(p, s.chat) for p in pairs])
         return ["--data", paths["train"], "--eval_data", paths["test"]]
 
     def common_flags(self, seed, batch_size):
@@ -366,8 +368,7 @@ class Context:
             records, cut = judge.generate_answers(model, tokenizer, self.questions, decoding, name)
             if cut:
                 self.log(f"  seed {seed} {name}: {cut} prompt tokens cut from the left to fit the context")
-            data.write_jsonl(path + ".tmp", records)
-            os.replace(path + ".tmp", path)
+            data.write_jsonl(path, records)
         return judge.load_answers(path)
 
     def final_eval(self, seed, run):
@@ -403,9 +404,8 @@ def read_json(path):
 
 
 def write_json(path, document):
-    with open(path + ".tmp", "w") as fh:
+    with data.atomic_open(path) as fh:
         json.dump(document, fh, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- judging
@@ -529,20 +529,6 @@ RUNNERS = {"methods": run_methods, "figure1": run_figure1, "lambda": run_lambda,
 
 
 # ----------------------------------------------------------------------------- tables for people
-
-
-def pct(value, std=None):
-    if value is None or not math.isfinite(value):
-        return "-"
-    text = f"{100 * value:.1f}%"
-    return text + (f" ± {100 * std:.1f}" if std is not None and math.isfinite(std) else "")
-
-
-def num(value, fmt=".3f", std=None):
-    if value is None or not math.isfinite(value):
-        return "-"
-    known = std is not None and math.isfinite(std)
-    return format(value, fmt) + (f" ± {format(std, fmt.lstrip('+'))}" if known else "")
 
 
 def pvalue(p):
@@ -807,11 +793,46 @@ def write_summary(out, names, results):
         parts.append(markdown(name, results[name]))
         if os.path.exists(os.path.join(out, name + ".png")):
             parts.append(f"![{TITLES[name]}]({name}.png)\n")
-    parts.append(markdown_table(["experiment", "seconds", "runs trained", "runs reused"],
-                                [[n, f"{results[n]['seconds']:.0f}", results[n]["runs_trained"],
-                                  results[n]["runs_reused"]] for n in names]))
+    parts.append(runs_table(names, results))
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write("\n".join(parts) + "\n")
+
+
+def runs_table(names, results):
+    """The time each experiment took, with the runs it trained and reused."""
+    return markdown_table(["experiment", "seconds", "runs trained", "runs reused"],
+                          [[n, f"{results[n]['seconds']:.0f}", results[n]["runs_trained"],
+                            results[n]["runs_reused"]] for n in names])
+
+
+MARKER = re.compile(r"<!-- (result|runs): ([\w.-]+?)(?:/(\w+))? -->")
+
+
+def write_readme(results_dir=RESULTS, reading=READING, path=README):
+    """experiments/README.md from the hand-written reading.md: each ``<!-- result: SIZE/NAME -->`` marker
+    becomes that result's Markdown (and plot), each ``<!-- runs: SIZE -->`` the time its experiments took."""
+    def expand(match):
+        kind, tag, name = match.groups()
+        folder = os.path.join(results_dir, tag)
+        names = [name] if kind == "result" else [n for n in EXPERIMENTS
+                                                 if os.path.exists(os.path.join(folder, n + ".json"))]
+        results = {n: read_json(os.path.join(folder, n + ".json")) for n in names}
+        missing = [n for n, r in results.items() if r is None]
+        if missing or not names:
+            raise ExperimentError(f"{reading}: {match.group(0)}: no {missing or 'NAME'}.json in {folder}")
+        if kind == "runs":
+            return runs_table(names, results)
+        png = os.path.join(folder, name + ".png")
+        link = os.path.relpath(png, os.path.dirname(path)).replace(os.sep, "/")
+        plot = f"\n\n![{TITLES[name]}]({link})" if os.path.exists(png) else ""
+        return markdown(name, results[name]).rstrip() + plot
+
+    with open(reading, encoding="utf-8") as fh:
+        text = fh.read()
+    note = (f"<!-- Generated by `python experiments/paper.py render` from {os.path.basename(reading)} and "
+            "results/: edit those, not this file. -->\n")
+    with data.atomic_open(path) as fh:
+        fh.write(note + MARKER.sub(expand, text))
 
 
 def render(out):
@@ -852,6 +873,9 @@ def main(argv=None):
     if args.experiment == "render":
         try:
             render(out)
+            if os.path.dirname(os.path.abspath(out)) == RESULTS:
+                write_readme()
+                print(f"wrote {README}", flush=True)
         except ExperimentError as err:
             print(f"experiments/paper.py: error: {err}", file=sys.stderr)
             return 2

@@ -18,7 +18,6 @@ import metrics
 import models
 from srpo import REFINE_PROMPTS
 
-
 # ------------------------------------------------------------------ accuracy and margins
 
 def test_pair_metrics_hand_built_case():
@@ -28,7 +27,9 @@ def test_pair_metrics_hand_built_case():
     #   margins Δ_naive = [1.5, -1.0, 0.5]: accuracy 2/3, mean 1/3
     # Under p ⊕ x the chosen log-probs are shifted so that Δπ = [2.0, 0.0, -1.0]:
     #   accuracy 1/3, one tie, signs agree with x on pairs 0 and 1 only.
-    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    def t(*v):
+        return torch.tensor(v, dtype=torch.float64)
+
     logps = {"policy_chosen": t(-10, -12, -8), "policy_rejected": t(-14, -11, -9),
              "ref_chosen": t(-11, -11, -9), "ref_rejected": t(-12, -12, -9),
              "p_policy_chosen": t(-9, -11, -11), "p_policy_rejected": t(-14, -11, -9),

@@ -5,7 +5,6 @@ The smoke tests check the shape of each table (rows, columns, rates that add up)
 
 import json
 import math
-import os
 import statistics
 
 import pytest

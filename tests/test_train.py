@@ -16,8 +16,8 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small and fast: 8 pairs a step, no SFT stage, no held-out evaluation until the end.
-FAST = ["--device", "cpu", "--batch_size", "8", "--max_pairs", "32", "--sft_steps", "0", "--eval_every", "0", "--eval_pairs", "8", "--save_every", "0",
-        "--lr", "3e-3", "--warmup_steps", "1"]
+FAST = ["--device", "cpu", "--batch_size", "8", "--max_pairs", "32", "--sft_steps", "0", "--eval_every", "0",
+        "--eval_pairs", "8", "--save_every", "0", "--lr", "3e-3", "--warmup_steps", "1"]
 
 
 def run(out_dir, *flags):
