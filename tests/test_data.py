@@ -660,3 +660,27 @@ def test_resumed_batches_are_identical_tensors():
     assert len(resumed) == len(run) - 5
     for a, b in zip(run[5:], resumed):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_atomic_writes_keep_the_old_file_or_folder_whole(tmp_path):
+    path = tmp_path / "result.json"
+    with data.atomic_open(path) as fh:
+        fh.write("old")
+    with pytest.raises(RuntimeError):
+        with data.atomic_open(path) as fh:
+            fh.write("new")
+            raise RuntimeError("crash while writing")
+    assert path.read_text() == "old"
+    folder = tmp_path / "final"
+    for version in ("1", "2"):
+        with data.atomic_path(folder) as tmp:
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "weights"), "w") as fh:
+                fh.write(version)
+    assert (folder / "weights").read_text() == "2" and not (tmp_path / "final.old").exists()
+
+
+def test_number_formatting():
+    assert data.pct(0.462, 0.295) == "46.2% ± 29.5" and data.pct(0.5, digits=2) == "50.00%"
+    assert data.num(0.1234, "+.3f", 0.01) == "+0.123 ± 0.010" and data.num(2.0, ".1f") == "2.0"
+    assert data.num(float("nan")) == data.pct(None) == "-"

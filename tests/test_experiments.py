@@ -180,3 +180,20 @@ def test_smollm2_smoke_where_the_package_is_installed(tmp_path):
 def test_bad_size_is_an_argparse_error():
     with pytest.raises(SystemExit):
         paper.main(["methods", "--size", "huge"])
+
+
+def test_readme_is_generated_from_reading_and_results(smoke, tmp_path):
+    """Each marker of the hand-written text becomes that result's Markdown; the text around it is kept."""
+    smoke("table4", "--seeds", "1")  # reused when the tests above ran
+    reading, readme = tmp_path / "reading.md", tmp_path / "README.md"
+    reading.write_text("# Title\n\nhand-written\n\n<!-- result: out/table4 -->\n\n*Reading.* kept\n\n"
+                       "<!-- runs: out -->\n")
+    paper.write_readme(str(smoke.out.parent), str(reading), str(readme))
+    text = readme.read_text()
+    assert (smoke.out / "table4.md").read_text().rstrip() in text
+    assert "hand-written" in text and "*Reading.* kept" in text and "<!-- result" not in text
+    assert "| experiment | seconds | runs trained | runs reused |\n|---|---|---|---|\n" in text
+    assert "| table4 |" in text
+    reading.write_text("<!-- result: out/nosuchexperiment -->\n")
+    with pytest.raises(paper.ExperimentError, match="nosuchexperiment"):
+        paper.write_readme(str(smoke.out.parent), str(reading), str(readme))
