@@ -5,7 +5,8 @@ prompt-augmented query p ⊕ x (paper, Section 3.2.2 and Appendix C).
     schedule(n, global_batch, seed, ...) -> which examples each step takes, on each rank
 
 Owns: reading and checking pair sources, the embedded dataset, tokenization of both views, batches and
-their order, the project's base error SrpoError (DataError), JSON/JSONL output and the progress bar.
+their order, the project's base error SrpoError (DataError), JSON/JSONL output, atomic writes (atomic_path,
+atomic_open), number formatting for tables (num, pct) and the progress bar.
 Does not own: models (models.py), losses (srpo.py) or any metric (metrics.py).
 
 Sources, record formats, tokenisation of the two views, the embedded dataset and the batch order: see

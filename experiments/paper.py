@@ -6,7 +6,8 @@
     python experiments/paper.py table4      # Table 4: Δ_naive against Δπ; rating scale 10 against 100
     python experiments/paper.py corollary   # Corollary 3.3.1: Δπ against the true score gap in training
     python experiments/paper.py all         # all five, sharing their training runs
-    python experiments/paper.py render      # .md and .png again from the .json files of --out
+    python experiments/paper.py render      # .md and .png again from the .json files of --out, and
+                                            # experiments/README.md (reading.md + results/) for a results/SIZE
 
 For each seed: SFT once (train.py --loss sft), then every alignment run starts from that SFT model,
 with it as the reference, and the same seed, so the same data order (train.py --sft_steps 0
@@ -851,7 +852,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="experiments/paper.py", description=__doc__.split("\n")[0])
     parser.add_argument("experiment", choices=EXPERIMENTS + ("all", "render"),
                         help="a claim, all of them, or render: rewrite the .md and .png files of --out "
-                             "from its .json files (after installing matplotlib, say)")
+                             "from its .json files (after installing matplotlib, say), and experiments/README.md")
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
     parser.add_argument("--smoke", action="store_true", help="the smallest size: a few steps, for tests")
     parser.add_argument("--seeds", type=int, default=0, help="seeds (default: the size's)")
