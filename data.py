@@ -43,6 +43,7 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -466,6 +467,18 @@ class _Tokens:
     bos: "int | None"  # prepended once when the tokenizer uses a BOS
     eos: int
     template: bool     # has a chat template
+    added: tuple       # the text of its added tokens (no token spans one)
+
+
+class _Query(NamedTuple):
+    """A prompt's tokens: the p view is prefix + ids[:p_at] + p + ids[p_at:], the x view prefix + ids."""
+    prefix: list   # [BOS] or []
+    ids: list      # the query's tokens
+    p_at: int      # where p's tokens go
+    p_moved: bool  # p_at is before the first user message's content: a token spans that boundary
+    context: str   # the text each response continues: the prompt's after its last added token
+    context_ids: list  # its tokens
+    lead: str      # text written before each response (the space after an HH transcript's "Assistant:")
 
 
 def _encode(tokenizer, text, literal=True):
@@ -480,13 +493,13 @@ def _inspect(tokenizer):
     bos = tokenizer.bos_token_id
     with_special = list(tokenizer.encode("a", add_special_tokens=True))
     uses_bos = bos is not None and with_special[:1] == [bos] and _encode(tokenizer, "a")[:1] != [bos]
-    return _Tokens(bos if uses_bos else None, tokenizer.eos_token_id, bool(getattr(tokenizer, "chat_template", None)))
+    added = tuple(t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t)
+    return _Tokens(bos if uses_bos else None, tokenizer.eos_token_id, bool(getattr(tokenizer, "chat_template", None)),
+                   added)
 
 
 def _transcript(messages):
-    """Chat messages as plain text: one user message is its content; more are an HH transcript."""
-    if len(messages) == 1:
-        return messages[0]["content"]
+    """Chat messages as an HH transcript: "\\n\\nHuman: ...\\n\\nAssistant: ...", ending in "\\n\\nAssistant:"."""
     turns = "".join(f"\n\n{_TRANSCRIPT_ROLES.get(m['role'], m['role'].capitalize())}: {m['content']}"
                     for m in messages)
     return turns + HH_ASSISTANT
@@ -512,37 +525,70 @@ def _template_halves(messages, tokenizer):
     return head, text[len(head):]
 
 
+def _common(a, b):
+    """Length of the longest common prefix of two lists."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _after_added(text, added):
+    """text after the last occurrence of any added token's text (all of it when there is none)."""
+    ends = [text.rfind(t) + len(t) for t in added if t in text]
+    return text[max(ends, default=0):]
+
+
 def _query(prompt, tokenizer, tokens):
-    """(prefix, x, s): [BOS] or [], the query's tokens, and where p goes in x (0 for plain text).
-
-    The p view is prefix + x[:s] + p + x[s:]; the x view is prefix + x.
-    """
+    """The _Query of a prompt (module docstring, Tokenisation): the one framing of training and generation."""
+    bos = [tokens.bos] if tokens.bos is not None else []
     if isinstance(prompt, str) or not tokens.template:
-        x = _encode(tokenizer, prompt if isinstance(prompt, str) else _transcript(prompt))
-        return ([tokens.bos] if tokens.bos is not None else []), x, 0
-    head, tail = (_encode(tokenizer, part, literal=False) for part in _template_halves(prompt, tokenizer))
-    bos = tokenizer.bos_token_id
-    wrote_bos = bos is not None and head[:1] == [bos]
-    while bos is not None and head[:1] == [bos]:
-        head = head[1:]
-    prefix = [bos] if (tokens.bos is not None or wrote_bos) else []
-    return prefix, head + tail, len(head)
+        text = prompt if isinstance(prompt, str) else _transcript(prompt)
+        x = _encode(tokenizer, text)
+        return _Query(bos, x, 0, False, text, x, "" if isinstance(prompt, str) else " ")
+    head_text, tail_text = _template_halves(prompt, tokenizer)
+    x = _encode(tokenizer, head_text + tail_text, literal=False)  # = apply_chat_template(tokenize=True)
+    head = _encode(tokenizer, head_text, literal=False)
+    at = _common(head, x)
+    written = _common(x, [tokenizer.bos_token_id] * len(x)) if tokenizer.bos_token_id is not None else 0
+    prefix = [tokenizer.bos_token_id] if (bos or written) else []
+    context = _after_added(head_text + tail_text, tokens.added) or "\n"
+    return _Query(prefix, x[written:], max(at - written, 0), at < len(head), context,
+                  _encode(tokenizer, context), "")
 
 
-def _with_p(prefix, x, s, p):
-    """prefix + x[:s] + p + x[s:]: p directly before the query (plain text) or its first user message."""
-    return prefix + x[:s] + p + x[s:]
+def _with_p(query, p):
+    """The p view's prompt: p directly before the query (plain text) or its first user message's content."""
+    return query.prefix + query.ids[:query.p_at] + p + query.ids[query.p_at:]
+
+
+def _continuation(tokenizer, context, context_ids, text):
+    """(ids, apart): text's tokens as they continue context (whose own tokens are context_ids).
+
+    They are the tokens of context + text after context_ids when those are its prefix. Otherwise a
+    token spans the boundary (apart=True), and text is encoded as it continues a newline (or, should
+    a token span that boundary too, alone).
+    """
+    if not context:
+        return _encode(tokenizer, text), False
+    for apart, (anchor, before) in enumerate(((context, context_ids), ("\n", None))):
+        before = _encode(tokenizer, anchor) if before is None else before
+        joint = _encode(tokenizer, anchor + text)
+        if joint[:len(before)] == before:
+            return joint[len(before):], bool(apart)
+    return _encode(tokenizer, text), True
 
 
 def encode_prompt(prompt, tokenizer, refine_prompt=None):
-    """The query's token ids, as scored and as given to generation (no truncation).
+    """The query's token ids, as trained on and as given to generation (no truncation).
 
-    prompt: text, or chat messages (the chat template with generation prompt where the tokenizer has one).
+    prompt: text (encoded literally), or chat messages (the chat template with generation prompt
+    where the tokenizer has one, else an HH transcript ending in "\\n\\nAssistant:").
     refine_prompt: p; its tokens go directly before the query's (for a chat: at the start of the first
     user message). BOS, where used, exactly once and first. Returns list[int].
     """
-    prefix, x, s = _query(prompt, tokenizer, _inspect(tokenizer))
-    return _with_p(prefix, x, s, _encode(tokenizer, refine_prompt)) if refine_prompt else prefix + x
+    query = _query(prompt, tokenizer, _inspect(tokenizer))
+    return _with_p(query, _encode(tokenizer, refine_prompt)) if refine_prompt else query.prefix + query.ids
 
 
 def _fit(n_fixed, n_query, n_response, max_length, min_prompt):
@@ -561,11 +607,22 @@ def _views(query, chosen, rejected, key=""):
             f"{key}rejected_ids": query + rejected, f"{key}rejected_labels": ignore + rejected}
 
 
-def _tokenize_pair(pair, tokenizer, tokens, max_length, p, min_prompt, cut):
+def _responses(pair, tokenizer, query, notes):
+    """The chosen and rejected tokens, each as it continues the prompt, plus EOS; counts fallbacks in notes."""
+    out = []
+    for text in (pair.chosen, pair.rejected):
+        ids, apart = _continuation(tokenizer, query.context, query.context_ids, query.lead + text)
+        notes["responses encoded apart (a token spans the boundary)"] += apart
+        out.append(ids)
+    return out
+
+
+def _tokenize_pair(pair, tokenizer, tokens, max_length, p, min_prompt, cut, notes, p_view):
     """One pair's example (module docstring), or _Dropped; counts what truncation cut into `cut`."""
-    prefix, x, s = _query(pair.prompt, tokenizer, tokens)
-    chosen = _encode(tokenizer, pair.chosen) + [tokens.eos]
-    rejected = _encode(tokenizer, pair.rejected) + [tokens.eos]
+    query = _query(pair.prompt, tokenizer, tokens)
+    notes["p placed before a token spanning the first user message"] += query.p_moved and p is not None
+    chosen, rejected = (ids + [tokens.eos] for ids in _responses(pair, tokenizer, query, notes))
+    prefix, x = query.prefix, query.ids
     longest = max(len(chosen), len(rejected))
     keep_p, room = _fit(len(prefix) + len(p or []), len(x), longest, max_length, min(len(x), min_prompt))
     chosen, rejected = chosen[:max(room, 0)], rejected[:max(room, 0)]
@@ -577,23 +634,27 @@ def _tokenize_pair(pair, tokenizer, tokens, max_length, p, min_prompt, cut):
     cut["prompts"] += keep < len(x)
     cut["responses"] += room < longest
     example = _views(prefix + x[len(x) - keep:], chosen, rejected)
-    if p is not None:
+    if p is not None and p_view:
         cut["more prompts in the p view"] += keep_p < keep
         start = len(x) - keep_p
-        example.update(_views(_with_p(prefix, x[start:], max(0, s - start), p), chosen, rejected, "p_"))
+        kept = query._replace(ids=x[start:], p_at=max(0, query.p_at - start))
+        example.update(_views(_with_p(kept, p), chosen, rejected, "p_"))
     nan = float("nan")
     example["score_chosen"] = nan if pair.score_chosen is None else float(pair.score_chosen)
     example["score_rejected"] = nan if pair.score_rejected is None else float(pair.score_rejected)
     return example
 
 
-def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=print, min_prompt_length=None):
-    """One example per kept pair: the x view, and the p ⊕ x view when refine_prompt is given.
+def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=print, min_prompt_length=None,
+                   p_view=True):
+    """One example per kept pair: the x view, and the p ⊕ x view when refine_prompt is given and p_view.
 
     Keys: "index" (position in the returned list), "pair_index" (position in `pairs`),
     "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels" (list[int]; -100 on the prompt),
-    with refine_prompt also "p_chosen_ids", "p_chosen_labels", "p_rejected_ids", "p_rejected_labels";
-    "score_chosen", "score_rejected" (float, nan if unknown). Truncation: module docstring.
+    with the p view also "p_chosen_ids", "p_chosen_labels", "p_rejected_ids", "p_rejected_labels";
+    "score_chosen", "score_rejected" (float, nan if unknown). Truncation: module docstring; with
+    refine_prompt and p_view=False it is the same as with the p view (the x view of a run without
+    p equals a Sr run's), and only the x view is returned.
     min_prompt_length: a query is cut no shorter than this to make room for a response (default:
     half of max_length less BOS and p's tokens). Logs one summary line; DataError when no pair is left.
     """
@@ -604,10 +665,10 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
         raise DataError(f"max_length={max_length} leaves no room for a query and a response "
                         f"after {fixed} tokens of BOS and refinement prompt")
     min_prompt = (max_length - fixed) // 2 if min_prompt_length is None else min_prompt_length
-    cut = Counter()
+    cut, notes = Counter(), Counter()
 
     def convert(item):
-        example = _tokenize_pair(item[1], tokenizer, tokens, max_length, p, min_prompt, cut)
+        example = _tokenize_pair(item[1], tokenizer, tokens, max_length, p, min_prompt, cut, notes, p_view)
         example["pair_index"] = item[0]
         return example
 
@@ -615,8 +676,10 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
     for i, example in enumerate(examples):
         example["index"] = i
     truncated = ", ".join(f"{n:,} {what}" for what, n in cut.items() if n)
-    _report(f"tokenized (max_length={max_length}{', with p' if p is not None else ''})", examples, dropped, log,
-            f"; truncated {truncated}" if truncated else "")
+    noted = "".join(f"; {n:,} {what}" for what, n in notes.items() if n)
+    view = "" if p is None else ", with p" if p_view else ", cut as with p"
+    _report(f"tokenized (max_length={max_length}{view})", examples, dropped, log,
+            (f"; truncated {truncated}" if truncated else "") + noted)
     return examples
 
 

@@ -121,15 +121,39 @@ def literal(tok, text):
     return tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
 
+def hh(messages):
+    """A chat as an HH transcript, written out here independently of data.py."""
+    roles = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{roles[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
 def full_query(tok, prompt):
     """The query ids independently of data.py: the template via apply_chat_template, or the text."""
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     if isinstance(prompt, str) or not tok.chat_template:
-        text = prompt if isinstance(prompt, str) else data._transcript(prompt)
+        text = prompt if isinstance(prompt, str) else hh(prompt)
         return bos + literal(tok, text)
     ids = tok.apply_chat_template(list(prompt), tokenize=True, add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return ids if ids[:1] == bos else bos + ids
+
+
+def continuation(tok, prompt, text):
+    """(ids, apart): text's tokens as they follow the prompt's text (after a template's last special token);
+    where a token spans that boundary (apart), as they follow a newline. A chat without a template is an HH
+    transcript, the reply after a space."""
+    if isinstance(prompt, str) or not tok.chat_template:
+        context = prompt if isinstance(prompt, str) else hh(prompt)
+        text = text if isinstance(prompt, str) else " " + text
+    else:
+        rendered = tok.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        special = [t for t in tok.added_tokens_encoder if t in rendered]
+        context = rendered[max((rendered.rfind(t) + len(t) for t in special), default=0):] or "\n"
+    for apart, anchor in enumerate((context, "\n")):
+        before, joint = literal(tok, anchor), literal(tok, anchor + text)
+        if joint[:len(before)] == before:
+            return joint[len(before):], bool(apart)
+    return literal(tok, text), True
 
 
 def p_position(tok, prompt, bos):
@@ -149,7 +173,8 @@ def check_example(ex, pair, tok, max_length, refine=True):
     eos = tok.eos_token_id
     p = literal(tok, P) if refine else []
     query = full_query(tok, pair.prompt)[len(bos):]
-    full = {side: literal(tok, text) + [eos] for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected))}
+    full = {side: continuation(tok, pair.prompt, text)[0] + [eos]
+            for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected))}
     longest_full = max(map(len, full.values()))
     longest = max(len(scored(ex["chosen_labels"])), len(scored(ex["rejected_labels"])))
     for side, response in full.items():
@@ -246,7 +271,7 @@ def test_truncation_keeps_the_scored_tokens_identical(name, request):
             pair = pairs[ex["pair_index"]]
             check_example(ex, pair, tok, max_length)
             n = len(full_query(tok, pair.prompt)) - bos
-            full = max(len(literal(tok, t)) + 1 for t in (pair.chosen, pair.rejected))
+            full = max(len(continuation(tok, pair.prompt, t)[0]) + 1 for t in (pair.chosen, pair.rejected))
             longest = max(len(scored(ex["chosen_labels"])), len(scored(ex["rejected_labels"])))
             kept_p = len(ex["p_chosen_ids"]) - len(scored(ex["p_chosen_labels"])) - bos - p_len
             if longest < full:  # a response was cut: the p view is full and its query at the floor
@@ -348,10 +373,12 @@ def test_encode_prompt_is_the_prompt_of_the_example(bpe_chat):
             assert data.encode_prompt(pair.prompt, tok, P) == ex["p_chosen_ids"][:n_p]
 
 
-def test_chat_without_template_single_turn_is_plain_text():
+def test_chat_without_template_is_an_hh_transcript():
     tok = byte_tokenizer()
-    single = ({"role": "user", "content": "Copy: ABDEF\n"},)
-    assert data.encode_prompt(single, tok) == data.encode_prompt("Copy: ABDEF\n", tok)
+    single = ({"role": "user", "content": "How do I bake bread?"},)
+    assert tok.decode(data.encode_prompt(single, tok)) == "\n\nHuman: How do I bake bread?\n\nAssistant:"
+    (ex,) = data.tokenize_pairs([Pair(single, "Knead it.", "No.")], tok, 512, log=None)
+    assert tok.decode(scored(ex["chosen_labels"])) == " Knead it.</s>"  # the reply after a space, as in HH
     multi = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Yo"},
              {"role": "user", "content": "Bye"})
     assert tok.decode(data.encode_prompt(multi, tok)) == "\n\nHuman: Hi\n\nAssistant:  Yo\n\nHuman: Bye\n\nAssistant:"
