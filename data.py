@@ -23,7 +23,8 @@ Truncation to max_length (exact rule)
        min(n, m - [BOS] - r) query tokens: it keeps at least as much of the query as the p view
        (in a chat the p view loses the template head first, then the oldest turns).
     So both views score exactly the same response tokens, and without p the two steps are one.
-    The x view is the one a run without p sees, unless a response had to be cut to fit the p view.
+    Runs without the p view (DPO, IPO, SFT) pass p with p_view=False: they are cut by the same rule,
+    so every loss sees the same x-view tokens at the same max_length.
     3. Dropped and counted: a pair left with no response token ("response truncated away"), or with
        no query token in the longest view ("no room for the query"; only with min_prompt_length=0).
     The summary line also counts the prompts and responses that were cut.

@@ -1,9 +1,11 @@
 """data.py: the two views, formats, truncation, order, resume and bad input. No network."""
+import functools
 import gzip
 import json
 import math
 import os
 import random
+import string
 import sys
 from collections import Counter
 
@@ -22,6 +24,7 @@ CHAT_PLAIN = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | trim }
               "{% if add_generation_prompt %}[assistant] {% endif %}")
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "Human", "Assistant", "café", "naïve", "日本", "!", "?", "\n",
          "  ", "Query:", "100", "x", "ünïcode", "🙂", "tab\t", "<s>", "</s>"]
+HH_TEXT = "\n\nHuman: How do I bake bread?\n\nAssistant: I'm not sure, the oven is hot. I'd knead it."
 
 
 def fixture(name):
@@ -62,6 +65,41 @@ def bpe_chat(bpe):
 
     tok = copy.deepcopy(bpe)
     tok.chat_template = CHAT_BOS
+    return tok
+
+
+ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def spm():
+    """A sentencepiece-style BPE in Llama-2's layout: a normalizer prepends '▁' and writes spaces as '▁'
+    (pieces only start with '▁', as sentencepiece's do); BOS <s> (1), EOS </s> (2), zephyr's role tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=True)  # for training only
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<|user|>",
+                                                                  "<|assistant|>", "<|system|>"],
+                                  initial_alphabet=list(string.printable + "".join(WORDS)))
+    core.train_from_iterator([P, " ".join(WORDS), HH_TEXT] * 4, trainer)
+    core.pre_tokenizer = None
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                        special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def spm_chat(spm):
+    import copy
+
+    tok = copy.deepcopy(spm)
+    tok.chat_template = "{{ bos_token }}" + ZEPHYR
     return tok
 
 
@@ -206,7 +244,8 @@ def check_example(ex, pair, tok, max_length, refine=True):
 
 
 TOKENIZERS = {"byte": lambda req: byte_tokenizer(), "bpe": lambda req: req.getfixturevalue("bpe"),
-              "bpe-chat": lambda req: req.getfixturevalue("bpe_chat"),
+              "bpe-chat": lambda req: req.getfixturevalue("bpe_chat"), "spm": lambda req: req.getfixturevalue("spm"),
+              "spm-chat": lambda req: req.getfixturevalue("spm_chat"),
               "byte-chat": lambda req: byte_tokenizer(CHAT_PLAIN)}
 
 
@@ -226,8 +265,9 @@ def test_two_views_score_the_same_tokens_and_p_comes_first(name, request):
     if tok.chat_template:  # p at the start of the first user message, after the system turn
         chat = ({"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"})
         ids = data.encode_prompt(chat, tok, P)
-        assert tok.decode(ids) == tok.apply_chat_template([chat[0], {"role": "user", "content": P + "Hi"}],
-                                                          tokenize=False, add_generation_prompt=True)
+        render = functools.partial(tok.apply_chat_template, tokenize=False, add_generation_prompt=True)
+        if tok.decode(full_query(tok, chat)) == render(list(chat)):  # where decoding is exact (not spm)
+            assert tok.decode(ids) == render([chat[0], {"role": "user", "content": P + "Hi"}])
         at = p_position(tok, chat, bos)
         assert at > len(bos) and without(ids, p, at) == full_query(tok, chat)
 
@@ -382,6 +422,63 @@ def test_chat_without_template_is_an_hh_transcript():
     multi = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Yo"},
              {"role": "user", "content": "Bye"})
     assert tok.decode(data.encode_prompt(multi, tok)) == "\n\nHuman: Hi\n\nAssistant:  Yo\n\nHuman: Bye\n\nAssistant:"
+
+
+def test_sentencepiece_scores_the_tokens_the_model_would_continue_with(spm):
+    """No lone '▁' before the response: the scored tokens are the joint tokens after the prompt's."""
+    prompt, response = HH_TEXT[:HH_TEXT.index(" I'm")], " I'm not sure"
+    assert literal(spm, response)[0] == spm.convert_tokens_to_ids("▁")  # what a separate encoding would score
+    (ex,) = data.tokenize_pairs([Pair(prompt, response, " No.")], spm, 512, P, log=None)
+    joint = [spm.bos_token_id] + literal(spm, prompt + response) + [spm.eos_token_id]
+    assert ex["chosen_ids"] == joint and scored(ex["chosen_labels"]) == joint[-4:]
+    assert scored(ex["p_chosen_labels"]) == scored(ex["chosen_labels"])
+
+
+@pytest.mark.parametrize("name", ["spm_chat", "bpe_chat"])
+def test_template_prompt_is_apply_chat_template_and_the_reply_continues_it(name, request):
+    tok = request.getfixturevalue(name)
+    chat = ({"role": "system", "content": "Be kind."}, {"role": "user", "content": "How do I bake bread?"},
+            {"role": "assistant", "content": "Knead it."}, {"role": "user", "content": "And then?"})
+    template = tok.apply_chat_template(list(chat), tokenize=True, add_generation_prompt=True)
+    template = list(template["input_ids"] if hasattr(template, "keys") else template)
+    assert data.encode_prompt(chat, tok) == template
+    (ex,) = data.tokenize_pairs([Pair(chat, "I'm not sure, the oven is hot.", "No.")], tok, 512, P, log=None)
+    rendered = tok.apply_chat_template(list(chat), tokenize=False, add_generation_prompt=True)
+    whole = tok.encode(rendered + "I'm not sure, the oven is hot.", add_special_tokens=False)
+    assert ex["chosen_ids"] == whole + [tok.eos_token_id]  # the template's BOS, once
+    assert scored(ex["p_chosen_labels"]) == scored(ex["chosen_labels"])
+    assert without(ex["p_chosen_ids"][:len(ex["p_chosen_ids"]) - len(scored(ex["p_chosen_labels"]))],
+                   literal(tok, P), p_position(tok, chat, [tok.bos_token_id])) == template
+
+
+def test_a_token_across_the_boundary_falls_back_and_is_counted(bpe):
+    """'ca' + 't' is one token jointly: the response is then encoded as it follows a newline."""
+    assert literal(bpe, "the ca")[-1] not in literal(bpe, "the cat")
+    lines = []
+    pairs = [Pair("the ca", "t sat", "t"), Pair("the cat", " sat", " on")]
+    first, second = data.tokenize_pairs(pairs, bpe, 512, P, log=lines.append)
+    for side, text in (("chosen", "t sat"), ("rejected", "t")):
+        expected = literal(bpe, "\n" + text)[len(literal(bpe, "\n")):] + [bpe.eos_token_id]
+        assert scored(first[f"{side}_labels"]) == scored(first[f"p_{side}_labels"]) == expected
+    assert second["chosen_ids"] == [bpe.bos_token_id] + literal(bpe, "the cat sat") + [bpe.eos_token_id]
+    assert "2 responses encoded apart (a token spans the boundary)" in lines[0]
+
+
+def test_x_view_is_the_same_for_every_loss(spm):
+    """p_view=False cuts as with the p view: a DPO run sees the x-view tokens a Sr-DPO run sees."""
+    rng = random.Random(7)
+    pairs = [random_pair(rng, chat=i % 3 == 0, lo=5, hi=60) for i in range(30)]
+    p_len = len(literal(spm, P))
+    lines = []
+    for max_length in (p_len + 50, p_len + 150):
+        sr = data.tokenize_pairs(pairs, spm, max_length, P, log=None)
+        dpo = data.tokenize_pairs(pairs, spm, max_length, P, log=lines.append, p_view=False)
+        uncut = data.tokenize_pairs(pairs, spm, max_length, None, log=None)
+        x_keys = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
+        assert [{k: e[k] for k in x_keys} for e in sr] == [{k: e[k] for k in x_keys} for e in dpo]
+        assert not any(k.startswith("p_") for e in dpo for k in e)
+        assert any(a[k] != b[k] for a, b in zip(dpo, uncut) for k in x_keys)  # without p, other cuts
+    assert "cut as with p" in lines[0]
 
 
 def test_template_that_mangles_the_user_text_is_an_error():
