@@ -452,7 +452,10 @@ def test_template_prompt_is_apply_chat_template_and_the_reply_continues_it(name,
 
 
 def test_a_token_across_the_boundary_falls_back_and_is_counted(bpe):
-    """'ca' + 't' is one token jointly: the response is then encoded as it follows a newline."""
+    import copy
+
+    """'ca' + 't' is one token jointly: the response is then encoded as it follows a newline. Under a
+    template, p goes before a token that spans the start of the first user message. Both are counted."""
     assert literal(bpe, "the ca")[-1] not in literal(bpe, "the cat")
     lines = []
     pairs = [Pair("the ca", "t sat", "t"), Pair("the cat", " sat", " on")]
@@ -462,6 +465,17 @@ def test_a_token_across_the_boundary_falls_back_and_is_counted(bpe):
         assert scored(first[f"{side}_labels"]) == scored(first[f"p_{side}_labels"]) == expected
     assert second["chosen_ids"] == [bpe.bos_token_id] + literal(bpe, "the cat sat") + [bpe.eos_token_id]
     assert "2 responses encoded apart (a token spans the boundary)" in lines[0]
+    plain = copy.deepcopy(bpe)  # "[user] the cat": " the" is one token across the start of the user's text
+    plain.chat_template = CHAT_PLAIN
+    chat = ({"role": "user", "content": "the cat"},)
+    rendered = plain.apply_chat_template(list(chat), tokenize=False, add_generation_prompt=True)
+    assert literal(plain, "[user] the")[-1] not in literal(plain, "[user] ")
+    (ex,) = data.tokenize_pairs([Pair(chat, "sat", "on")], plain, 512, P, log=lines.append)
+    assert "1 p placed before a token spanning the first user message" in lines[1]
+    n = len(ex["chosen_ids"]) - len(scored(ex["chosen_labels"]))
+    assert ex["chosen_ids"][:n] == [plain.bos_token_id] + plain.encode(rendered, add_special_tokens=False)
+    assert without(ex["p_chosen_ids"][:n + len(literal(plain, P))], literal(plain, P),
+                   1 + len(literal(plain, "[user]"))) == ex["chosen_ids"][:n]
 
 
 def test_x_view_is_the_same_for_every_loss(spm):
