@@ -51,13 +51,24 @@ def load_model(name=TINY, tokenizer=None, dtype=torch.float32, seed=0):
 
 
 def _dropout_off(model):
-    """Dropout off everywhere: both models must be deterministic functions of their weights."""
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
-        if hasattr(model.config, key):
-            setattr(model.config, key, 0.0)
+    """Dropout off everywhere, so both models are deterministic functions of their weights in every pass,
+    train mode included: each float "*dropout*"/"*pdrop*" of the config (and its sub-configs), each
+    nn.Dropout, and each such float a module copied from the config when it was built (the attention of
+    Llama, Mistral, GPT-NeoX and OPT keeps config.attention_dropout as a plain attribute)."""
+    def is_rate(key, value):
+        return ("dropout" in key or "pdrop" in key) and isinstance(value, float)
+
+    configs = [model.config] + [v for v in vars(model.config).values() if hasattr(v, "to_dict")]
+    for config in configs:
+        for key, value in list(vars(config).items()):
+            if is_rate(key, value):
+                setattr(config, key, 0.0)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if is_rate(key, value):
+                setattr(module, key, 0.0)
 
 
 def forward_logps(model, input_ids, attention_mask, labels, average=False):

@@ -13,7 +13,7 @@ held-out pairs (metrics.py). The functions below come in the order they are call
         policy log π(y±|x)            one forward of chosen and rejected together, with grad
         reference log π_ref(y±|x)     no grad (or read from the --precompute_ref cache)
         Sr losses only: Δπ            policy and reference on p ⊕ x, no grad (Eq. 11)
-        loss · world / global_batch   backward; gradient sync on the last micro-batch only
+        loss · world / global_batch   backward (SFT: / the global batch's response tokens); gradient sync last
     clip the gradient norm, RMSprop step, log, checkpoint atomically every --save_every steps.
 """
 
@@ -46,7 +46,7 @@ from models import (
     shard,
     to_device,
 )
-from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
+from srpo import IGNORE_INDEX, LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 CHECKPOINT, FINAL, SFT_DIR, METRICS = "checkpoint", "final", "sft", "metrics.jsonl"
@@ -84,11 +84,14 @@ class Config:
                                         "else 0")
     lr: float | None = _flag(None, "peak learning rate; unset: the paper's 5e-7, or 1e-3 for the randomly "
                                    "initialised tiny model")
-    warmup_steps: int = _flag(10, "linear warm-up of the learning rate, in steps (each stage)")
+    warmup_steps: int | None = _flag(None, "linear warm-up of the learning rate, in steps (each stage); unset: 150 "
+                                           "as the DPO reference code, or 9 for tiny")
     batch_size: int = _flag(64, "global pairs per optimizer step, split over ranks and micro-batches")
     micro_batch_size: int = _flag(0, "pairs per forward pass on one rank; 0: the rank's whole share (no "
                                      "accumulation)")
     max_length: int = _flag(512, "tokens per sequence, the longer p ⊕ x view included")
+    truncate_x_only: bool = _flag(False, "DPO/IPO/SFT: fit --max_length to x alone, not to p ⊕ x as the Sr losses "
+                                         "do (then the losses see different x-view tokens)")
     epochs: float = _flag(1.0, "alignment epochs over --data ...")
     max_steps: int = _flag(-1, "... or this many alignment steps, whichever ends first (-1: no limit)")
     max_grad_norm: float = _flag(10.0, "gradient-norm clipping")
@@ -156,6 +159,8 @@ def validate(cfg, world=1):
                           f"not --loss {cfg.loss}")
     if cfg.beta <= 0:
         raise ConfigError(f"--beta {cfg.beta}: must be positive")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise ConfigError(f"--warmup_steps {cfg.warmup_steps}: must be 0 or more")
     per_rank, rem = divmod(cfg.batch_size, world)
     micro = cfg.micro_batch_size or per_rank
     if rem or per_rank == 0 or per_rank % micro:
@@ -172,6 +177,7 @@ def resolved(cfg):
     return dataclasses.replace(
         cfg, lam=lam,
         lr=cfg.lr if cfg.lr is not None else (1e-3 if tiny else 5e-7),
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (9 if tiny else 150),
         sft_steps=cfg.sft_steps if cfg.sft_steps is not None else (300 if tiny and cfg.loss != "sft" else 0))
 
 
@@ -267,11 +273,17 @@ class Stop:
 
 
 def load_examples(cfg, tokenizer, say):
-    """(training examples, held-out examples) tokenized; the held-out ones always with the p ⊕ x view."""
+    """(training examples, held-out examples) tokenized; the held-out ones always with the p ⊕ x view.
+
+    The training examples have the p ⊕ x view only where the loss uses it, but every loss is cut to
+    --max_length as the Sr losses are (``data.tokenize_pairs``' p_view=False), so that at the same --max_length
+    all losses see the same x-view tokens (unless --truncate_x_only).
+    """
     refine_prompt = REFINE_PROMPTS[cfg.refine_prompt]
     pairs = data.load_pairs(cfg.data, "train", log=say)[:cfg.max_pairs or None]
-    examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if uses_p_view(cfg) else None,
-                                   log=say)
+    fit_p = uses_p_view(cfg) or not cfg.truncate_x_only
+    examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if fit_p else None, log=say,
+                                   p_view=uses_p_view(cfg))
     eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
     if eval_source is None:
         say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")
@@ -355,6 +367,10 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
         group["lr"] = lr
     totals = {}  # summed on the device; one host sync per step, not per micro-batch
     pairs = tokens = 0
+    # The loss is summed over the global batch, then divided by `denominator`: its pairs, or for SFT its
+    # response tokens (counted before any backward). FSDP averages gradients over ranks: hence the factor world.
+    denominator = all_sum([sum(map(response_tokens, micro_batches))], device)[0] if stage == "sft" \
+        else cfg.batch_size
     for i, batch in enumerate(micro_batches):
         pairs += batch["index"].numel()
         tokens += int(batch["attention_mask"].sum())  # still on the CPU: no device sync
@@ -362,8 +378,7 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
         policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
         losses, stats = sft_terms(policy, batch, cfg) if stage == "sft" else \
             preference_terms(policy, ref, cache, batch, cfg)
-        # Sum over the global batch: FSDP averages gradients over ranks, so scale by world / batch_size.
-        (losses.sum() * world / cfg.batch_size).backward()
+        (losses.sum() * world / denominator).backward()
         for key, value in {"loss": losses.detach().sum(), **stats}.items():
             totals[key] = totals.get(key, 0.0) + value.double()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -373,7 +388,7 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
                                                      torch.tensor(float(tokens), dtype=torch.float64, device=device)])
     dist.all_reduce(local)
     summed = dict(zip(keys + ["pairs", "tokens"], local.tolist()))
-    summed["grad_norm"], summed["lr"] = grad_norm.item(), lr
+    summed["grad_norm"], summed["lr"], summed["denominator"] = grad_norm.item(), lr, denominator
     if not (math.isfinite(summed["loss"]) and math.isfinite(summed["grad_norm"])):
         raise NonFiniteError(
             f"non-finite loss ({summed['loss']:.4g}) or gradient norm ({summed['grad_norm']:.4g}) at {stage} "
@@ -384,8 +399,9 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
 
 
 def get_lr(step, peak_lr, warmup_steps):
-    """Linear warm-up from peak_lr / warmup_steps to peak_lr, then constant (as in the DPO authors' code)."""
-    return peak_lr * min(1.0, (step + 1) / max(1, warmup_steps))
+    """The learning rate of step (from 0): peak_lr * min(1, (step + 1) / (warmup_steps + 1)), the DPO reference
+    code's LambdaLR ramp: a linear warm-up that reaches peak_lr at step warmup_steps, then constant."""
+    return peak_lr * min(1.0, (step + 1) / (warmup_steps + 1))
 
 
 def preference_terms(policy, ref, cache, batch, cfg):
@@ -413,11 +429,19 @@ def preference_terms(policy, ref, cache, batch, cfg):
     return losses, metrics.preference_sums(*metrics.rewards(pc.detach(), pr.detach(), rc, rr, cfg.beta), delta)
 
 
-def sft_terms(policy, batch, cfg):
-    """Per-example SFT loss [B]: the mean negative log-likelihood of the chosen response's tokens."""
+def response_tokens(batch):
+    """The scored tokens of the chosen rows (SFT's targets): labels other than -100 after the first position."""
     B = batch["index"].numel()
-    nll = -forward_logps(policy, batch["input_ids"][:B], batch["attention_mask"][:B], batch["labels"][:B],
-                         average=True)
+    return int((batch["labels"][:B, 1:] != IGNORE_INDEX).sum())
+
+
+def sft_terms(policy, batch, cfg):
+    """Per-example SFT loss [B]: the summed negative log-likelihood of the chosen response's tokens.
+
+    train_step divides by the global batch's response tokens: the loss is the mean NLL over all of them.
+    """
+    B = batch["index"].numel()
+    nll = -forward_logps(policy, batch["input_ids"][:B], batch["attention_mask"][:B], batch["labels"][:B])
     return nll, {}
 
 
@@ -444,7 +468,7 @@ def no_grad_logps(model, cache, batch, need_p, average=False):
 def step_metrics(summed, stage, step, seconds):
     """The logged metrics of one step, from the stats summed over ranks (``metrics.preference_means``)."""
     n = summed["pairs"]
-    m = {"stage": stage, "step": step, "loss": summed["loss"] / n, "grad_norm": summed["grad_norm"],
+    m = {"stage": stage, "step": step, "loss": summed["loss"] / summed["denominator"], "grad_norm": summed["grad_norm"],
          "lr": summed["lr"], "examples_per_s": n / seconds, "tokens_per_s": summed["tokens"] / seconds}
     if stage != "sft":
         m.update(metrics.preference_means(summed, n))

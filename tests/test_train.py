@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import data
 import models
 import train
 
@@ -174,15 +175,27 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
 
 def test_bad_flags_are_one_line_errors(tmp_path):
     for flags, words in ((["--loss", "dpo", "--lam", "0.3"], "--lam"),
-                         (["--batch_size", "10", "--micro_batch_size", "4"], "not divisible")):
+                         (["--batch_size", "10", "--micro_batch_size", "4"], "not divisible"),
+                         (["--warmup_steps", "-1"], "--warmup_steps")):
         done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], env=env(),
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2
         assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_get_lr_warms_up_linearly_then_holds():
-    assert [train.get_lr(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+def test_get_lr_is_the_dpo_reference_ramp():
+    reference = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                                  lambda step: min(1.0, (step + 1) / (4 + 1)))
+    expected = []
+    for _ in range(7):
+        expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    assert [train.get_lr(s, 1.0, 4) for s in range(7)] == pytest.approx(expected)
+    assert expected[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert train.get_lr(0, 1.0, 0) == 1.0
+    assert train.resolved(train.Config(model="EleutherAI/pythia-2.8b")).warmup_steps == 150
+    assert train.resolved(train.Config(warmup_steps=3)).warmup_steps == 3
 
 
 def test_shard_keeps_a_cpu_model_on_the_cpu_of_a_gpu_machine(monkeypatch):
@@ -195,3 +208,111 @@ def test_shard_keeps_a_cpu_model_on_the_cpu_of_a_gpu_machine(monkeypatch):
         assert {p.to_local().device.type for p in model.parameters()} == {"cpu"}
     finally:
         models.dist.destroy_process_group()
+
+
+def test_every_loss_sees_the_same_x_view_batches(tmp_path):
+    """At the same --max_length, DPO, IPO and SFT are cut as Sr-DPO is: identical x-view batches."""
+    words = "the cat sat on a mat and then it ran far away from the dog".split()
+    path = tmp_path / "long.jsonl"
+    with open(path, "w") as fh:
+        for i in range(16):
+            fh.write(json.dumps({"prompt": " ".join(words[i % 5:]) * 3, "chosen": " ".join(words[:8 + i % 6]) * 4,
+                                 "rejected": " ".join(words[i % 4:]) * 3}) + "\n")
+    tokenizer = models.load_tokenizer()
+
+    def batches(loss, *flags):
+        cfg = train.resolved(train.parse_config(["--loss", loss, "--max_length", "400", "--batch_size", "8",
+                                                 "--data", str(path), *flags]))
+        examples, _ = train.load_examples(cfg, tokenizer, lambda line: None)
+        return list(train.step_batches(examples, cfg, 4, 0, 0, 1, 0, 2))
+
+    def x_view(steps):
+        return [[{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in step] for step in steps]
+
+    def same(a, b):
+        return all(torch.equal(u[k], v[k]) for s, t in zip(a, b, strict=True) for u, v in zip(s, t, strict=True)
+                   for k in u)
+
+    sr = batches("sr-dpo")
+    assert "p_input_ids" in sr[0][0]
+    for loss in ("dpo", "ipo", "sft"):
+        other = batches(loss)
+        assert "p_input_ids" not in other[0][0] and same(x_view(sr), x_view(other)), loss
+    assert not same(x_view(sr), x_view(batches("dpo", "--truncate_x_only")))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "opt"])
+def test_delta_is_deterministic_with_dropout_in_the_config(tmp_path, arch):
+    """Attention dropout 0.1 in the config: Δπ of the same batch is bitwise repeatable in train mode and
+    equals its eval-mode value (the attention modules copy the rate into a float when built)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from srpo import REFINE_PROMPT, refinement
+
+    tokenizer = models.load_tokenizer()
+    rates = {"llama": {"attention_dropout": 0.1}, "gpt_neox": {"attention_dropout": 0.1, "hidden_dropout": 0.1},
+             "opt": {"attention_dropout": 0.1, "dropout": 0.1}}[arch]
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, ffn_dim=64, word_embed_proj_dim=32,
+                                  max_position_embeddings=512, **rates)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    examples = data.tokenize_pairs(data.embedded_pairs("test")[:4], tokenizer, 512, REFINE_PROMPT, log=None)
+    batch = data.collate(examples, 0)
+    view = (batch["p_input_ids"], batch["p_attention_mask"], batch["p_labels"])
+
+    def delta(policy, ref):
+        with torch.no_grad():
+            pol, rf = models.forward_logps(policy, *view), models.forward_logps(ref, *view)
+        return refinement(pol[:4], pol[4:], rf[:4], rf[4:], 0.1)
+
+    raw = AutoModelForCausalLM.from_pretrained(tmp_path).train()
+    with torch.no_grad():
+        assert not torch.equal(models.forward_logps(raw, *view), models.forward_logps(raw, *view))  # dropout is live
+    policy, ref = models.load_model(str(tmp_path)).train(), models.load_model(str(tmp_path))
+    first = delta(policy, ref)
+    assert torch.equal(first, delta(policy, ref))
+    assert torch.equal(models.forward_logps(policy, *view), models.forward_logps(policy, *view))  # the grad pass too
+    assert torch.equal(first, delta(policy.eval(), ref.eval()))
+
+
+def test_sft_loss_is_the_mean_over_the_global_batch_tokens(tmp_path):
+    """SFT's gradient is that of the mean NLL over every response token of the global batch: the same in one
+    process, in two (torchrun) and in 4 micro-batches, and equal to an independent F.cross_entropy."""
+    import torch.nn.functional as F
+
+    path = tmp_path / "sft.jsonl"
+    with open(path, "w") as fh:  # responses of 5 to 130 bytes: a per-sequence mean would weigh them otherwise
+        for i in range(8):
+            fh.write(json.dumps({"prompt": f"Say {i}:", "chosen": " yes" * (1 + 4 * i) + "!", "rejected": "no"}) + "\n")
+    flags = ["--data", str(path), "--max_pairs", "8", "--loss", "sft", "--max_steps", "1", "--optimizer", "sgd",
+             "--lr", "1", "--warmup_steps", "0", "--max_grad_norm", "1e9"]
+    assert run(tmp_path / "one", *flags)[0] == 0
+    assert run(tmp_path / "micro", *flags, "--micro_batch_size", "2")[0] == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "two"), *FAST, *flags]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    tokenizer = models.load_tokenizer()
+    examples = data.tokenize_pairs(data.load_pairs(str(path), "train", log=None), tokenizer, 512, log=None)
+
+    def gradient(per_sequence_mean):
+        model = models.load_model(models.TINY, tokenizer, seed=0)
+        nll, tokens = [], 0
+        for e in examples:
+            logits = model(input_ids=torch.tensor([e["chosen_ids"]])).logits[0, :-1]
+            labels = torch.tensor(e["chosen_labels"][1:])
+            n = int((labels != -100).sum())
+            total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+            nll.append(total / n if per_sequence_mean else total)
+            tokens += n
+        (torch.stack(nll).sum() / (len(nll) if per_sequence_mean else tokens)).backward()
+        return {k: p.detach() - p.grad for k, p in model.named_parameters()}
+
+    expected = gradient(per_sequence_mean=False)
+    for run_dir in ("one", "micro", "two"):
+        got = final_weights(tmp_path / run_dir)
+        assert_close_weights({k: got[k] for k in expected}, expected, atol=1e-5)
+    other = gradient(per_sequence_mean=True)
+    assert max((other[k] - expected[k]).abs().max() for k in expected) > 1e-3  # the test tells the two apart
