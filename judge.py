@@ -91,11 +91,13 @@ def _prompt_text(prompt):
 
 
 def embedded_questions(split="test"):
-    """The distinct prompts of the embedded dataset's split as single-turn questions."""
+    """The distinct prompts of the embedded dataset's split as single-turn questions ("data_prompt": the text
+    as trained on, so that generation frames it as training did)."""
     seen = {}
     for pair in data.embedded_pairs(split):
-        seen.setdefault(_prompt_text(pair.prompt), len(seen))
-    return [{"question_id": qid, "turns": [text]} for text, qid in seen.items()]
+        seen.setdefault(pair.prompt, len(seen))
+    return [{"question_id": qid, "turns": [_prompt_text(prompt)], "data_prompt": prompt}
+            for prompt, qid in seen.items()]
 
 
 @dataclass(frozen=True)
@@ -171,17 +173,19 @@ def question_seed(seed, question_id):
     return (seed * 1_000_003 + zlib.crc32(json.dumps(question_id).encode())) % (2 ** 31)
 
 
-def answer_turns(model, tokenizer, turns, decoding, seed):
+def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None):
     """Answers to a conversation, turn by turn, each given the earlier questions and answers.
 
-    The prompt of each turn is ``data.encode_prompt`` of the chat so far (the tokenizer's chat
-    template where it has one). Returns (answers list[str], prompt tokens cut).
+    The prompt of each turn is ``data.encode_prompt`` of the chat so far, framed as in training (the
+    tokenizer's chat template, else an HH transcript); prompt: the first turn's prompt as the training
+    data holds it, where it is text (the embedded dataset's). Returns (answers list[str], prompt tokens cut).
     """
     torch.manual_seed(seed)
     messages, answers, cut = (), [], 0
     for question in turns:
         messages += ({"role": "user", "content": question},)
-        reply, n_cut = generate_reply(model, tokenizer, data.encode_prompt(messages, tokenizer), decoding)
+        ids = data.encode_prompt(prompt if prompt is not None and len(messages) == 1 else messages, tokenizer)
+        reply, n_cut = generate_reply(model, tokenizer, ids, decoding)
         messages += ({"role": "assistant", "content": reply},)
         answers.append(reply)
         cut += n_cut
@@ -198,7 +202,7 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, progress=F
     bar = data.Progress(len(questions), f"generating ({model_id})", enabled=progress)
     for q in questions:
         answers, n_cut = answer_turns(model, tokenizer, q["turns"], decoding,
-                                      question_seed(decoding.seed, q["question_id"]))
+                                      question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"))
         cut += n_cut
         records.append({"question_id": q["question_id"], "model_id": model_id,
                         "choices": [{"index": 0, "turns": answers}], "decoding": asdict(decoding)})

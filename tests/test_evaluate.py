@@ -441,6 +441,39 @@ def test_generate_is_repeatable_by_seed(tmp_path):
     assert run("e.jsonl", 1, only_x2) == run("f.jsonl", 2, only_x2)  # greedy: the seed does not matter
 
 
+CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, CHAT])
+def test_generation_prompts_are_the_training_prompts(monkeypatch, template):
+    """Each turn's generation prompt is the prompt of the training sequence of the same conversation."""
+    tok = models.load_tokenizer()
+    tok.chat_template = template
+    replies, seen = ["Knead it.", "Bake it."], []
+
+    def fake_reply(model, tokenizer, prompt_ids, decoding):
+        seen.append(list(prompt_ids))
+        return (replies + ["ABDEF"] * 3)[len(seen) - 1], 0
+
+    monkeypatch.setattr(judge, "generate_reply", fake_reply)
+    turns = ["How do I bake bread?", "And then?"]
+    assert judge.answer_turns(None, tok, turns, judge.Decoding(), 0)[0] == replies
+    chat = ({"role": "user", "content": turns[0]}, {"role": "assistant", "content": replies[0]},
+            {"role": "user", "content": turns[1]})
+    for k, prompt in enumerate((chat[:1], chat)):
+        (ex,) = data.tokenize_pairs([data.Pair(prompt, replies[k], "No.")], tok, 4096, log=None)
+        n = sum(t == -100 for t in ex["chosen_labels"])
+        assert seen[k] == ex["chosen_ids"][:n] and n < len(ex["chosen_ids"])
+    if template is None:
+        assert tok.decode(seen[0]) == "\n\nHuman: How do I bake bread?\n\nAssistant:"
+    seen.clear()
+    questions = judge.embedded_questions("test")[:3]  # text prompts, trained on as text
+    judge.generate_answers(None, tok, questions, judge.Decoding(), "m")
+    trained = data.tokenize_pairs(data.embedded_pairs("test")[:3], tok, 512, log=None)
+    assert seen == [e["chosen_ids"][:sum(t == -100 for t in e["chosen_labels"])] for e in trained]
+
+
 def test_exact_on_the_embedded_dataset(tmp_path, capsys):
     questions = judge.embedded_questions("test")
     first_pair = {}
