@@ -316,3 +316,25 @@ def test_sft_loss_is_the_mean_over_the_global_batch_tokens(tmp_path):
         assert_close_weights({k: got[k] for k in expected}, expected, atol=1e-5)
     other = gradient(per_sequence_mean=True)
     assert max((other[k] - expected[k]).abs().max() for k in expected) > 1e-3  # the test tells the two apart
+
+
+def test_train_and_heldout_delta_std_are_one_definition():
+    """metrics.jsonl's delta_std (sums over micro-batches, train.step_metrics) and eval_delta_std / evaluate's
+    delta_std (metrics.pair_metrics) are the same number: the population std (numpy's ddof=0)."""
+    import numpy as np
+
+    import metrics
+
+    delta = torch.tensor([0.3, -1.2, 2.5, 0.0, 0.7, 1.1, -0.4], dtype=torch.float64)
+    beta, zeros = 0.1, torch.zeros_like(delta)
+    summed = {"pairs": 7.0, "tokens": 70.0, "loss": 1.0, "grad_norm": 1.0, "lr": 1.0, "denominator": 7.0}
+    for part in (delta[:3], delta[3:]):  # two micro-batches (or ranks), added as train_step adds them
+        for key, value in metrics.preference_sums(part, part * 0, part, part).items():
+            summed[key] = summed.get(key, 0.0) + float(value)
+    logged = train.step_metrics(summed, "sr-dpo", 1, 1.0)["delta_std"]
+    logps = {"policy_chosen": zeros, "policy_rejected": zeros, "ref_chosen": zeros, "ref_rejected": zeros,
+             "p_policy_chosen": delta / beta, "p_policy_rejected": zeros, "p_ref_chosen": zeros,
+             "p_ref_rejected": zeros}
+    heldout = metrics.pair_metrics(logps, beta)["delta_std"]
+    assert logged == pytest.approx(heldout, rel=1e-12) and heldout == pytest.approx(np.std(delta.numpy()), rel=1e-12)
+    assert heldout != pytest.approx(np.std(delta.numpy(), ddof=1), rel=1e-3)
