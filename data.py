@@ -684,13 +684,26 @@ def _first_fit(lengths, capacity):
     return bins
 
 
+def _balanced_bins(lengths, pack_length):
+    """Bins of total length at most pack_length (a longer item gets its own), first-fit decreasing under the
+    capacity that leaves the fewest padded tokens (bins x longest bin): rows padded to the longest row."""
+    top = max(pack_length, max(lengths))
+    low = max(max(lengths), -(-sum(lengths) // len(_first_fit(lengths, top))))
+    step = max(1, (top - low) // 64)
+
+    def padded_size(bins):
+        return len(bins) * max(sum(lengths[i] for i in b) for b in bins)
+
+    return min((_first_fit(lengths, capacity) for capacity in range(top, low - 1, -step)), key=padded_size)
+
+
 def _pack(pieces, pack_length, pad_token_id, shared):
     """Pieces in rows of at most pack_length tokens (a longer piece gets a row of its own), tail-padded.
 
     Returns input_ids, position_ids, labels, segment_ids [R, L] (the tail: pad id, positions restarting
     at 0, -100, segment -1), and when shared the 4D attention_mask [R, 1, L, L] bool (True: attend).
     """
-    bins = _first_fit([len(p) for p in pieces], max(pack_length, max(len(p) for p in pieces)))
+    bins = _balanced_bins([len(p) for p in pieces], pack_length)
     width = max(sum(len(pieces[i]) for i in b) for b in bins)
     rows = {name: [] for name in ("ids", "labels", "positions", "segments", "groups", "branches")}
     for b in bins:
