@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-import models_packing as models
+import models
 from srpo import IGNORE_INDEX
 
 VOCAB = 97
@@ -64,6 +64,12 @@ def logps_and_grads(model, batch, n, prefix, weights, average=False):
     return logps.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+def assert_close_grad(got, want, name):
+    """Equal within float32 rounding at the scale of the whole gradient tensor."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()),
+                               msg=lambda m: f"{name}: {m}")
+
+
 def test_collate_layouts():
     """The layouts hold the same real tokens: packed without padding inside a row, shared with the prompt once."""
     examples = random_examples()
@@ -92,7 +98,7 @@ def test_same_logps_and_gradients_as_padded(model, packing, prefix):
     ours, our_grads = logps_and_grads(model, data.collate(examples, 0, packing, 40), n, prefix, weights)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
-        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_grad(our_grads[name], ref_grads[name], name)
 
 
 def test_chosen_only_mean_matches_padded(model):
@@ -106,7 +112,7 @@ def test_chosen_only_mean_matches_padded(model):
         ours, our_grads = logps_and_grads(model, batch, n, "", weights, True)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
         for name in ref_grads:
-            torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+            assert_close_grad(our_grads[name], ref_grads[name], name)
 
 
 def test_support_check_passes_transformers_models(model):
@@ -152,3 +158,33 @@ def test_collate_rejects_bad_layouts():
         data.collate(examples, 0, "ragged", 8)
     with pytest.raises(ValueError, match="needs a positive pack_length"):
         data.collate(examples, 0, "packed")
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "sr-dpo", "sr-ipo", "sft"])
+def test_every_loss_and_its_gradients_match_padded(loss):
+    """train.py's per-pair terms on each layout: losses, logged statistics, and every parameter's gradient."""
+    import train
+
+    policy, ref = tiny("llama" if loss == "sft" else "gpt-neox", "sdpa"), tiny("gpt-neox", "sdpa")
+    with torch.no_grad():  # a reference unlike the policy, so that every margin and Δπ is non-zero
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = train.resolved(train.Config(loss=loss, lam=0.7 if loss.startswith("sr") else None))
+    examples = random_examples()
+    results = {}
+    for packing in data.PACKINGS:
+        policy.zero_grad(set_to_none=True)
+        batch = data.collate(examples, 0, packing, 40, chosen_only=loss == "sft")
+        losses, stats = (train.sft_terms(policy, batch, cfg) if loss == "sft"
+                         else train.preference_terms(policy, ref, None, batch, cfg))
+        losses.sum().backward()
+        results[packing] = (losses.detach(), stats, {n: p.grad.clone() for n, p in policy.named_parameters()})
+    ref_losses, ref_stats, ref_grads = results["padded"]
+    for packing in ("packed", "shared"):
+        got_losses, got_stats, got_grads = results[packing]
+        torch.testing.assert_close(got_losses, ref_losses, rtol=1e-5, atol=1e-6)
+        assert got_stats.keys() == ref_stats.keys()
+        for key in ref_stats:
+            torch.testing.assert_close(got_stats[key], ref_stats[key], rtol=1e-5, atol=1e-6, msg=key)
+        for name in ref_grads:
+            assert_close_grad(got_grads[name], ref_grads[name], name)
