@@ -34,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import data  # noqa: E402
+import models  # noqa: E402
 import step_cost  # noqa: E402  (peak memory and device helpers)
 import train  # noqa: E402
 from srpo import REFINE_PROMPT  # noqa: E402
@@ -99,7 +100,7 @@ def real_shaped_pairs(n, vocab, seed):
 def build_model(name, tokenizer, seed=0):
     """train.py's tiny model, or the random GPT-NeoX 4 x 256 with vocab 50304; dropout off."""
     if name == "tiny":
-        return train.load_model(train.TINY, tokenizer, seed=seed)
+        return models.load_model(models.TINY, tokenizer, seed=seed)
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
@@ -123,8 +124,9 @@ def examples_for(args, name):
 
 
 def batches(args, examples, packing):
-    """One step's micro-batches, as train.py collates them."""
-    return train.micro_batches(examples, list(range(len(examples))), args.micro, 0, packing, args.max_length)
+    """One step's micro-batches, as train.step_batches collates them."""
+    return [data.collate(examples[a:a + args.micro], 0, packing, args.max_length)
+            for a in range(0, len(examples), args.micro)]
 
 
 def token_counts(args, examples):
@@ -146,11 +148,11 @@ class Kit:
     """A process group of one, the FSDP2 policy and reference, the optimizer, the examples."""
 
     def __init__(self, args, name):
-        self.rank, self.world, self.device = train.setup_distributed(args.device)
+        self.rank, self.world, self.device = models.setup_distributed(args.device)
         tokenizer, self.examples = examples_for(args, name)
-        self.policy = train.shard(build_model(name, tokenizer), self.device).train()
+        self.policy = models.shard(build_model(name, tokenizer), self.device).train()
         ref = build_model(name, tokenizer)
-        self.ref = train.shard(ref.to(step_cost_frozen_dtype(self.device)), self.device).requires_grad_(False)
+        self.ref = models.shard(ref.to(models.frozen_dtype(self.device)), self.device).requires_grad_(False)
         self.optimizer = torch.optim.RMSprop(self.policy.parameters(), lr=1e-6)
 
     def step(self, args, packing, loss, i, micro_batches=None):
@@ -159,10 +161,6 @@ class Kit:
         micro_batches = micro_batches or batches(args, self.examples, packing)  # collation is part of the step
         train.train_step(self.policy, self.ref, None, self.optimizer, micro_batches, cfg, loss, i, self.world,
                          self.device)
-
-
-def step_cost_frozen_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else torch.float32  # as train.run stores π_ref
 
 
 def measure_time(args, name):
@@ -182,6 +180,8 @@ def measure_time(args, name):
             seconds[packing, loss].append(time.perf_counter() - t0)
         now = time.perf_counter()
         print(f"{name}: round {i + 1}/{args.rounds} took {now - t_round:.1f}s", file=sys.stderr, flush=True)
+        with open(f"{args.out}.{name}.partial.json", "w") as fh:  # what is done so far, should the run be cut
+            json.dump({f"{p} {loss}": t for (p, loss), t in seconds.items()}, fh)
         if args.max_seconds and now - start + (now - t_round) > args.max_seconds:
             break
     return {"tokens": token_counts(args, kit.examples),
@@ -291,7 +291,7 @@ def main(argv=None):
         try:
             out = measure_time(args, name) if kind == "time" else measure_memory(args, name, *rest)
         finally:
-            train.dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
         print(json.dumps(out))
         return
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
