@@ -705,32 +705,36 @@ def _pack(pieces, pack_length, pad_token_id, shared):
     """
     bins = _balanced_bins([len(p) for p in pieces], pack_length)
     width = max(sum(len(pieces[i]) for i in b) for b in bins)
-    rows = {name: [] for name in ("ids", "labels", "positions", "segments", "groups", "branches")}
-    for b in bins:
-        tail = width - sum(len(pieces[i]) for i in b)
-        fill = {"ids": [pad_token_id] * tail, "labels": [IGNORE_INDEX] * tail, "positions": list(range(tail)),
-                "segments": [-1] * tail, "groups": [-1] * tail, "branches": [0] * tail}
-        for name, row in rows.items():
-            row.append([t for i in b for t in getattr(pieces[i], name)] + fill[name])
-    t = {name: torch.tensor(row, dtype=torch.int64) for name, row in rows.items()}
+    rows = [[pieces[i] for i in b] for b in bins]
+    for row in rows:
+        tail = width - sum(len(p) for p in row)
+        if tail:
+            row.append(_Piece([pad_token_id] * tail, [IGNORE_INDEX] * tail, list(range(tail)), [-1] * tail,
+                              [-1] * tail, [0] * tail))
+    t = {name: torch.tensor([[x for p in row for x in getattr(p, name)] for row in rows], dtype=torch.int64)
+         for name in ("ids", "labels", "positions", "segments")}
     batch = {"input_ids": t["ids"], "position_ids": t["positions"], "labels": t["labels"], "segment_ids": t["segments"]}
-    if shared:
-        batch["attention_mask"] = shared_attention_mask(t["groups"], t["branches"])
+    if shared:  # numpy: single-threaded, so small ops do not wait on torch's threads in a busy process
+        mask = np.zeros((len(rows), 1, width, width), dtype=bool)
+        for r, row in enumerate(rows):
+            at = 0
+            for p in row:  # the mask is block-diagonal: one block a pair (or the tail)
+                mask[r, 0, at:at + len(p), at:at + len(p)] = shared_attention_mask(p.branches)
+                at += len(p)
+        batch["attention_mask"] = torch.from_numpy(mask)
     return batch
 
 
-def shared_attention_mask(groups, branches):
-    """Who attends to whom in rows of prompt-shared pairs: causal, within a pair, and a response branch
-    sees the shared prefix (branch 0) and itself, never the other response.
+def shared_attention_mask(branches):
+    """Who attends to whom within one prompt-shared pair: causal, and a response branch sees the shared
+    prefix (branch 0) and itself, never the other response.
 
-    Shape: groups [R, L] int64 (the pair of each token), branches [R, L] int64 (0 prefix, 1 chosen, 2 rejected).
-    Returns [R, 1, L, L] bool, True where query token i may attend to key token j.
+    Shape: branches list of n ints (0 prefix, 1 chosen, 2 rejected), in row order.
+    Returns [n, n] numpy bool, True where query token i may attend to key token j.
     """
-    L = groups.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    same_group = groups[:, :, None] == groups[:, None, :]
-    visible = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
-    return (causal & same_group & visible)[:, None]
+    b = np.asarray(branches)
+    causal = np.tri(len(b), dtype=bool)
+    return causal & ((b[None, :] == 0) | (b[:, None] == b[None, :]))
 
 
 def _view_sequences(examples, key, chosen_only):

@@ -55,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--micro", type=int, default=8, help="pairs per micro-batch")
     p.add_argument("--max_length", type=int, default=512, help="tokenize_pairs' max_length, and the pack length")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (a step of every layout and loss each)")
+    p.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated, of {', '.join(LOSSES)}")
+    p.add_argument("--no_warmup", action="store_true", help="skip the warm-up steps (a slow CPU: first calls cost "
+                                                            "little beside a step)")
+    p.add_argument("--no_memory", action="store_true", help="time only")
     p.add_argument("--max_seconds", type=float, default=0, help="start no round that would end after this many "
                                                                 "seconds of timing (0: no limit; 1 round at least)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -165,9 +169,9 @@ class Kit:
 
 def measure_time(args, name):
     kit = Kit(args, name)
-    keys = [(packing, loss) for loss in LOSSES for packing in data.PACKINGS]
+    keys = [(packing, loss) for loss in args.losses.split(",") for packing in data.PACKINGS]
     seconds = {key: [] for key in keys}
-    for packing, loss in keys:  # warm-up: a step of one micro-batch each
+    for packing, loss in [] if args.no_warmup else keys:  # warm-up: a step of one micro-batch each
         kit.step(args, packing, loss, 0, batches(args, kit.examples, packing)[:1])
     start = time.perf_counter()
     for i in range(args.rounds):
@@ -223,7 +227,7 @@ def measure_model(args, argv, name, device, env):
     pairs = [cores[i:i + 2] for i in range(0, len(cores) - 1, 2)] if device == "cpu" and args.jobs > 1 else [None]
     timing = child(argv, f"time:{name}", env, pairs[0])
     mem_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536") if device == "cpu" else env
-    todo = [(p, loss) for loss in LOSSES for p in data.PACKINGS]
+    todo = [] if args.no_memory else [(p, loss) for loss in args.losses.split(",") for p in data.PACKINGS]
     memory = []
     if len(pairs) > 1:  # memory beside the timing process, on other cores
         while todo:
@@ -242,13 +246,15 @@ def ratios(res):
     """Per (layout, loss): median seconds, the median over rounds of the per-round ratio to padded, memory."""
     t = {(r["packing"], r["loss"]): r["seconds"] for r in res["time"]}
     m = {(r["packing"], r["loss"]): r for r in res["memory"]}
+    nan = float("nan")
     rows = []
-    for loss in LOSSES:
+    for loss in [name for name in LOSSES if ("padded", name) in t]:
         for p in data.PACKINGS:
+            mem = m.get((p, loss))
             rows.append({"packing": p, "loss": loss, "step_s": statistics.median(t[p, loss]),
                          "time_ratio": statistics.median(a / b for a, b in zip(t[p, loss], t["padded", loss])),
-                         "peak_mib": m[p, loss]["peak_bytes"] / MiB,
-                         "peak_ratio": m[p, loss]["peak_bytes"] / m["padded", loss]["peak_bytes"]})
+                         "peak_mib": mem["peak_bytes"] / MiB if mem else nan,
+                         "peak_ratio": mem["peak_bytes"] / m["padded", loss]["peak_bytes"] if mem else nan})
     return rows
 
 
