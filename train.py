@@ -230,7 +230,8 @@ def run(cfg, rank, world, device):
         say(f"stage {stage}: {n_steps} steps of {cfg.batch_size} pairs ({world} rank(s) x "
             f"{cfg.batch_size // world // micro} micro-batch(es) of {micro}), lr {cfg.lr:g}"
             + (f", beta {cfg.beta}, lambda {cfg.lam}, refine {cfg.refine}" if stage in SELF_REFINED else "")
-            + f"; {s.packing} batches" + (f" (rows of up to {cfg.pack_length} tokens)" if s.packing != "padded" else ""))
+            + f"; {s.packing} batches"
+            + (f" (rows of up to {cfg.pack_length} tokens)" if s.packing != "padded" else ""))
         batches = step_batches(examples, cfg, micro, tokenizer.pad_token_id, rank, world, step, n_steps, s.packing,
                                chosen_only=stage == "sft")
         for micro_batches in batches:

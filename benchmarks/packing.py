@@ -11,8 +11,9 @@ A step is train.train_step on --pairs pairs in micro-batches of --micro, collati
 
 Tokens: real tokens (the sequences' own, prompt counted once per sequence) / tokens computed (the rows'
 size), per view. Time: per model, one process takes every (layout, loss) in turn, a step each (after a
-warm-up step of one micro-batch each), for --rounds rounds; the table gives medians, the ratios the median over rounds of each round's ratio to the
-padded step of the same loss, so a change in the machine's load (other jobs on a shared CPU) cancels.
+warm-up step of one micro-batch each), for --rounds rounds; the table gives medians, the ratios the
+median over rounds of each round's ratio to the padded step of the same loss, so a change in the
+machine's load (other jobs on a shared CPU) cancels.
 Memory: each (layout, loss) alone in a fresh process (step_cost.py's way: CPU peak RSS with glibc's mmap
 threshold at 64 KiB, CUDA max_memory_allocated): one micro-batch to warm up, then the peak over a step.
 """
@@ -33,9 +34,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+import step_cost  # noqa: E402  (peak memory and device helpers)
+
 import data  # noqa: E402
 import models  # noqa: E402
-import step_cost  # noqa: E402  (peak memory and device helpers)
 import train  # noqa: E402
 from srpo import REFINE_PROMPT  # noqa: E402
 
