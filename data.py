@@ -63,6 +63,8 @@ FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 _TRANSCRIPT_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 _MARK = "\ue000srpo-p\ue000"  # placed where p goes in a chat; never left in any output
 
+PACKINGS = ("padded", "packed", "shared")  # batch layouts of collate
+
 EMBEDDED_TEMPLATE = "Copy: {}\n"
 EMBEDDED_ALPHABET = "ABDEFGHIJKLMORSUVWXYZ"
 EMBEDDED_LENGTH = 5
@@ -693,33 +695,169 @@ def _pad(rows, value):
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.int64)
 
 
-def _stack_view(examples, pad_token_id, key=""):
-    """input_ids, attention_mask, labels [2B, T] of one view: chosen rows first, then rejected."""
-    ids = [e[f"{key}chosen_ids"] for e in examples] + [e[f"{key}rejected_ids"] for e in examples]
-    labels = [e[f"{key}chosen_labels"] for e in examples] + [e[f"{key}rejected_labels"] for e in examples]
-    return {f"{key}input_ids": _pad(ids, pad_token_id),
-            f"{key}attention_mask": _pad([[1] * len(r) for r in ids], 0),
-            f"{key}labels": _pad(labels, IGNORE_INDEX)}
+@dataclass
+class _Piece:
+    """Tokens that stay together in one packed row, with each token's position, sequence, pair and branch."""
+    ids: list
+    labels: list
+    positions: list
+    segments: list
+    groups: list
+    branches: list
+
+    def __len__(self):
+        return len(self.ids)
 
 
-def collate(examples, pad_token_id):
-    """A batch of B examples as tensors, right-padded, chosen rows first then rejected.
+def _sequence_piece(ids, labels, segment):
+    """One sequence on its own: positions from 0, one segment, one group, branch 0."""
+    n = len(ids)
+    return _Piece(list(ids), list(labels), list(range(n)), [segment] * n, [segment] * n, [0] * n)
 
-    Returns "input_ids", "attention_mask", "labels" [2B, T] (labels -100 on padding); with the p view
-    also "p_input_ids", "p_attention_mask", "p_labels" [2B, T']; "index" [B] int64;
-    "score_chosen", "score_rejected" [B] float32 (nan if unknown). Rows [:B] are the chosen half (SFT).
-    pad_token_id None (a tokenizer without a pad token, e.g. Pythia's) pads with 0.
+
+def _shared_piece(chosen_ids, chosen_labels, rejected_ids, rejected_labels, group, n_pairs):
+    """One pair with its prompt once: prompt[:-1], then prompt[-1] + chosen, then prompt[-1] + rejected.
+
+    The prompt is the longest unscored common prefix of the two sequences. Its last token is written
+    twice, once before each response, so that each response's first token is predicted from its own copy
+    (positions and attention as in the unshared sequence). Branch 0 is the shared prefix, 1 the chosen
+    branch, 2 the rejected one; the chosen branch is segment `group`, the rejected branch `group + n_pairs`.
+    """
+    n = 0
+    while (n < min(len(chosen_ids), len(rejected_ids)) and chosen_ids[n] == rejected_ids[n]
+           and chosen_labels[n] == rejected_labels[n] == IGNORE_INDEX):
+        n += 1
+    head = max(n - 1, 0)
+    c, r = len(chosen_ids) - head, len(rejected_ids) - head
+    return _Piece(chosen_ids + rejected_ids[head:], chosen_labels + rejected_labels[head:],
+                  list(range(len(chosen_ids))) + list(range(head, len(rejected_ids))),
+                  [group] * (head + c) + [group + n_pairs] * r, [group] * (head + c + r),
+                  [0] * head + [1] * c + [2] * r)
+
+
+def _first_fit(lengths, capacity):
+    """Indices grouped into bins of total length <= capacity, first-fit decreasing (stable, deterministic)."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = next((k for k, left in enumerate(room) if lengths[i] <= left), len(bins))
+        if k == len(bins):
+            bins.append([])
+            room.append(capacity)
+        bins[k].append(i)
+        room[k] -= lengths[i]
+    return bins
+
+
+def _balanced_bins(lengths, pack_length):
+    """Bins of total length at most pack_length (a longer item gets its own), first-fit decreasing under the
+    capacity that leaves the fewest padded tokens (bins x longest bin): rows padded to the longest row."""
+    top = max(pack_length, max(lengths))
+    low = max(max(lengths), -(-sum(lengths) // len(_first_fit(lengths, top))))
+    step = max(1, (top - low) // 64)
+
+    def padded_size(bins):
+        return len(bins) * max(sum(lengths[i] for i in b) for b in bins)
+
+    return min((_first_fit(lengths, capacity) for capacity in range(top, low - 1, -step)), key=padded_size)
+
+
+def _pack(pieces, pack_length, pad_token_id, shared):
+    """Pieces in rows of at most pack_length tokens (a longer piece gets a row of its own), tail-padded.
+
+    Returns input_ids, position_ids, labels, segment_ids [R, L] (the tail: pad id, positions restarting
+    at 0, -100, segment -1), and when shared the 4D attention_mask [R, 1, L, L] bool (True: attend).
+    """
+    bins = _balanced_bins([len(p) for p in pieces], pack_length)
+    width = max(sum(len(pieces[i]) for i in b) for b in bins)
+    rows = [[pieces[i] for i in b] for b in bins]
+    for row in rows:
+        tail = width - sum(len(p) for p in row)
+        if tail:
+            row.append(_Piece([pad_token_id] * tail, [IGNORE_INDEX] * tail, list(range(tail)), [-1] * tail,
+                              [-1] * tail, [0] * tail))
+    t = {name: torch.tensor([[x for p in row for x in getattr(p, name)] for row in rows], dtype=torch.int64)
+         for name in ("ids", "labels", "positions", "segments")}
+    batch = {"input_ids": t["ids"], "position_ids": t["positions"], "labels": t["labels"], "segment_ids": t["segments"]}
+    if shared:  # numpy: single-threaded, so small ops do not wait on torch's threads in a busy process
+        mask = np.zeros((len(rows), 1, width, width), dtype=bool)
+        for r, row in enumerate(rows):
+            at = 0
+            for p in row:  # the mask is block-diagonal: one block a pair (or the tail)
+                mask[r, 0, at:at + len(p), at:at + len(p)] = shared_attention_mask(p.branches)
+                at += len(p)
+        batch["attention_mask"] = torch.from_numpy(mask)
+    return batch
+
+
+def shared_attention_mask(branches):
+    """Who attends to whom within one prompt-shared pair: causal, and a response branch sees the shared
+    prefix (branch 0) and itself, never the other response.
+
+    Shape: branches list of n ints (0 prefix, 1 chosen, 2 rejected), in row order.
+    Returns [n, n] numpy bool, True where query token i may attend to key token j.
+    """
+    b = np.asarray(branches)
+    causal = np.tri(len(b), dtype=bool)
+    return causal & ((b[None, :] == 0) | (b[:, None] == b[None, :]))
+
+
+def _view_sequences(examples, key, chosen_only):
+    """(ids, labels) of one view's sequences: the chosen ones, then (unless chosen_only) the rejected ones."""
+    sides = ("chosen",) if chosen_only else ("chosen", "rejected")
+    return [(e[f"{key}{side}_ids"], e[f"{key}{side}_labels"]) for side in sides for e in examples]
+
+
+def _pack_view(examples, pad_token_id, packing, pack_length, key, chosen_only):
+    """One view of the batch in the given layout, its keys prefixed with `key`."""
+    if packing == "padded":
+        sequences = _view_sequences(examples, key, chosen_only)
+        view = {"input_ids": _pad([ids for ids, _ in sequences], pad_token_id),
+                "attention_mask": _pad([[1] * len(ids) for ids, _ in sequences], 0),
+                "labels": _pad([labels for _, labels in sequences], IGNORE_INDEX)}
+    elif packing == "packed" or chosen_only:
+        pieces = [_sequence_piece(ids, labels, s)
+                  for s, (ids, labels) in enumerate(_view_sequences(examples, key, chosen_only))]
+        view = _pack(pieces, pack_length, pad_token_id, shared=False)
+    else:
+        pieces = [_shared_piece(e[f"{key}chosen_ids"], e[f"{key}chosen_labels"], e[f"{key}rejected_ids"],
+                                e[f"{key}rejected_labels"], i, len(examples)) for i, e in enumerate(examples)]
+        view = _pack(pieces, pack_length, pad_token_id, shared=True)
+    return {key + name: value for name, value in view.items()}
+
+
+def collate(examples, pad_token_id, packing="padded", pack_length=None, chosen_only=False):
+    """A batch of B examples as tensors, one view after another, in one of the PACKINGS layouts.
+
+    Sequences are numbered chosen first (0..B-1), then rejected (B..2B-1); chosen_only keeps the first B (SFT).
+    padded: "input_ids", "attention_mask", "labels" [S, T], right-padded (labels -100 on padding); row s is
+        sequence s.
+    packed: "input_ids", "position_ids", "labels", "segment_ids" [R, L]: the sequences back to back in rows
+        of at most pack_length tokens (first-fit decreasing), positions restarting at 0 for each; segment_ids
+        the sequence of each token, -1 on the row tails, the only padding.
+    shared: as packed, but each pair's prompt once (chosen and rejected after one copy of it), with
+        "attention_mask" [R, 1, L, L] bool that keeps the two responses apart.
+    With the p view also the same keys prefixed "p_". Always "index" [B] int64; "n_tokens" (0-d int64: the x
+    view's real tokens, prompts counted per sequence); "n_scored_chosen" (0-d int64: the chosen responses'
+    scored tokens under x, SFT's denominator); "score_chosen", "score_rejected" [B] float32 (nan if
+    unknown). pad_token_id None (a tokenizer without a pad token, e.g. Pythia's) pads with 0.
     """
     if not examples:
         raise ValueError("collate: no examples")
+    if packing not in PACKINGS:
+        raise ValueError(f"collate: packing {packing!r}: expected one of {', '.join(PACKINGS)}")
+    if packing != "padded" and not (pack_length and pack_length > 0):
+        raise ValueError(f"collate: packing {packing!r} needs a positive pack_length, got {pack_length!r}")
     pad_token_id = 0 if pad_token_id is None else pad_token_id  # any id: padding is masked and unscored
     with_p = {"p_chosen_ids" in e for e in examples}
     if len(with_p) > 1:
         raise ValueError("collate: some examples have the p view and some do not")
-    batch = _stack_view(examples, pad_token_id)
+    batch = _pack_view(examples, pad_token_id, packing, pack_length, "", chosen_only)
     if with_p == {True}:
-        batch.update(_stack_view(examples, pad_token_id, "p_"))
+        batch.update(_pack_view(examples, pad_token_id, packing, pack_length, "p_", chosen_only))
     batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.int64)
+    batch["n_tokens"] = torch.tensor(sum(len(ids) for ids, _ in _view_sequences(examples, "", chosen_only)))
+    batch["n_scored_chosen"] = torch.tensor(sum(sum(t != IGNORE_INDEX for t in labels[1:])
+                                                for _, labels in _view_sequences(examples, "", True)))
     for key in ("score_chosen", "score_rejected"):
         batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
     return batch

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from models import forward_logps, model_device, to_device
+from models import model_device, to_device, view_logps
 from srpo import implicit_reward
 
 
@@ -264,12 +264,13 @@ def _has_p_view(logps):
 
 @torch.no_grad()
 def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0, world=1, average=False,
-               progress=False):
+               progress=False, packing="padded", pack_length=None):
     """log π of the chosen and rejected response of every pair under one model, without grad.
 
     examples: ``data.tokenize_pairs`` output; with_p: also score the p ⊕ x view (the examples must have
     it: tokenize_pairs with a refine_prompt). batch_size: pairs per forward pass (2·batch_size rows).
-    average: per-token mean log-probs instead of sums. Each rank scores an equal-sized share (FSDP's
+    average: per-token mean log-probs instead of sums. packing, pack_length: ``data.collate``'s batch layout
+    (the same log-probs in each; see ``models.choose_packing``). Each rank scores an equal-sized share (FSDP's
     collectives need equal counts; the last share repeats the last pair), then the shares are summed
     over ranks. The model's train/eval mode is left as it is; batches go to its first parameter's device.
 
@@ -288,13 +289,12 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     bar = data.Progress(min(share, n), "scoring pairs", enabled=progress and rank == 0)
     for a in range(rank * share, (rank + 1) * share, batch_size):
         idx = [min(i, n - 1) for i in range(a, min(a + batch_size, (rank + 1) * share))]
-        batch = to_device(data.collate([examples[i] for i in idx], pad_token_id), device)
+        batch = to_device(data.collate([examples[i] for i in idx], pad_token_id, packing, pack_length), device)
         B = len(idx)
         owned = torch.tensor([a + j < n for j in range(B)], device=device)
         at = torch.tensor(idx, device=device)[owned]
         for v, prefix in enumerate(views):
-            rows = forward_logps(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
-                                 batch[prefix + "labels"], average).float()
+            rows = view_logps(model, batch, 2 * B, prefix, average).float()
             table[2 * v, at] = rows[:B][owned]
             table[2 * v + 1, at] = rows[B:][owned]
         bar.update(int(owned.sum()))

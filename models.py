@@ -1,9 +1,10 @@
 """models.py: loading, sharding and running the causal LMs; the process group and devices.
 
 Owns: the tokenizer and model loaders (the built-in "tiny" model, or transformers without remote code),
-dropout off, ``forward_logps`` (log π of each row), FSDP2 sharding, the process group, device and dtype
-helpers, and rank-0 logging. Does not own: the losses (srpo.py), batches (data.py), what is measured
-(metrics.py) or the training loop (train.py).
+dropout off, ``forward_logps`` (log π of each row) and ``view_logps`` (of each sequence, in any of
+data.collate's layouts) with the check of which layouts a model supports (``choose_packing``), FSDP2
+sharding, the process group, device and dtype helpers, and rank-0 logging. Does not own: the losses
+(srpo.py), batches (data.py), what is measured (metrics.py) or the training loop (train.py).
 """
 
 import os
@@ -11,7 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from srpo import sequence_logps
+import data
+from srpo import IGNORE_INDEX, packed_sequence_logps, sequence_logps
 
 TINY = "tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +77,92 @@ def forward_logps(model, input_ids, attention_mask, labels, average=False):
     """log π(y|·) of each row. Shape: input_ids, attention_mask, labels [R, T]. Returns [R] float32."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return sequence_logps(logits, labels, average=average)
+
+
+def _model_mask(model, mask):
+    """A layout's 4D bool mask as the model's attention takes it: bool for sdpa, additive float for eager."""
+    if mask is None or mask.dim() != 4 or getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(torch.float32).min)
+
+
+def view_logps(model, batch, n_sequences, prefix="", average=False):
+    """log π(y|·) of each sequence of one view of a ``data.collate`` batch, in any of its layouts.
+
+    Shape: batch[prefix + ...] as ``data.collate`` makes them; n_sequences int S (2B, or B for chosen_only).
+    Returns [S] float32, sequence s as numbered by collate (chosen first).
+    """
+    if prefix + "segment_ids" not in batch:
+        return forward_logps(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                             batch[prefix + "labels"], average)
+    # packed: no mask, positions restarting per sequence (transformers keeps the sequences apart);
+    # shared: the 4D mask of data.shared_attention_mask.
+    logits = model(input_ids=batch[prefix + "input_ids"], position_ids=batch[prefix + "position_ids"],
+                   attention_mask=_model_mask(model, batch.get(prefix + "attention_mask")), use_cache=False).logits
+    return packed_sequence_logps(logits, batch[prefix + "labels"], batch[prefix + "segment_ids"], n_sequences,
+                                 average)
+
+
+def _probe_examples(vocab):
+    """Two pairs of deterministic tokens: a long prompt and responses that differ from their first token."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(vocab, 1000), (64,), generator=gen).tolist()
+    out = []
+    for i, (n_prompt, n_chosen, n_rejected) in enumerate([(20, 6, 9), (5, 12, 4)]):
+        prompt, rest = ids[32 * i:32 * i + n_prompt], ids[32 * i + n_prompt:]
+        chosen, rejected = rest[:n_chosen], rest[n_chosen:n_chosen + n_rejected]
+        mask = [IGNORE_INDEX] * n_prompt
+        out.append({"index": i, "chosen_ids": prompt + chosen, "chosen_labels": mask + chosen,
+                    "rejected_ids": prompt + rejected, "rejected_labels": mask + rejected,
+                    "score_chosen": 0.0, "score_rejected": 0.0})
+    return out
+
+
+@torch.no_grad()
+def supported_packings(model, device):
+    """The layouts of data.PACKINGS whose log-probs match the padded ones on this model, checked, not assumed.
+
+    A layout passes when its log-probs are much closer to the padded ones than to what a model computes when
+    the sequences of a row are not kept apart (the same row under a plain causal mask): max error <= 0.1 x
+    that leak. Returns a tuple of layout names, "padded" always first.
+    """
+    examples = _probe_examples(model.config.vocab_size)
+    padded = view_logps(model, {k: v.to(device) for k, v in data.collate(examples, 0).items()}, 4)
+    ok = ["padded"]
+    for packing in data.PACKINGS[1:]:
+        batch = {k: v.to(device) for k, v in data.collate(examples, 0, packing, 64).items()}
+        leaky = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
+        try:
+            err = (view_logps(model, batch, 4) - padded).abs().max()
+        except (RuntimeError, ValueError, TypeError):  # an attention that cannot take this layout's inputs
+            continue
+        leak = (view_logps(model, leaky, 4) - padded).abs().max()
+        if err <= 0.1 * leak:
+            ok.append(packing)
+    return tuple(ok)
+
+
+def choose_packing(requested, models, device, say=None):
+    """The batch layout to train and score with: `requested` (or, for "auto", the fastest of
+    data.PACKINGS) where every model supports it, else the next slower supported one, with a one-line note.
+
+    requested: "auto" or one of data.PACKINGS. models: the live models (policy, reference). Under
+    torch.distributed every rank must call it (the probe runs FSDP forwards); ranks agree on the minimum.
+    """
+    each = [supported_packings(m, device) for m in models]
+    for module in (m for model in models for m in model.modules()):
+        if hasattr(module, "reshard"):  # FSDP2 leaves the root unsharded after a forward without backward;
+            module.reshard()            # an optimizer built then would hold the wrong parameters
+    flags = torch.tensor([all(p in s for s in each) for p in data.PACKINGS], dtype=torch.int32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    wanted = len(data.PACKINGS) - 1 if requested == "auto" else data.PACKINGS.index(requested)
+    chosen = data.PACKINGS[max(i for i in range(wanted + 1) if flags[i])]  # "padded" always passes
+    if say and chosen != data.PACKINGS[wanted]:
+        say(f"--packing {requested}: this model does not give the padded log-probs with "
+            f"{data.PACKINGS[wanted]} rows (checked on a probe batch); using {chosen}")
+    return chosen
 
 
 def block_class(model):

@@ -26,7 +26,8 @@ Choices that are this module's:
       (the paper's 1/N in Algorithms 1 and 2) or a sum scaled for gradient accumulation.
     * ``sequence_logps`` never materialises a float32 copy of the whole logits tensor: it
       scores the tokens in chunks (gather minus logsumexp) and recomputes the softmax,
-      chunk by chunk, in its backward pass.
+      chunk by chunk, in its backward pass. ``packed_sequence_logps`` does the same for rows that
+      hold several sequences back to back (padding-free batches), summing by segment id.
     * The loss mapping ``LOSSES`` and the set ``SELF_REFINED`` let a trainer pick by name.
 """
 
@@ -144,11 +145,41 @@ def sequence_logps(logits, labels, average=False):
     total = per_token.sum(dim=1)  # Appendix C, step iii: log of the product
     if not average:
         return total
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    return _mean(total, (labels[:, 1:] != IGNORE_INDEX).sum(dim=1), "sequence_logps(average=True): rows")
+
+
+def _mean(total, counts, what):
+    """total / counts, or ValueError naming the entries with no scored token. Shape: total [S], counts [S]."""
     if bool((counts == 0).any()):
-        rows = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"sequence_logps(average=True): rows {rows} have no scored token")
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"{what} {empty} have no scored token")
     return total / counts
+
+
+def packed_sequence_logps(logits, labels, segment_ids, n_sequences, average=False):
+    """log π(y|·) of sequences packed into rows: the summed (or mean) token log-probs of each segment.
+
+    A token is scored when it is labelled and its predecessor in the row belongs to the same sequence,
+    so each sequence's first token is never scored, as in a padded row.
+    Shape: logits [R, L, V] causal-LM outputs of the packed rows; bf16/fp16 are scored in float32.
+    Shape: labels [R, L] int64, IGNORE_INDEX (-100) where not scored; shifted inside.
+    Shape: segment_ids [R, L] int64, the sequence (0 <= id < n_sequences) each token belongs to; -1 for none.
+    Shape: n_sequences int, the number of sequences S.
+    Shape: average bool; True gives the per-token mean (not the paper's choice).
+    Returns [S] float32 (float64 for float64 logits).
+    """
+    R, L, V = logits.shape
+    following = torch.cat([segment_ids[:, 1:], torch.full_like(segment_ids[:, :1], -1)], dim=1).reshape(-1)
+    same = (following == segment_ids.reshape(-1)) & (following >= 0)
+    targets = _shifted_targets(labels).masked_fill(~same, IGNORE_INDEX)
+    per_token = _TokenLogps.apply(logits.contiguous().view(R * L, V), targets)  # 0 where not scored
+    owner = following.clamp(min=0)
+    total = per_token.new_zeros(n_sequences).index_add(0, owner, per_token)  # Appendix C, step iii
+    if not average:
+        return total
+    counts = torch.zeros(n_sequences, dtype=torch.int64, device=owner.device).index_add(
+        0, owner, (targets != IGNORE_INDEX).long())
+    return _mean(total, counts, "packed_sequence_logps(average=True): sequences")
 
 
 def implicit_reward(policy_logps, ref_logps, beta):

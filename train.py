@@ -37,7 +37,7 @@ import metrics
 from models import (
     TINY,
     all_sum,
-    forward_logps,
+    choose_packing,
     frozen_dtype,
     load_model,
     load_tokenizer,
@@ -45,9 +45,11 @@ from models import (
     setup_distributed,
     shard,
     to_device,
+    view_logps,
 )
-from srpo import IGNORE_INDEX, LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
+from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 
+PACKINGS = ("auto", *data.PACKINGS)  # --packing (a Config field named data hides the module there)
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 CHECKPOINT, FINAL, SFT_DIR, METRICS = "checkpoint", "final", "sft", "metrics.jsonl"
 
@@ -92,6 +94,10 @@ class Config:
     max_length: int = _flag(512, "tokens per sequence, the longer p ⊕ x view included")
     truncate_x_only: bool = _flag(False, "DPO/IPO/SFT: fit --max_length to x alone, not to p ⊕ x as the Sr losses "
                                          "do (then the losses see different x-view tokens)")
+    packing: str = _flag("auto", "batch layout: padded; packed (sequences back to back, no padding); shared (also "
+                                 "each pair's prompt once); auto: the fastest that gives this model the padded "
+                                 "log-probs (checked at start)", PACKINGS)
+    pack_length: int = _flag(0, "tokens per packed row; 0: --max_length")
     epochs: float = _flag(1.0, "alignment epochs over --data ...")
     max_steps: int = _flag(-1, "... or this many alignment steps, whichever ends first (-1: no limit)")
     max_grad_norm: float = _flag(10.0, "gradient-norm clipping")
@@ -168,6 +174,8 @@ def validate(cfg, world=1):
                           f"--micro_batch_size {micro}")
     if cfg.precompute_ref and cfg.loss == "sft":
         raise ConfigError("--precompute_ref needs a preference loss, not --loss sft")
+    if cfg.pack_length < 0:
+        raise ConfigError(f"--pack_length {cfg.pack_length}: must be >= 0")
 
 
 def resolved(cfg):
@@ -175,7 +183,7 @@ def resolved(cfg):
     tiny = cfg.model == TINY
     lam = cfg.lam if cfg.lam is not None else (0.5 if cfg.loss in SELF_REFINED else 0.0)
     return dataclasses.replace(
-        cfg, lam=lam,
+        cfg, lam=lam, pack_length=cfg.pack_length or cfg.max_length,
         lr=cfg.lr if cfg.lr is not None else (1e-3 if tiny else 5e-7),
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (9 if tiny else 150),
         sft_steps=cfg.sft_steps if cfg.sft_steps is not None else (300 if tiny and cfg.loss != "sft" else 0))
@@ -207,7 +215,7 @@ def run(cfg, rank, world, device):
     examples, eval_examples = load_examples(cfg, tokenizer, say)
     micro = cfg.micro_batch_size or cfg.batch_size // world
     score = functools.partial(metrics.pair_logps, pad_token_id=tokenizer.pad_token_id, batch_size=micro, rank=rank,
-                              world=world, average=cfg.average_logps)
+                              world=world, average=cfg.average_logps, pack_length=cfg.pack_length)
     stages = plan(cfg, len(examples))
     resume = checkpoint_dir(cfg.out_dir) if cfg.resume else None
     if cfg.resume and resume is None:
@@ -227,16 +235,20 @@ def run(cfg, rank, world, device):
         policy, step = s.policy, s.step
         say(f"stage {stage}: {n_steps} steps of {cfg.batch_size} pairs ({world} rank(s) x "
             f"{cfg.batch_size // world // micro} micro-batch(es) of {micro}), lr {cfg.lr:g}"
-            + (f", beta {cfg.beta}, lambda {cfg.lam}, refine {cfg.refine}" if stage in SELF_REFINED else ""))
-        for micro_batches in step_batches(examples, cfg, micro, tokenizer.pad_token_id, rank, world, step, n_steps):
+            + (f", beta {cfg.beta}, lambda {cfg.lam}, refine {cfg.refine}" if stage in SELF_REFINED else "")
+            + f"; {s.packing} batches"
+            + (f" (rows of up to {cfg.pack_length} tokens)" if s.packing != "padded" else ""))
+        batches = step_batches(examples, cfg, micro, tokenizer.pad_token_id, rank, world, step, n_steps, s.packing,
+                               chosen_only=stage == "sft")
+        for micro_batches in batches:
             t0 = time.time()
             summed = train_step(policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, world, device)
             step += 1
             m = step_metrics(summed, stage, step, time.time() - t0)
             if s.eval_ref is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
                 policy.eval()
-                last = metrics.heldout_metrics(score(policy, eval_examples, with_p=True), s.eval_ref, eval_examples,
-                                               cfg.beta)
+                last = metrics.heldout_metrics(score(policy, eval_examples, with_p=True, packing=s.packing),
+                                               s.eval_ref, eval_examples, cfg.beta)
                 policy.train()
                 m.update({f"eval_{k}": v for k, v in last.items() if isinstance(v, (int, float))})
             if rank == 0:
@@ -313,13 +325,15 @@ def stage_steps(cfg, n_examples, stage):
 @dataclasses.dataclass
 class Stage:
     """What one stage trains with: the FSDP2 policy, π_ref (None when cached or SFT), the reference cache
-    and the held-out reference scores (``metrics.pair_logps``), the optimizer, and the step to start at."""
+    and the held-out reference scores (``metrics.pair_logps``), the optimizer, the step to start at, and the batch
+    layout (``models.choose_packing``)."""
     policy: torch.nn.Module
     ref: torch.nn.Module | None
     cache: dict | None
     eval_ref: dict | None
     optimizer: torch.optim.Optimizer
     step: int
+    packing: str
 
 
 def setup_stage(cfg, stage, stage_index, examples, eval_examples, tokenizer, score, device, rank, resume, say):
@@ -330,6 +344,9 @@ def setup_stage(cfg, stage, stage_index, examples, eval_examples, tokenizer, sco
     if stage != "sft":
         ref = shard(load_model(cfg.ref_model or start, tokenizer, frozen_dtype(device), cfg.seed), device)
         ref.requires_grad_(False)
+    packing = choose_packing(cfg.packing, [m for m in (policy, ref) if m is not None], device, say)
+    score = functools.partial(score, packing=packing)
+    if ref is not None:
         if eval_examples:  # π_ref is frozen: score the held-out pairs once
             eval_ref = score(ref, eval_examples, with_p=True)
         if cfg.precompute_ref:
@@ -345,16 +362,17 @@ def setup_stage(cfg, stage, stage_index, examples, eval_examples, tokenizer, sco
     if resume:
         step = load_checkpoint(resume, policy, optimizer, rank)["step"]
         say(f"resumed {stage} at step {step} from {resume}")
-    return Stage(policy, ref, cache, eval_ref, optimizer, step)
+    return Stage(policy, ref, cache, eval_ref, optimizer, step, packing)
 
 
-def step_batches(examples, cfg, micro, pad_id, rank, world, start, stop):
+def step_batches(examples, cfg, micro, pad_id, rank, world, start, stop, packing="padded", chosen_only=False):
     """This rank's share of each step from `start` to `stop` (stage-relative, from 0), collated into
-    micro-batches of `micro` pairs. The order is ``data.schedule``'s (reshuffled each epoch by --seed), so a
-    resumed run takes exactly the batches of the uninterrupted run."""
+    micro-batches of `micro` pairs in the `packing` layout (chosen_only: SFT's). The order is ``data.schedule``'s
+    (reshuffled each epoch by --seed), so a resumed run takes exactly the batches of the uninterrupted run."""
     order = data.schedule(len(examples), cfg.batch_size, cfg.seed, rank=rank, world=world, start_step=start)
     for _, (_, _, indices) in zip(range(start, stop), order):
-        yield [data.collate([examples[i] for i in indices[a:a + micro]], pad_id) for a in range(0, len(indices), micro)]
+        yield [data.collate([examples[i] for i in indices[a:a + micro]], pad_id, packing, cfg.pack_length, chosen_only)
+               for a in range(0, len(indices), micro)]
 
 
 # ----------------------------------------------------------------------------- one step
@@ -373,7 +391,7 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
         else cfg.batch_size
     for i, batch in enumerate(micro_batches):
         pairs += batch["index"].numel()
-        tokens += int(batch["attention_mask"].sum())  # still on the CPU: no device sync
+        tokens += int(batch["n_tokens"])  # still on the CPU: no device sync
         batch = to_device(batch, device)
         policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
         losses, stats = sft_terms(policy, batch, cfg) if stage == "sft" else \
@@ -414,10 +432,9 @@ def preference_terms(policy, ref, cache, batch, cfg):
     ref_x, ref_px = no_grad_logps(ref, cache, batch, need_p, cfg.average_logps)
     if need_p:  # Δπ, Eq. (11): the current policy on p ⊕ x, without grad
         with torch.no_grad():
-            pol_p = forward_logps(policy, batch["p_input_ids"], batch["p_attention_mask"], batch["p_labels"],
-                                  cfg.average_logps)
+            pol_p = view_logps(policy, batch, 2 * B, "p_", cfg.average_logps)
         delta = refinement(pol_p[:B], pol_p[B:], ref_px[:B], ref_px[B:], cfg.beta)
-    pol = forward_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"], cfg.average_logps)
+    pol = view_logps(policy, batch, 2 * B, "", cfg.average_logps)
     pc, pr, rc, rr = pol[:B], pol[B:], ref_x[:B], ref_x[B:]
     if cfg.loss in SELF_REFINED:
         if not need_p:  # Δ_naive, Eq. (10)
@@ -430,26 +447,24 @@ def preference_terms(policy, ref, cache, batch, cfg):
 
 
 def response_tokens(batch):
-    """The scored tokens of the chosen rows (SFT's targets): labels other than -100 after the first position."""
-    B = batch["index"].numel()
-    return int((batch["labels"][:B, 1:] != IGNORE_INDEX).sum())
+    """The scored tokens of the batch's chosen responses (SFT's targets), counted by data.collate in any layout."""
+    return int(batch["n_scored_chosen"])
 
 
 def sft_terms(policy, batch, cfg):
     """Per-example SFT loss [B]: the summed negative log-likelihood of the chosen response's tokens.
 
-    train_step divides by the global batch's response tokens: the loss is the mean NLL over all of them.
+    batch: collated with chosen_only (the B chosen sequences), in any layout. train_step divides by the global
+    batch's response tokens: the loss is the mean NLL over all of them.
     """
-    B = batch["index"].numel()
-    nll = -forward_logps(policy, batch["input_ids"][:B], batch["attention_mask"][:B], batch["labels"][:B])
-    return nll, {}
+    return -view_logps(policy, batch, batch["index"].numel(), ""), {}
 
 
 def no_grad_logps(model, cache, batch, need_p, average=False):
     """log π_ref under x, and under p ⊕ x when need_p, without grad: rows of the --precompute_ref cache
     (``metrics.pair_logps`` of π_ref) when there is one, else a live pass of `model`.
 
-    Shape: batch tensors [2B, T] (chosen rows first). Returns ([2B], [2B] or None).
+    Shape: batch as ``data.collate`` makes it, B pairs, any layout. Returns ([2B], [2B] or None), chosen first.
     """
     if cache is not None:
         index, on = batch["index"].cpu(), batch["input_ids"].device
@@ -458,10 +473,10 @@ def no_grad_logps(model, cache, batch, need_p, average=False):
             return torch.cat([cache[view + "chosen"][index], cache[view + "rejected"][index]]).to(on)
 
         return rows(""), rows("p_") if need_p else None
+    n = 2 * batch["index"].numel()
     with torch.no_grad():
-        x = forward_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], average)
-        px = forward_logps(model, batch["p_input_ids"], batch["p_attention_mask"], batch["p_labels"],
-                           average) if need_p else None
+        x = view_logps(model, batch, n, "", average)
+        px = view_logps(model, batch, n, "p_", average) if need_p else None
     return x, px
 
 

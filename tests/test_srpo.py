@@ -280,3 +280,55 @@ def test_low_precision_logits_scored_in_float32(lm_batch, chunking, dtype, unit_
     delta = unit_roundoff * full.detach().abs().max()
     torch.testing.assert_close(low.grad.float(), full.grad, rtol=0,
                                atol=float(torch.expm1(2 * delta) + unit_roundoff))
+
+
+# ---------------------------------------------------------------- packed_sequence_logps
+
+
+def pack_rows(logits, labels, rows):
+    """The padded rows' sequences laid back to back in packed rows, by indexing (so gradients flow back).
+
+    rows: for each packed row, the padded row indices it holds, in order; shorter rows end in a tail taken
+    from the first row's first token (segment -1). Returns (packed logits, labels, segment ids).
+    """
+    lengths = (labels != srpo.IGNORE_INDEX).cumsum(1).argmax(1) + 1  # through the last labelled token
+    width = max(int(sum(lengths[i] for i in r)) for r in rows)
+    src_row, src_col, seg = (torch.zeros(len(rows), width, dtype=torch.int64) for _ in range(3))
+    seg -= 1
+    for k, r in enumerate(rows):
+        at = 0
+        for i in r:
+            n = int(lengths[i])
+            src_row[k, at:at + n], src_col[k, at:at + n], seg[k, at:at + n] = i, torch.arange(n), i
+            at += n
+    packed_labels = labels[src_row, src_col].masked_fill(seg < 0, srpo.IGNORE_INDEX)
+    return logits[src_row, src_col], packed_labels, seg
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_packed_sequence_logps_matches_cross_entropy(lm_batch, chunking, average):
+    """Row 1 (no prompt: its first token is labelled) follows row 0 in a packed row: that label stays unscored."""
+    logits, labels = lm_batch
+    n = 3 if average else 4  # the all-prompt row has no mean
+    leaf = logits[:n].clone().requires_grad_(True)
+    packed, packed_labels, seg = pack_rows(leaf, labels[:n], [[0, 1], [2, 3]] if n == 4 else [[2, 0], [1]])
+    if n == 4:
+        assert packed_labels[0, 12] != srpo.IGNORE_INDEX  # row 1's first token, right after row 0
+    ours = srpo.packed_sequence_logps(packed, packed_labels, seg, n, average=average)
+    ref_logits = logits[:n].detach().clone().requires_grad_(True)
+    ref = reference_sequence_logps(ref_logits, labels[:n], average=average)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, srpo.sequence_logps(logits[:n], labels[:n], average=average))
+    weights = torch.linspace(-1.0, 2.0, n)
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_sequence_logps_average_names_sequences_without_scored_tokens(lm_batch):
+    logits, labels = lm_batch
+    packed, packed_labels, seg = pack_rows(logits, labels, [[3, 0, 1, 2]])
+    assert srpo.packed_sequence_logps(packed, packed_labels, seg, 5)[3:].tolist() == [0.0, 0.0]  # 4 is absent
+    with pytest.raises(ValueError, match=r"sequences \[3, 4\] have no scored token"):
+        srpo.packed_sequence_logps(packed, packed_labels, seg, 5, average=True)

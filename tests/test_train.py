@@ -338,3 +338,30 @@ def test_train_and_heldout_delta_std_are_one_definition():
     heldout = metrics.pair_metrics(logps, beta)["delta_std"]
     assert logged == pytest.approx(heldout, rel=1e-12) and heldout == pytest.approx(np.std(delta.numpy()), rel=1e-12)
     assert heldout != pytest.approx(np.std(delta.numpy(), ddof=1), rel=1e-3)
+
+
+def test_packed_and_shared_runs_match_padded(tmp_path, capsys):
+    """SFT then Sr-DPO, held-out scoring at the end: the same metrics and weights in every batch layout,
+    one process (shared) and two (packed), as with padded batches."""
+    flags = ["--loss", "sr-dpo", "--sft_steps", "2", "--max_steps", "2", "--optimizer", "sgd", "--lr", "0.5",
+             "--micro_batch_size", "2"]
+    code, padded = run(tmp_path / "padded", *flags, "--packing", "padded")
+    assert code == 0
+    capsys.readouterr()
+    code, shared = run(tmp_path / "shared", *flags, "--packing", "auto")
+    assert code == 0
+    assert "; shared batches" in capsys.readouterr().out  # auto: shared on this model
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "packed"), *FAST, *flags, "--packing", "packed"]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "; packed batches" in done.stdout
+    for other in (shared, metrics(tmp_path / "packed")):
+        assert len(other) == len(padded) == 4
+        for want, got in zip(padded, other):
+            timed = {"examples_per_s", "tokens_per_s"}
+            assert got.keys() == want.keys()
+            assert {k: got[k] for k in got.keys() - timed} == pytest.approx(
+                {k: want[k] for k in want.keys() - timed}, rel=1e-4, abs=1e-6)
+    for name in ("shared", "packed"):
+        assert_close_weights(final_weights(tmp_path / "padded"), final_weights(tmp_path / name), atol=1e-5)
