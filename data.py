@@ -51,6 +51,8 @@ from srpo import IGNORE_INDEX
 
 FORMATS = ("HH-RLHF {chosen, rejected} transcripts; "
            "{prompt, chosen, rejected[, score_chosen, score_rejected]} with text or message lists; "
+           "{chosen, rejected} texts sharing the prompt as a prefix; "
+           "ShareGPT {conversations, chosen, rejected[, system]}; "
            "UltraFeedback {instruction, chosen_response, rejected_response[, chosen_avg_rating, "
            "rejected_avg_rating]}")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -59,6 +61,7 @@ HH_REPO = "Anthropic/hh-rlhf"
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 _TRANSCRIPT_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _MARK = "\ue000srpo-p\ue000"  # placed where p goes in a chat; never left in any output
 
 EMBEDDED_TEMPLATE = "Copy: {}\n"
@@ -196,15 +199,59 @@ def _split_transcript(text):
     return text[:cut + len(HH_ASSISTANT)], response
 
 
-def _hh_pair(record, where):
-    """HH-RLHF: two whole transcripts sharing the prompt. Text with no turn at all lacks a prompt field."""
+def _implicit_prompt(chosen, rejected):
+    """(prompt, chosen, rejected): the longest common prefix, its final space left to the responses (TRL's rule)."""
+    n = len(os.path.commonprefix([chosen, rejected]))
+    if n and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _text_pair(record, where):
+    """Two whole texts: HH-RLHF transcripts when they have a turn, else the prompt is their shared prefix."""
     transcripts = _text(record, "chosen", where), _text(record, "rejected", where)
     if not any(turn in text for text in transcripts for turn in (HH_HUMAN, HH_ASSISTANT)):
-        raise DataError(f"{where}: field 'prompt' missing (and no HH transcript); expected one of: {FORMATS}")
+        if transcripts[0] == transcripts[1]:
+            raise _Dropped("identical responses")
+        prompt, chosen, rejected = _implicit_prompt(*transcripts)
+        if not prompt:
+            raise DataError(f"{where}: field 'prompt' missing (no HH transcript, and chosen and rejected share "
+                            f"no prefix to take as the prompt); expected one of: {FORMATS}")
+        return _make_pair(prompt, chosen, rejected, _score(record, "score_chosen", where),
+                          _score(record, "score_rejected", where))
     (prompt_c, chosen), (prompt_r, rejected) = map(_split_transcript, transcripts)
     if prompt_c != prompt_r:
         raise _Dropped("prompt mismatch")
     return _make_pair(prompt_c, chosen, rejected, None, None)
+
+
+def _sharegpt_message(value, name, where):
+    """A ShareGPT message {"from", "value"} as {"role", "content"}; name is used in messages."""
+    if not (isinstance(value, dict) and isinstance(value.get("from"), str) and isinstance(value.get("value"), str)):
+        raise DataError(f"{where}: field {name} must be {{\"from\": str, \"value\": str}}")
+    if value["from"] not in SHAREGPT_ROLES:
+        raise DataError(f"{where}: field {name} has role '{value['from']:.40}'; "
+                        f"expected one of: {', '.join(SHAREGPT_ROLES)}")
+    return {"role": SHAREGPT_ROLES[value["from"]], "content": value["value"]}
+
+
+def _sharegpt_pair(record, where):
+    """LLaMA-Factory's ShareGPT preference layout: conversations (the prompt), chosen and rejected messages."""
+    conversations = _field(record, "conversations", where)
+    if not isinstance(conversations, list):
+        raise DataError(f"{where}: field 'conversations' must be a list of messages, "
+                        f"got {type(conversations).__name__}")
+    prompt = tuple(_sharegpt_message(m, f"'conversations' message {i}", where) for i, m in enumerate(conversations))
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    if system:
+        prompt = ({"role": "system", "content": system},) + prompt
+    replies = [_sharegpt_message(_field(record, name, where), f"'{name}'", where) for name in ("chosen", "rejected")]
+    if any(reply["role"] != "assistant" for reply in replies):
+        raise _Dropped("no assistant turn")
+    return _make_pair(prompt, replies[0]["content"], replies[1]["content"],
+                      _score(record, "score_chosen", where), _score(record, "score_rejected", where))
 
 
 def _ultrafeedback_pair(record, where):
@@ -260,9 +307,11 @@ def record_to_pair(record, where):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "instruction" in record or "chosen_response" in record:
         return _ultrafeedback_pair(record, where)
+    if "conversations" in record:
+        return _sharegpt_pair(record, where)
     if "prompt" in record or isinstance(record.get("chosen"), list):
         return _generic_pair(record, where)
-    return _hh_pair(record, where)
+    return _text_pair(record, where)
 
 
 # ----------------------------------------------------------------------------- files and hub

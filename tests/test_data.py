@@ -450,6 +450,48 @@ def test_whole_conversations_without_a_prompt_field(tmp_path):
     assert lines == [f"{path}: kept 1 of 2 pairs; dropped 1 prompt mismatch"]
 
 
+def test_sharegpt_layout_of_llama_factory():
+    def chat(*turns):
+        return tuple({"role": role, "content": text} for role, text in turns)
+
+    lines = []
+    assert load("sharegpt.json", lines) == [
+        Pair(chat(("user", "Name a planet.")), "Mars.", "The Sun."),
+        Pair(chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")),
+             "Goodbye!", "What?"),
+        Pair(chat(("system", "Be kind."), ("user", "Greet me.")), "Hello there!", "Go away."),
+    ]
+    assert lines == [f"{fixture('sharegpt.json')}: kept 3 of 5 pairs; dropped 1 prompt not ending in a user turn, "
+                     f"1 no assistant turn"]
+
+
+def test_implicit_prompt_by_hand(tmp_path):
+    records = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},  # TRL's documented example
+               {"chosen": "Q: 2+2?\nA=4", "rejected": "Q: 2+2?\nA=5", "score_chosen": 1, "score_rejected": 0},
+               {"chosen": "Say hi: hi", "rejected": "Say hi: hi there"},  # one is the start of the other
+               {"chosen": "same", "rejected": "same"}]
+    path = write(tmp_path, "implicit.jsonl", "\n".join(map(json.dumps, records)))
+    lines = []
+    assert data.load_pairs(path, log=lines.append) == [Pair("The sky is", " blue.", " green."),
+                                                       Pair("Q: 2+2?\nA=", "4", "5", 1.0, 0.0)]
+    assert lines == [f"{path}: kept 2 of 4 pairs; dropped 1 empty response, 1 identical responses"]
+
+
+def test_implicit_prompt_splits_at_the_first_difference():
+    rng = random.Random(5)
+    for _ in range(300):
+        text = lambda n: "".join(rng.choice("ab ") for _ in range(n))  # noqa: E731
+        shared = "x" + text(rng.randrange(6))
+        chosen, rejected = shared + text(rng.randrange(1, 5)), shared + text(rng.randrange(1, 5))
+        if chosen == rejected:
+            continue
+        prompt, reply_c, reply_r = data._implicit_prompt(chosen, rejected)
+        assert prompt + reply_c == chosen and prompt + reply_r == rejected
+        first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        assert len(prompt) == first - (chosen[first - 1] == " ")  # the space before the difference is a reply's
+    assert data._implicit_prompt([1, 2, 3], [1, 2, 4]) == ([1, 2], [3], [4])
+
+
 def test_gzip_and_json_lines_in_a_json_file(tmp_path):
     records = [json.loads(line) for line in open(fixture("hh.jsonl"))]
     gz = tmp_path / "hh.jsonl.gz"
@@ -514,7 +556,22 @@ GOOD = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
     ("bad.jsonl", f"{GOOD}\n{json.dumps({'instruction': 'q', 'chosen_response': 'a'})}\n",
      r"bad.jsonl:2: field 'rejected_response' missing; expected one of:"),
     ("bad.jsonl", f"{json.dumps({'text': 'q'})}\n", r"bad.jsonl:1: field 'chosen' missing; expected one of:"),
-    ("bad.jsonl", json.dumps({"chosen": "a", "rejected": "b"}), r"bad.jsonl:1: field 'prompt' missing \(and no HH"),
+    ("bad.jsonl", json.dumps({"chosen": "a", "rejected": "b"}),
+     r"bad.jsonl:1: field 'prompt' missing \(no HH transcript, and chosen and rejected share no prefix"),
+    ("bad.jsonl", json.dumps({"chosen": " yes", "rejected": " no"}), r"bad.jsonl:1: field 'prompt' missing \(no HH"),
+    ("bad.json", f"[\n  {GOOD},\n  {json.dumps({'conversations': 'hi', 'chosen': {}, 'rejected': {}})}\n]",
+     r"bad.json:3: field 'conversations' must be a list of messages, got str"),
+    ("bad.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "human"}]}),
+     r"bad.jsonl:1: field 'conversations' message 1 must be \{\"from\": str, \"value\": str\}"),
+    ("bad.jsonl", json.dumps({"conversations": [{"from": "observation", "value": "q"}]}),
+     r"bad.jsonl:1: field 'conversations' message 0 has role 'observation'; expected one of: human, user, gpt"),
+    ("bad.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt"}}),
+     r"bad.jsonl:1: field 'chosen' must be \{\"from\": str, \"value\": str\}"),
+    ("bad.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt",
+                                                                                           "value": "a"}}),
+     r"bad.jsonl:1: field 'rejected' missing; expected one of: .*ShareGPT"),
+    ("bad.jsonl", json.dumps({"conversations": [], "system": 3, "chosen": {}, "rejected": {}}),
+     r"bad.jsonl:1: field 'system' must be a string, got int"),
     ("bad.jsonl", json.dumps({"chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}),
      r"bad.jsonl:1: field 'prompt' missing; expected one of:"),
     ("bad.jsonl", f"{GOOD}\n".encode() + b'{"prompt": "q\xff", "chosen": "a", "rejected": "b"}\n',
