@@ -115,6 +115,32 @@ def test_export_loads_and_matches_the_checkpoint(tmp_path):
     ids = torch.randint(3, 200, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
+    # The exported tokenizer, loaded as lm-evaluation-harness loads it, encodes a context as training did.
+    import data
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / train.FINAL)
+    for prompt in ("Copy: ABDEF\n", "café 🙂 日本"):
+        assert tokenizer(prompt).input_ids == data.encode_prompt(prompt, models.load_tokenizer())
+
+
+TEXTS = ["Copy: ABDEF\n", "café 日本 🙂  x</s>y <pad> z", "", "a  b\t\n", "<extra_id_3>hi", " </s> "]
+
+
+def test_tiny_tokenizer_is_byt5_without_the_appended_eos():
+    from transformers import ByT5Tokenizer
+
+    tiny, byt5 = models.load_tokenizer(models.TINY), ByT5Tokenizer()
+    assert len(tiny) == len(byt5) and (tiny.pad_token_id, tiny.eos_token_id, tiny.bos_token_id) == (0, 1, None)
+    for text in TEXTS:
+        assert tiny(text).input_ids == tiny.encode(text) == byt5.encode(text, add_special_tokens=False)  # no EOS
+        assert tiny.encode(text, split_special_tokens=True) == [b + 3 for b in text.encode()]
+        for literal in (True, False):  # literal: "</s>" is text (data.py); else ByT5's special tokens are parsed
+            ids = tiny.encode(text, add_special_tokens=False, split_special_tokens=literal)
+            assert ids == byt5.encode(text, add_special_tokens=False, split_special_tokens=literal)
+            assert tiny.decode(ids) == byt5.decode(ids)
+            assert tiny.decode(ids, skip_special_tokens=True) == byt5.decode(ids, skip_special_tokens=True)
+    assert byt5("a").input_ids == [100, byt5.eos_token_id] and tiny("a").input_ids == [100]
 
 
 def nan_at_step(monkeypatch, k):
