@@ -142,22 +142,25 @@ def rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     return chosen, rejected, chosen - rejected  # Eqs. (10) and (11)
 
 
-def preference_sums(chosen, rejected, margin, delta):
+def preference_sums(chosen, rejected, margin, delta, policy_chosen, policy_rejected):
     """Sums of one micro-batch, to be added over micro-batches and ranks, then ``preference_means``.
 
-    Shape: chosen, rejected, margin (``rewards``), delta (the refinement Δ, zeros without one) [B].
+    Shape: chosen, rejected, margin (``rewards``), delta (the refinement Δ, zeros without one),
+    policy_chosen, policy_rejected (log π(y±|x)) [B].
     Returns dict of 0-d tensors: reward_chosen, reward_rejected, accuracy (pairs with margin > 0),
-    delta, delta_sq.
+    delta, delta_sq, logps_chosen, logps_rejected.
     """
     return {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
-            "accuracy": (margin > 0).float().sum(), "delta": delta.sum(), "delta_sq": (delta * delta).sum()}
+            "accuracy": (margin > 0).float().sum(), "delta": delta.sum(), "delta_sq": (delta * delta).sum(),
+            "logps_chosen": policy_chosen.sum(), "logps_rejected": policy_rejected.sum()}
 
 
 def preference_means(sums, n):
     """Per-pair means of ``preference_sums`` summed over n pairs (floats); delta_std by ``std_from_sums``."""
     return {"reward_chosen": sums["reward_chosen"] / n, "reward_rejected": sums["reward_rejected"] / n,
             "margin": (sums["reward_chosen"] - sums["reward_rejected"]) / n, "accuracy": sums["accuracy"] / n,
-            "delta_mean": sums["delta"] / n, "delta_std": std_from_sums(sums["delta"], sums["delta_sq"], n)}
+            "delta_mean": sums["delta"] / n, "delta_std": std_from_sums(sums["delta"], sums["delta_sq"], n),
+            "logps_chosen": sums["logps_chosen"] / n, "logps_rejected": sums["logps_rejected"] / n}
 
 
 def _rewards(logps, beta, prefix):

@@ -104,6 +104,8 @@ class Config:
     device: str = _flag("auto", "auto: cuda when this machine has a GPU for every local rank, else cpu",
                         ("auto", "cuda", "cpu"))
     log_every: int = _flag(1, "progress line every this many steps")
+    report_to: str = _flag("none", "also send every metrics.jsonl value to TensorBoard or W&B (rank 0; "
+                                   "docs/training.md)", ("none", "tensorboard", "wandb"))
 
 
 def main(argv=None):
@@ -197,6 +199,7 @@ def run(cfg, rank, world, device):
     os.makedirs(cfg.out_dir, exist_ok=True)
     stop = Stop()
     say = functools.partial(log, rank)
+    backend = tracker_backend(cfg.report_to) if rank == 0 else None  # before the long passes: fail fast
     tokenizer = load_tokenizer(cfg.model)
     examples, eval_examples = load_examples(cfg, tokenizer, say)
     micro = cfg.micro_batch_size or cfg.batch_size // world
@@ -211,6 +214,8 @@ def run(cfg, rank, world, device):
     metrics_path = os.path.join(cfg.out_dir, METRICS)
     if rank == 0:
         keep_metrics(metrics_path, saved, [name for name, _ in stages])
+    first_step = [sum(n for _, n in stages[:i]) for i in range(len(stages))]  # global step = first_step + step
+    tracker = Tracker(cfg, backend, first_step[start_stage] + saved["step"] if saved else 0) if backend else None
 
     policy, last = None, None
     for stage_index, (stage, n_steps) in enumerate(stages):
@@ -227,6 +232,7 @@ def run(cfg, rank, world, device):
             summed = train_step(policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, world, device)
             step += 1
             m = step_metrics(summed, stage, step, time.time() - t0)
+            m["global_step"] = first_step[stage_index] + step
             if s.eval_ref is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
                 policy.eval()
                 last = metrics.heldout_metrics(score(policy, eval_examples, with_p=True), s.eval_ref, eval_examples,
@@ -238,11 +244,15 @@ def run(cfg, rank, world, device):
                     fh.write(json.dumps(m) + "\n")
                 if step % cfg.log_every == 0 or step == n_steps:
                     print(progress_line(m, n_steps), flush=True)
+                if tracker:
+                    tracker.log(m)
             preempted = all_sum([float(stop.requested)], device)[0] > 0
             if preempted or (cfg.save_every and step % cfg.save_every == 0):
                 save_checkpoint(cfg.out_dir, policy, s.optimizer, {"stage_index": stage_index, "step": step}, rank)
             if preempted:
                 say(f"SIGTERM: checkpoint written at {stage} step {step}; rerun with --resume to continue")
+                if tracker:
+                    tracker.close()
                 return 0
         save_checkpoint(cfg.out_dir, policy, s.optimizer, {"stage_index": stage_index, "step": step}, rank)
         if stage == "sft" and stage_index < len(stages) - 1:
@@ -251,6 +261,8 @@ def run(cfg, rank, world, device):
     final = os.path.join(cfg.out_dir, FINAL)
     if policy is not None:
         export(policy, tokenizer, final, rank)
+    if tracker:
+        tracker.close()
     say(summary(cfg, stages, last, final))
     return 0
 
@@ -410,7 +422,8 @@ def preference_terms(policy, ref, cache, batch, cfg):
     else:
         delta = torch.zeros_like(pc.detach())
         losses = LOSSES[cfg.loss](pc, pr, rc, rr, cfg.beta)
-    return losses, metrics.preference_sums(*metrics.rewards(pc.detach(), pr.detach(), rc, rr, cfg.beta), delta)
+    return losses, metrics.preference_sums(*metrics.rewards(pc.detach(), pr.detach(), rc, rr, cfg.beta), delta,
+                                           pc.detach(), pr.detach())
 
 
 def sft_terms(policy, batch, cfg):
@@ -560,6 +573,71 @@ def keep_metrics(path, extra, stage_names):
                     lines.append(line)
     with data.atomic_open(path) as fh:
         fh.writelines(lines)
+
+
+
+# ----------------------------------------------------------------------------- experiment tracking
+
+TRACKER_DIR = "tensorboard"
+# metrics.jsonl key -> the name TRL's DPOTrainer logs it under (a held-out key "eval_K" maps as K does);
+# other keys keep their own name. In TensorBoard and W&B each name goes under train/ or eval/.
+TRL_NAMES = {"reward_chosen": "rewards/chosen", "reward_rejected": "rewards/rejected", "margin": "rewards/margins",
+             "accuracy": "rewards/accuracies", "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected",
+             "reward_chosen_mean": "rewards/chosen", "reward_rejected_mean": "rewards/rejected",
+             "margin_mean": "rewards/margins", "lr": "learning_rate"}
+
+
+def tracker_name(key):
+    """A metrics.jsonl key's name in TensorBoard / W&B: "margin" -> "train/rewards/margins", "eval_x" -> "eval/x"."""
+    split, name = ("eval", key[len("eval_"):]) if key.startswith("eval_") else ("train", key)
+    return f"{split}/{TRL_NAMES.get(name, name)}"
+
+
+def tracker_backend(kind):
+    """torch's SummaryWriter class, the wandb module, or None for "none"; ConfigError when not installed."""
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            return SummaryWriter
+        if kind == "wandb":
+            import wandb
+            return wandb
+    except ImportError:
+        raise ConfigError(f"--report_to {kind} needs the {kind} package: pip install {kind}") from None
+    return None
+
+
+class Tracker:
+    """Every numeric metrics.jsonl value of a step, sent to TensorBoard or W&B at its global step.
+
+    backend: ``tracker_backend``'s result. The run's config is recorded once (TensorBoard: the text
+    "config"; W&B: the run's config). TensorBoard events from start_step on are hidden (purge_step), as
+    a resumed run drops the metrics.jsonl lines after its checkpoint.
+    """
+
+    def __init__(self, cfg, backend, start_step):
+        self.tensorboard, config = cfg.report_to == "tensorboard", dataclasses.asdict(cfg)
+        if self.tensorboard:
+            self.writer = backend(os.path.join(cfg.out_dir, TRACKER_DIR), purge_step=start_step)
+            self.writer.add_text("config", json.dumps(config), start_step)
+        else:
+            self.run = backend.init(config=config, dir=cfg.out_dir)
+
+    def log(self, m):
+        values = {tracker_name(k): v for k, v in m.items()
+                  if k not in ("step", "global_step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tensorboard:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, m["global_step"])
+            self.writer.flush()  # a crash loses no logged step
+        else:
+            self.run.log(values, step=m["global_step"])
+
+    def close(self):
+        if self.tensorboard:
+            self.writer.close()
+        else:
+            self.run.finish()
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_preference_logps_names_both_models_and_views():
 def test_one_std_for_training_and_heldout():
     v = torch.tensor([0.5, -1.0, 2.0, 3.5], dtype=torch.float64)
     assert metrics.std_from_sums(float(v.sum()), float((v * v).sum()), 4) == pytest.approx(float(v.std(unbiased=False)))
-    sums = metrics.preference_sums(v, v - 1, torch.ones(4), v)
+    sums = metrics.preference_sums(v, v - 1, torch.ones(4), v, v, v)
     assert metrics.preference_means({k: float(t) for k, t in sums.items()}, 4)["delta_std"] == \
         pytest.approx(float(np.std(v.numpy())))
 
