@@ -636,7 +636,8 @@ def _tokenize_pair(pair, tokenizer, tokens, max_length, p, min_prompt, cut):
     return example
 
 
-def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=print, min_prompt_length=None):
+def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=print, min_prompt_length=None,
+                   progress=False):
     """One example per kept pair: the x view, and the p ⊕ x view when refine_prompt is given.
 
     Keys: "index" (position in the returned list), "pair_index" (position in `pairs`),
@@ -645,6 +646,7 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
     "score_chosen", "score_rejected" (float, nan if unknown). Truncation: module docstring.
     min_prompt_length: a query is cut no shorter than this to make room for a response (default:
     half of max_length less BOS and p's tokens). Logs one summary line; DataError when no pair is left.
+    progress: a ``Progress`` line on stderr while it works.
     """
     tokens = _inspect(tokenizer)
     p = _encode(tokenizer, refine_prompt) if refine_prompt else None
@@ -660,7 +662,8 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
         example["pair_index"] = item[0]
         return example
 
-    examples, dropped = _keep_all(enumerate(pairs), convert)
+    bar = Progress(len(pairs), "tokenizing", "pairs", enabled=progress)
+    examples, dropped = _keep_all(bar.iterate(enumerate(pairs)), convert)
     for i, example in enumerate(examples):
         example["index"] = i
     truncated = ", ".join(f"{n:,} {what}" for what, n in cut.items() if n)
@@ -835,27 +838,56 @@ def emit(document, table, out=None):
         sys.stdout.write(table + "\n")
 
 
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal (at most every 0.5 s), else one
-    line every 30 s, so that logs stay short."""
+def _duration(seconds):
+    """'12s', '3m05s', '2h07m'; '?' when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
-    def __init__(self, total, label, enabled=True, stream=None):
-        self.total, self.label, self.enabled = total, label, enabled
+
+class Progress:
+    """One throttled progress line on stderr, in the style of train.py's step lines:
+
+        tokenizing 1,200/2,000 pairs | 410.3/s | 2s elapsed, ~1s left
+
+    Redrawn in place on a terminal (at most every 0.5 s); otherwise a new line at the first update, at
+    most every `every` seconds (default 30) after it, and at the end, so that logs stay short.
+    enabled=False (every rank but 0) prints nothing. clock: for tests.
+    """
+
+    def __init__(self, total, label, unit="", enabled=True, stream=None, every=None, clock=time.monotonic):
+        self.total, self.label, self.unit, self.enabled, self.clock = total, label, unit, enabled, clock
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = 0.5 if self.tty else 30.0
-        self.done, self.start, self.drawn = 0, time.monotonic(), None
+        self.every = every if every is not None else 0.5 if self.tty else 30.0
+        self.done, self.start, self.drawn = 0, clock(), None
+
+    def line(self, now):
+        """The progress line at time `now`: done/total, the rate so far and the time left at that rate."""
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else math.nan
+        left = (self.total - self.done) / rate if rate > 0 else math.nan
+        unit = f" {self.unit}" if self.unit else ""
+        return (f"{self.label} {self.done:,}/{self.total:,}{unit} | {rate:,.1f}/s | "
+                f"{_duration(elapsed)} elapsed, ~{_duration(left)} left")
 
     def update(self, n=1):
         self.done += n
-        now = time.monotonic()
+        now = self.clock()
         due = self.drawn is None or now - self.drawn >= self.every or self.done >= self.total
         if self.enabled and due:
             self.drawn = now
-            bar = "#" * int(30 * self.done / self.total) if self.total else ""
-            line = f"{self.label} [{bar:<30}] {self.done}/{self.total} {now - self.start:.0f}s"
+            line = self.line(now)
             self.stream.write("\r" + line if self.tty else line + "\n")
             self.stream.flush()
+
+    def iterate(self, items):
+        """Yield the items, counting each one done when the next is asked for; close at the end."""
+        for item in items:
+            yield item
+            self.update()
+        self.close()
 
     def close(self):
         if self.enabled and self.tty and self.drawn is not None:

@@ -195,7 +195,7 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, progress=F
     "decoding": {...}}.
     """
     records, cut = [], 0
-    bar = data.Progress(len(questions), f"generating ({model_id})", enabled=progress)
+    bar = data.Progress(len(questions), f"generating ({model_id})", "questions", enabled=progress)
     for q in questions:
         answers, n_cut = answer_turns(model, tokenizer, q["turns"], decoding,
                                       question_seed(decoding.seed, q["question_id"]))
@@ -555,7 +555,7 @@ def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identit
     if any(t > 1 for _, t, _ in todo) and prompts[1] is None:
         raise EvalError(f"{prompts[0].source}: no multi-turn judge prompt for the questions of "
                         f"more than one turn (--prompt_multi)")
-    bar = data.Progress(len(todo), "judging", enabled=progress)
+    bar = data.Progress(len(todo), "judging", "verdicts", enabled=progress)
     with open(out_path, "a", encoding="utf-8") as out:
         for q, turn, order in todo:
             key = json.dumps(q["question_id"])

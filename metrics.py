@@ -288,7 +288,7 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     views = ("", P_PREFIX) if with_p else ("",)
     share = math.ceil(n / world)
     table = torch.zeros(2 * len(views), n, dtype=torch.float32, device=device)
-    bar = data.Progress(min(share, n), "scoring pairs", enabled=progress and rank == 0)
+    bar = data.Progress(min(share, n), "scoring", "pairs", enabled=progress and rank == 0)
     for a in range(rank * share, (rank + 1) * share, batch_size):
         idx = [min(i, n - 1) for i in range(a, min(a + batch_size, (rank + 1) * share))]
         batch = to_device(data.collate([examples[i] for i in idx], pad_token_id), device)

@@ -201,10 +201,10 @@ def run(cfg, rank, world, device):
     say = functools.partial(log, rank)
     backend = tracker_backend(cfg.report_to) if rank == 0 else None  # before the long passes: fail fast
     tokenizer = load_tokenizer(cfg.model)
-    examples, eval_examples = load_examples(cfg, tokenizer, say)
+    examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0)
     micro = cfg.micro_batch_size or cfg.batch_size // world
     score = functools.partial(metrics.pair_logps, pad_token_id=tokenizer.pad_token_id, batch_size=micro, rank=rank,
-                              world=world, average=cfg.average_logps)
+                              world=world, average=cfg.average_logps, progress=True)  # a line on rank 0
     stages = plan(cfg, len(examples))
     resume = checkpoint_dir(cfg.out_dir) if cfg.resume else None
     if cfg.resume and resume is None:
@@ -278,18 +278,19 @@ class Stop:
         self.requested = True
 
 
-def load_examples(cfg, tokenizer, say):
+def load_examples(cfg, tokenizer, say, progress=False):
     """(training examples, held-out examples) tokenized; the held-out ones always with the p ⊕ x view."""
     refine_prompt = REFINE_PROMPTS[cfg.refine_prompt]
     pairs = data.load_pairs(cfg.data, "train", log=say)[:cfg.max_pairs or None]
     examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if uses_p_view(cfg) else None,
-                                   log=say)
+                                   log=say, progress=progress)
     eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
     if eval_source is None:
         say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")
         return examples, []
     eval_pairs = data.load_pairs(eval_source, "test", log=say)[:cfg.eval_pairs or None]
-    return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say)
+    return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say,
+                                         progress=progress)
 
 
 def plan(cfg, n_examples):

@@ -741,3 +741,34 @@ def test_number_formatting():
     assert data.pct(0.462, 0.295) == "46.2% ± 29.5" and data.pct(0.5, digits=2) == "50.00%"
     assert data.num(0.1234, "+.3f", 0.01) == "+0.123 ± 0.010" and data.num(2.0, ".1f") == "2.0"
     assert data.num(float("nan")) == data.pct(None) == "-"
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_is_one_throttled_line_with_rate_and_time_left():
+    import io
+
+    now = [100.0]
+    out = io.StringIO()
+    bar = data.Progress(2000, "tokenizing", "pairs", stream=out, clock=lambda: now[0])
+    for t, n in ((1, 100), (10, 300), (31, 100), (40, 500), (61, 1000)):  # seconds after start, pairs done
+        now[0] = 100.0 + t
+        bar.update(n)
+    lines = out.getvalue().splitlines()
+    # at the first update, 30 s after it, and at the end; nothing in between
+    assert lines == ["tokenizing 100/2,000 pairs | 100.0/s | 1s elapsed, ~19s left",
+                     "tokenizing 500/2,000 pairs | 16.1/s | 31s elapsed, ~1m33s left",
+                     "tokenizing 2,000/2,000 pairs | 32.8/s | 1m01s elapsed, ~0s left"]
+    rate = 500 / 31  # the rate so far, and the time the rest takes at that rate
+    assert lines[1].endswith(f"{rate:.1f}/s | 31s elapsed, ~1m{round(1500 / rate) - 60}s left")
+    silent = io.StringIO()
+    list(data.Progress(3, "x", enabled=False, stream=silent).iterate(range(3)))
+    assert silent.getvalue() == ""
+
+
+def test_tokenize_pairs_reports_progress(capsys):
+    tok = byte_tokenizer()
+    data.tokenize_pairs(data.embedded_pairs("test")[:5], tok, 64, log=None, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("tokenizing 1/5 pairs | ") and err[-1].startswith("tokenizing 5/5 pairs | ")
