@@ -70,20 +70,22 @@ def _decoding(args):
     return judge.Decoding(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.max_length)
 
 
-def _answers_from_model(name, questions, args):
-    """Generate answers with a model; returns the records and reports cut prompts on stderr."""
+def _answers_from_model(name, questions, args, out_path=None):
+    """Generate answers with a model (appended to out_path, resuming it); notes capped turns on stderr."""
     model, tokenizer = load_lm(name, args.dtype, args.device)
-    records, cut = judge.generate_answers(model, tokenizer, questions, _decoding(args),
-                                    getattr(args, "model_id", None) or name, progress=True)
-    if cut:
-        print(f"{name}: {cut} prompt tokens cut from the left to fit the context", file=sys.stderr)
+    decoding = _decoding(args)
+    records, capped = judge.generate_answers(model, tokenizer, questions, decoding,
+                                             getattr(args, "model_id", None) or name, out_path, progress=True)
+    if capped:
+        _stderr(f"{name}: {capped} answer turn(s) had room for fewer than --max_new_tokens "
+                f"{decoding.max_new_tokens} new tokens after the whole prompt in the context")
     return records
 
 
 def run_generate(args):
-    records = _answers_from_model(args.model, judge.load_questions(args.questions, args.split), args)
-    data.write_jsonl(args.out, records)
-    print(f"wrote {len(records)} answers to {args.out}", file=sys.stderr)
+    questions = judge.load_questions(args.questions, args.split)
+    records = _answers_from_model(args.model, questions, args, args.out)
+    _stderr(f"{args.out}: {len(records)} answers")
     return 0
 
 
@@ -200,12 +202,13 @@ def _device_args(p):
 
 
 def _decoding_args(p):
-    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--max_new_tokens", type=int, default=512,
+                   help="at most this many, and no more than the context leaves after the whole prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed repeats the answers")
     p.add_argument("--max_length", type=int, default=None,
-                   help="context limit in tokens (default: the model's); longer prompts lose their start")
+                   help="context limit in tokens (default: the model's); a prompt that fills it is refused")
 
 
 def _questions_args(p, default=None):
@@ -239,9 +242,10 @@ def _accuracy_args(p):
 
 def _generate_args(p):
     p.add_argument("--model", required=True, help='"tiny" or a model folder / hub name')
-    p.add_argument("--model_id", help="the answers' model_id (default: --model)")
+    p.add_argument("--model_id", help="the answers' model_id (default: --model); FastChat names a model by its "
+                                      "answer file, so write to MODEL_ID.jsonl")
     _questions_args(p)
-    p.add_argument("--out", required=True, help="answers JSONL")
+    p.add_argument("--out", required=True, help="answers JSONL, appended question by question; a rerun resumes it")
     _decoding_args(p)
     _device_args(p)
 

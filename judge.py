@@ -6,6 +6,7 @@ resumable run over all games, the exact judge (a true score as a perfect judge) 
 Does not own: the command line (evaluate.py), preference accuracy and Δπ (metrics.py), or models.py.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,23 +149,25 @@ def _context_limit(model, decoding):
 def generate_reply(model, tokenizer, prompt_ids, decoding):
     """The decoded continuation of one prompt (special tokens dropped, outer whitespace stripped).
 
-    Shape: prompt_ids list[int]. A prompt longer than the context limit less max_new_tokens
-    keeps its last tokens; returns (text, number of prompt tokens cut).
+    Shape: prompt_ids list[int]. The whole prompt is kept: new tokens are capped at the room that the
+    context limit leaves after it, and a prompt that leaves no room is an EvalError. Returns (text, the
+    new-token cap used: decoding.max_new_tokens or less).
     """
     limit = _context_limit(model, decoding)
-    keep = max(1, limit - decoding.max_new_tokens) if limit else len(prompt_ids)
-    cut = max(0, len(prompt_ids) - keep)
-    ids = torch.tensor([prompt_ids[cut:]], device=model_device(model))
+    room = min(decoding.max_new_tokens, limit - len(prompt_ids)) if limit else decoding.max_new_tokens
+    if room < 1:
+        raise EvalError(f"the prompt's {len(prompt_ids)} tokens fill the context of {limit} tokens "
+                        f"(--max_length or the model's max_position_embeddings): no room to generate")
+    ids = torch.tensor([prompt_ids], device=model_device(model))
     sampling = decoding.temperature > 0
     options = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p) \
         if sampling else dict(do_sample=False)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=decoding.max_new_tokens, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             **options)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=room,
+                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **options)
     text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-    return text.strip(), cut
+    return text.strip(), room
 
 
 def question_seed(seed, question_id):
@@ -175,36 +179,78 @@ def answer_turns(model, tokenizer, turns, decoding, seed):
     """Answers to a conversation, turn by turn, each given the earlier questions and answers.
 
     The prompt of each turn is ``data.encode_prompt`` of the chat so far (the tokenizer's chat
-    template where it has one). Returns (answers list[str], prompt tokens cut).
+    template where it has one). Returns (answers list[str], the new-token cap of each turn list[int]).
     """
     torch.manual_seed(seed)
-    messages, answers, cut = (), [], 0
-    for question in turns:
+    messages, answers, caps = (), [], []
+    for turn, question in enumerate(turns, 1):
         messages += ({"role": "user", "content": question},)
-        reply, n_cut = generate_reply(model, tokenizer, data.encode_prompt(messages, tokenizer), decoding)
+        try:
+            reply, cap = generate_reply(model, tokenizer, data.encode_prompt(messages, tokenizer), decoding)
+        except EvalError as e:
+            raise EvalError(f"turn {turn}: {e}") from None
         messages += ({"role": "assistant", "content": reply},)
         answers.append(reply)
-        cut += n_cut
-    return answers, cut
+        caps.append(cap)
+    return answers, caps
 
 
-def generate_answers(model, tokenizer, questions, decoding, model_id, progress=False):
-    """FastChat-layout answer records for the questions, plus the number of prompt tokens cut.
+def _appended_rows(path, what):
+    """[(where, record)] already in a JSONL file that a run appends to (none if absent), after cutting an
+    unfinished last line (an interrupted write); `what` says what happens to that line's item."""
+    if not os.path.exists(path):
+        return []
+    if _drop_unfinished_line(path):
+        print(f"{path}: discarded an unfinished last line (an interrupted write); {what}", file=sys.stderr)
+    return read_jsonl(path)
 
-    Each record: {"question_id", "model_id", "choices": [{"index": 0, "turns": [...]}],
-    "decoding": {...}}.
+
+def load_generated(path, model_id, decoding):
+    """{json.dumps(question_id): record} of the answers already in ``generate``'s output file.
+
+    An answer made by another model_id or with other decoding settings is an error (naming file and
+    line), so that one file never mixes two runs.
     """
-    records, cut = [], 0
-    bar = data.Progress(len(questions), f"generating ({model_id})", "questions", enabled=progress)
-    for q in questions:
-        answers, n_cut = answer_turns(model, tokenizer, q["turns"], decoding,
-                                      question_seed(decoding.seed, q["question_id"]))
-        cut += n_cut
-        records.append({"question_id": q["question_id"], "model_id": model_id,
-                        "choices": [{"index": 0, "turns": answers}], "decoding": asdict(decoding)})
-        bar.update()
+    done, settings = {}, asdict(decoding)
+    for key, (where, record) in _unique_ids(_appended_rows(path, "that question is answered again")).items():
+        for field, expected in (("model_id", model_id), ("decoding", settings)):
+            if record.get(field) != expected:
+                raise EvalError(f"{where}: answer made with {field} {record.get(field)!r}, not {expected!r}; "
+                                f"use another --out")
+        done[key] = record
+    return done
+
+
+def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=None, progress=False):
+    """FastChat-layout answer records for the questions, and how many turns had their new tokens capped.
+
+    Each record: {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}],
+    "tstamp", "decoding": {...}}. out_path: each record is appended to this JSONL as soon as its question
+    is answered, and questions already answered there (``load_generated``) are not asked again, so a
+    rerun resumes where an interrupted one stopped. Returns (records in question order, capped turns).
+    """
+    done = load_generated(out_path, model_id, decoding) if out_path else {}
+    todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
+    capped = 0
+    bar = data.Progress(len(todo), f"generating ({model_id})", "questions", enabled=progress)
+    with open(out_path, "a", encoding="utf-8") if out_path else contextlib.nullcontext() as out:
+        for q in todo:
+            try:
+                answers, caps = answer_turns(model, tokenizer, q["turns"], decoding,
+                                             question_seed(decoding.seed, q["question_id"]))
+            except EvalError as e:
+                raise EvalError(f"question {json.dumps(q['question_id'])}: {e}") from None
+            capped += sum(cap < decoding.max_new_tokens for cap in caps)
+            record = {"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                      "choices": [{"index": 0, "turns": answers}], "tstamp": time.time(),
+                      "decoding": asdict(decoding)}
+            if out is not None:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+            done[json.dumps(q["question_id"])] = record
+            bar.update()
     bar.close()
-    return records, cut
+    return [done[json.dumps(q["question_id"])] for q in questions], capped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,13 +538,8 @@ def load_verdicts(path, identity):
     identity: {"model_a", "model_b", "judge"}; a record made for another comparison or judge is
     an error (naming file and line), so that two comparisons never mix in one file.
     """
-    if not os.path.exists(path):
-        return {}
-    if _drop_unfinished_line(path):
-        print(f"{path}: discarded an unfinished last line (an interrupted write); it is asked again",
-              file=sys.stderr)
     done = {}
-    for where, record in read_jsonl(path):
+    for where, record in _appended_rows(path, "it is asked again"):
         for field in IDENTITY:
             if record.get(field) != identity[field]:
                 raise EvalError(f"{where}: verdict made with {field} {record.get(field)!r}, "

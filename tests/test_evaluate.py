@@ -441,6 +441,69 @@ def test_generate_is_repeatable_by_seed(tmp_path):
     assert run("e.jsonl", 1, only_x2) == run("f.jsonl", 2, only_x2)  # greedy: the seed does not matter
 
 
+def test_generate_appends_and_resumes_where_an_interrupted_run_stopped(tmp_path, monkeypatch, capsys):
+    questions = tmp_path / "q.jsonl"
+    data.write_jsonl(questions, [{"question_id": f"q{i}", "turns": [f"Copy: ABDE{c}\n"]}
+                                 for i, c in enumerate("FGHIJ")])
+
+    def argv(out, *extra):
+        return ["generate", "--model", "tiny", "--questions", str(questions), "--out", str(out),
+                "--max_new_tokens", "6", *extra]
+
+    whole = tmp_path / "whole.jsonl"
+    assert ev.main(argv(whole)) == 0
+    calls, answer_turns = [], judge.answer_turns
+
+    def interrupted_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if stopped while answering the third question
+        calls.append(args[2])
+        return answer_turns(*args)
+
+    out = tmp_path / "tiny-sft.jsonl"
+    monkeypatch.setattr(judge, "answer_turns", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(argv(out, "--model_id", "tiny-sft"))
+    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == ["q0", "q1"]
+    with open(out, "a") as f:
+        f.write('{"question_id": "q2", "answer_id"')  # a write cut short by the interruption
+    calls.clear()
+    monkeypatch.setattr(judge, "answer_turns", lambda *a: calls.append(a[2]) or answer_turns(*a))
+    assert ev.main(argv(out, "--model_id", "tiny-sft")) == 0
+    assert calls == [["Copy: ABDEH\n"], ["Copy: ABDEI\n"], ["Copy: ABDEJ\n"]]  # only those not yet answered
+    assert "unfinished last line" in capsys.readouterr().err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert _answers(out) == _answers(whole) and len(records) == 5
+    assert len({r["answer_id"] for r in records}) == 5 and all(r["model_id"] == "tiny-sft" for r in records)
+    assert all(isinstance(r["tstamp"], float) for r in records)
+    assert judge.load_answers(out)[json.dumps("q0")].model_id == "tiny-sft" == out.stem  # FastChat: file = model
+    # another run's file is refused, naming file and line
+    assert ev.main(argv(out, "--model_id", "tiny-sft", "--max_new_tokens", "7")) == 2
+    assert f"{out}:1: answer made with decoding" in capsys.readouterr().err
+
+
+def test_generate_keeps_the_whole_prompt_and_caps_new_tokens(tmp_path, capsys):
+    question = "Copy: ABDEF\n" * 2  # 24 byte tokens, no BOS
+    questions = tmp_path / "q.jsonl"
+    data.write_jsonl(questions, [{"question_id": 1, "turns": [question]}])
+    out = tmp_path / "a.jsonl"
+    assert ev.main(["generate", "--model", "tiny", "--questions", str(questions), "--out", str(out),
+                    "--max_length", "30"]) == 0  # --max_new_tokens 512: room for 6
+    assert "1 answer turn(s) had room for fewer than --max_new_tokens 512" in capsys.readouterr().err
+    tokenizer, model = models.load_tokenizer(), models.load_model()
+    ids = torch.tensor([data.encode_prompt([{"role": "user", "content": question}], tokenizer)])
+    assert ids.shape[1] == 24
+    direct = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    assert _answers(out)[1] == [tokenizer.decode(direct[0, 24:], skip_special_tokens=True).strip()]
+    refused = tmp_path / "r.jsonl"
+    assert ev.main(["generate", "--model", "tiny", "--questions", str(questions), "--out", str(refused),
+                    "--max_length", "24"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: question 1: turn 1: the prompt's 24 tokens fill the context of 24 tokens "
+                   "(--max_length or the model's max_position_embeddings): no room to generate")
+
+
 def test_exact_on_the_embedded_dataset(tmp_path, capsys):
     questions = judge.embedded_questions("test")
     first_pair = {}
