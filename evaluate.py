@@ -162,11 +162,20 @@ def run_judge(args):
     questions = judge.load_questions(args.questions, args.split)
     answers_a, answers_b, names = _comparison(args, questions)
     prompts = judge.load_judge_prompts(args.judge_prompt, args.prompt_single, args.prompt_multi)
+    math_prompts = None
+    if args.reference_answers:  # as FastChat: math, reasoning, coding judged against the reference answer
+        questions = judge.with_references(questions, judge.load_answers(args.reference_answers),
+                                          args.reference_answers)
+        math = args.prompt_math
+        math_prompts = judge.load_judge_prompts(args.judge_prompt, math, math and f"{math}-multi-turn", math=True)
     game_list, missing = judge.games(questions, answers_a, answers_b)
     _report_missing(args, missing, len(questions))
     ask, judge_id = _judge(args)
     identity = {**names, "judge": judge_id}
-    records = judge.judge_games(game_list, answers_a, answers_b, ask, prompts, args.out, identity, progress=True)
+    records = judge.judge_games(game_list, answers_a, answers_b, ask, prompts, args.out, identity, progress=True,
+                                math_prompts=math_prompts)
+    if args.fastchat_out:
+        judge.write_fastchat_judgments(args.fastchat_out, judge.fastchat_judgments(records))
     summary = judge.judge_summary(records, identity, _benchmark(args), missing)
     data.emit(summary, judge.format_table([summary]), args.summary)
     return 0
@@ -265,6 +274,12 @@ def _judge_args(p):
     p.add_argument("--prompt_single", help="single-turn prompt name (default srpo-pair, or pair-v2 from a file)")
     p.add_argument("--prompt_multi",
                    help="multi-turn prompt name (default srpo-pair-multi-turn, or pair-v2-multi-turn)")
+    p.add_argument("--reference_answers", help="FastChat reference-answer JSONL (reference_answer/gpt-4.jsonl): "
+                                               "math, reasoning and coding questions are then judged against it")
+    p.add_argument("--prompt_math", help="their prompt, NAME and NAME-multi-turn (default srpo-pair-math, or "
+                                         "pair-math-v1 from a file)")
+    p.add_argument("--fastchat_out", help="also the verdicts in FastChat's judgment layout (show_result.py "
+                                          "--mode pairwise-all --input-file reads it); other comparisons kept")
     p.add_argument("--max_retries", type=int, default=5)
     p.add_argument("--retry_wait", type=float, default=2.0, help="first backoff in seconds, doubled each retry")
     p.add_argument("--timeout", type=float, default=120.0)

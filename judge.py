@@ -344,8 +344,28 @@ BUILTIN_PROMPTS = {
                            "Judge the answers to the final user question (turn {turn}):\n{question}",
     },
 }
+_REFERENCE_RULE = ("A reference answer is given: check each answer's result against it; an answer whose result "
+                   "differs from the reference answer's is incorrect. ")
+BUILTIN_PROMPTS["srpo-pair-math"] = {
+    "system_prompt": "You are an impartial judge of two AI assistants' answers to the same user question. "
+                     + _REFERENCE_RULE + _JUDGE_RULES,
+    "prompt_template": "=== User question ===\n{question}\n\n"
+                       "=== Reference answer ===\n{ref_answer}\n=== End of the reference answer ===\n\n"
+                       + BUILTIN_PROMPTS["srpo-pair"]["prompt_template"].split("\n\n", 1)[1],
+}
+BUILTIN_PROMPTS["srpo-pair-math-multi-turn"] = {
+    "system_prompt": BUILTIN_PROMPTS["srpo-pair-multi-turn"]["system_prompt"].replace(
+        "context. ", "context. " + _REFERENCE_RULE),
+    "prompt_template": BUILTIN_PROMPTS["srpo-pair-multi-turn"]["prompt_template"]
+                       + "\n\nReference answer to it:\n{ref_answer}",
+}
 BUILTIN_NAMES = ("srpo-pair", "srpo-pair-multi-turn")
 FASTCHAT_NAMES = ("pair-v2", "pair-v2-multi-turn")  # MT-Bench's judge_prompts.jsonl
+# With reference answers (--reference_answers), questions of these categories are judged with the math
+# prompts and the reference answer, as FastChat judges MT-Bench (its NEED_REF_CATS and pair-math-v1).
+NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")
+BUILTIN_MATH_NAMES = ("srpo-pair-math", "srpo-pair-math-multi-turn")
+FASTCHAT_MATH_NAMES = ("pair-math-v1", "pair-math-v1-multi-turn")
 
 
 @dataclass(frozen=True)
@@ -356,18 +376,21 @@ class JudgePrompt:
     source: str  # where it was read from, for error messages
 
 
-def load_judge_prompts(path=None, single=None, multi=None):
+def load_judge_prompts(path=None, single=None, multi=None, math=False):
     """(single-turn prompt, multi-turn prompt or None) by name, built in or from a JSONL file.
 
     path: None for the built-in prompts, else a JSONL of records with "name", "system_prompt"
     and "prompt_template" (the layout of MT-Bench's judge_prompts.jsonl). single, multi: record
     names; defaults srpo-pair / srpo-pair-multi-turn built in, pair-v2 / pair-v2-multi-turn
-    from a file. A multi-turn prompt missing from the file is None (an error only if needed).
+    from a file, and with math (the prompts shown a reference answer) srpo-pair-math /
+    srpo-pair-math-multi-turn built in, pair-math-v1 / pair-math-v1-multi-turn from a file.
+    A multi-turn prompt missing from the file is None (an error only if needed).
     """
     if path is None:
-        records, source, defaults = BUILTIN_PROMPTS, "built-in prompts", BUILTIN_NAMES
+        records, source = BUILTIN_PROMPTS, "built-in prompts"
+        defaults = BUILTIN_MATH_NAMES if math else BUILTIN_NAMES
     else:
-        records, source, defaults = {}, path, FASTCHAT_NAMES
+        records, source, defaults = {}, path, FASTCHAT_MATH_NAMES if math else FASTCHAT_NAMES
         for where, record in read_jsonl(path):
             records[_field(where, record, "name", str)] = {
                 k: _field(where, record, k, str) for k in ("system_prompt", "prompt_template")}
@@ -393,7 +416,8 @@ def prompt_fields(question, shown_a, shown_b, turn):
     question: the question record (``turns``, optional ``reference`` list); shown_a, shown_b:
     the answers (one per turn) shown as Assistant A and B. Fields: turn, question, answer_a,
     answer_b (this turn); question_i, answer_a_i, answer_b_i, ref_answer_i for i <= turn;
-    conversation_a, conversation_b (the turns so far, as "### User:" / "### Assistant X:").
+    ref_answer (this turn's reference answer); conversation_a, conversation_b (the turns so far,
+    as "### User:" / "### Assistant X:").
     """
     qs, a, b = question["turns"][:turn], shown_a[:turn], shown_b[:turn]
     fields = {"turn": turn, "question": qs[-1], "answer_a": a[-1], "answer_b": b[-1],
@@ -402,6 +426,8 @@ def prompt_fields(question, shown_a, shown_b, turn):
         fields.update({f"question_{i + 1}": qs[i], f"answer_a_{i + 1}": a[i], f"answer_b_{i + 1}": b[i]})
     for i, ref in enumerate(question.get("reference") or []):
         fields[f"ref_answer_{i + 1}"] = ref
+    if turn <= len(question.get("reference") or []):
+        fields["ref_answer"] = question["reference"][turn - 1]
     return fields
 
 
@@ -582,39 +608,108 @@ def games(questions, answers_a, answers_b):
     return out, missing
 
 
-def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identity, progress=False):
+def with_references(questions, references, source):
+    """The questions, those of a NEED_REF_CATS category given their reference answers ("reference").
+
+    references: ``load_answers`` of a reference-answer file (FastChat's reference_answer/gpt-4.jsonl
+    layout); source names it in errors. A question of such a category without a reference is an error.
+    """
+    out = []
+    for q in questions:
+        if q.get("category") in NEED_REF_CATS:
+            ref = references.get(json.dumps(q["question_id"]))
+            if ref is None:
+                raise EvalError(f"{source}: no reference answer to question {json.dumps(q['question_id'])} "
+                                f"(category {q['category']})")
+            q = dict(q, reference=ref.turns)
+        out.append(q)
+    return out
+
+
+def game_prompt(question, turn, prompts, math_prompts=None):
+    """The judge prompt of one game: with math_prompts, those for a question of a NEED_REF_CATS category
+    (FastChat's choice by category); else prompts. Each is (single-turn, multi-turn); turn 1 uses the first."""
+    chosen = math_prompts if math_prompts and question.get("category") in NEED_REF_CATS else prompts
+    prompt = chosen[0] if turn == 1 else chosen[1]
+    if prompt is None:
+        raise EvalError(f"{chosen[0].source}: no multi-turn judge prompt for question "
+                        f"{json.dumps(question['question_id'])} of {len(question['turns'])} turns (--prompt_multi)")
+    return prompt
+
+
+def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identity, progress=False,
+                math_prompts=None):
     """Ask the judge every (game, order) not yet in ``out_path``; append each verdict as it comes.
 
-    prompts: (single-turn, multi-turn) JudgePrompt; turn 1 uses the first, later turns the second.
+    prompts, math_prompts: (single-turn, multi-turn) JudgePrompt, chosen per game by ``game_prompt``.
     Returns all verdict records of these games, old and new. Each record: question_id, turn,
     order ("ab": model_a shown as A), model_a, model_b, judge, prompt, verdict ("A"/"B"/"C" or
-    None), preferred ("model_a"/"model_b"/"tie" or None), parse_error, judgment (the reply).
+    None), preferred ("model_a"/"model_b"/"tie" or None), parse_error, judgment (the reply),
+    user_prompt (what the judge was shown), tstamp.
     """
     done = load_verdicts(out_path, identity)
-    todo = [(q, t, o) for q, t in game_list for o in ORDERS
+    todo = [(q, t, o, game_prompt(q, t, prompts, math_prompts)) for q, t in game_list for o in ORDERS
             if _verdict_key(q["question_id"], t, o) not in done]
-    if any(t > 1 for _, t, _ in todo) and prompts[1] is None:
-        raise EvalError(f"{prompts[0].source}: no multi-turn judge prompt for the questions of "
-                        f"more than one turn (--prompt_multi)")
     bar = data.Progress(len(todo), "judging", "verdicts", enabled=progress)
     with open(out_path, "a", encoding="utf-8") as out:
-        for q, turn, order in todo:
+        for q, turn, order, prompt in todo:
             key = json.dumps(q["question_id"])
             first, second = answers_a[key].turns, answers_b[key].turns
             shown = (first, second) if order == "ab" else (second, first)
-            prompt = prompts[0] if turn == 1 else prompts[1]
-            reply = ask(*render_prompt(prompt, prompt_fields(q, *shown, turn)))
+            system, user = render_prompt(prompt, prompt_fields(q, *shown, turn))
+            reply = ask(system, user)
             verdict, error = parse_verdict(reply)
             record = {"question_id": q["question_id"], "turn": turn, "order": order, **identity,
                       "prompt": prompt.name, "verdict": verdict,
                       "preferred": _PREFERRED[order].get(verdict), "parse_error": error,
-                      "judgment": reply}
+                      "judgment": reply, "user_prompt": user, "tstamp": time.time()}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             done[_verdict_key(q["question_id"], turn, order)] = record
             bar.update()
     bar.close()
     return [done[_verdict_key(q["question_id"], t, o)] for q, t in game_list for o in ORDERS]
+
+
+_FASTCHAT_WINNER = {"model_a": "model_1", "model_b": "model_2", "tie": "tie", None: "error"}
+
+
+def fastchat_judgments(records):
+    """Verdict records as FastChat's pairwise judgment rows (model_judgment/<judge>_pair.jsonl), one per
+    game judged in both orders: question_id, model_1 (model_a), model_2, g1_winner (model_a shown
+    first), g2_winner (model_b shown first), each "model_1" | "model_2" | "tie" | "error" (unparseable),
+    judge [judge, prompt name], g1/g2_user_prompt, g1/g2_judgment, turn, tstamp. show_result.py
+    --mode pairwise-all reads them; it leaves out games with an "error" and counts orders that
+    disagree as a tie, as ``both_orders`` does."""
+    by_game = {}
+    for r in records:
+        by_game.setdefault((json.dumps(r["question_id"]), r["turn"]), {})[r["order"]] = r
+    rows = []
+    for g in by_game.values():
+        if set(g) != set(ORDERS):
+            continue
+        g1, g2 = g["ab"], g["ba"]
+        rows.append({"question_id": g1["question_id"], "model_1": g1["model_a"], "model_2": g1["model_b"],
+                     "g1_winner": _FASTCHAT_WINNER[g1["preferred"]], "g2_winner": _FASTCHAT_WINNER[g2["preferred"]],
+                     "judge": [g1["judge"], g1["prompt"]], "g1_user_prompt": g1.get("user_prompt", ""),
+                     "g1_judgment": g1["judgment"], "g2_user_prompt": g2.get("user_prompt", ""),
+                     "g2_judgment": g2["judgment"], "turn": g1["turn"],
+                     "tstamp": max(g1.get("tstamp", 0.0), g2.get("tstamp", 0.0))})
+    return rows
+
+
+def write_fastchat_judgments(path, rows):
+    """Merge rows into a FastChat judgment file: a row replaces the one of the same game, comparison and
+    judge; the file's other rows (other comparisons) are kept. Written whole, atomically."""
+    def key(row):
+        return (json.dumps(row.get("question_id")), row.get("turn"), row.get("model_1"), row.get("model_2"),
+                (row.get("judge") or [None])[0])
+
+    new = {key(r) for r in rows}
+    kept = [r for _, r in _appended_rows(path, "it is written again")]
+    tmp = f"{path}.tmp"
+    data.write_jsonl(tmp, [r for r in kept if key(r) not in new] + rows)
+    os.replace(tmp, path)
 
 
 def judge_summary(records, identity, benchmark, missing=None):

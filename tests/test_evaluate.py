@@ -392,6 +392,90 @@ def test_http_judge_resumes_after_an_interruption(tmp_path, judge_server, monkey
     assert f"{out}:1: verdict made with model_a" in capsys.readouterr().err
 
 
+def show_result_pairwise(path):
+    """{model: [win, loss, tie]} as FastChat's show_result.py --mode pairwise-all tallies a judgment file:
+    rows with an "error" winner left out, a tie or two orders that disagree a tie for both models."""
+    tally = {}
+    for row in map(json.loads, path.read_text().splitlines()):
+        if "error" in (row["g1_winner"], row["g2_winner"]):
+            continue
+        models_ = (row["model_1"], row["model_2"])
+        if row["g1_winner"] == "tie" or row["g1_winner"] != row["g2_winner"]:
+            outcome = {models_[0]: 2, models_[1]: 2}
+        else:
+            winner = models_[0] if row["g1_winner"] == "model_1" else models_[1]
+            outcome = {m: 0 if m == winner else 1 for m in models_}
+        for m, k in outcome.items():
+            tally.setdefault(m, [0, 0, 0])[k] += 1
+    return tally
+
+
+def test_fastchat_judgment_layout_reads_as_show_result_does(tmp_path, judge_server, monkeypatch):
+    monkeypatch.setenv("SRPO_TEST_JUDGE_KEY", "")
+    paths = _judge_files(tmp_path)
+    fastchat = tmp_path / "model_judgment" / "fake-judge_pair.jsonl"
+    fastchat.parent.mkdir()
+    summary = tmp_path / "s.json"
+    argv = _judge_argv(paths, judge_server.url, tmp_path / "v.jsonl", summary, "--fastchat_out", str(fastchat))
+    assert ev.main(argv) == 0
+    s = json.loads(summary.read_text())
+    _expected_rates(s)
+    rows = [json.loads(line) for line in fastchat.read_text().splitlines()]
+    assert len(rows) == 5 and {r["turn"] for r in rows} == {1, 2}
+    assert all(r["judge"] == ["fake-judge", "srpo-pair" if r["turn"] == 1 else "srpo-pair-multi-turn"] for r in rows)
+    assert all(r["g1_judgment"] and "GOOD" in r["g1_user_prompt"] and isinstance(r["tstamp"], float) for r in rows)
+    # the unparseable game is an "error"; the both-orders rule and show_result count the same games
+    assert show_result_pairwise(fastchat) == {"model-a": [s["win"], s["lose"], s["tie"]],
+                                              "model-b": [s["lose"], s["win"], s["tie"]]}
+    # another comparison into the same file is added; a rerun replaces its own rows
+    other = _judge_argv(paths, judge_server.url, tmp_path / "w.jsonl", summary, "--fastchat_out", str(fastchat),
+                        "--name_a", "other")
+    assert ev.main(other) == 0 and ev.main(argv) == 0
+    assert show_result_pairwise(fastchat) == {"model-a": [3, 0, 1], "other": [3, 0, 1], "model-b": [0, 6, 2]}
+    try:  # show_result.py's own reading, where pandas is installed
+        import pandas as pd
+    except ImportError:
+        return
+    df_all = pd.read_json(fastchat, lines=True)
+    df_all = df_all[(df_all["g1_winner"] != "error") & (df_all["g2_winner"] != "error")]
+    assert len(df_all) == 8 and set(df_all["model_1"]) == {"model-a", "other"}
+
+
+def test_reference_answers_choose_the_math_prompt_by_category(tmp_path):
+    prompts_file = tmp_path / "judge_prompts.jsonl"  # the fields of FastChat's pair-v2 / pair-math-v1 prompts
+    data.write_jsonl(prompts_file, [
+        {"name": "pair-v2", "system_prompt": "s", "prompt_template": "{question}|{answer_a}|{answer_b}"},
+        {"name": "pair-v2-multi-turn", "system_prompt": "s",
+         "prompt_template": "{question_1}|{answer_a_1}|{answer_b_1}|{question_2}|{answer_a_2}|{answer_b_2}"},
+        {"name": "pair-math-v1", "system_prompt": "m", "prompt_template": "{question}|{ref_answer_1}|{answer_a}"},
+        {"name": "pair-math-v1-multi-turn", "system_prompt": "m",
+         "prompt_template": "{question_2}|{ref_answer_1}|{ref_answer_2}|{answer_b_2}"}])
+    questions = [{"question_id": 81, "category": "writing", "turns": ["w1", "w2"]},
+                 {"question_id": 111, "category": "math", "turns": ["m1", "m2"]},
+                 {"question_id": 121, "category": "coding", "turns": ["c1"]}]
+    refs = judge.index_answers([(f"ref:{i}", {"question_id": q, "choices": [{"turns": t}]})
+                                for i, (q, t) in enumerate([(111, ["R1", "R2"]), (121, ["RC"])], 1)], "gpt-4")
+    questions = judge.with_references(questions, refs, "ref.jsonl")
+    answers = {json.dumps(q["question_id"]): judge.Answer("m", [t.upper() for t in q["turns"]], "a")
+               for q in questions}
+    asked = []
+    records = judge.judge_games(judge.games(questions, answers, answers)[0], answers, answers,
+                                lambda system, user: asked.append(user) or "[[C]]",
+                                judge.load_judge_prompts(str(prompts_file)), str(tmp_path / "v.jsonl"),
+                                {"model_a": "x", "model_b": "y", "judge": "j"},
+                                math_prompts=judge.load_judge_prompts(str(prompts_file), math=True))
+    used = {(r["question_id"], r["turn"]): (r["prompt"], r["user_prompt"]) for r in records if r["order"] == "ab"}
+    assert used == {(81, 1): ("pair-v2", "w1|W1|W1"), (81, 2): ("pair-v2-multi-turn", "w1|W1|W1|w2|W2|W2"),
+                    (111, 1): ("pair-math-v1", "m1|R1|M1"), (111, 2): ("pair-math-v1-multi-turn", "m2|R1|R2|M2"),
+                    (121, 1): ("pair-math-v1", "c1|RC|C1")}
+    builtin = judge.load_judge_prompts(math=True)
+    system, user = judge.render_prompt(builtin[1], judge.prompt_fields(questions[1], ["a1", "a2"], ["b1", "b2"], 2))
+    assert "reference answer" in system and user.endswith("Reference answer to it:\nR2")
+    with pytest.raises(metrics.EvalError, match=r"^ref.jsonl: no reference answer to question 121 "
+                                                r"\(category coding\)$"):
+        judge.with_references(questions, {k: v for k, v in refs.items() if k != "121"}, "ref.jsonl")
+
+
 def test_http_judge_does_not_retry_a_client_error(judge_server):
     calls = []
     ask = judge.http_judge("http://127.0.0.1:9/v1", "m", max_retries=0, timeout=2, sleep=calls.append)
