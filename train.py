@@ -105,7 +105,7 @@ class Config:
                         ("auto", "cuda", "cpu"))
     log_every: int = _flag(1, "progress line every this many steps")
     report_to: str = _flag("none", "also send every metrics.jsonl value to TensorBoard or W&B (rank 0; "
-                                   "docs/training.md)", ("none", "tensorboard", "wandb"))
+                                   "docs/tracking.md)", ("none", "tensorboard", "wandb"))
 
 
 def main(argv=None):
