@@ -646,7 +646,7 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
     "score_chosen", "score_rejected" (float, nan if unknown). Truncation: module docstring.
     min_prompt_length: a query is cut no shorter than this to make room for a response (default:
     half of max_length less BOS and p's tokens). Logs one summary line; DataError when no pair is left.
-    progress: a ``Progress`` line on stderr while it works.
+    progress: a ``Progress`` line while it works (True: on stderr; or a text stream).
     """
     tokens = _inspect(tokenizer)
     p = _encode(tokenizer, refine_prompt) if refine_prompt else None
@@ -853,11 +853,14 @@ class Progress:
 
     Redrawn in place on a terminal (at most every 0.5 s); otherwise a new line at the first update, at
     most every `every` seconds (default 30) after it, and at the end, so that logs stay short.
-    enabled=False (every rank but 0) prints nothing. clock: for tests.
+    enabled: False (every rank but 0) prints nothing; True writes to `stream` (default stderr); a text
+    stream (what a ``progress`` argument may be, e.g. sys.stdout) writes there. clock: for tests.
     """
 
     def __init__(self, total, label, unit="", enabled=True, stream=None, every=None, clock=time.monotonic):
-        self.total, self.label, self.unit, self.enabled, self.clock = total, label, unit, enabled, clock
+        if hasattr(enabled, "write"):
+            stream, enabled = enabled, True
+        self.total, self.label, self.unit, self.enabled, self.clock = total, label, unit, bool(enabled), clock
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = every if every is not None else 0.5 if self.tty else 30.0

@@ -230,6 +230,8 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=N
     rerun resumes where an interrupted one stopped. Returns (records in question order, capped turns).
     """
     done = load_generated(out_path, model_id, decoding) if out_path else {}
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)  # FastChat's model_answer/
     todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
     capped = 0
     bar = data.Progress(len(todo), f"generating ({model_id})", "questions", enabled=progress)
@@ -707,6 +709,7 @@ def write_fastchat_judgments(path, rows):
 
     new = {key(r) for r in rows}
     kept = [r for _, r in _appended_rows(path, "it is written again")]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # FastChat's model_judgment/
     tmp = f"{path}.tmp"
     data.write_jsonl(tmp, [r for r in kept if key(r) not in new] + rows)
     os.replace(tmp, path)

@@ -275,6 +275,7 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     average: per-token mean log-probs instead of sums. Each rank scores an equal-sized share (FSDP's
     collectives need equal counts; the last share repeats the last pair), then the shares are summed
     over ranks. The model's train/eval mode is left as it is; batches go to its first parameter's device.
+    progress: a ``data.Progress`` line on rank 0 (True: on stderr; or a text stream).
 
     Returns dict of float32 CPU tensors [N] in the order of ``examples``: "chosen", "rejected" (under x)
     and, with_p, "p_chosen", "p_rejected" (under p ⊕ x).
@@ -288,7 +289,7 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     views = ("", P_PREFIX) if with_p else ("",)
     share = math.ceil(n / world)
     table = torch.zeros(2 * len(views), n, dtype=torch.float32, device=device)
-    bar = data.Progress(min(share, n), "scoring", "pairs", enabled=progress and rank == 0)
+    bar = data.Progress(min(share, n), "scoring", "pairs", enabled=progress if rank == 0 else False)
     for a in range(rank * share, (rank + 1) * share, batch_size):
         idx = [min(i, n - 1) for i in range(a, min(a + batch_size, (rank + 1) * share))]
         batch = to_device(data.collate([examples[i] for i in idx], pad_token_id), device)

@@ -201,10 +201,10 @@ def run(cfg, rank, world, device):
     say = functools.partial(log, rank)
     backend = tracker_backend(cfg.report_to) if rank == 0 else None  # before the long passes: fail fast
     tokenizer = load_tokenizer(cfg.model)
-    examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0)
+    examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
     micro = cfg.micro_batch_size or cfg.batch_size // world
     score = functools.partial(metrics.pair_logps, pad_token_id=tokenizer.pad_token_id, batch_size=micro, rank=rank,
-                              world=world, average=cfg.average_logps, progress=True)  # a line on rank 0
+                              world=world, average=cfg.average_logps, progress=sys.stdout)  # rank 0
     stages = plan(cfg, len(examples))
     resume = checkpoint_dir(cfg.out_dir) if cfg.resume else None
     if cfg.resume and resume is None:

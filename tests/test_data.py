@@ -762,9 +762,10 @@ def test_progress_is_one_throttled_line_with_rate_and_time_left():
                      "tokenizing 2,000/2,000 pairs | 32.8/s | 1m01s elapsed, ~0s left"]
     rate = 500 / 31  # the rate so far, and the time the rest takes at that rate
     assert lines[1].endswith(f"{rate:.1f}/s | 31s elapsed, ~1m{round(1500 / rate) - 60}s left")
-    silent = io.StringIO()
+    silent, given = io.StringIO(), io.StringIO()
     list(data.Progress(3, "x", enabled=False, stream=silent).iterate(range(3)))
-    assert silent.getvalue() == ""
+    list(data.Progress(3, "x", enabled=given).iterate(range(3)))  # a stream as `progress` writes there
+    assert silent.getvalue() == "" and given.getvalue().startswith("x 1/3 | ")
 
 
 def test_tokenize_pairs_reports_progress(capsys):

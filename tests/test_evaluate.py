@@ -413,8 +413,7 @@ def show_result_pairwise(path):
 def test_fastchat_judgment_layout_reads_as_show_result_does(tmp_path, judge_server, monkeypatch):
     monkeypatch.setenv("SRPO_TEST_JUDGE_KEY", "")
     paths = _judge_files(tmp_path)
-    fastchat = tmp_path / "model_judgment" / "fake-judge_pair.jsonl"
-    fastchat.parent.mkdir()
+    fastchat = tmp_path / "model_judgment" / "fake-judge_pair.jsonl"  # the folder is made
     summary = tmp_path / "s.json"
     argv = _judge_argv(paths, judge_server.url, tmp_path / "v.jsonl", summary, "--fastchat_out", str(fastchat))
     assert ev.main(argv) == 0
@@ -544,7 +543,7 @@ def test_generate_appends_and_resumes_where_an_interrupted_run_stopped(tmp_path,
         calls.append(args[2])
         return answer_turns(*args)
 
-    out = tmp_path / "tiny-sft.jsonl"
+    out = tmp_path / "model_answer" / "tiny-sft.jsonl"  # the folder is made
     monkeypatch.setattr(judge, "answer_turns", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
         ev.main(argv(out, "--model_id", "tiny-sft"))
