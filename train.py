@@ -215,7 +215,8 @@ def run(cfg, rank, world, device):
     if rank == 0:
         keep_metrics(metrics_path, saved, [name for name, _ in stages])
     first_step = [sum(n for _, n in stages[:i]) for i in range(len(stages))]  # global step = first_step + step
-    tracker = Tracker(cfg, backend, first_step[start_stage] + saved["step"] if saved else 0) if backend else None
+    resumed_at = first_step[start_stage] + saved["step"] if saved else 0  # global steps already logged
+    tracker = Tracker(cfg, backend, resumed_at + 1) if backend else None
 
     policy, last = None, None
     for stage_index, (stage, n_steps) in enumerate(stages):
@@ -611,9 +612,10 @@ def tracker_backend(kind):
 class Tracker:
     """Every numeric metrics.jsonl value of a step, sent to TensorBoard or W&B at its global step.
 
-    backend: ``tracker_backend``'s result. The run's config is recorded once (TensorBoard: the text
-    "config"; W&B: the run's config). TensorBoard events from start_step on are hidden (purge_step), as
-    a resumed run drops the metrics.jsonl lines after its checkpoint.
+    backend: ``tracker_backend``'s result; start_step: the first global step this run logs. The run's
+    config is recorded once (TensorBoard: the text "config"; W&B: the run's config). Older TensorBoard
+    events from start_step on are hidden (purge_step), as metrics.jsonl drops the lines after the
+    checkpoint that a run resumes from.
     """
 
     def __init__(self, cfg, backend, start_step):

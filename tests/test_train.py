@@ -177,7 +177,7 @@ def test_report_to_tensorboard_gets_every_metric_at_the_global_step(tmp_path, mo
     assert [(m["stage"], m["step"], m["global_step"]) for m in ms] == [("sft", 1, 1), ("sft", 2, 2),
                                                                          ("sr-dpo", 1, 3), ("sr-dpo", 2, 4)]
     calls = StandInWriter.calls
-    assert calls[0] == ("init", os.path.join(str(tmp_path), train.TRACKER_DIR), 0) and calls[-1] == ("close",)
+    assert calls[0] == ("init", os.path.join(str(tmp_path), train.TRACKER_DIR), 1) and calls[-1] == ("close",)
     config = json.loads(next(c[2] for c in calls if c[:2] == ("text", "config")))
     assert config["loss"] == "sr-dpo" and config["sft_steps"] == 2 and config["report_to"] == "tensorboard"
     scalars = [c[1:] for c in calls if c[0] == "scalar"]
@@ -234,8 +234,10 @@ def test_report_to_the_real_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", "3", "--report_to", "tensorboard")
-    assert code == 0
+    code, _ = run(tmp_path, "--loss", "dpo", "--max_steps", "3", "--report_to", "tensorboard")
+    assert code == 0  # resumed from its last checkpoint (step 3): step 4 is added, steps 1-3 stay visible
+    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", "4", "--report_to", "tensorboard", "--resume")
+    assert code == 0 and [m["global_step"] for m in ms] == [1, 2, 3, 4]
     events = EventAccumulator(str(tmp_path / train.TRACKER_DIR)).Reload()
     for key in ("loss", "reward_chosen", "logps_chosen", "eval_accuracy"):
         points = [(e.step, e.value) for e in events.Scalars(train.tracker_name(key))]
