@@ -116,8 +116,9 @@ def test_export_loads_and_matches_the_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
     # The exported tokenizer, loaded as lm-evaluation-harness loads it, encodes a context as training did.
-    import data
     from transformers import AutoTokenizer
+
+    import data
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / train.FINAL)
     for prompt in ("Copy: ABDEF\n", "café 🙂 日本"):
