@@ -53,6 +53,8 @@ from srpo import IGNORE_INDEX
 
 FORMATS = ("HH-RLHF {chosen, rejected} transcripts; "
            "{prompt, chosen, rejected[, score_chosen, score_rejected]} with text or message lists; "
+           "{chosen, rejected} texts sharing the prompt as a prefix; "
+           "ShareGPT {conversations, chosen, rejected[, system]}; "
            "UltraFeedback {instruction, chosen_response, rejected_response[, chosen_avg_rating, "
            "rejected_avg_rating]}")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -61,6 +63,7 @@ HH_REPO = "Anthropic/hh-rlhf"
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 _TRANSCRIPT_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _MARK = "\ue000srpo-p\ue000"  # placed where p goes in a chat; never left in any output
 
 PACKINGS = ("padded", "packed", "shared")  # batch layouts of collate
@@ -200,15 +203,59 @@ def _split_transcript(text):
     return text[:cut + len(HH_ASSISTANT)], response
 
 
-def _hh_pair(record, where):
-    """HH-RLHF: two whole transcripts sharing the prompt. Text with no turn at all lacks a prompt field."""
+def _implicit_prompt(chosen, rejected):
+    """(prompt, chosen, rejected): the longest common prefix, its final space left to the responses (TRL's rule)."""
+    n = len(os.path.commonprefix([chosen, rejected]))
+    if n and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _text_pair(record, where):
+    """Two whole texts: HH-RLHF transcripts when they have a turn, else the prompt is their shared prefix."""
     transcripts = _text(record, "chosen", where), _text(record, "rejected", where)
     if not any(turn in text for text in transcripts for turn in (HH_HUMAN, HH_ASSISTANT)):
-        raise DataError(f"{where}: field 'prompt' missing (and no HH transcript); expected one of: {FORMATS}")
+        if transcripts[0] == transcripts[1]:
+            raise _Dropped("identical responses")
+        prompt, chosen, rejected = _implicit_prompt(*transcripts)
+        if not prompt:
+            raise DataError(f"{where}: field 'prompt' missing (no HH transcript, and chosen and rejected share "
+                            f"no prefix to take as the prompt); expected one of: {FORMATS}")
+        return _make_pair(prompt, chosen, rejected, _score(record, "score_chosen", where),
+                          _score(record, "score_rejected", where))
     (prompt_c, chosen), (prompt_r, rejected) = map(_split_transcript, transcripts)
     if prompt_c != prompt_r:
         raise _Dropped("prompt mismatch")
     return _make_pair(prompt_c, chosen, rejected, None, None)
+
+
+def _sharegpt_message(value, name, where):
+    """A ShareGPT message {"from", "value"} as {"role", "content"}; name is used in messages."""
+    if not (isinstance(value, dict) and isinstance(value.get("from"), str) and isinstance(value.get("value"), str)):
+        raise DataError(f"{where}: field {name} must be {{\"from\": str, \"value\": str}}")
+    if value["from"] not in SHAREGPT_ROLES:
+        raise DataError(f"{where}: field {name} has role '{value['from']:.40}'; "
+                        f"expected one of: {', '.join(SHAREGPT_ROLES)}")
+    return {"role": SHAREGPT_ROLES[value["from"]], "content": value["value"]}
+
+
+def _sharegpt_pair(record, where):
+    """LLaMA-Factory's ShareGPT preference layout: conversations (the prompt), chosen and rejected messages."""
+    conversations = _field(record, "conversations", where)
+    if not isinstance(conversations, list):
+        raise DataError(f"{where}: field 'conversations' must be a list of messages, "
+                        f"got {type(conversations).__name__}")
+    prompt = tuple(_sharegpt_message(m, f"'conversations' message {i}", where) for i, m in enumerate(conversations))
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    if system:
+        prompt = ({"role": "system", "content": system},) + prompt
+    replies = [_sharegpt_message(_field(record, name, where), f"'{name}'", where) for name in ("chosen", "rejected")]
+    if any(reply["role"] != "assistant" for reply in replies):
+        raise _Dropped("no assistant turn")
+    return _make_pair(prompt, replies[0]["content"], replies[1]["content"],
+                      _score(record, "score_chosen", where), _score(record, "score_rejected", where))
 
 
 def _ultrafeedback_pair(record, where):
@@ -264,9 +311,11 @@ def record_to_pair(record, where):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "instruction" in record or "chosen_response" in record:
         return _ultrafeedback_pair(record, where)
+    if "conversations" in record:
+        return _sharegpt_pair(record, where)
     if "prompt" in record or isinstance(record.get("chosen"), list):
         return _generic_pair(record, where)
-    return _hh_pair(record, where)
+    return _text_pair(record, where)
 
 
 # ----------------------------------------------------------------------------- files and hub
@@ -649,7 +698,7 @@ def _tokenize_pair(pair, tokenizer, tokens, max_length, p, min_prompt, cut, note
 
 
 def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=print, min_prompt_length=None,
-                   p_view=True):
+                   p_view=True, progress=False):
     """One example per kept pair: the x view, and the p ⊕ x view when refine_prompt is given and p_view.
 
     Keys: "index" (position in the returned list), "pair_index" (position in `pairs`),
@@ -660,6 +709,7 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
     p equals a Sr run's), and only the x view is returned.
     min_prompt_length: a query is cut no shorter than this to make room for a response (default:
     half of max_length less BOS and p's tokens). Logs one summary line; DataError when no pair is left.
+    progress: a ``Progress`` line while it works (True: on stderr; or a text stream).
     """
     tokens = _inspect(tokenizer)
     p = _encode(tokenizer, refine_prompt) if refine_prompt else None
@@ -675,7 +725,8 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
         example["pair_index"] = item[0]
         return example
 
-    examples, dropped = _keep_all(enumerate(pairs), convert)
+    bar = Progress(len(pairs), "tokenizing", "pairs", enabled=progress)
+    examples, dropped = _keep_all(bar.iterate(enumerate(pairs)), convert)
     for i, example in enumerate(examples):
         example["index"] = i
     truncated = ", ".join(f"{n:,} {what}" for what, n in cut.items() if n)
@@ -988,27 +1039,59 @@ def emit(document, table, out=None):
         sys.stdout.write(table + "\n")
 
 
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal (at most every 0.5 s), else one
-    line every 30 s, so that logs stay short."""
+def _duration(seconds):
+    """'12s', '3m05s', '2h07m'; '?' when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
-    def __init__(self, total, label, enabled=True, stream=None):
-        self.total, self.label, self.enabled = total, label, enabled
+
+class Progress:
+    """One throttled progress line on stderr, in the style of train.py's step lines:
+
+        tokenizing 1,200/2,000 pairs | 410.3/s | 2s elapsed, ~1s left
+
+    Redrawn in place on a terminal (at most every 0.5 s); otherwise a new line at the first update, at
+    most every `every` seconds (default 30) after it, and at the end, so that logs stay short.
+    enabled: False (every rank but 0) prints nothing; True writes to `stream` (default stderr); a text
+    stream (what a ``progress`` argument may be, e.g. sys.stdout) writes there. clock: for tests.
+    """
+
+    def __init__(self, total, label, unit="", enabled=True, stream=None, every=None, clock=time.monotonic):
+        if hasattr(enabled, "write"):
+            stream, enabled = enabled, True
+        self.total, self.label, self.unit, self.enabled, self.clock = total, label, unit, bool(enabled), clock
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = 0.5 if self.tty else 30.0
-        self.done, self.start, self.drawn = 0, time.monotonic(), None
+        self.every = every if every is not None else 0.5 if self.tty else 30.0
+        self.done, self.start, self.drawn = 0, clock(), None
+
+    def line(self, now):
+        """The progress line at time `now`: done/total, the rate so far and the time left at that rate."""
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else math.nan
+        left = (self.total - self.done) / rate if rate > 0 else math.nan
+        unit = f" {self.unit}" if self.unit else ""
+        return (f"{self.label} {self.done:,}/{self.total:,}{unit} | {rate:,.1f}/s | "
+                f"{_duration(elapsed)} elapsed, ~{_duration(left)} left")
 
     def update(self, n=1):
         self.done += n
-        now = time.monotonic()
+        now = self.clock()
         due = self.drawn is None or now - self.drawn >= self.every or self.done >= self.total
         if self.enabled and due:
             self.drawn = now
-            bar = "#" * int(30 * self.done / self.total) if self.total else ""
-            line = f"{self.label} [{bar:<30}] {self.done}/{self.total} {now - self.start:.0f}s"
+            line = self.line(now)
             self.stream.write("\r" + line if self.tty else line + "\n")
             self.stream.flush()
+
+    def iterate(self, items):
+        """Yield the items, counting each one done when the next is asked for; close at the end."""
+        for item in items:
+            yield item
+            self.update()
+        self.close()
 
     def close(self):
         if self.enabled and self.tty and self.drawn is not None:

@@ -70,20 +70,22 @@ def _decoding(args):
     return judge.Decoding(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.max_length)
 
 
-def _answers_from_model(name, questions, args):
-    """Generate answers with a model; returns the records and reports cut prompts on stderr."""
+def _answers_from_model(name, questions, args, out_path=None):
+    """Generate answers with a model (appended to out_path, resuming it); notes capped turns on stderr."""
     model, tokenizer = load_lm(name, args.dtype, args.device)
-    records, cut = judge.generate_answers(model, tokenizer, questions, _decoding(args),
-                                    getattr(args, "model_id", None) or name, progress=True)
-    if cut:
-        print(f"{name}: {cut} prompt tokens cut from the left to fit the context", file=sys.stderr)
+    decoding = _decoding(args)
+    records, capped = judge.generate_answers(model, tokenizer, questions, decoding,
+                                             getattr(args, "model_id", None) or name, out_path, progress=True)
+    if capped:
+        _stderr(f"{name}: {capped} answer turn(s) had room for fewer than --max_new_tokens "
+                f"{decoding.max_new_tokens} new tokens after the whole prompt in the context")
     return records
 
 
 def run_generate(args):
-    records = _answers_from_model(args.model, judge.load_questions(args.questions, args.split), args)
-    data.write_jsonl(args.out, records)
-    print(f"wrote {len(records)} answers to {args.out}", file=sys.stderr)
+    questions = judge.load_questions(args.questions, args.split)
+    records = _answers_from_model(args.model, questions, args, args.out)
+    _stderr(f"{args.out}: {len(records)} answers")
     return 0
 
 
@@ -160,11 +162,20 @@ def run_judge(args):
     questions = judge.load_questions(args.questions, args.split)
     answers_a, answers_b, names = _comparison(args, questions)
     prompts = judge.load_judge_prompts(args.judge_prompt, args.prompt_single, args.prompt_multi)
+    math_prompts = None
+    if args.reference_answers:  # as FastChat: math, reasoning, coding judged against the reference answer
+        questions = judge.with_references(questions, judge.load_answers(args.reference_answers),
+                                          args.reference_answers)
+        math = args.prompt_math
+        math_prompts = judge.load_judge_prompts(args.judge_prompt, math, math and f"{math}-multi-turn", math=True)
     game_list, missing = judge.games(questions, answers_a, answers_b)
     _report_missing(args, missing, len(questions))
     ask, judge_id = _judge(args)
     identity = {**names, "judge": judge_id}
-    records = judge.judge_games(game_list, answers_a, answers_b, ask, prompts, args.out, identity, progress=True)
+    records = judge.judge_games(game_list, answers_a, answers_b, ask, prompts, args.out, identity, progress=True,
+                                math_prompts=math_prompts)
+    if args.fastchat_out:
+        judge.write_fastchat_judgments(args.fastchat_out, judge.fastchat_judgments(records))
     summary = judge.judge_summary(records, identity, _benchmark(args), missing)
     data.emit(summary, judge.format_table([summary]), args.summary)
     return 0
@@ -200,12 +211,13 @@ def _device_args(p):
 
 
 def _decoding_args(p):
-    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--max_new_tokens", type=int, default=512,
+                   help="at most this many, and no more than the context leaves after the whole prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed repeats the answers")
     p.add_argument("--max_length", type=int, default=None,
-                   help="context limit in tokens (default: the model's); longer prompts lose their start")
+                   help="context limit in tokens (default: the model's); a prompt that fills it is refused")
 
 
 def _questions_args(p, default=None):
@@ -239,9 +251,10 @@ def _accuracy_args(p):
 
 def _generate_args(p):
     p.add_argument("--model", required=True, help='"tiny" or a model folder / hub name')
-    p.add_argument("--model_id", help="the answers' model_id (default: --model)")
+    p.add_argument("--model_id", help="the answers' model_id (default: --model); FastChat names a model by its "
+                                      "answer file, so write to MODEL_ID.jsonl")
     _questions_args(p)
-    p.add_argument("--out", required=True, help="answers JSONL")
+    p.add_argument("--out", required=True, help="answers JSONL, appended question by question; a rerun resumes it")
     _decoding_args(p)
     _device_args(p)
 
@@ -261,6 +274,12 @@ def _judge_args(p):
     p.add_argument("--prompt_single", help="single-turn prompt name (default srpo-pair, or pair-v2 from a file)")
     p.add_argument("--prompt_multi",
                    help="multi-turn prompt name (default srpo-pair-multi-turn, or pair-v2-multi-turn)")
+    p.add_argument("--reference_answers", help="FastChat reference-answer JSONL (reference_answer/gpt-4.jsonl): "
+                                               "math, reasoning and coding questions are then judged against it")
+    p.add_argument("--prompt_math", help="their prompt, NAME and NAME-multi-turn (default srpo-pair-math, or "
+                                         "pair-math-v1 from a file)")
+    p.add_argument("--fastchat_out", help="also the verdicts in FastChat's judgment layout (show_result.py "
+                                          "--mode pairwise-all --input-file reads it); other comparisons kept")
     p.add_argument("--max_retries", type=int, default=5)
     p.add_argument("--retry_wait", type=float, default=2.0, help="first backoff in seconds, doubled each retry")
     p.add_argument("--timeout", type=float, default=120.0)

@@ -6,6 +6,7 @@ resumable run over all games, the exact judge (a true score as a perfect judge) 
 Does not own: the command line (evaluate.py), preference accuracy and Δπ (metrics.py), or models.py.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -149,23 +151,25 @@ def _context_limit(model, decoding):
 def generate_reply(model, tokenizer, prompt_ids, decoding):
     """The decoded continuation of one prompt (special tokens dropped, outer whitespace stripped).
 
-    Shape: prompt_ids list[int]. A prompt longer than the context limit less max_new_tokens
-    keeps its last tokens; returns (text, number of prompt tokens cut).
+    Shape: prompt_ids list[int]. The whole prompt is kept: new tokens are capped at the room that the
+    context limit leaves after it, and a prompt that leaves no room is an EvalError. Returns (text, the
+    new-token cap used: decoding.max_new_tokens or less).
     """
     limit = _context_limit(model, decoding)
-    keep = max(1, limit - decoding.max_new_tokens) if limit else len(prompt_ids)
-    cut = max(0, len(prompt_ids) - keep)
-    ids = torch.tensor([prompt_ids[cut:]], device=model_device(model))
+    room = min(decoding.max_new_tokens, limit - len(prompt_ids)) if limit else decoding.max_new_tokens
+    if room < 1:
+        raise EvalError(f"the prompt's {len(prompt_ids)} tokens fill the context of {limit} tokens "
+                        f"(--max_length or the model's max_position_embeddings): no room to generate")
+    ids = torch.tensor([prompt_ids], device=model_device(model))
     sampling = decoding.temperature > 0
     options = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p) \
         if sampling else dict(do_sample=False)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=decoding.max_new_tokens, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             **options)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=room,
+                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **options)
     text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-    return text.strip(), cut
+    return text.strip(), room
 
 
 def question_seed(seed, question_id):
@@ -178,37 +182,82 @@ def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None):
 
     The prompt of each turn is ``data.encode_prompt`` of the chat so far, framed as in training (the
     tokenizer's chat template, else an HH transcript); prompt: the first turn's prompt as the training
-    data holds it, where it is text (the embedded dataset's). Returns (answers list[str], prompt tokens cut).
+    data holds it, where it is text (the embedded dataset's). Returns (answers list[str], the new-token cap
+    of each turn list[int]).
     """
     torch.manual_seed(seed)
-    messages, answers, cut = (), [], 0
-    for question in turns:
+    messages, answers, caps = (), [], []
+    for turn, question in enumerate(turns, 1):
         messages += ({"role": "user", "content": question},)
         ids = data.encode_prompt(prompt if prompt is not None and len(messages) == 1 else messages, tokenizer)
-        reply, n_cut = generate_reply(model, tokenizer, ids, decoding)
+        try:
+            reply, cap = generate_reply(model, tokenizer, ids, decoding)
+        except EvalError as e:
+            raise EvalError(f"turn {turn}: {e}") from None
         messages += ({"role": "assistant", "content": reply},)
         answers.append(reply)
-        cut += n_cut
-    return answers, cut
+        caps.append(cap)
+    return answers, caps
 
 
-def generate_answers(model, tokenizer, questions, decoding, model_id, progress=False):
-    """FastChat-layout answer records for the questions, plus the number of prompt tokens cut.
+def _appended_rows(path, what):
+    """[(where, record)] already in a JSONL file that a run appends to (none if absent), after cutting an
+    unfinished last line (an interrupted write); `what` says what happens to that line's item."""
+    if not os.path.exists(path):
+        return []
+    if _drop_unfinished_line(path):
+        print(f"{path}: discarded an unfinished last line (an interrupted write); {what}", file=sys.stderr)
+    return read_jsonl(path)
 
-    Each record: {"question_id", "model_id", "choices": [{"index": 0, "turns": [...]}],
-    "decoding": {...}}.
+
+def load_generated(path, model_id, decoding):
+    """{json.dumps(question_id): record} of the answers already in ``generate``'s output file.
+
+    An answer made by another model_id or with other decoding settings is an error (naming file and
+    line), so that one file never mixes two runs.
     """
-    records, cut = [], 0
-    bar = data.Progress(len(questions), f"generating ({model_id})", enabled=progress)
-    for q in questions:
-        answers, n_cut = answer_turns(model, tokenizer, q["turns"], decoding,
-                                      question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"))
-        cut += n_cut
-        records.append({"question_id": q["question_id"], "model_id": model_id,
-                        "choices": [{"index": 0, "turns": answers}], "decoding": asdict(decoding)})
-        bar.update()
+    done, settings = {}, asdict(decoding)
+    for key, (where, record) in _unique_ids(_appended_rows(path, "that question is answered again")).items():
+        for field, expected in (("model_id", model_id), ("decoding", settings)):
+            if record.get(field) != expected:
+                raise EvalError(f"{where}: answer made with {field} {record.get(field)!r}, not {expected!r}; "
+                                f"use another --out")
+        done[key] = record
+    return done
+
+
+def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=None, progress=False):
+    """FastChat-layout answer records for the questions, and how many turns had their new tokens capped.
+
+    Each record: {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}],
+    "tstamp", "decoding": {...}}. out_path: each record is appended to this JSONL as soon as its question
+    is answered, and questions already answered there (``load_generated``) are not asked again, so a
+    rerun resumes where an interrupted one stopped. Returns (records in question order, capped turns).
+    """
+    done = load_generated(out_path, model_id, decoding) if out_path else {}
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)  # FastChat's model_answer/
+    todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
+    capped = 0
+    bar = data.Progress(len(todo), f"generating ({model_id})", "questions", enabled=progress)
+    with open(out_path, "a", encoding="utf-8") if out_path else contextlib.nullcontext() as out:
+        for q in todo:
+            try:
+                answers, caps = answer_turns(model, tokenizer, q["turns"], decoding,
+                                             question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"))
+            except EvalError as e:
+                raise EvalError(f"question {json.dumps(q['question_id'])}: {e}") from None
+            capped += sum(cap < decoding.max_new_tokens for cap in caps)
+            record = {"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                      "choices": [{"index": 0, "turns": answers}], "tstamp": time.time(),
+                      "decoding": asdict(decoding)}
+            if out is not None:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+            done[json.dumps(q["question_id"])] = record
+            bar.update()
     bar.close()
-    return records, cut
+    return [done[json.dumps(q["question_id"])] for q in questions], capped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,8 +351,28 @@ BUILTIN_PROMPTS = {
                            "Judge the answers to the final user question (turn {turn}):\n{question}",
     },
 }
+_REFERENCE_RULE = ("A reference answer is given: check each answer's result against it; an answer whose result "
+                   "differs from the reference answer's is incorrect. ")
+BUILTIN_PROMPTS["srpo-pair-math"] = {
+    "system_prompt": "You are an impartial judge of two AI assistants' answers to the same user question. "
+                     + _REFERENCE_RULE + _JUDGE_RULES,
+    "prompt_template": "=== User question ===\n{question}\n\n"
+                       "=== Reference answer ===\n{ref_answer}\n=== End of the reference answer ===\n\n"
+                       + BUILTIN_PROMPTS["srpo-pair"]["prompt_template"].split("\n\n", 1)[1],
+}
+BUILTIN_PROMPTS["srpo-pair-math-multi-turn"] = {
+    "system_prompt": BUILTIN_PROMPTS["srpo-pair-multi-turn"]["system_prompt"].replace(
+        "context. ", "context. " + _REFERENCE_RULE),
+    "prompt_template": BUILTIN_PROMPTS["srpo-pair-multi-turn"]["prompt_template"]
+                       + "\n\nReference answer to it:\n{ref_answer}",
+}
 BUILTIN_NAMES = ("srpo-pair", "srpo-pair-multi-turn")
 FASTCHAT_NAMES = ("pair-v2", "pair-v2-multi-turn")  # MT-Bench's judge_prompts.jsonl
+# With reference answers (--reference_answers), questions of these categories are judged with the math
+# prompts and the reference answer, as FastChat judges MT-Bench (its NEED_REF_CATS and pair-math-v1).
+NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")
+BUILTIN_MATH_NAMES = ("srpo-pair-math", "srpo-pair-math-multi-turn")
+FASTCHAT_MATH_NAMES = ("pair-math-v1", "pair-math-v1-multi-turn")
 
 
 @dataclass(frozen=True)
@@ -314,18 +383,21 @@ class JudgePrompt:
     source: str  # where it was read from, for error messages
 
 
-def load_judge_prompts(path=None, single=None, multi=None):
+def load_judge_prompts(path=None, single=None, multi=None, math=False):
     """(single-turn prompt, multi-turn prompt or None) by name, built in or from a JSONL file.
 
     path: None for the built-in prompts, else a JSONL of records with "name", "system_prompt"
     and "prompt_template" (the layout of MT-Bench's judge_prompts.jsonl). single, multi: record
     names; defaults srpo-pair / srpo-pair-multi-turn built in, pair-v2 / pair-v2-multi-turn
-    from a file. A multi-turn prompt missing from the file is None (an error only if needed).
+    from a file, and with math (the prompts shown a reference answer) srpo-pair-math /
+    srpo-pair-math-multi-turn built in, pair-math-v1 / pair-math-v1-multi-turn from a file.
+    A multi-turn prompt missing from the file is None (an error only if needed).
     """
     if path is None:
-        records, source, defaults = BUILTIN_PROMPTS, "built-in prompts", BUILTIN_NAMES
+        records, source = BUILTIN_PROMPTS, "built-in prompts"
+        defaults = BUILTIN_MATH_NAMES if math else BUILTIN_NAMES
     else:
-        records, source, defaults = {}, path, FASTCHAT_NAMES
+        records, source, defaults = {}, path, FASTCHAT_MATH_NAMES if math else FASTCHAT_NAMES
         for where, record in read_jsonl(path):
             records[_field(where, record, "name", str)] = {
                 k: _field(where, record, k, str) for k in ("system_prompt", "prompt_template")}
@@ -351,7 +423,8 @@ def prompt_fields(question, shown_a, shown_b, turn):
     question: the question record (``turns``, optional ``reference`` list); shown_a, shown_b:
     the answers (one per turn) shown as Assistant A and B. Fields: turn, question, answer_a,
     answer_b (this turn); question_i, answer_a_i, answer_b_i, ref_answer_i for i <= turn;
-    conversation_a, conversation_b (the turns so far, as "### User:" / "### Assistant X:").
+    ref_answer (this turn's reference answer); conversation_a, conversation_b (the turns so far,
+    as "### User:" / "### Assistant X:").
     """
     qs, a, b = question["turns"][:turn], shown_a[:turn], shown_b[:turn]
     fields = {"turn": turn, "question": qs[-1], "answer_a": a[-1], "answer_b": b[-1],
@@ -360,6 +433,8 @@ def prompt_fields(question, shown_a, shown_b, turn):
         fields.update({f"question_{i + 1}": qs[i], f"answer_a_{i + 1}": a[i], f"answer_b_{i + 1}": b[i]})
     for i, ref in enumerate(question.get("reference") or []):
         fields[f"ref_answer_{i + 1}"] = ref
+    if turn <= len(question.get("reference") or []):
+        fields["ref_answer"] = question["reference"][turn - 1]
     return fields
 
 
@@ -496,13 +571,8 @@ def load_verdicts(path, identity):
     identity: {"model_a", "model_b", "judge"}; a record made for another comparison or judge is
     an error (naming file and line), so that two comparisons never mix in one file.
     """
-    if not os.path.exists(path):
-        return {}
-    if _drop_unfinished_line(path):
-        print(f"{path}: discarded an unfinished last line (an interrupted write); it is asked again",
-              file=sys.stderr)
     done = {}
-    for where, record in read_jsonl(path):
+    for where, record in _appended_rows(path, "it is asked again"):
         for field in IDENTITY:
             if record.get(field) != identity[field]:
                 raise EvalError(f"{where}: verdict made with {field} {record.get(field)!r}, "
@@ -545,39 +615,109 @@ def games(questions, answers_a, answers_b):
     return out, missing
 
 
-def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identity, progress=False):
+def with_references(questions, references, source):
+    """The questions, those of a NEED_REF_CATS category given their reference answers ("reference").
+
+    references: ``load_answers`` of a reference-answer file (FastChat's reference_answer/gpt-4.jsonl
+    layout); source names it in errors. A question of such a category without a reference is an error.
+    """
+    out = []
+    for q in questions:
+        if q.get("category") in NEED_REF_CATS:
+            ref = references.get(json.dumps(q["question_id"]))
+            if ref is None:
+                raise EvalError(f"{source}: no reference answer to question {json.dumps(q['question_id'])} "
+                                f"(category {q['category']})")
+            q = dict(q, reference=ref.turns)
+        out.append(q)
+    return out
+
+
+def game_prompt(question, turn, prompts, math_prompts=None):
+    """The judge prompt of one game: with math_prompts, those for a question of a NEED_REF_CATS category
+    (FastChat's choice by category); else prompts. Each is (single-turn, multi-turn); turn 1 uses the first."""
+    chosen = math_prompts if math_prompts and question.get("category") in NEED_REF_CATS else prompts
+    prompt = chosen[0] if turn == 1 else chosen[1]
+    if prompt is None:
+        raise EvalError(f"{chosen[0].source}: no multi-turn judge prompt for question "
+                        f"{json.dumps(question['question_id'])} of {len(question['turns'])} turns (--prompt_multi)")
+    return prompt
+
+
+def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identity, progress=False,
+                math_prompts=None):
     """Ask the judge every (game, order) not yet in ``out_path``; append each verdict as it comes.
 
-    prompts: (single-turn, multi-turn) JudgePrompt; turn 1 uses the first, later turns the second.
+    prompts, math_prompts: (single-turn, multi-turn) JudgePrompt, chosen per game by ``game_prompt``.
     Returns all verdict records of these games, old and new. Each record: question_id, turn,
     order ("ab": model_a shown as A), model_a, model_b, judge, prompt, verdict ("A"/"B"/"C" or
-    None), preferred ("model_a"/"model_b"/"tie" or None), parse_error, judgment (the reply).
+    None), preferred ("model_a"/"model_b"/"tie" or None), parse_error, judgment (the reply),
+    user_prompt (what the judge was shown), tstamp.
     """
     done = load_verdicts(out_path, identity)
-    todo = [(q, t, o) for q, t in game_list for o in ORDERS
+    todo = [(q, t, o, game_prompt(q, t, prompts, math_prompts)) for q, t in game_list for o in ORDERS
             if _verdict_key(q["question_id"], t, o) not in done]
-    if any(t > 1 for _, t, _ in todo) and prompts[1] is None:
-        raise EvalError(f"{prompts[0].source}: no multi-turn judge prompt for the questions of "
-                        f"more than one turn (--prompt_multi)")
-    bar = data.Progress(len(todo), "judging", enabled=progress)
+    bar = data.Progress(len(todo), "judging", "verdicts", enabled=progress)
     with open(out_path, "a", encoding="utf-8") as out:
-        for q, turn, order in todo:
+        for q, turn, order, prompt in todo:
             key = json.dumps(q["question_id"])
             first, second = answers_a[key].turns, answers_b[key].turns
             shown = (first, second) if order == "ab" else (second, first)
-            prompt = prompts[0] if turn == 1 else prompts[1]
-            reply = ask(*render_prompt(prompt, prompt_fields(q, *shown, turn)))
+            system, user = render_prompt(prompt, prompt_fields(q, *shown, turn))
+            reply = ask(system, user)
             verdict, error = parse_verdict(reply)
             record = {"question_id": q["question_id"], "turn": turn, "order": order, **identity,
                       "prompt": prompt.name, "verdict": verdict,
                       "preferred": _PREFERRED[order].get(verdict), "parse_error": error,
-                      "judgment": reply}
+                      "judgment": reply, "user_prompt": user, "tstamp": time.time()}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             done[_verdict_key(q["question_id"], turn, order)] = record
             bar.update()
     bar.close()
     return [done[_verdict_key(q["question_id"], t, o)] for q, t in game_list for o in ORDERS]
+
+
+_FASTCHAT_WINNER = {"model_a": "model_1", "model_b": "model_2", "tie": "tie", None: "error"}
+
+
+def fastchat_judgments(records):
+    """Verdict records as FastChat's pairwise judgment rows (model_judgment/<judge>_pair.jsonl), one per
+    game judged in both orders: question_id, model_1 (model_a), model_2, g1_winner (model_a shown
+    first), g2_winner (model_b shown first), each "model_1" | "model_2" | "tie" | "error" (unparseable),
+    judge [judge, prompt name], g1/g2_user_prompt, g1/g2_judgment, turn, tstamp. show_result.py
+    --mode pairwise-all reads them; it leaves out games with an "error" and counts orders that
+    disagree as a tie, as ``both_orders`` does."""
+    by_game = {}
+    for r in records:
+        by_game.setdefault((json.dumps(r["question_id"]), r["turn"]), {})[r["order"]] = r
+    rows = []
+    for g in by_game.values():
+        if set(g) != set(ORDERS):
+            continue
+        g1, g2 = g["ab"], g["ba"]
+        rows.append({"question_id": g1["question_id"], "model_1": g1["model_a"], "model_2": g1["model_b"],
+                     "g1_winner": _FASTCHAT_WINNER[g1["preferred"]], "g2_winner": _FASTCHAT_WINNER[g2["preferred"]],
+                     "judge": [g1["judge"], g1["prompt"]], "g1_user_prompt": g1.get("user_prompt", ""),
+                     "g1_judgment": g1["judgment"], "g2_user_prompt": g2.get("user_prompt", ""),
+                     "g2_judgment": g2["judgment"], "turn": g1["turn"],
+                     "tstamp": max(g1.get("tstamp", 0.0), g2.get("tstamp", 0.0))})
+    return rows
+
+
+def write_fastchat_judgments(path, rows):
+    """Merge rows into a FastChat judgment file: a row replaces the one of the same game, comparison and
+    judge; the file's other rows (other comparisons) are kept. Written whole, atomically."""
+    def key(row):
+        return (json.dumps(row.get("question_id")), row.get("turn"), row.get("model_1"), row.get("model_2"),
+                (row.get("judge") or [None])[0])
+
+    new = {key(r) for r in rows}
+    kept = [r for _, r in _appended_rows(path, "it is written again")]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # FastChat's model_judgment/
+    tmp = f"{path}.tmp"
+    data.write_jsonl(tmp, [r for r in kept if key(r) not in new] + rows)
+    os.replace(tmp, path)
 
 
 def judge_summary(records, identity, benchmark, missing=None):

@@ -142,22 +142,25 @@ def rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     return chosen, rejected, chosen - rejected  # Eqs. (10) and (11)
 
 
-def preference_sums(chosen, rejected, margin, delta):
+def preference_sums(chosen, rejected, margin, delta, policy_chosen, policy_rejected):
     """Sums of one micro-batch, to be added over micro-batches and ranks, then ``preference_means``.
 
-    Shape: chosen, rejected, margin (``rewards``), delta (the refinement Δ, zeros without one) [B].
+    Shape: chosen, rejected, margin (``rewards``), delta (the refinement Δ, zeros without one),
+    policy_chosen, policy_rejected (log π(y±|x)) [B].
     Returns dict of 0-d tensors: reward_chosen, reward_rejected, accuracy (pairs with margin > 0),
-    delta, delta_sq.
+    delta, delta_sq, logps_chosen, logps_rejected.
     """
     return {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
-            "accuracy": (margin > 0).float().sum(), "delta": delta.sum(), "delta_sq": (delta * delta).sum()}
+            "accuracy": (margin > 0).float().sum(), "delta": delta.sum(), "delta_sq": (delta * delta).sum(),
+            "logps_chosen": policy_chosen.sum(), "logps_rejected": policy_rejected.sum()}
 
 
 def preference_means(sums, n):
     """Per-pair means of ``preference_sums`` summed over n pairs (floats); delta_std by ``std_from_sums``."""
     return {"reward_chosen": sums["reward_chosen"] / n, "reward_rejected": sums["reward_rejected"] / n,
             "margin": (sums["reward_chosen"] - sums["reward_rejected"]) / n, "accuracy": sums["accuracy"] / n,
-            "delta_mean": sums["delta"] / n, "delta_std": std_from_sums(sums["delta"], sums["delta_sq"], n)}
+            "delta_mean": sums["delta"] / n, "delta_std": std_from_sums(sums["delta"], sums["delta_sq"], n),
+            "logps_chosen": sums["logps_chosen"] / n, "logps_rejected": sums["logps_rejected"] / n}
 
 
 def _rewards(logps, beta, prefix):
@@ -273,6 +276,7 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     (the same log-probs in each; see ``models.choose_packing``). Each rank scores an equal-sized share (FSDP's
     collectives need equal counts; the last share repeats the last pair), then the shares are summed
     over ranks. The model's train/eval mode is left as it is; batches go to its first parameter's device.
+    progress: a ``data.Progress`` line on rank 0 (True: on stderr; or a text stream).
 
     Returns dict of float32 CPU tensors [N] in the order of ``examples``: "chosen", "rejected" (under x)
     and, with_p, "p_chosen", "p_rejected" (under p ⊕ x).
@@ -286,7 +290,7 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     views = ("", P_PREFIX) if with_p else ("",)
     share = math.ceil(n / world)
     table = torch.zeros(2 * len(views), n, dtype=torch.float32, device=device)
-    bar = data.Progress(min(share, n), "scoring pairs", enabled=progress and rank == 0)
+    bar = data.Progress(min(share, n), "scoring", "pairs", enabled=progress if rank == 0 else False)
     for a in range(rank * share, (rank + 1) * share, batch_size):
         idx = [min(i, n - 1) for i in range(a, min(a + batch_size, (rank + 1) * share))]
         batch = to_device(data.collate([examples[i] for i in idx], pad_token_id, packing, pack_length), device)

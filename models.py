@@ -19,12 +19,37 @@ TINY = "tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def tiny_tokenizer():
+    """The built-in byte-level tokenizer: ByT5's ids, with no special token added on a default encode.
+
+    Byte b is id b + 3; <pad> 0, </s> 1, <unk> 2 and ByT5's 125 <extra_id_i> follow (384 ids). Unlike
+    ByT5Tokenizer, tokenizer(text).input_ids does not end in </s>, so the exported final/ scores a
+    context as lm-evaluation-harness reads it; training appends EOS to responses itself (data.py).
+    Invalid UTF-8 decodes to U+FFFD (ByT5 drops it).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials, extra = ["<pad>", "</s>", "<unk>"], [f"<extra_id_{i}>" for i in range(125)]
+    chars = bytes_to_unicode()
+    vocab = {token: i for i, token in enumerate(specials + [chars[b] for b in range(256)] + extra)}
+    core = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([AddedToken(t, lstrip=True, rstrip=True, special=True) for t in specials]
+                            + [AddedToken(t, special=True) for t in extra])
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=extra)
+
+
 def load_tokenizer(name=TINY):
     """The built-in byte-level tokenizer for "tiny", else a transformers tokenizer (no remote code)."""
-    from transformers import AutoTokenizer, ByT5Tokenizer
+    from transformers import AutoTokenizer
 
     if name == TINY:
-        return ByT5Tokenizer()
+        return tiny_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -113,6 +113,8 @@ class Config:
     device: str = _flag("auto", "auto: cuda when this machine has a GPU for every local rank, else cpu",
                         ("auto", "cuda", "cpu"))
     log_every: int = _flag(1, "progress line every this many steps")
+    report_to: str = _flag("none", "also send every metrics.jsonl value to TensorBoard or W&B (rank 0; "
+                                   "docs/tracking.md)", ("none", "tensorboard", "wandb"))
 
 
 def main(argv=None):
@@ -211,11 +213,13 @@ def run(cfg, rank, world, device):
     os.makedirs(cfg.out_dir, exist_ok=True)
     stop = Stop()
     say = functools.partial(log, rank)
+    backend = tracker_backend(cfg.report_to) if rank == 0 else None  # before the long passes: fail fast
     tokenizer = load_tokenizer(cfg.model)
-    examples, eval_examples = load_examples(cfg, tokenizer, say)
+    examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
     micro = cfg.micro_batch_size or cfg.batch_size // world
     score = functools.partial(metrics.pair_logps, pad_token_id=tokenizer.pad_token_id, batch_size=micro, rank=rank,
-                              world=world, average=cfg.average_logps, pack_length=cfg.pack_length)
+                              world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
+                              progress=sys.stdout)  # rank 0
     stages = plan(cfg, len(examples))
     resume = checkpoint_dir(cfg.out_dir) if cfg.resume else None
     if cfg.resume and resume is None:
@@ -225,6 +229,9 @@ def run(cfg, rank, world, device):
     metrics_path = os.path.join(cfg.out_dir, METRICS)
     if rank == 0:
         keep_metrics(metrics_path, saved, [name for name, _ in stages])
+    first_step = [sum(n for _, n in stages[:i]) for i in range(len(stages))]  # global step = first_step + step
+    resumed_at = first_step[start_stage] + saved["step"] if saved else 0  # global steps already logged
+    tracker = Tracker(cfg, backend, resumed_at + 1) if backend else None
 
     policy, last = None, None
     for stage_index, (stage, n_steps) in enumerate(stages):
@@ -245,6 +252,7 @@ def run(cfg, rank, world, device):
             summed = train_step(policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, world, device)
             step += 1
             m = step_metrics(summed, stage, step, time.time() - t0)
+            m["global_step"] = first_step[stage_index] + step
             if s.eval_ref is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
                 policy.eval()
                 last = metrics.heldout_metrics(score(policy, eval_examples, with_p=True, packing=s.packing),
@@ -256,11 +264,15 @@ def run(cfg, rank, world, device):
                     fh.write(json.dumps(m) + "\n")
                 if step % cfg.log_every == 0 or step == n_steps:
                     print(progress_line(m, n_steps), flush=True)
+                if tracker:
+                    tracker.log(m)
             preempted = all_sum([float(stop.requested)], device)[0] > 0
             if preempted or (cfg.save_every and step % cfg.save_every == 0):
                 save_checkpoint(cfg.out_dir, policy, s.optimizer, {"stage_index": stage_index, "step": step}, rank)
             if preempted:
                 say(f"SIGTERM: checkpoint written at {stage} step {step}; rerun with --resume to continue")
+                if tracker:
+                    tracker.close()
                 return 0
         save_checkpoint(cfg.out_dir, policy, s.optimizer, {"stage_index": stage_index, "step": step}, rank)
         if stage == "sft" and stage_index < len(stages) - 1:
@@ -269,6 +281,8 @@ def run(cfg, rank, world, device):
     final = os.path.join(cfg.out_dir, FINAL)
     if policy is not None:
         export(policy, tokenizer, final, rank)
+    if tracker:
+        tracker.close()
     say(summary(cfg, stages, last, final))
     return 0
 
@@ -284,7 +298,7 @@ class Stop:
         self.requested = True
 
 
-def load_examples(cfg, tokenizer, say):
+def load_examples(cfg, tokenizer, say, progress=False):
     """(training examples, held-out examples) tokenized; the held-out ones always with the p ⊕ x view.
 
     The training examples have the p ⊕ x view only where the loss uses it, but every loss is cut to
@@ -295,13 +309,14 @@ def load_examples(cfg, tokenizer, say):
     pairs = data.load_pairs(cfg.data, "train", log=say)[:cfg.max_pairs or None]
     fit_p = uses_p_view(cfg) or not cfg.truncate_x_only
     examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if fit_p else None, log=say,
-                                   p_view=uses_p_view(cfg))
+                                   p_view=uses_p_view(cfg), progress=progress)
     eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
     if eval_source is None:
         say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")
         return examples, []
     eval_pairs = data.load_pairs(eval_source, "test", log=say)[:cfg.eval_pairs or None]
-    return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say)
+    return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say,
+                                         progress=progress)
 
 
 def plan(cfg, n_examples):
@@ -443,7 +458,8 @@ def preference_terms(policy, ref, cache, batch, cfg):
     else:
         delta = torch.zeros_like(pc.detach())
         losses = LOSSES[cfg.loss](pc, pr, rc, rr, cfg.beta)
-    return losses, metrics.preference_sums(*metrics.rewards(pc.detach(), pr.detach(), rc, rr, cfg.beta), delta)
+    return losses, metrics.preference_sums(*metrics.rewards(pc.detach(), pr.detach(), rc, rr, cfg.beta), delta,
+                                           pc.detach(), pr.detach())
 
 
 def response_tokens(batch):
@@ -599,6 +615,72 @@ def keep_metrics(path, extra, stage_names):
                     lines.append(line)
     with data.atomic_open(path) as fh:
         fh.writelines(lines)
+
+
+
+# ----------------------------------------------------------------------------- experiment tracking
+
+TRACKER_DIR = "tensorboard"
+# metrics.jsonl key -> the name TRL's DPOTrainer logs it under (a held-out key "eval_K" maps as K does);
+# other keys keep their own name. In TensorBoard and W&B each name goes under train/ or eval/.
+TRL_NAMES = {"reward_chosen": "rewards/chosen", "reward_rejected": "rewards/rejected", "margin": "rewards/margins",
+             "accuracy": "rewards/accuracies", "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected",
+             "reward_chosen_mean": "rewards/chosen", "reward_rejected_mean": "rewards/rejected",
+             "margin_mean": "rewards/margins", "lr": "learning_rate"}
+
+
+def tracker_name(key):
+    """A metrics.jsonl key's name in TensorBoard / W&B: "margin" -> "train/rewards/margins", "eval_x" -> "eval/x"."""
+    split, name = ("eval", key[len("eval_"):]) if key.startswith("eval_") else ("train", key)
+    return f"{split}/{TRL_NAMES.get(name, name)}"
+
+
+def tracker_backend(kind):
+    """torch's SummaryWriter class, the wandb module, or None for "none"; ConfigError when not installed."""
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            return SummaryWriter
+        if kind == "wandb":
+            import wandb
+            return wandb
+    except ImportError:
+        raise ConfigError(f"--report_to {kind} needs the {kind} package: pip install {kind}") from None
+    return None
+
+
+class Tracker:
+    """Every numeric metrics.jsonl value of a step, sent to TensorBoard or W&B at its global step.
+
+    backend: ``tracker_backend``'s result; start_step: the first global step this run logs. The run's
+    config is recorded once (TensorBoard: the text "config"; W&B: the run's config). Older TensorBoard
+    events from start_step on are hidden (purge_step), as metrics.jsonl drops the lines after the
+    checkpoint that a run resumes from.
+    """
+
+    def __init__(self, cfg, backend, start_step):
+        self.tensorboard, config = cfg.report_to == "tensorboard", dataclasses.asdict(cfg)
+        if self.tensorboard:
+            self.writer = backend(os.path.join(cfg.out_dir, TRACKER_DIR), purge_step=start_step)
+            self.writer.add_text("config", json.dumps(config), start_step)
+        else:
+            self.run = backend.init(config=config, dir=cfg.out_dir)
+
+    def log(self, m):
+        values = {tracker_name(k): v for k, v in m.items()
+                  if k not in ("step", "global_step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tensorboard:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, m["global_step"])
+            self.writer.flush()  # a crash loses no logged step
+        else:
+            self.run.log(values, step=m["global_step"])
+
+    def close(self):
+        if self.tensorboard:
+            self.writer.close()
+        else:
+            self.run.finish()
 
 
 if __name__ == "__main__":

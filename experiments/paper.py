@@ -366,9 +366,10 @@ class Context:
             model = models.load_model(model_dir, tokenizer).to(device)
             name = run.name if isinstance(run, Run) else "sft"
             decoding = judge.Decoding(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
-            records, cut = judge.generate_answers(model, tokenizer, self.questions, decoding, name)
-            if cut:
-                self.log(f"  seed {seed} {name}: {cut} prompt tokens cut from the left to fit the context")
+            records, capped = judge.generate_answers(model, tokenizer, self.questions, decoding, name)
+            if capped:
+                self.log(f"  seed {seed} {name}: {capped} answer turn(s) had fewer new tokens than asked, "
+                         f"to fit the context")
             data.write_jsonl(path, records)
         return judge.load_answers(path)
 

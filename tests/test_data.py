@@ -588,6 +588,48 @@ def test_whole_conversations_without_a_prompt_field(tmp_path):
     assert lines == [f"{path}: kept 1 of 2 pairs; dropped 1 prompt mismatch"]
 
 
+def test_sharegpt_layout_of_llama_factory():
+    def chat(*turns):
+        return tuple({"role": role, "content": text} for role, text in turns)
+
+    lines = []
+    assert load("sharegpt.json", lines) == [
+        Pair(chat(("user", "Name a planet.")), "Mars.", "The Sun."),
+        Pair(chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")),
+             "Goodbye!", "What?"),
+        Pair(chat(("system", "Be kind."), ("user", "Greet me.")), "Hello there!", "Go away."),
+    ]
+    assert lines == [f"{fixture('sharegpt.json')}: kept 3 of 5 pairs; dropped 1 prompt not ending in a user turn, "
+                     f"1 no assistant turn"]
+
+
+def test_implicit_prompt_by_hand(tmp_path):
+    records = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},  # TRL's documented example
+               {"chosen": "Q: 2+2?\nA=4", "rejected": "Q: 2+2?\nA=5", "score_chosen": 1, "score_rejected": 0},
+               {"chosen": "Say hi: hi", "rejected": "Say hi: hi there"},  # one is the start of the other
+               {"chosen": "same", "rejected": "same"}]
+    path = write(tmp_path, "implicit.jsonl", "\n".join(map(json.dumps, records)))
+    lines = []
+    assert data.load_pairs(path, log=lines.append) == [Pair("The sky is", " blue.", " green."),
+                                                       Pair("Q: 2+2?\nA=", "4", "5", 1.0, 0.0)]
+    assert lines == [f"{path}: kept 2 of 4 pairs; dropped 1 empty response, 1 identical responses"]
+
+
+def test_implicit_prompt_splits_at_the_first_difference():
+    rng = random.Random(5)
+    for _ in range(300):
+        text = lambda n: "".join(rng.choice("ab ") for _ in range(n))  # noqa: E731
+        shared = "x" + text(rng.randrange(6))
+        chosen, rejected = shared + text(rng.randrange(1, 5)), shared + text(rng.randrange(1, 5))
+        if chosen == rejected:
+            continue
+        prompt, reply_c, reply_r = data._implicit_prompt(chosen, rejected)
+        assert prompt + reply_c == chosen and prompt + reply_r == rejected
+        first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        assert len(prompt) == first - (chosen[first - 1] == " ")  # the space before the difference is a reply's
+    assert data._implicit_prompt([1, 2, 3], [1, 2, 4]) == ([1, 2], [3], [4])
+
+
 def test_gzip_and_json_lines_in_a_json_file(tmp_path):
     records = [json.loads(line) for line in open(fixture("hh.jsonl"))]
     gz = tmp_path / "hh.jsonl.gz"
@@ -652,7 +694,22 @@ GOOD = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
     ("bad.jsonl", f"{GOOD}\n{json.dumps({'instruction': 'q', 'chosen_response': 'a'})}\n",
      r"bad.jsonl:2: field 'rejected_response' missing; expected one of:"),
     ("bad.jsonl", f"{json.dumps({'text': 'q'})}\n", r"bad.jsonl:1: field 'chosen' missing; expected one of:"),
-    ("bad.jsonl", json.dumps({"chosen": "a", "rejected": "b"}), r"bad.jsonl:1: field 'prompt' missing \(and no HH"),
+    ("bad.jsonl", json.dumps({"chosen": "a", "rejected": "b"}),
+     r"bad.jsonl:1: field 'prompt' missing \(no HH transcript, and chosen and rejected share no prefix"),
+    ("bad.jsonl", json.dumps({"chosen": " yes", "rejected": " no"}), r"bad.jsonl:1: field 'prompt' missing \(no HH"),
+    ("bad.json", f"[\n  {GOOD},\n  {json.dumps({'conversations': 'hi', 'chosen': {}, 'rejected': {}})}\n]",
+     r"bad.json:3: field 'conversations' must be a list of messages, got str"),
+    ("bad.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "human"}]}),
+     r"bad.jsonl:1: field 'conversations' message 1 must be \{\"from\": str, \"value\": str\}"),
+    ("bad.jsonl", json.dumps({"conversations": [{"from": "observation", "value": "q"}]}),
+     r"bad.jsonl:1: field 'conversations' message 0 has role 'observation'; expected one of: human, user, gpt"),
+    ("bad.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt"}}),
+     r"bad.jsonl:1: field 'chosen' must be \{\"from\": str, \"value\": str\}"),
+    ("bad.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt",
+                                                                                           "value": "a"}}),
+     r"bad.jsonl:1: field 'rejected' missing; expected one of: .*ShareGPT"),
+    ("bad.jsonl", json.dumps({"conversations": [], "system": 3, "chosen": {}, "rejected": {}}),
+     r"bad.jsonl:1: field 'system' must be a string, got int"),
     ("bad.jsonl", json.dumps({"chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}),
      r"bad.jsonl:1: field 'prompt' missing; expected one of:"),
     ("bad.jsonl", f"{GOOD}\n".encode() + b'{"prompt": "q\xff", "chosen": "a", "rejected": "b"}\n',
@@ -822,3 +879,35 @@ def test_number_formatting():
     assert data.pct(0.462, 0.295) == "46.2% ± 29.5" and data.pct(0.5, digits=2) == "50.00%"
     assert data.num(0.1234, "+.3f", 0.01) == "+0.123 ± 0.010" and data.num(2.0, ".1f") == "2.0"
     assert data.num(float("nan")) == data.pct(None) == "-"
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_is_one_throttled_line_with_rate_and_time_left():
+    import io
+
+    now = [100.0]
+    out = io.StringIO()
+    bar = data.Progress(2000, "tokenizing", "pairs", stream=out, clock=lambda: now[0])
+    for t, n in ((1, 100), (10, 300), (31, 100), (40, 500), (61, 1000)):  # seconds after start, pairs done
+        now[0] = 100.0 + t
+        bar.update(n)
+    lines = out.getvalue().splitlines()
+    # at the first update, 30 s after it, and at the end; nothing in between
+    assert lines == ["tokenizing 100/2,000 pairs | 100.0/s | 1s elapsed, ~19s left",
+                     "tokenizing 500/2,000 pairs | 16.1/s | 31s elapsed, ~1m33s left",
+                     "tokenizing 2,000/2,000 pairs | 32.8/s | 1m01s elapsed, ~0s left"]
+    rate = 500 / 31  # the rate so far, and the time the rest takes at that rate
+    assert lines[1].endswith(f"{rate:.1f}/s | 31s elapsed, ~1m{round(1500 / rate) - 60}s left")
+    silent, given = io.StringIO(), io.StringIO()
+    list(data.Progress(3, "x", enabled=False, stream=silent).iterate(range(3)))
+    list(data.Progress(3, "x", enabled=given).iterate(range(3)))  # a stream as `progress` writes there
+    assert silent.getvalue() == "" and given.getvalue().startswith("x 1/3 | ")
+
+
+def test_tokenize_pairs_reports_progress(capsys):
+    tok = byte_tokenizer()
+    data.tokenize_pairs(data.embedded_pairs("test")[:5], tok, 64, log=None, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("tokenizing 1/5 pairs | ") and err[-1].startswith("tokenizing 5/5 pairs | ")

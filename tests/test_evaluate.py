@@ -73,7 +73,7 @@ def test_preference_logps_names_both_models_and_views():
 def test_one_std_for_training_and_heldout():
     v = torch.tensor([0.5, -1.0, 2.0, 3.5], dtype=torch.float64)
     assert metrics.std_from_sums(float(v.sum()), float((v * v).sum()), 4) == pytest.approx(float(v.std(unbiased=False)))
-    sums = metrics.preference_sums(v, v - 1, torch.ones(4), v)
+    sums = metrics.preference_sums(v, v - 1, torch.ones(4), v, v, v)
     assert metrics.preference_means({k: float(t) for k, t in sums.items()}, 4)["delta_std"] == \
         pytest.approx(float(np.std(v.numpy())))
 
@@ -392,6 +392,89 @@ def test_http_judge_resumes_after_an_interruption(tmp_path, judge_server, monkey
     assert f"{out}:1: verdict made with model_a" in capsys.readouterr().err
 
 
+def show_result_pairwise(path):
+    """{model: [win, loss, tie]} as FastChat's show_result.py --mode pairwise-all tallies a judgment file:
+    rows with an "error" winner left out, a tie or two orders that disagree a tie for both models."""
+    tally = {}
+    for row in map(json.loads, path.read_text().splitlines()):
+        if "error" in (row["g1_winner"], row["g2_winner"]):
+            continue
+        models_ = (row["model_1"], row["model_2"])
+        if row["g1_winner"] == "tie" or row["g1_winner"] != row["g2_winner"]:
+            outcome = {models_[0]: 2, models_[1]: 2}
+        else:
+            winner = models_[0] if row["g1_winner"] == "model_1" else models_[1]
+            outcome = {m: 0 if m == winner else 1 for m in models_}
+        for m, k in outcome.items():
+            tally.setdefault(m, [0, 0, 0])[k] += 1
+    return tally
+
+
+def test_fastchat_judgment_layout_reads_as_show_result_does(tmp_path, judge_server, monkeypatch):
+    monkeypatch.setenv("SRPO_TEST_JUDGE_KEY", "")
+    paths = _judge_files(tmp_path)
+    fastchat = tmp_path / "model_judgment" / "fake-judge_pair.jsonl"  # the folder is made
+    summary = tmp_path / "s.json"
+    argv = _judge_argv(paths, judge_server.url, tmp_path / "v.jsonl", summary, "--fastchat_out", str(fastchat))
+    assert ev.main(argv) == 0
+    s = json.loads(summary.read_text())
+    _expected_rates(s)
+    rows = [json.loads(line) for line in fastchat.read_text().splitlines()]
+    assert len(rows) == 5 and {r["turn"] for r in rows} == {1, 2}
+    assert all(r["judge"] == ["fake-judge", "srpo-pair" if r["turn"] == 1 else "srpo-pair-multi-turn"] for r in rows)
+    assert all(r["g1_judgment"] and "GOOD" in r["g1_user_prompt"] and isinstance(r["tstamp"], float) for r in rows)
+    # the unparseable game is an "error"; the both-orders rule and show_result count the same games
+    assert show_result_pairwise(fastchat) == {"model-a": [s["win"], s["lose"], s["tie"]],
+                                              "model-b": [s["lose"], s["win"], s["tie"]]}
+    # another comparison into the same file is added; a rerun replaces its own rows
+    other = _judge_argv(paths, judge_server.url, tmp_path / "w.jsonl", summary, "--fastchat_out", str(fastchat),
+                        "--name_a", "other")
+    assert ev.main(other) == 0 and ev.main(argv) == 0
+    assert show_result_pairwise(fastchat) == {"model-a": [3, 0, 1], "other": [3, 0, 1], "model-b": [0, 6, 2]}
+    try:  # show_result.py's own reading, where pandas is installed
+        import pandas as pd
+    except ImportError:
+        return
+    df_all = pd.read_json(fastchat, lines=True)
+    df_all = df_all[(df_all["g1_winner"] != "error") & (df_all["g2_winner"] != "error")]
+    assert len(df_all) == 8 and set(df_all["model_1"]) == {"model-a", "other"}
+
+
+def test_reference_answers_choose_the_math_prompt_by_category(tmp_path):
+    prompts_file = tmp_path / "judge_prompts.jsonl"  # the fields of FastChat's pair-v2 / pair-math-v1 prompts
+    data.write_jsonl(prompts_file, [
+        {"name": "pair-v2", "system_prompt": "s", "prompt_template": "{question}|{answer_a}|{answer_b}"},
+        {"name": "pair-v2-multi-turn", "system_prompt": "s",
+         "prompt_template": "{question_1}|{answer_a_1}|{answer_b_1}|{question_2}|{answer_a_2}|{answer_b_2}"},
+        {"name": "pair-math-v1", "system_prompt": "m", "prompt_template": "{question}|{ref_answer_1}|{answer_a}"},
+        {"name": "pair-math-v1-multi-turn", "system_prompt": "m",
+         "prompt_template": "{question_2}|{ref_answer_1}|{ref_answer_2}|{answer_b_2}"}])
+    questions = [{"question_id": 81, "category": "writing", "turns": ["w1", "w2"]},
+                 {"question_id": 111, "category": "math", "turns": ["m1", "m2"]},
+                 {"question_id": 121, "category": "coding", "turns": ["c1"]}]
+    refs = judge.index_answers([(f"ref:{i}", {"question_id": q, "choices": [{"turns": t}]})
+                                for i, (q, t) in enumerate([(111, ["R1", "R2"]), (121, ["RC"])], 1)], "gpt-4")
+    questions = judge.with_references(questions, refs, "ref.jsonl")
+    answers = {json.dumps(q["question_id"]): judge.Answer("m", [t.upper() for t in q["turns"]], "a")
+               for q in questions}
+    asked = []
+    records = judge.judge_games(judge.games(questions, answers, answers)[0], answers, answers,
+                                lambda system, user: asked.append(user) or "[[C]]",
+                                judge.load_judge_prompts(str(prompts_file)), str(tmp_path / "v.jsonl"),
+                                {"model_a": "x", "model_b": "y", "judge": "j"},
+                                math_prompts=judge.load_judge_prompts(str(prompts_file), math=True))
+    used = {(r["question_id"], r["turn"]): (r["prompt"], r["user_prompt"]) for r in records if r["order"] == "ab"}
+    assert used == {(81, 1): ("pair-v2", "w1|W1|W1"), (81, 2): ("pair-v2-multi-turn", "w1|W1|W1|w2|W2|W2"),
+                    (111, 1): ("pair-math-v1", "m1|R1|M1"), (111, 2): ("pair-math-v1-multi-turn", "m2|R1|R2|M2"),
+                    (121, 1): ("pair-math-v1", "c1|RC|C1")}
+    builtin = judge.load_judge_prompts(math=True)
+    system, user = judge.render_prompt(builtin[1], judge.prompt_fields(questions[1], ["a1", "a2"], ["b1", "b2"], 2))
+    assert "reference answer" in system and user.endswith("Reference answer to it:\nR2")
+    with pytest.raises(metrics.EvalError, match=r"^ref.jsonl: no reference answer to question 121 "
+                                                r"\(category coding\)$"):
+        judge.with_references(questions, {k: v for k, v in refs.items() if k != "121"}, "ref.jsonl")
+
+
 def test_http_judge_does_not_retry_a_client_error(judge_server):
     calls = []
     ask = judge.http_judge("http://127.0.0.1:9/v1", "m", max_retries=0, timeout=2, sleep=calls.append)
@@ -472,6 +555,69 @@ def test_generation_prompts_are_the_training_prompts(monkeypatch, template):
     judge.generate_answers(None, tok, questions, judge.Decoding(), "m")
     trained = data.tokenize_pairs(data.embedded_pairs("test")[:3], tok, 512, log=None)
     assert seen == [e["chosen_ids"][:sum(t == -100 for t in e["chosen_labels"])] for e in trained]
+
+
+def test_generate_appends_and_resumes_where_an_interrupted_run_stopped(tmp_path, monkeypatch, capsys):
+    questions = tmp_path / "q.jsonl"
+    data.write_jsonl(questions, [{"question_id": f"q{i}", "turns": [f"Copy: ABDE{c}\n"]}
+                                 for i, c in enumerate("FGHIJ")])
+
+    def argv(out, *extra):
+        return ["generate", "--model", "tiny", "--questions", str(questions), "--out", str(out),
+                "--max_new_tokens", "6", *extra]
+
+    whole = tmp_path / "whole.jsonl"
+    assert ev.main(argv(whole)) == 0
+    calls, answer_turns = [], judge.answer_turns
+
+    def interrupted_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if stopped while answering the third question
+        calls.append(args[2])
+        return answer_turns(*args)
+
+    out = tmp_path / "model_answer" / "tiny-sft.jsonl"  # the folder is made
+    monkeypatch.setattr(judge, "answer_turns", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(argv(out, "--model_id", "tiny-sft"))
+    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == ["q0", "q1"]
+    with open(out, "a") as f:
+        f.write('{"question_id": "q2", "answer_id"')  # a write cut short by the interruption
+    calls.clear()
+    monkeypatch.setattr(judge, "answer_turns", lambda *a: calls.append(a[2]) or answer_turns(*a))
+    assert ev.main(argv(out, "--model_id", "tiny-sft")) == 0
+    assert calls == [["Copy: ABDEH\n"], ["Copy: ABDEI\n"], ["Copy: ABDEJ\n"]]  # only those not yet answered
+    assert "unfinished last line" in capsys.readouterr().err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert _answers(out) == _answers(whole) and len(records) == 5
+    assert len({r["answer_id"] for r in records}) == 5 and all(r["model_id"] == "tiny-sft" for r in records)
+    assert all(isinstance(r["tstamp"], float) for r in records)
+    assert judge.load_answers(out)[json.dumps("q0")].model_id == "tiny-sft" == out.stem  # FastChat: file = model
+    # another run's file is refused, naming file and line
+    assert ev.main(argv(out, "--model_id", "tiny-sft", "--max_new_tokens", "7")) == 2
+    assert f"{out}:1: answer made with decoding" in capsys.readouterr().err
+
+
+def test_generate_keeps_the_whole_prompt_and_caps_new_tokens(tmp_path, capsys):
+    question = "Copy: ABDEF\n" * 2
+    questions = tmp_path / "q.jsonl"
+    data.write_jsonl(questions, [{"question_id": 1, "turns": [question]}])
+    tokenizer, model = models.load_tokenizer(), models.load_model()
+    ids = torch.tensor([data.encode_prompt([{"role": "user", "content": question}], tokenizer)])
+    n = ids.shape[1]  # the prompt as training frames it (an HH transcript: the tiny tokenizer has no template)
+    out = tmp_path / "a.jsonl"
+    assert ev.main(["generate", "--model", "tiny", "--questions", str(questions), "--out", str(out),
+                    "--max_length", str(n + 6)]) == 0  # --max_new_tokens 512: room for 6
+    assert "1 answer turn(s) had room for fewer than --max_new_tokens 512" in capsys.readouterr().err
+    direct = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    assert _answers(out)[1] == [tokenizer.decode(direct[0, n:], skip_special_tokens=True).strip()]
+    refused = tmp_path / "r.jsonl"
+    assert ev.main(["generate", "--model", "tiny", "--questions", str(questions), "--out", str(refused),
+                    "--max_length", str(n)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: question 1: turn 1: the prompt's {n} tokens fill the context of {n} tokens "
+                   "(--max_length or the model's max_position_embeddings): no room to generate")
 
 
 def test_exact_on_the_embedded_dataset(tmp_path, capsys):

@@ -43,7 +43,8 @@ def test_main_job_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     for words in ("trained: sft (2 steps) -> sr-dpo (2 steps)", "held-out accuracy:", "under p+x",
-                  "Δπ vs true score gap: Spearman", "final model:", "next: python evaluate.py accuracy"):
+                  "Δπ vs true score gap: Spearman", "final model:", "next: python evaluate.py accuracy",
+                  "tokenizing 2,000/2,000 pairs | ", "scoring 16/16 pairs | "):  # the long passes' progress
         assert words in out, out[-2000:]
     with open(tmp_path / "metrics.jsonl") as fh:
         rows = [json.loads(line) for line in fh]
