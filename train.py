@@ -181,7 +181,7 @@ class Failures:
         while not self.done.wait(0.2):
             try:
                 failed = self.store.check([self.KEY])
-            except Exception:  # the store has closed: the run is over
+            except Exception:  # noqa: BLE001 (the store has closed: the run is over)
                 return
             if failed:
                 self._exit()
