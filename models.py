@@ -262,10 +262,12 @@ def shard(model, device, mp_policy, activation_checkpointing=False):
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     block = block_class(model)
+    one_rank = dist.get_world_size() == 1  # resharding a block after its forward frees nothing over one rank
     for module in model.modules():
         if isinstance(module, block):
-            fully_shard(module, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+            fully_shard(module, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not one_rank)
+    # the root's parameters (embeddings, head) are needed again at once by backward: kept gathered (torchtitan)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model
 
 
