@@ -56,25 +56,99 @@ def load_tokenizer(name=TINY):
     return tokenizer
 
 
-def load_model(name=TINY, tokenizer=None, dtype=torch.float32, seed=0):
-    """A causal LM with dropout off: a tiny Pythia-shaped model built from a config, or pretrained."""
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+def tiny_config(tokenizer):
+    """The config of the small Pythia-shaped model that "tiny" names."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, max_position_embeddings=1024, rotary_pct=0.25,
+        attention_dropout=0.0, hidden_dropout=0.0, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False, dtype="float32")
+
+
+def source_config(name=TINY, tokenizer=None):
+    """The model's config as its source has it (dropout and use_cache included): what an export writes."""
+    from transformers import AutoConfig
 
     if name == TINY:
-        tokenizer = tokenizer or load_tokenizer(TINY)
-        config = GPTNeoXConfig(
-            vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=256, max_position_embeddings=1024, rotary_pct=0.25,
-            attention_dropout=0.0, hidden_dropout=0.0, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False)
+        return tiny_config(tokenizer or load_tokenizer(TINY))
+    return AutoConfig.from_pretrained(name, trust_remote_code=False)
+
+
+def source_dtype(config):
+    """The dtype of the source's weights, as its config records it (float32 where it does not)."""
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def load_model(name=TINY, tokenizer=None, dtype=torch.float32, seed=0):
+    """A causal LM with dropout off: a tiny Pythia-shaped model built from a config, or pretrained."""
+    from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
+
+    if name == TINY:
         torch.manual_seed(seed)
-        model = GPTNeoXForCausalLM(config).to(dtype)
+        model = GPTNeoXForCausalLM(source_config(TINY, tokenizer)).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False)
     _dropout_off(model)
     model.config.use_cache = False
     return model.eval()
+
+
+def load_sharded(name, tokenizer, device, dtype, mp_policy, seed=0, activation_checkpointing=False):
+    """Shard first, then fill, in the style of torchtitan: every rank builds the skeleton on the meta
+    device, shards it and allocates its own shards only; rank 0 alone reads the weights (or, for tiny,
+    initialises them from the seed) and they are broadcast into the shards. Buffers that no state dict
+    holds (rotary inv_freq) are broadcast from rank 0's copy too. Returns the sharded model, in eval mode.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    config = source_config(name, tokenizer)
+    model = _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing)
+    full = load_model(name, tokenizer, source_dtype(config), seed) if dist.get_rank() == 0 else None
+    with torch.no_grad():
+        set_model_state_dict(model, full.state_dict() if full else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        buffers = dict(full.named_buffers()) if full else {}
+        for key, buffer in model.named_buffers():
+            if full:
+                buffer.copy_(buffers[key])
+            dist.broadcast(buffer, src=0)
+    del full
+    return model.eval()
+
+
+def frozen_copy(model, dtype, mp_policy):
+    """A sharded copy of a sharded model in `dtype`, made shard by shard (no rank holds the whole model)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    copy = _sharded_skeleton(model.config, model_device(model), dtype, mp_policy)
+    with torch.no_grad():
+        set_model_state_dict(copy, get_model_state_dict(model))
+        buffers = dict(model.named_buffers())
+        for key, buffer in copy.named_buffers():
+            buffer.copy_(buffers[key])
+    return copy.eval()
+
+
+def _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing=False):
+    """The model built on the meta device (dropout off, no KV cache), sharded, then given uninitialised
+    storage for this rank's shards."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)  # the source's stays as it was, for the export
+    config.use_cache = False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _dropout_off(model)
+    shard(model, device, mp_policy, activation_checkpointing)
+    return model.to_empty(device=device)
+
+
 
 
 def _dropout_off(model):
@@ -200,24 +274,39 @@ def block_class(model):
     return kinds.pop()
 
 
-def shard(model, device, activation_checkpointing=False):
-    """FSDP2: fully_shard each transformer block, then the root (bf16 compute, fp32 reduce on CUDA)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def shard(model, device, mp_policy, activation_checkpointing=False):
+    """FSDP2: fully_shard each transformer block, then the root, in place, with a mesh on `device`.
 
-    model.to(device)
+    The model may sit on `device` or on the meta device (``_sharded_skeleton``); it is not moved.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     # the mesh on `device`: left out, FSDP2 puts it on the machine's accelerator, even for --device cpu
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
     block = block_class(model)
+    one_rank = dist.get_world_size() == 1  # resharding a block after its forward frees nothing over one rank
     for module in model.modules():
         if isinstance(module, block):
-            fully_shard(module, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+            fully_shard(module, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not one_rank)
+    # the root's parameters (embeddings, head) are needed again at once by backward: kept gathered (torchtitan)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model
+
+
+def mixed_precision(mode, device):
+    """(FSDP2 policy, dtype of the frozen reference's weights) for train.py's --mixed_precision.
+
+    bf16: parameters cast to bf16 for compute, gradients reduced in fp32; the policy keeps fp32 master
+    weights, the frozen reference is held in bf16. fp32: everything in fp32. auto: bf16 on CUDA, else fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), torch.bfloat16
+    return MixedPrecisionPolicy(), torch.float32
 
 
 def setup_distributed(device="auto"):
@@ -258,11 +347,6 @@ def log(rank, *args):
 def model_device(model):
     """The device of the model's first parameter (its local shard under FSDP2)."""
     return next(model.parameters()).device
-
-
-def frozen_dtype(device):
-    """The dtype of a model that is never updated (π_ref): bf16 on CUDA, else float32."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def load_lm(name, dtype="float32", device="cpu"):

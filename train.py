@@ -18,6 +18,7 @@ held-out pairs (metrics.py). The functions below come in the order they are call
 """
 
 import dataclasses
+import datetime
 import functools
 import gc
 import json
@@ -26,7 +27,9 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
+import traceback
 import typing
 
 import torch
@@ -35,15 +38,18 @@ import torch.distributed as dist
 import data
 import metrics
 from models import (
+    DTYPES,
     TINY,
     all_sum,
     choose_packing,
-    frozen_dtype,
-    load_model,
+    frozen_copy,
+    load_sharded,
     load_tokenizer,
     log,
+    mixed_precision,
     setup_distributed,
-    shard,
+    source_config,
+    source_dtype,
     to_device,
     view_logps,
 )
@@ -112,6 +118,9 @@ class Config:
     seed: int = _flag(0, "data order and tiny-model initialisation")
     device: str = _flag("auto", "auto: cuda when this machine has a GPU for every local rank, else cpu",
                         ("auto", "cuda", "cpu"))
+    mixed_precision: str = _flag("auto", "bf16: bf16 compute, fp32 gradient reduction and master weights; fp32; "
+                                         "auto: bf16 on CUDA, else fp32", ("auto", "bf16", "fp32"))
+    save_dtype: str = _flag("auto", "dtype of sft/ and final/; auto: that of the model loaded", ("auto", *DTYPES))
     log_every: int = _flag(1, "progress line every this many steps")
     report_to: str = _flag("none", "also send every metrics.jsonl value to TensorBoard or W&B (rank 0; "
                                    "docs/tracking.md)", ("none", "tensorboard", "wandb"))
@@ -119,20 +128,77 @@ class Config:
 
 def main(argv=None):
     """Parse the flags, train, return the exit code: 0, or 2 with one line ``train.py: error: ...`` (rank 0)
-    for the project's own errors (data.SrpoError). Any other exception keeps its traceback."""
+    for the project's own errors (data.SrpoError) and running out of memory. Any other exception keeps its
+    traceback. Under torchrun, a failure on any rank stops every rank (``Failures``)."""
     cfg = parse_config(argv)
     previous = signal.getsignal(signal.SIGTERM)  # restored on return, for callers of main() in-process
     rank, world, device = setup_distributed(cfg.device)
+    failures = Failures(rank, world)
     try:
         validate(cfg, world)
         return run(resolved(cfg), rank, world, device)
-    except data.SrpoError as err:
-        if rank == 0:
-            print(f"train.py: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except (data.SrpoError, torch.OutOfMemoryError) as err:
+        return failures.fail(str(err).strip().splitlines()[0], 2)
+    except Exception as err:  # a bug: its traceback here; under torchrun also the one line, and every rank stopped
+        if failures.store is None:
+            raise
+        traceback.print_exc()
+        return failures.fail(f"{type(err).__name__}: {err}", 1)
     finally:
+        failures.stop()
         signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
+
+
+class Failures:
+    """One rank's failure stops every rank within a second, its one-line error printed once, by rank 0.
+
+    The failing rank posts its message to the process group's key-value store. A thread on every rank
+    polls the store, so a rank blocked in a collective that the failed rank never joins sees it too:
+    rank 0 prints the line, and every rank exits with the failure's status, without waiting on collectives.
+    """
+
+    KEY = f"srpo_failure_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def __init__(self, rank, world):
+        self.rank = rank
+        self.store = dist.distributed_c10d._get_default_store() if world > 1 else None
+        self.done = threading.Event()
+        if self.store is not None:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def fail(self, message, status):
+        """Report this rank's failure; returns `status` where the process is not ended for it (one process)."""
+        if self.store is None:
+            print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+            return status
+        self.store.compare_set(self.KEY, "", f"{status} rank {self.rank}: {message}")  # the first one counts
+        self.done.wait(30)  # the watching thread ends the process
+        return status
+
+    def stop(self):
+        self.done.set()
+
+    def _watch(self):
+        while not self.done.wait(0.2):
+            try:
+                failed = self.store.check([self.KEY])
+            except Exception:  # noqa: BLE001 (the store has closed: the run is over)
+                return
+            if failed:
+                self._exit()
+
+    def _exit(self):
+        status = 1
+        try:
+            status, message = self.store.get(self.KEY).decode().split(" ", 1)
+            if self.rank == 0:
+                print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+                self.store.set(self.KEY + "_printed", "1")
+            else:  # give rank 0 the moment it needs to print, unless it is gone
+                self.store.wait([self.KEY + "_printed"], datetime.timedelta(seconds=5))
+        finally:
+            os._exit(int(status))
 
 
 def parse_config(argv=None):
@@ -222,6 +288,9 @@ def run(cfg, rank, world, device):
                               progress=sys.stdout)  # rank 0
     stages = plan(cfg, len(examples))
     resume = checkpoint_dir(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and all_sum([float(resume is not None)], device)[0] not in (0, world):
+        raise ConfigError(f"--resume: {os.path.join(cfg.out_dir, CHECKPOINT)} is not seen by every rank; to "
+                          f"resume on several nodes, --out_dir must be a folder that all of them share")
     if cfg.resume and resume is None:
         say(f"--resume: no checkpoint in {cfg.out_dir}; starting from the beginning")
     saved = torch.load(os.path.join(resume, f"extra_rank{rank}.pt"), weights_only=True) if resume else None
@@ -233,11 +302,13 @@ def run(cfg, rank, world, device):
     resumed_at = first_step[start_stage] + saved["step"] if saved else 0  # global steps already logged
     tracker = Tracker(cfg, backend, resumed_at + 1) if backend else None
 
+    config = source_config(cfg.model, tokenizer)  # what sft/ and final/ write as their config.json
+    save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else source_dtype(config)
     policy, last = None, None
     for stage_index, (stage, n_steps) in enumerate(stages):
         if stage_index < start_stage:
             continue
-        s = setup_stage(cfg, stage, stage_index, examples, eval_examples, tokenizer, score, device, rank,
+        s = setup_stage(cfg, stage, stage_index, policy, examples, eval_examples, tokenizer, score, device, rank,
                         resume if stage_index == start_stage else None, say)
         policy, step = s.policy, s.step
         say(f"stage {stage}: {n_steps} steps of {cfg.batch_size} pairs ({world} rank(s) x "
@@ -276,11 +347,11 @@ def run(cfg, rank, world, device):
                 return 0
         save_checkpoint(cfg.out_dir, policy, s.optimizer, {"stage_index": stage_index, "step": step}, rank)
         if stage == "sft" and stage_index < len(stages) - 1:
-            export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank)
+            export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank, config, save_dtype)
             say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
     final = os.path.join(cfg.out_dir, FINAL)
     if policy is not None:
-        export(policy, tokenizer, final, rank)
+        export(policy, tokenizer, final, rank, config, save_dtype)
     if tracker:
         tracker.close()
     say(summary(cfg, stages, last, final))
@@ -351,13 +422,23 @@ class Stage:
     packing: str
 
 
-def setup_stage(cfg, stage, stage_index, examples, eval_examples, tokenizer, score, device, rank, resume, say):
-    """Policy, reference, reference cache, held-out reference scores, optimizer, and the resumed state."""
+def setup_stage(cfg, stage, stage_index, policy, examples, eval_examples, tokenizer, score, device, rank, resume,
+                say):
+    """Policy, reference, reference cache, held-out reference scores, optimizer, and the resumed state.
+
+    `policy`: the previous stage's (the SFT model, in memory), which this stage continues from and, unless
+    --ref_model, takes as π_ref; None for the run's first stage, which loads it (models.load_sharded).
+    """
     start = os.path.join(cfg.out_dir, SFT_DIR) if stage_index > 0 else cfg.model
-    policy = shard(load_model(start, tokenizer, seed=cfg.seed), device, cfg.activation_checkpointing)
+    mp, ref_dtype = mixed_precision(cfg.mixed_precision, device)
+    load = functools.partial(load_sharded, tokenizer=tokenizer, device=device, mp_policy=mp, seed=cfg.seed)
+    in_memory = policy is not None
+    if not in_memory:
+        policy = load(start, dtype=torch.float32, activation_checkpointing=cfg.activation_checkpointing)
     ref, cache, eval_ref = None, None, None
-    if stage != "sft":
-        ref = shard(load_model(cfg.ref_model or start, tokenizer, frozen_dtype(device), cfg.seed), device)
+    if stage != "sft":  # π_ref is never updated
+        ref = frozen_copy(policy, ref_dtype, mp) if in_memory and not cfg.ref_model \
+            else load(cfg.ref_model or start, dtype=ref_dtype)
         ref.requires_grad_(False)
     packing = choose_packing(cfg.packing, [m for m in (policy, ref) if m is not None], device, say)
     score = functools.partial(score, packing=packing)
@@ -591,15 +672,27 @@ def load_checkpoint(path, policy, optimizer, rank):
     return extra
 
 
-def export(policy, tokenizer, path, rank):
-    """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0."""
+def export(policy, tokenizer, path, rank, config, dtype):
+    """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
+
+    The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
+    source's `config` (use_cache and dropout as it had them) with `dtype` recorded.
+    """
+    import copy
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
+        for key in state:
+            state[key] = state[key].to(dtype)
         with data.atomic_path(path) as tmp:
             policy.save_pretrained(tmp, state_dict=state)
+            config = copy.deepcopy(config)
+            config.dtype = dtype
+            config.save_pretrained(tmp)  # replaces the training config that save_pretrained wrote
             tokenizer.save_pretrained(tmp)
+    del state
     dist.barrier()
 
 

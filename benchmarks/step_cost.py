@@ -9,8 +9,8 @@ reference cache of --precompute_ref (built by metrics.pair_logps). Each runs two
     loop   train.train_step, as train.py runs it;
     floor  the same passes written plainly: model(...).logits, a cross-entropy gather, the loss, backward,
            clip, RMSprop step, and nothing else.
-Both use the same FSDP2-wrapped models (models.setup_distributed, a process group of one; models.shard), the
-reference in train.run's dtype (bf16 on CUDA, float32 on CPU).
+Both use the same FSDP2-wrapped models (models.setup_distributed, a process group of one; models.load_sharded),
+the reference in train.run's dtype (bf16 on CUDA, float32 on CPU).
 
 Time: all six in one subprocess (sharing one policy), taking turns step by step for --warmup + --steps
 rounds; the table gives each one's median, the ratios the median over rounds of each round's ratio, so
@@ -154,9 +154,9 @@ def setup(args, cached):
     kit = types.SimpleNamespace()
     kit.rank, kit.world, kit.device = models.setup_distributed()
     tokenizer = models.load_tokenizer(args.model)
-    kit.policy = models.shard(models.load_model(args.model, tokenizer), kit.device).train()
-    kit.ref = models.shard(models.load_model(args.model, tokenizer, models.frozen_dtype(kit.device)),  # as train.run
-                           kit.device).requires_grad_(False)
+    mp, ref_dtype = models.mixed_precision("auto", kit.device)  # as train.run
+    kit.policy = models.load_sharded(args.model, tokenizer, kit.device, torch.float32, mp).train()
+    kit.ref = models.load_sharded(args.model, tokenizer, kit.device, ref_dtype, mp).requires_grad_(False)
     examples = synthetic_examples(args.pairs, min(len(tokenizer), kit.policy.config.vocab_size),
                                   args.prompt_tokens, args.response_tokens, args.p_tokens)
     kit.batch = data.collate(examples, tokenizer.pad_token_id)

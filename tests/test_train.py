@@ -55,11 +55,11 @@ def env():
 
 # RMSprop's first steps are sign-like, so float noise in a near-zero gradient flips whole updates:
 # the equivalence tests use SGD, whose weights are linear in the gradient.
-def test_two_processes_match_one(tmp_path):
+def test_four_processes_match_one(tmp_path):
     flags = ["--loss", "sr-dpo", "--max_steps", "3", "--optimizer", "sgd", "--lr", "0.5"]
     code, _ = run(tmp_path / "one", *flags)
     assert code == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
            os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "two"), *FAST, *flags]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -332,7 +332,7 @@ def test_shard_keeps_a_cpu_model_on_the_cpu_of_a_gpu_machine(monkeypatch):
     monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
     rank, world, device = models.setup_distributed("cpu")
     try:
-        model = models.shard(models.load_model(), device)
+        model = models.load_sharded(models.TINY, None, device, torch.float32, models.mixed_precision("auto", device)[0])
         assert {p.device_mesh.device_type for p in model.parameters()} == {"cpu"}
         assert {p.to_local().device.type for p in model.parameters()} == {"cpu"}
     finally:
