@@ -6,6 +6,7 @@ resumable run over all games, the exact judge (a true score as a perfect judge) 
 Does not own: the command line (evaluate.py), preference accuracy and Δπ (metrics.py), or models.py.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -473,8 +474,14 @@ def local_judge(model, tokenizer, max_new_tokens=1024):
 IDENTITY = ("model_a", "model_b", "judge")  # a verdict file belongs to one comparison and judge
 
 
-def _verdict_key(question_id, turn, order):
-    return json.dumps(question_id), int(turn), order
+def answers_hash(turns_a, turns_b):
+    """A short SHA-256 of the two answers' texts: a verdict holds only for the answers it judged."""
+    text = json.dumps([list(turns_a), list(turns_b)], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _verdict_key(question_id, turn, order, answers):
+    return json.dumps(question_id), int(turn), order, answers
 
 
 def _drop_unfinished_line(path):
@@ -487,7 +494,7 @@ def _drop_unfinished_line(path):
 
 
 def load_verdicts(path, identity):
-    """{(question_id json, turn, order): record} already in a verdict file (none if absent).
+    """{(question_id json, turn, order, answers_sha256): record} already in a verdict file (none if absent).
 
     identity: {"model_a", "model_b", "judge"}; a record made for another comparison or judge is
     an error (naming file and line), so that two comparisons never mix in one file.
@@ -504,7 +511,7 @@ def load_verdicts(path, identity):
                 raise EvalError(f"{where}: verdict made with {field} {record.get(field)!r}, "
                                 f"not {identity[field]!r}; use another --out")
         key = _verdict_key(record.get("question_id"), _field(where, record, "turn", int),
-                           _field(where, record, "order", str))
+                           _field(where, record, "order", str), record.get("answers_sha256"))
         done[key] = record
     return done
 
@@ -546,34 +553,48 @@ def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identit
 
     prompts: (single-turn, multi-turn) JudgePrompt; turn 1 uses the first, later turns the second.
     Returns all verdict records of these games, old and new. Each record: question_id, turn,
-    order ("ab": model_a shown as A), model_a, model_b, judge, prompt, verdict ("A"/"B"/"C" or
-    None), preferred ("model_a"/"model_b"/"tie" or None), parse_error, judgment (the reply).
+    order ("ab": model_a shown as A), model_a, model_b, judge, answers_sha256 (``answers_hash`` of
+    the two answers: a verdict of other answers, e.g. regenerated under the same model_id, is not
+    reused), prompt, verdict ("A"/"B"/"C" or None), preferred ("model_a"/"model_b"/"tie" or None),
+    parse_error, judgment (the reply).
     """
     done = load_verdicts(out_path, identity)
-    todo = [(q, t, o) for q, t in game_list for o in ORDERS
-            if _verdict_key(q["question_id"], t, o) not in done]
+    digest = {}  # question id json -> hash of both answers' texts
+    for q, _ in game_list:
+        qid = json.dumps(q["question_id"])
+        digest[qid] = answers_hash(answers_a[qid].turns, answers_b[qid].turns)
+
+    def key(q, turn, order):
+        return _verdict_key(q["question_id"], turn, order, digest[json.dumps(q["question_id"])])
+
+    todo = [(q, t, o) for q, t in game_list for o in ORDERS if key(q, t, o) not in done]
+    judged = {k[:3] for k in done}
+    stale = sum(key(q, t, o)[:3] in judged for q, t, o in todo)
+    if stale:
+        print(f"{out_path}: {stale} verdicts were made for other answers (changed since); they are judged again",
+              file=sys.stderr)
     if any(t > 1 for _, t, _ in todo) and prompts[1] is None:
         raise EvalError(f"{prompts[0].source}: no multi-turn judge prompt for the questions of "
                         f"more than one turn (--prompt_multi)")
     bar = data.Progress(len(todo), "judging", enabled=progress)
     with open(out_path, "a", encoding="utf-8") as out:
         for q, turn, order in todo:
-            key = json.dumps(q["question_id"])
-            first, second = answers_a[key].turns, answers_b[key].turns
+            qid = json.dumps(q["question_id"])
+            first, second = answers_a[qid].turns, answers_b[qid].turns
             shown = (first, second) if order == "ab" else (second, first)
             prompt = prompts[0] if turn == 1 else prompts[1]
             reply = ask(*render_prompt(prompt, prompt_fields(q, *shown, turn)))
             verdict, error = parse_verdict(reply)
             record = {"question_id": q["question_id"], "turn": turn, "order": order, **identity,
-                      "prompt": prompt.name, "verdict": verdict,
+                      "answers_sha256": digest[qid], "prompt": prompt.name, "verdict": verdict,
                       "preferred": _PREFERRED[order].get(verdict), "parse_error": error,
                       "judgment": reply}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
-            done[_verdict_key(q["question_id"], turn, order)] = record
+            done[key(q, turn, order)] = record
             bar.update()
     bar.close()
-    return [done[_verdict_key(q["question_id"], t, o)] for q, t in game_list for o in ORDERS]
+    return [done[key(q, t, o)] for q, t in game_list for o in ORDERS]
 
 
 def judge_summary(records, identity, benchmark, missing=None):

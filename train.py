@@ -23,7 +23,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -32,16 +31,20 @@ import typing
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import metrics
 from models import (
+    MODEL_RECORD,
     TINY,
     all_sum,
+    check_model,
     forward_logps,
     frozen_dtype,
     load_model,
     load_tokenizer,
     log,
+    model_record,
     setup_distributed,
     shard,
     to_device,
@@ -49,7 +52,8 @@ from models import (
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-CHECKPOINT, FINAL, SFT_DIR, METRICS = "checkpoint", "final", "sft", "metrics.jsonl"
+FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"
+CHECKPOINT, LOCK = checkpoint.CHECKPOINT, checkpoint.LOCK
 
 
 class ConfigError(data.SrpoError):
@@ -57,7 +61,7 @@ class ConfigError(data.SrpoError):
 
 
 class NonFiniteError(data.SrpoError):
-    """A non-finite loss or gradient norm: the step is not applied, the last good checkpoint is kept."""
+    """A non-finite loss or gradient norm: the step is not applied; the message says which checkpoint is kept."""
 
 
 def _flag(default, help_text, choices=None):
@@ -91,7 +95,7 @@ class Config:
     max_length: int = _flag(512, "tokens per sequence, the longer p ⊕ x view included")
     epochs: float = _flag(1.0, "alignment epochs over --data ...")
     max_steps: int = _flag(-1, "... or this many alignment steps, whichever ends first (-1: no limit)")
-    max_grad_norm: float = _flag(10.0, "gradient-norm clipping")
+    max_grad_norm: float = _flag(10.0, "gradient-norm clipping (> 0; inf: no clipping)")
     optimizer: str = _flag("rmsprop", "rmsprop (the paper's), adamw or sgd", tuple(OPTIMIZERS))
     precompute_ref: bool = _flag(False, "one pass of the reference model before training, then free it")
     activation_checkpointing: bool = _flag(False, "recompute block activations in backward to save memory")
@@ -99,7 +103,8 @@ class Config:
     eval_every: int = _flag(25, "held-out evaluation every this many steps (0: only at the end)")
     eval_pairs: int = _flag(200, "held-out pairs evaluated (0: all)")
     save_every: int = _flag(50, "checkpoint every this many steps (0: only on SIGTERM and at stage ends)")
-    resume: bool = _flag(False, "continue from out_dir/checkpoint")
+    resume: bool = _flag(False, "continue from out_dir/checkpoint (its run-defining flags must be the same)")
+    resume_force: bool = _flag(False, "with --resume: continue even where the run-defining flags differ")
     seed: int = _flag(0, "data order and tiny-model initialisation")
     device: str = _flag("auto", "auto: cuda when this machine has a GPU for every local rank, else cpu",
                         ("auto", "cuda", "cpu"))
@@ -154,8 +159,23 @@ def validate(cfg, world=1):
     if cfg.lam is not None and cfg.loss not in SELF_REFINED:
         raise ConfigError(f"--lam is used only by the Sr losses ({', '.join(sorted(SELF_REFINED))}), "
                           f"not --loss {cfg.loss}")
-    if cfg.beta <= 0:
+    if not cfg.beta > 0:
         raise ConfigError(f"--beta {cfg.beta}: must be positive")
+    if not cfg.max_grad_norm > 0:
+        raise ConfigError(f"--max_grad_norm {cfg.max_grad_norm}: must be positive (inf: no clipping); "
+                          f"a negative norm would flip the gradient, 0 would zero it")
+    if not cfg.epochs > 0:
+        raise ConfigError(f"--epochs {cfg.epochs}: must be positive (--max_steps ends a run earlier)")
+    for name, low in (("batch_size", 1), ("log_every", 1), ("max_length", 2), ("micro_batch_size", 0),
+                      ("max_pairs", 0), ("eval_pairs", 0), ("eval_every", 0), ("save_every", 0),
+                      ("warmup_steps", 0), ("sft_steps", 0)):
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name} {value}: must be at least {low}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ConfigError(f"--lr {cfg.lr}: must be positive")
+    if cfg.resume_force and not cfg.resume:
+        raise ConfigError("--resume_force is used only with --resume")
     per_rank, rem = divmod(cfg.batch_size, world)
     micro = cfg.micro_batch_size or per_rank
     if rem or per_rank == 0 or per_rank % micro:
@@ -184,33 +204,68 @@ def uses_p_view(cfg):
 
 
 def run(cfg, rank, world, device):
-    """Train cfg's stages (an optional SFT stage, then the alignment loss) and export out_dir/final.
+    """Check every path and model (``check_start``), hold out_dir's lock, and train (``train_stages``).
 
-    cfg: a ``resolved`` Config. Rank 0 writes metrics.jsonl (a line per step, the held-out eval_* keys every
-    --eval_every steps) and the progress lines. Every --save_every steps, at each stage's end and on SIGTERM
-    a checkpoint is written; on SIGTERM the run then returns early (rerun with --resume). Returns 0; raises
-    data.SrpoError subclasses for bad data and a non-finite loss.
+    cfg: a ``resolved`` Config. Returns 0; raises data.SrpoError subclasses for bad input, a checkpoint that
+    cannot be resumed, another run on out_dir, and a non-finite loss.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    stop = Stop()
     say = functools.partial(log, rank)
+    resume = check_start(cfg, rank, world, say)
+    lock = checkpoint.Lock(cfg.out_dir, rank, world, log=say)
+    try:
+        return train_stages(cfg, rank, world, device, resume, say)
+    finally:
+        lock.release()
+
+
+def check_start(cfg, rank, world, say):
+    """Every path and model of the run, checked before any work; returns the checkpoint to resume from
+    (verified, and its run-defining flags the same as cfg's unless --resume_force), or None."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out_dir {cfg.out_dir}: cannot create the folder ({e.strerror})") from None
+    check_model(cfg.model, "--model")
+    if cfg.ref_model:
+        check_model(cfg.ref_model, "--ref_model")
+    resume = checkpoint.find(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and resume is None:
+        say(f"--resume: no checkpoint in {cfg.out_dir}; starting from the beginning")
+    if resume:
+        checkpoint.verify(resume, rank, world)
+        if not cfg.resume_force:
+            checkpoint.check_record(checkpoint.read_record(resume), checkpoint.run_record(cfg), resume)
+    return resume
+
+
+def train_stages(cfg, rank, world, device, resume, say):
+    """Train cfg's stages (an optional SFT stage, then the alignment loss) and export out_dir/final.
+
+    Rank 0 writes metrics.jsonl (a line per step, the held-out eval_* keys every --eval_every steps) and the
+    progress lines. Every --save_every steps, at each stage's end and on SIGTERM a checkpoint is written; on
+    SIGTERM the run then returns early (rerun with --resume).
+    """
+    stop = Stop()
     tokenizer = load_tokenizer(cfg.model)
     examples, eval_examples = load_examples(cfg, tokenizer, say)
+    record = checkpoint.run_record(cfg, train_pairs=len(examples))
+    if resume and not cfg.resume_force:
+        checkpoint.check_record(checkpoint.read_record(resume), {"train_pairs": len(examples)}, resume)
     micro = cfg.micro_batch_size or cfg.batch_size // world
     score = functools.partial(metrics.pair_logps, pad_token_id=tokenizer.pad_token_id, batch_size=micro, rank=rank,
                               world=world, average=cfg.average_logps)
     stages = plan(cfg, len(examples))
-    resume = checkpoint_dir(cfg.out_dir) if cfg.resume else None
-    if cfg.resume and resume is None:
-        say(f"--resume: no checkpoint in {cfg.out_dir}; starting from the beginning")
-    saved = torch.load(os.path.join(resume, f"extra_rank{rank}.pt"), weights_only=True) if resume else None
+    names = [name for name, _ in stages]
+    saved = checkpoint.read_extra(resume, rank) if resume else None
     start_stage = saved["stage_index"] if saved else 0
     metrics_path = os.path.join(cfg.out_dir, METRICS)
-    if rank == 0:
-        keep_metrics(metrics_path, saved, [name for name, _ in stages])
+    checkpoint.on_rank0(lambda: checkpoint.trim_metrics(
+        metrics_path, lambda m: saved is not None and (names.index(m["stage"]), m["step"]) <= (
+            saved["stage_index"], saved["step"]), say), rank, world)
+    last_saved = f"{names[start_stage]} step {saved['step']}" if saved else None
 
     policy, last = None, None
     for stage_index, (stage, n_steps) in enumerate(stages):
@@ -219,18 +274,25 @@ def run(cfg, rank, world, device):
         s = setup_stage(cfg, stage, stage_index, examples, eval_examples, tokenizer, score, device, rank,
                         resume if stage_index == start_stage else None, say)
         policy, step = s.policy, s.step
+
         say(f"stage {stage}: {n_steps} steps of {cfg.batch_size} pairs ({world} rank(s) x "
             f"{cfg.batch_size // world // micro} micro-batch(es) of {micro}), lr {cfg.lr:g}"
             + (f", beta {cfg.beta}, lambda {cfg.lam}, refine {cfg.refine}" if stage in SELF_REFINED else ""))
         for micro_batches in step_batches(examples, cfg, micro, tokenizer.pad_token_id, rank, world, step, n_steps):
             t0 = time.time()
-            summed = train_step(policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, world, device)
+            try:
+                summed = train_step(policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, world,
+                                    device)
+            except NonFiniteError as err:
+                raise NonFiniteError(f"{err}; " + (f"the last checkpoint ({last_saved}) is kept: --resume continues "
+                                                   f"from it" if last_saved else
+                                                   "no checkpoint has been written (--save_every)")) from None
             step += 1
             m = step_metrics(summed, stage, step, time.time() - t0)
             if s.eval_ref is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
                 policy.eval()
-                last = metrics.heldout_metrics(score(policy, eval_examples, with_p=True), s.eval_ref, eval_examples,
-                                               cfg.beta)
+                last = metrics.heldout_metrics(score(policy, eval_examples, with_p=with_p_view(eval_examples)),
+                                               s.eval_ref, eval_examples, cfg.beta)
                 policy.train()
                 m.update({f"eval_{k}": v for k, v in last.items() if isinstance(v, (int, float))})
             if rank == 0:
@@ -240,17 +302,19 @@ def run(cfg, rank, world, device):
                     print(progress_line(m, n_steps), flush=True)
             preempted = all_sum([float(stop.requested)], device)[0] > 0
             if preempted or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(cfg.out_dir, policy, s.optimizer, {"stage_index": stage_index, "step": step}, rank)
+                last_saved = save_checkpoint(cfg.out_dir, policy, s.optimizer, stage, stage_index, step, record, rank,
+                                             world)
             if preempted:
                 say(f"SIGTERM: checkpoint written at {stage} step {step}; rerun with --resume to continue")
                 return 0
-        save_checkpoint(cfg.out_dir, policy, s.optimizer, {"stage_index": stage_index, "step": step}, rank)
+        last_saved = save_checkpoint(cfg.out_dir, policy, s.optimizer, stage, stage_index, step, record, rank, world)
         if stage == "sft" and stage_index < len(stages) - 1:
-            export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank)
+            export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank,
+                   model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)))
             say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
     final = os.path.join(cfg.out_dir, FINAL)
     if policy is not None:
-        export(policy, tokenizer, final, rank)
+        export(policy, tokenizer, final, rank, model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)))
     say(summary(cfg, stages, last, final))
     return 0
 
@@ -267,7 +331,9 @@ class Stop:
 
 
 def load_examples(cfg, tokenizer, say):
-    """(training examples, held-out examples) tokenized; the held-out ones always with the p ⊕ x view."""
+    """(training examples, held-out examples) tokenized. The held-out ones have the p ⊕ x view (its metrics)
+    where p fits in --max_length, as the Sr losses need anyway; a run that does not need p otherwise
+    evaluates under x only."""
     refine_prompt = REFINE_PROMPTS[cfg.refine_prompt]
     pairs = data.load_pairs(cfg.data, "train", log=say)[:cfg.max_pairs or None]
     examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if uses_p_view(cfg) else None,
@@ -277,7 +343,18 @@ def load_examples(cfg, tokenizer, say):
         say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")
         return examples, []
     eval_pairs = data.load_pairs(eval_source, "test", log=say)[:cfg.eval_pairs or None]
-    return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say)
+    try:
+        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say)
+    except data.DataError as err:
+        if uses_p_view(cfg):
+            raise
+        say(f"held-out pairs under x only: with p they do not fit ({err})")
+        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, None, log=say)
+
+
+def with_p_view(examples):
+    """Whether tokenized examples have the p ⊕ x view."""
+    return bool(examples) and "p_chosen_ids" in examples[0]
 
 
 def plan(cfg, n_examples):
@@ -319,7 +396,7 @@ def setup_stage(cfg, stage, stage_index, examples, eval_examples, tokenizer, sco
         ref = shard(load_model(cfg.ref_model or start, tokenizer, frozen_dtype(device), cfg.seed), device)
         ref.requires_grad_(False)
         if eval_examples:  # π_ref is frozen: score the held-out pairs once
-            eval_ref = score(ref, eval_examples, with_p=True)
+            eval_ref = score(ref, eval_examples, with_p=with_p_view(eval_examples))
         if cfg.precompute_ref:
             t0 = time.time()
             cache = score(ref, examples, with_p=uses_p_view(cfg))
@@ -377,7 +454,7 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
     if not (math.isfinite(summed["loss"]) and math.isfinite(summed["grad_norm"])):
         raise NonFiniteError(
             f"non-finite loss ({summed['loss']:.4g}) or gradient norm ({summed['grad_norm']:.4g}) at {stage} "
-            f"step {step + 1}; no update was applied, and the last good checkpoint is kept")  # steps count from 1
+            f"step {step + 1}; no update was applied")  # steps count from 1
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return summed
@@ -475,8 +552,8 @@ def summary(cfg, stages, ev, final):
              + f" on {cfg.data}, model {cfg.model}, beta {cfg.beta}"
              + (f", lambda {cfg.lam}" if cfg.loss in SELF_REFINED else "")]
     if ev:
-        lines.append(f"held-out accuracy: {ev['accuracy']:.3f} under x, {ev['p_accuracy']:.3f} under p+x "
-                     f"({ev['n_pairs']} pairs)")
+        under_p = f", {ev['p_accuracy']:.3f} under p+x" if "p_accuracy" in ev else ""
+        lines.append(f"held-out accuracy: {ev['accuracy']:.3f} under x{under_p} ({ev['n_pairs']} pairs)")
         if "spearman" in ev:
             lines.append(f"Δπ vs true score gap: Spearman {ev['spearman']:+.3f}, Kendall {ev['kendall_tau_b']:+.3f}, "
                          f"pairs ranked by informativeness {ev['concordance']:.3f} (0.5 is chance)")
@@ -486,80 +563,57 @@ def summary(cfg, stages, ev, final):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- checkpoints and export
 
 
-def save_checkpoint(out_dir, policy, optimizer, extra, rank):
-    """Write out_dir/checkpoint atomically: a temporary folder, renamed once every rank has written."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    final, tmp = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, CHECKPOINT + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
-    dcp.save(state, checkpoint_id=tmp)
-    extra = dict(extra, rng=torch.get_rng_state())
-    torch.save(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        data.replace_path(tmp, final)
-    dist.barrier()
-
-
-def checkpoint_dir(out_dir):
-    """The checkpoint to resume from (a crash between the two renames leaves it as checkpoint.old)."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        path = os.path.join(out_dir, name)
-        if os.path.exists(os.path.join(path, ".metadata")):
-            return path
-    return None
-
-
-def load_checkpoint(path, policy, optimizer, rank):
-    """Restore model, optimizer and RNG in place; return the saved extra dict (step, stage, ...)."""
-    import torch.distributed.checkpoint as dcp
+def _state(policy, optimizer):
+    """The DCP state dict of policy and optimizer (sharded as they are)."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
+    )
+
+    return {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
+
+
+def save_checkpoint(out_dir, policy, optimizer, stage, stage_index, step, record, rank, world):
+    """out_dir/checkpoint, written atomically with its checksums and the run's record (checkpoint.save).
+    Returns what it holds, "STAGE step N", for messages."""
+    checkpoint.save(out_dir, _state(policy, optimizer), {"stage_index": stage_index, "step": step}, record, rank,
+                    world)
+    return f"{stage} step {step}"
+
+
+def load_checkpoint(path, policy, optimizer, rank):
+    """Restore model, optimizer and RNG in place from a verified checkpoint; return the saved extra dict."""
+    from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
-    dcp.load(state, checkpoint_id=path)
+    state = _state(policy, optimizer)
+    extra = checkpoint.load(path, state, rank)
     set_model_state_dict(policy, state["model"])
     set_optimizer_state_dict(policy, optimizer, state["optim"])
-    extra = torch.load(os.path.join(path, f"extra_rank{rank}.pt"), weights_only=True)
-    torch.set_rng_state(extra.pop("rng"))
     return extra
 
 
-def export(policy, tokenizer, path, rank):
-    """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def export(policy, tokenizer, path, rank, record):
+    """A plain transformers folder (save_pretrained with the tokenizer, and `record` as models.MODEL_RECORD),
+    written atomically by rank 0."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         with data.atomic_path(path) as tmp:
             policy.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, MODEL_RECORD), "w", encoding="utf-8") as fh:
+                json.dump(record, fh, indent=1)
     dist.barrier()
-
-
-def keep_metrics(path, extra, stage_names):
-    """Start metrics.jsonl afresh, or on resume keep only the lines up to the checkpoint's step."""
-    lines = []
-    if extra is not None and os.path.exists(path):
-        with open(path) as fh:
-            for line in fh:
-                m = json.loads(line)
-                position = (stage_names.index(m["stage"]), m["step"])
-                if position <= (extra["stage_index"], extra["step"]):
-                    lines.append(line)
-    with data.atomic_open(path) as fh:
-        fh.writelines(lines)
 
 
 if __name__ == "__main__":

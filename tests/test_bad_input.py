@@ -11,16 +11,14 @@ import sys
 
 import pytest
 
+import checkpoint
 import data
 import evaluate
+import judge
+import models
 import train
 from data import Pair
 from srpo import IGNORE_INDEX, REFINE_PROMPT
-
-try:  # the MT-Bench machinery moves to judge.py (issue 10)
-    import judge as judging
-except ImportError:  # pragma: no cover - before the move
-    judging = evaluate
 
 FAST = ["--device", "cpu", "--batch_size", "8", "--max_pairs", "32", "--sft_steps", "0", "--eval_every", "0",
         "--eval_pairs", "8", "--save_every", "0", "--lr", "3e-3", "--warmup_steps", "1"]
@@ -69,8 +67,8 @@ def scored(labels):
 
 def tiny_folder(path):
     """A tiny model saved as a plain transformers folder that is not a run of this project."""
-    tokenizer = train.load_tokenizer(train.TINY)
-    train.load_model(train.TINY, tokenizer, seed=1).save_pretrained(path)
+    tokenizer = models.load_tokenizer(models.TINY)
+    models.load_model(models.TINY, tokenizer, seed=1).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -227,8 +225,6 @@ def plant(checkpoint_dir, marker, resign):
     with open(path, "wb") as fh:
         pickle.dump(Payload(str(marker)), fh)
     if resign:  # an attacker who also rewrites the checksums
-        import checkpoint
-
         checkpoint.write_checksums(checkpoint_dir)
 
 
@@ -243,8 +239,6 @@ def test_7_planted_metadata_payload_does_not_run(checkpointed, tmp_path, capsys,
 
 
 def test_7_restricted_metadata_reader_loads_a_real_checkpoint(checkpointed):
-    import checkpoint
-
     meta = checkpoint.read_metadata(str(checkpointed / train.CHECKPOINT))
     assert any(key.startswith("model.") for key in meta.state_dict_metadata)
 
@@ -341,11 +335,9 @@ def test_10_a_folder_that_is_not_a_model(tmp_path, capsys, content):
 
 
 def answers_file(path, model_id, texts):
-    with open(path, "w") as fh:
-        for qid, text in texts.items():
-            fh.write(json.dumps({"question_id": qid, "model_id": model_id,
-                                 "choices": [{"index": 0, "turns": [text]}]}) + "\n")
-    return judging.load_answers(str(path))
+    data.write_jsonl(path, [{"question_id": qid, "model_id": model_id, "choices": [{"index": 0, "turns": [text]}]}
+                            for qid, text in texts.items()])
+    return judge.load_answers(str(path))
 
 
 def test_11_changed_answers_are_judged_again(tmp_path):
@@ -356,15 +348,15 @@ def test_11_changed_answers_are_judged_again(tmp_path):
         asked.append(user)
         return "[[A]]"
 
-    prompts = judging.load_judge_prompts()
+    prompts = judge.load_judge_prompts()
     identity = {"model_a": "a", "model_b": "b", "judge": "fake"}
     out = str(tmp_path / "verdicts.jsonl")
 
     def judge_all(texts_a):
         answers_a = answers_file(tmp_path / "a.jsonl", "a", texts_a)
         answers_b = answers_file(tmp_path / "b.jsonl", "b", {1: "b1", 2: "b2"})
-        game_list, _ = judging.games(questions, answers_a, answers_b)
-        return judging.judge_games(game_list, answers_a, answers_b, ask, prompts, out, identity)
+        game_list, _ = judge.games(questions, answers_a, answers_b)
+        return judge.judge_games(game_list, answers_a, answers_b, ask, prompts, out, identity)
 
     judge_all({1: "a1", 2: "a2"})
     assert len(asked) == 4  # 2 questions x 2 orders
@@ -378,15 +370,28 @@ def test_11_changed_answers_are_judged_again(tmp_path):
 # ----------------------------------------------------------------------------- 12. small silent cases
 
 
-def test_12_nan_stop_without_a_checkpoint_says_so(tmp_path, capsys):
-    assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "3", "--fault_nan_step", "1") != 0
+def nan_at_step(monkeypatch, k):
+    """The loss of alignment step k (from 1) made NaN."""
+    calls, real = [], train.preference_terms
+
+    def faulty(*args):
+        losses, stats = real(*args)
+        calls.append(1)
+        return (losses * float("nan") if len(calls) == k else losses), stats
+
+    monkeypatch.setattr(train, "preference_terms", faulty)
+
+
+def test_12_nan_stop_without_a_checkpoint_says_so(tmp_path, capsys, monkeypatch):
+    nan_at_step(monkeypatch, 1)
+    assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "3") != 0
     line = one_error(capsys, "non-finite", "no checkpoint")
     assert "last good checkpoint is kept" not in line
 
 
-def test_12_nan_stop_with_a_checkpoint_names_its_step(tmp_path, capsys):
-    assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "4", "--save_every", "2",
-                      "--fault_nan_step", "3") != 0
+def test_12_nan_stop_with_a_checkpoint_names_its_step(tmp_path, capsys, monkeypatch):
+    nan_at_step(monkeypatch, 3)
+    assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "4", "--save_every", "2") != 0
     one_error(capsys, "non-finite", "step 2")
 
 
@@ -404,8 +409,6 @@ def test_12_pretty_printed_data_object_json(tmp_path):
 
 
 def test_checksums_cover_every_checkpoint_file(checkpointed):
-    import checkpoint
-
     folder = checkpointed / train.CHECKPOINT
     sums = checkpoint.read_checksums(str(folder))
     files = sorted(p.name for p in folder.iterdir() if p.name != checkpoint.CHECKSUMS)
