@@ -86,7 +86,8 @@ def read_checksums(folder):
         with open(path) as fh:
             lines = fh.read().splitlines()
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint's checksums ({e.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint's checksums ({e.strerror}); a checkpoint of an "
+                              f"older version cannot be resumed: start again without --resume") from None
     sums = {}
     for number, line in enumerate(lines, 1):
         digest, sep, name = line.partition("  ")
@@ -300,7 +301,8 @@ def trim_metrics(path, keep, log=print):
     with open(path, encoding="utf-8") as fh:
         lines = fh.readlines()
     if lines and not lines[-1].endswith("\n"):
-        log(f"{path}: dropped an unfinished last line (an interrupted write)")
+        if log:
+            log(f"{path}: dropped an unfinished last line (an interrupted write)")
         lines.pop()
     kept = []
     for number, line in enumerate(lines, 1):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import checkpoint
 import data
@@ -415,3 +416,27 @@ def test_checksums_cover_every_checkpoint_file(checkpointed):
     assert sorted(sums) == files
     for name, digest in sums.items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+
+
+def test_7_checkpoint_byte_items_load_without_running_code(tmp_path):
+    """DCP's default planner unpickles byte items (the optimizer's param_groups) with weights_only=False."""
+    import io
+
+    import checkpoint
+
+    buffer = io.BytesIO()
+    torch.save(Payload(str(tmp_path / "payload-ran")), buffer)
+    buffer.seek(0)
+    _, planner = checkpoint._reader_and_planner(str(tmp_path))
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(None, buffer)
+    assert not (tmp_path / "payload-ran").exists()
+
+
+def test_5_a_damaged_metrics_line_names_file_and_line(tmp_path):
+    import checkpoint
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"stage": "dpo", "step": 1}\n{"stage": "dpo", "st\n{"stage": "dpo", "step": 3}\n')
+    with pytest.raises(checkpoint.CheckpointError, match=rf"{path}:2: not a metrics record"):
+        checkpoint.trim_metrics(str(path), lambda m: True, log=None)
