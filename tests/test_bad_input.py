@@ -422,8 +422,6 @@ def test_7_checkpoint_byte_items_load_without_running_code(tmp_path):
     """DCP's default planner unpickles byte items (the optimizer's param_groups) with weights_only=False."""
     import io
 
-    import checkpoint
-
     buffer = io.BytesIO()
     torch.save(Payload(str(tmp_path / "payload-ran")), buffer)
     buffer.seek(0)
@@ -434,8 +432,6 @@ def test_7_checkpoint_byte_items_load_without_running_code(tmp_path):
 
 
 def test_5_a_damaged_metrics_line_names_file_and_line(tmp_path):
-    import checkpoint
-
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"stage": "dpo", "step": 1}\n{"stage": "dpo", "st\n{"stage": "dpo", "step": 3}\n')
     with pytest.raises(checkpoint.CheckpointError, match=rf"{path}:2: not a metrics record"):
