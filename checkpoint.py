@@ -1,5 +1,10 @@
 """checkpoint.py: a run's state on disk: atomic checkpoints that cannot run code, the resume record, the lock.
 
+Owns: saving and loading DCP checkpoints (atomic, checksummed, read without unpickling arbitrary
+objects), the record of the run-defining flags checked on --resume, cutting metrics.jsonl back to the
+checkpoint, and the one-run-per-out_dir lock. Does not own: what is in the state (train.py), models
+(models.py) or the exported model folders (train.export, models.MODEL_RECORD).
+
     save(out_dir, state, extra, record, rank, world)   out_dir/checkpoint, written atomically
     find(out_dir) -> folder | None                      the checkpoint to resume from
     verify(folder, rank, world)                         every file against SHA256SUMS
