@@ -231,6 +231,9 @@ def check_start(cfg, rank, world, say):
     check_model(cfg.model, "--model")
     if cfg.ref_model:
         check_model(cfg.ref_model, "--ref_model")
+    for source in (cfg.data, cfg.eval_data):
+        if source and source != "embedded":
+            data.source_records(os.path.expanduser(source))  # a local path that is no data file fails here
     resume = checkpoint.find(cfg.out_dir) if cfg.resume else None
     if cfg.resume and resume is None:
         say(f"--resume: no checkpoint in {cfg.out_dir}; starting from the beginning")
@@ -266,6 +269,8 @@ def train_stages(cfg, rank, world, device, resume, say):
         metrics_path, lambda m: saved is not None and (names.index(m["stage"]), m["step"]) <= (
             saved["stage_index"], saved["step"]), say), rank, world)
     last_saved = f"{names[start_stage]} step {saved['step']}" if saved else None
+    if start_stage > 0:  # the alignment stage starts from the SFT model that the first stage exported
+        check_model(os.path.join(cfg.out_dir, SFT_DIR), "--resume: the SFT model")
 
     policy, last = None, None
     for stage_index, (stage, n_steps) in enumerate(stages):

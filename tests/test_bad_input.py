@@ -309,6 +309,14 @@ def test_10_missing_model_is_found_before_any_work(tmp_path, capsys, flag):
     assert not os.path.exists(tmp_path / "out" / train.METRICS)
 
 
+@pytest.mark.parametrize("flag", ["--data", "--eval_data"])
+def test_10_missing_data_file_is_found_before_any_work(tmp_path, capsys, flag):
+    missing = tmp_path / "no-such-pairs.jsonl"
+    assert train_main(tmp_path / "out", "--loss", "dpo", "--max_steps", "1", flag, missing) != 0
+    one_error(capsys, str(missing))
+    assert not os.path.exists(tmp_path / "out" / train.METRICS)
+
+
 @pytest.mark.parametrize("flags,word", [(["--micro_batch_size", "-2"], "--micro_batch_size"),
                                         (["--log_every", "0"], "--log_every"),
                                         (["--max_pairs", "-1"], "--max_pairs"),
