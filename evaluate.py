@@ -115,9 +115,8 @@ def reference_of(model, ref_model=None):
 
 def run_accuracy(args):
     ref_model, ref_seed = reference_of(args.model, args.ref_model)
-    for name, flag in ((args.model, "--model"), (ref_model, "--ref_model"), (args.tokenizer, "--tokenizer")):
-        if name:
-            check_model(name, flag)
+    check_model(args.model, "--model")
+    check_model(ref_model, "--ref_model")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     policy = load_model(args.model, tokenizer, dtype=DTYPES[args.dtype]).to(args.device)
     ref = policy if (ref_model, ref_seed) == (args.model, 0) else \

@@ -300,6 +300,21 @@ def test_10_read_only_out_dir(tmp_path, capsys):
         tmp_path.chmod(0o755)
 
 
+def test_10_unwritable_out_dir_even_as_root(tmp_path, capsys, monkeypatch):
+    """The lock is the first file a run writes: a folder it cannot write into is a one-line error."""
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(train.LOCK):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.os, "open", refuse)
+    assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "1") != 0
+    one_error(capsys, str(tmp_path), "not writable")
+    assert not os.path.exists(tmp_path / train.METRICS)
+
+
 @pytest.mark.parametrize("flag", ["--model", "--ref_model"])
 def test_10_missing_model_is_found_before_any_work(tmp_path, capsys, flag):
     missing = tmp_path / "no-such-model"
