@@ -25,8 +25,10 @@ Truncation to max_length (exact rule)
     So both views score exactly the same response tokens, and without p the two steps are one.
     Runs without the p view (DPO, IPO, SFT) pass p with p_view=False: they are cut by the same rule,
     so every loss sees the same x-view tokens at the same max_length.
-    3. Dropped and counted: a pair left with no response token ("response truncated away"), or with
-       no query token in the longest view ("no room for the query"; only with min_prompt_length=0).
+    3. Dropped and counted: a pair left with no response token ("response truncated away"), with
+       no query token in the longest view ("no room for the query"; only with min_prompt_length=0), or
+       whose two responses are the same tokens once cut ("identical after truncation": e.g. responses
+       sharing a long opening; such a pair has no preference to learn).
     The summary line also counts the prompts and responses that were cut.
 """
 
@@ -362,33 +364,50 @@ def _json_lines(data, path):
         yield f"{path}:{number}", record
 
 
-def _json_array(text, path):
-    """(where, record) for each element of a JSON array document, where = the line it starts on."""
+def _json_array(text, path, start=0, closing=""):
+    """(where, record) for each element of the JSON array at text[start:], where = the line it starts on.
+
+    closing: the text that must follow the array's "]" ("}" for the array of {"data": [...]}).
+    """
     decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
-    i = ws.match(text, text.index("[") + 1).end()
-    if text.startswith("]", i):
-        return
-    while True:
+    i = ws.match(text, start + 1).end()
+    while not text.startswith("]", i):
         try:
             record, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise _json_error(path, e) from None
         yield f"{path}:{text.count(chr(10), 0, i) + 1}", record
         i = ws.match(text, end).end()
-        if text.startswith("]", i):
-            return
-        if not text.startswith(",", i):
+        if text.startswith(",", i):
+            i = ws.match(text, i + 1).end()
+        elif not text.startswith("]", i):
             raise _json_error(path, json.JSONDecodeError("expected ',' or ']'", text, i))
-        i = ws.match(text, i + 1).end()
+    i = ws.match(text, i + 1).end()
+    if not text.startswith(closing, i) or text[i + len(closing):].strip():
+        raise _json_error(path, json.JSONDecodeError(f"expected {closing or 'the end of the file'!r}", text, i))
+
+
+_DATA_KEY = re.compile(r'\{\s*"data"\s*:\s*\[')
 
 
 def read_records(path):
-    """(where "FILE:LINE", record) of a .jsonl/.json file, optionally gzipped."""
+    """(where "FILE:LINE", record) of a .jsonl/.json file, optionally gzipped.
+
+    A .json file is a JSON array of records, an object {"data": [records]} (its only key), or JSON Lines.
+    """
     data = _read_bytes(path)
-    if path.endswith((".json", ".json.gz")) and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-        yield from _json_array(_decode(data, path, 1).removeprefix("\ufeff"), path)
-    else:
-        yield from _json_lines(data, path)
+    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if path.endswith((".json", ".json.gz")) and head.startswith((b"[", b"{")):
+        text = _decode(data, path, 1).removeprefix("\ufeff")
+        start = len(text) - len(text.lstrip())
+        if text.startswith("[", start):
+            yield from _json_array(text, path, start)
+            return
+        keyed = _DATA_KEY.match(text, start)
+        if keyed:
+            yield from _json_array(text, path, keyed.end() - 1, closing="}")
+            return
+    yield from _json_lines(data, path)
 
 
 def _hub_error(label, e):
@@ -591,13 +610,21 @@ def _after_added(text, added):
     return text[max(ends, default=0):]
 
 
+def _start(tokens, x):
+    """[BOS] where the tokenizer uses one; else [EOS] before an empty query (a token must precede the response
+    for its first token to be scored in the x view, as it is after p); else []."""
+    if tokens.bos is not None:
+        return [tokens.bos]
+    return [] if x else [tokens.eos]
+
+
 def _query(prompt, tokenizer, tokens):
     """The _Query of a prompt (module docstring, Tokenisation): the one framing of training and generation."""
     bos = [tokens.bos] if tokens.bos is not None else []
     if isinstance(prompt, str) or not tokens.template:
         text = prompt if isinstance(prompt, str) else _transcript(prompt)
         x = _encode(tokenizer, text)
-        return _Query(bos, x, 0, False, text, x, "" if isinstance(prompt, str) else " ")
+        return _Query(_start(tokens, x), x, 0, False, text, x, "" if isinstance(prompt, str) else " ")
     head_text, tail_text = _template_halves(prompt, tokenizer)
     x = _encode(tokenizer, head_text + tail_text, literal=False)  # = apply_chat_template(tokenize=True)
     head = _encode(tokenizer, head_text, literal=False)
@@ -722,6 +749,8 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, refine_prompt=None, log=pri
 
     def convert(item):
         example = _tokenize_pair(item[1], tokenizer, tokens, max_length, p, min_prompt, cut, notes, p_view)
+        if example["chosen_labels"] == example["rejected_labels"]:  # e.g. a long shared opening cut at max_length
+            raise _Dropped("identical after truncation")
         example["pair_index"] = item[0]
         return example
 

@@ -29,7 +29,16 @@ import judge
 import metrics
 from data import num
 from metrics import EvalError
-from models import DTYPES, TINY, load_lm, load_model, load_tokenizer
+from models import (
+    DTYPES,
+    TINY,
+    ModelError,
+    check_model,
+    load_lm,
+    load_model,
+    load_tokenizer,
+    recorded_reference,
+)
 from srpo import REFINE_PROMPTS
 
 # ----------------------------------------------------------------------------------------------
@@ -89,11 +98,31 @@ def run_generate(args):
     return 0
 
 
+def reference_of(model, ref_model=None):
+    """(π_ref, seed of a "tiny" π_ref): --ref_model; else the reference recorded in a model folder that
+    train.py exported (final/, sft/); else "tiny" for the tiny policy. Any other policy needs --ref_model:
+    a random model is never taken as the reference."""
+    if ref_model:
+        return ref_model, 0
+    recorded = recorded_reference(model)
+    if recorded:
+        _stderr(f"reference: {recorded[0]}" + (f" (seed {recorded[1]})" if recorded[0] == TINY else "")
+                + f", as recorded in {model}")
+        return recorded
+    if model == TINY:
+        return TINY, 0
+    raise ModelError(f"--ref_model: required for --model {model} (not a model folder written by train.py, "
+                     f"which records its reference)")
+
+
 def run_accuracy(args):
+    ref_model, ref_seed = reference_of(args.model, args.ref_model)
+    check_model(args.model, "--model")
+    check_model(ref_model, "--ref_model")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     policy = load_model(args.model, tokenizer, dtype=DTYPES[args.dtype]).to(args.device)
-    ref = policy if args.ref_model == args.model else \
-        load_model(args.ref_model, tokenizer, dtype=DTYPES[args.dtype]).to(args.device)
+    ref = policy if (ref_model, ref_seed) == (args.model, 0) else \
+        load_model(ref_model, tokenizer, dtype=DTYPES[args.dtype], seed=ref_seed).to(args.device)
     pairs = data.load_pairs(args.data, args.split, log=_stderr)
     examples = data.tokenize_pairs(pairs, tokenizer, args.max_length, REFINE_PROMPTS[args.refine_prompt],
                                    log=_stderr)
@@ -105,8 +134,8 @@ def run_accuracy(args):
     policy_logps = score(policy)
     logps = metrics.preference_logps(policy_logps, policy_logps if ref is policy else score(ref))
     m = metrics.pair_metrics(logps, args.beta, *metrics.true_scores(examples))
-    config = {k: getattr(args, k) for k in ("model", "ref_model", "data", "split", "beta",
-                                            "refine_prompt", "max_length", "limit")}
+    config = {k: getattr(args, k) for k in ("model", "data", "split", "beta", "refine_prompt", "max_length", "limit")}
+    config.update(ref_model=ref_model, ref_seed=ref_seed)
     data.emit({"config": config, "loaded_pairs": len(pairs), "metrics": m}, accuracy_table(m), args.out)
     if args.pairs_out:
         data.write_jsonl(args.pairs_out, metrics.per_pair_rows(logps, args.beta, examples))
@@ -235,7 +264,8 @@ def _compare_args(p):
 
 def _accuracy_args(p):
     p.add_argument("--model", default=TINY, help='policy: "tiny" or a model folder / hub name')
-    p.add_argument("--ref_model", default=TINY, help='reference π_ref (default "tiny")')
+    p.add_argument("--ref_model", help="reference π_ref; default: the one recorded in a model folder written by "
+                   'train.py, or "tiny" for the tiny policy; required for any other model')
     p.add_argument("--tokenizer", help="default: the policy's")
     p.add_argument("--data", default="embedded", help="a data.load_pairs source")
     p.add_argument("--split", default="test")

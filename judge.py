@@ -7,6 +7,7 @@ Does not own: the command line (evaluate.py), preference accuracy and Δπ (metr
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -552,8 +553,14 @@ def local_judge(model, tokenizer, max_new_tokens=1024):
 IDENTITY = ("model_a", "model_b", "judge")  # a verdict file belongs to one comparison and judge
 
 
-def _verdict_key(question_id, turn, order):
-    return json.dumps(question_id), int(turn), order
+def answers_hash(turns_a, turns_b):
+    """A short SHA-256 of the two answers' texts: a verdict holds only for the answers it judged."""
+    text = json.dumps([list(turns_a), list(turns_b)], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _verdict_key(question_id, turn, order, answers):
+    return json.dumps(question_id), int(turn), order, answers
 
 
 def _drop_unfinished_line(path):
@@ -566,7 +573,7 @@ def _drop_unfinished_line(path):
 
 
 def load_verdicts(path, identity):
-    """{(question_id json, turn, order): record} already in a verdict file (none if absent).
+    """{(question_id json, turn, order, answers_sha256): record} already in a verdict file (none if absent).
 
     identity: {"model_a", "model_b", "judge"}; a record made for another comparison or judge is
     an error (naming file and line), so that two comparisons never mix in one file.
@@ -578,7 +585,7 @@ def load_verdicts(path, identity):
                 raise EvalError(f"{where}: verdict made with {field} {record.get(field)!r}, "
                                 f"not {identity[field]!r}; use another --out")
         key = _verdict_key(record.get("question_id"), _field(where, record, "turn", int),
-                           _field(where, record, "order", str))
+                           _field(where, record, "order", str), record.get("answers_sha256"))
         done[key] = record
     return done
 
@@ -650,32 +657,46 @@ def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identit
 
     prompts, math_prompts: (single-turn, multi-turn) JudgePrompt, chosen per game by ``game_prompt``.
     Returns all verdict records of these games, old and new. Each record: question_id, turn,
-    order ("ab": model_a shown as A), model_a, model_b, judge, prompt, verdict ("A"/"B"/"C" or
-    None), preferred ("model_a"/"model_b"/"tie" or None), parse_error, judgment (the reply),
-    user_prompt (what the judge was shown), tstamp.
+    order ("ab": model_a shown as A), model_a, model_b, judge, answers_sha256 (``answers_hash`` of
+    the two answers: a verdict of other answers, e.g. regenerated under the same model_id, is not
+    reused), prompt, verdict ("A"/"B"/"C" or None), preferred ("model_a"/"model_b"/"tie" or None),
+    parse_error, judgment (the reply), user_prompt (what the judge was shown), tstamp.
     """
     done = load_verdicts(out_path, identity)
+    digest = {}  # question id json -> hash of both answers' texts
+    for q, _ in game_list:
+        qid = json.dumps(q["question_id"])
+        digest[qid] = answers_hash(answers_a[qid].turns, answers_b[qid].turns)
+
+    def key(q, turn, order):
+        return _verdict_key(q["question_id"], turn, order, digest[json.dumps(q["question_id"])])
+
     todo = [(q, t, o, game_prompt(q, t, prompts, math_prompts)) for q, t in game_list for o in ORDERS
-            if _verdict_key(q["question_id"], t, o) not in done]
+            if key(q, t, o) not in done]
+    judged = {k[:3] for k in done}
+    stale = sum(key(q, t, o)[:3] in judged for q, t, o, _ in todo)
+    if stale:
+        print(f"{out_path}: {stale} verdicts were made for other answers (changed since); they are judged again",
+              file=sys.stderr)
     bar = data.Progress(len(todo), "judging", "verdicts", enabled=progress)
     with open(out_path, "a", encoding="utf-8") as out:
         for q, turn, order, prompt in todo:
-            key = json.dumps(q["question_id"])
-            first, second = answers_a[key].turns, answers_b[key].turns
+            qid = json.dumps(q["question_id"])
+            first, second = answers_a[qid].turns, answers_b[qid].turns
             shown = (first, second) if order == "ab" else (second, first)
             system, user = render_prompt(prompt, prompt_fields(q, *shown, turn))
             reply = ask(system, user)
             verdict, error = parse_verdict(reply)
             record = {"question_id": q["question_id"], "turn": turn, "order": order, **identity,
-                      "prompt": prompt.name, "verdict": verdict,
+                      "answers_sha256": digest[qid], "prompt": prompt.name, "verdict": verdict,
                       "preferred": _PREFERRED[order].get(verdict), "parse_error": error,
                       "judgment": reply, "user_prompt": user, "tstamp": time.time()}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
-            done[_verdict_key(q["question_id"], turn, order)] = record
+            done[key(q, turn, order)] = record
             bar.update()
     bar.close()
-    return [done[_verdict_key(q["question_id"], t, o)] for q, t in game_list for o in ORDERS]
+    return [done[key(q, t, o)] for q, t in game_list for o in ORDERS]
 
 
 _FASTCHAT_WINNER = {"model_a": "model_1", "model_b": "model_2", "tie": "tie", None: "error"}

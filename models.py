@@ -7,16 +7,68 @@ sharding, the process group, device and dtype helpers, and rank-0 logging. Does 
 (srpo.py), batches (data.py), what is measured (metrics.py) or the training loop (train.py).
 """
 
+import json
 import os
 
 import torch
 import torch.distributed as dist
 
 import data
+from data import SrpoError
 from srpo import IGNORE_INDEX, packed_sequence_logps, sequence_logps
 
 TINY = "tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_RECORD = "srpo_run.json"  # in a model folder train.py exported (final/, sft/): its reference, the run's flags
+
+
+class ModelError(SrpoError):
+    """A model name or folder that cannot be loaded, or a model record that cannot be read, in one line."""
+
+
+def check_model(name, flag="--model"):
+    """ModelError unless `name` is "tiny", a transformers model folder, or a hub model whose config loads (from
+    the cache when offline). Reads config.json only, so every model is checked before any work."""
+    from transformers import AutoConfig
+
+    if name == TINY:
+        return
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.listdir(path):
+            raise ModelError(f"{flag} {name}: an empty folder, not a model")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"{flag} {name}: not a transformers model folder (no config.json)")
+    elif os.path.exists(path) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"{flag} {name}: no such model folder")
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, damaged config: one line, not a traceback
+        first = str(e).strip().splitlines()
+        raise ModelError(f"{flag} {name}: cannot load its config ({type(e).__name__}: "
+                         f"{first[0][:200] if first else ''})") from None
+
+
+def model_record(reference, seed, run):
+    """What a model folder train.py exports records: its reference π_ref (a folder as an absolute path; "tiny"
+    with the seed it was built from) and the run's flags."""
+    if reference != TINY and os.path.isdir(os.path.expanduser(reference)):
+        reference = os.path.abspath(os.path.expanduser(reference))
+    return {"ref_model": reference, "ref_seed": seed, "run": run}
+
+
+def recorded_reference(model):
+    """(π_ref, seed) recorded in a model folder train.py exported, or None for any other model."""
+    path = os.path.join(os.path.expanduser(model), MODEL_RECORD)
+    if model == TINY or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+        return str(record["ref_model"]), int(record.get("ref_seed", 0))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}: cannot read the model's reference ({type(e).__name__}: {e}); "
+                         f"give --ref_model") from None
 
 
 def tiny_tokenizer():
@@ -351,5 +403,6 @@ def model_device(model):
 
 def load_lm(name, dtype="float32", device="cpu"):
     """(model, tokenizer) of a name, the model in DTYPES[dtype] on device."""
+    check_model(name)
     tokenizer = load_tokenizer(name)
     return load_model(name, tokenizer, dtype=DTYPES[dtype]).to(device), tokenizer

@@ -24,7 +24,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -35,18 +34,22 @@ import typing
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import metrics
 from models import (
     DTYPES,
+    MODEL_RECORD,
     TINY,
     all_sum,
+    check_model,
     choose_packing,
     frozen_copy,
     load_sharded,
     load_tokenizer,
     log,
     mixed_precision,
+    model_record,
     setup_distributed,
     source_config,
     source_dtype,
@@ -57,7 +60,8 @@ from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 
 PACKINGS = ("auto", *data.PACKINGS)  # --packing (a Config field named data hides the module there)
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-CHECKPOINT, FINAL, SFT_DIR, METRICS = "checkpoint", "final", "sft", "metrics.jsonl"
+FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"
+CHECKPOINT, LOCK = checkpoint.CHECKPOINT, checkpoint.LOCK
 
 
 class ConfigError(data.SrpoError):
@@ -65,7 +69,7 @@ class ConfigError(data.SrpoError):
 
 
 class NonFiniteError(data.SrpoError):
-    """A non-finite loss or gradient norm: the step is not applied, the last good checkpoint is kept."""
+    """A non-finite loss or gradient norm: the step is not applied; the message says which checkpoint is kept."""
 
 
 def _flag(default, help_text, choices=None):
@@ -106,7 +110,7 @@ class Config:
     pack_length: int = _flag(0, "tokens per packed row; 0: --max_length")
     epochs: float = _flag(1.0, "alignment epochs over --data ...")
     max_steps: int = _flag(-1, "... or this many alignment steps, whichever ends first (-1: no limit)")
-    max_grad_norm: float = _flag(10.0, "gradient-norm clipping")
+    max_grad_norm: float = _flag(10.0, "gradient-norm clipping (> 0; inf: no clipping)")
     optimizer: str = _flag("rmsprop", "rmsprop (the paper's), adamw or sgd", tuple(OPTIMIZERS))
     precompute_ref: bool = _flag(False, "one pass of the reference model before training, then free it")
     activation_checkpointing: bool = _flag(False, "recompute block activations in backward to save memory")
@@ -114,7 +118,8 @@ class Config:
     eval_every: int = _flag(25, "held-out evaluation every this many steps (0: only at the end)")
     eval_pairs: int = _flag(200, "held-out pairs evaluated (0: all)")
     save_every: int = _flag(50, "checkpoint every this many steps (0: only on SIGTERM and at stage ends)")
-    resume: bool = _flag(False, "continue from out_dir/checkpoint")
+    resume: bool = _flag(False, "continue from out_dir/checkpoint (its run-defining flags must be the same)")
+    resume_force: bool = _flag(False, "with --resume: continue even where the run-defining flags differ")
     seed: int = _flag(0, "data order and tiny-model initialisation")
     device: str = _flag("auto", "auto: cuda when this machine has a GPU for every local rank, else cpu",
                         ("auto", "cuda", "cpu"))
@@ -231,10 +236,23 @@ def validate(cfg, world=1):
     if cfg.lam is not None and cfg.loss not in SELF_REFINED:
         raise ConfigError(f"--lam is used only by the Sr losses ({', '.join(sorted(SELF_REFINED))}), "
                           f"not --loss {cfg.loss}")
-    if cfg.beta <= 0:
+    if not cfg.beta > 0:
         raise ConfigError(f"--beta {cfg.beta}: must be positive")
-    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
-        raise ConfigError(f"--warmup_steps {cfg.warmup_steps}: must be 0 or more")
+    if not cfg.max_grad_norm > 0:
+        raise ConfigError(f"--max_grad_norm {cfg.max_grad_norm}: must be positive (inf: no clipping); "
+                          f"a negative norm would flip the gradient, 0 would zero it")
+    if not cfg.epochs > 0:
+        raise ConfigError(f"--epochs {cfg.epochs}: must be positive (--max_steps ends a run earlier)")
+    for name, low in (("batch_size", 1), ("log_every", 1), ("max_length", 2), ("micro_batch_size", 0),
+                      ("max_pairs", 0), ("eval_pairs", 0), ("eval_every", 0), ("save_every", 0),
+                      ("warmup_steps", 0), ("sft_steps", 0)):
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name} {value}: must be at least {low}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ConfigError(f"--lr {cfg.lr}: must be positive")
+    if cfg.resume_force and not cfg.resume:
+        raise ConfigError("--resume_force is used only with --resume")
     per_rank, rem = divmod(cfg.batch_size, world)
     micro = cfg.micro_batch_size or per_rank
     if rem or per_rank == 0 or per_rank % micro:
@@ -266,38 +284,78 @@ def uses_p_view(cfg):
 
 
 def run(cfg, rank, world, device):
-    """Train cfg's stages (an optional SFT stage, then the alignment loss) and export out_dir/final.
+    """Check every path and model (``check_start``), hold out_dir's lock, and train (``train_stages``).
 
-    cfg: a ``resolved`` Config. Rank 0 writes metrics.jsonl (a line per step, the held-out eval_* keys every
-    --eval_every steps) and the progress lines. Every --save_every steps, at each stage's end and on SIGTERM
-    a checkpoint is written; on SIGTERM the run then returns early (rerun with --resume). Returns 0; raises
-    data.SrpoError subclasses for bad data and a non-finite loss.
+    cfg: a ``resolved`` Config. Returns 0; raises data.SrpoError subclasses for bad input, a checkpoint that
+    cannot be resumed, another run on out_dir, and a non-finite loss.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    stop = Stop()
     say = functools.partial(log, rank)
     backend = tracker_backend(cfg.report_to) if rank == 0 else None  # before the long passes: fail fast
-    tokenizer = load_tokenizer(cfg.model)
-    examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
-    micro = cfg.micro_batch_size or cfg.batch_size // world
-    score = functools.partial(metrics.pair_logps, pad_token_id=tokenizer.pad_token_id, batch_size=micro, rank=rank,
-                              world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
-                              progress=sys.stdout)  # rank 0
-    stages = plan(cfg, len(examples))
-    resume = checkpoint_dir(cfg.out_dir) if cfg.resume else None
+    resume = check_start(cfg, rank, world, device, say)
+    lock = checkpoint.Lock(cfg.out_dir, rank, world, log=say)
+    try:
+        return train_stages(cfg, rank, world, device, resume, backend, say)
+    finally:
+        lock.release()
+
+
+def check_start(cfg, rank, world, device, say):
+    """Every path and model of the run, checked before any work; returns the checkpoint to resume from
+    (verified, and its run-defining flags the same as cfg's unless --resume_force), or None."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out_dir {cfg.out_dir}: cannot create the folder ({e.strerror})") from None
+    check_model(cfg.model, "--model")
+    if cfg.ref_model:
+        check_model(cfg.ref_model, "--ref_model")
+    for source in (cfg.data, cfg.eval_data):
+        if source and source != "embedded":
+            data.source_records(os.path.expanduser(source))  # a local path that is no data file fails here
+    resume = checkpoint.find(cfg.out_dir) if cfg.resume else None
     if cfg.resume and all_sum([float(resume is not None)], device)[0] not in (0, world):
         raise ConfigError(f"--resume: {os.path.join(cfg.out_dir, CHECKPOINT)} is not seen by every rank; to "
                           f"resume on several nodes, --out_dir must be a folder that all of them share")
     if cfg.resume and resume is None:
         say(f"--resume: no checkpoint in {cfg.out_dir}; starting from the beginning")
-    saved = torch.load(os.path.join(resume, f"extra_rank{rank}.pt"), weights_only=True) if resume else None
+    if resume:
+        checkpoint.verify(resume, rank, world)
+        if not cfg.resume_force:
+            checkpoint.check_record(checkpoint.read_record(resume), checkpoint.run_record(cfg), resume)
+    return resume
+
+
+def train_stages(cfg, rank, world, device, resume, backend, say):
+    """Train cfg's stages (an optional SFT stage, then the alignment loss) and export out_dir/final.
+
+    Rank 0 writes metrics.jsonl (a line per step, the held-out eval_* keys every --eval_every steps) and the
+    progress lines. Every --save_every steps, at each stage's end and on SIGTERM a checkpoint is written; on
+    SIGTERM the run then returns early (rerun with --resume).
+    """
+    stop = Stop()
+    tokenizer = load_tokenizer(cfg.model)
+    examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
+    record = checkpoint.run_record(cfg, train_pairs=len(examples))
+    if resume and not cfg.resume_force:
+        checkpoint.check_record(checkpoint.read_record(resume), {"train_pairs": len(examples)}, resume)
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    score = functools.partial(metrics.pair_logps, pad_token_id=tokenizer.pad_token_id, batch_size=micro, rank=rank,
+                              world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
+                              progress=sys.stdout)  # rank 0
+    stages = plan(cfg, len(examples))
+    names = [name for name, _ in stages]
+    saved = checkpoint.read_extra(resume, rank) if resume else None
     start_stage = saved["stage_index"] if saved else 0
     metrics_path = os.path.join(cfg.out_dir, METRICS)
-    if rank == 0:
-        keep_metrics(metrics_path, saved, [name for name, _ in stages])
+    checkpoint.on_rank0(lambda: checkpoint.trim_metrics(
+        metrics_path, lambda m: saved is not None and (names.index(m["stage"]), m["step"]) <= (
+            saved["stage_index"], saved["step"]), say), rank, world)
+    last_saved = f"{names[start_stage]} step {saved['step']}" if saved else None
+    if start_stage > 0:  # the alignment stage starts from the SFT model that the first stage exported
+        check_model(os.path.join(cfg.out_dir, SFT_DIR), "--resume: the SFT model")
     first_step = [sum(n for _, n in stages[:i]) for i in range(len(stages))]  # global step = first_step + step
     resumed_at = first_step[start_stage] + saved["step"] if saved else 0  # global steps already logged
     tracker = Tracker(cfg, backend, resumed_at + 1) if backend else None
@@ -320,14 +378,20 @@ def run(cfg, rank, world, device):
                                chosen_only=stage == "sft")
         for micro_batches in batches:
             t0 = time.time()
-            summed = train_step(policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, world, device)
+            try:
+                summed = train_step(policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, world,
+                                    device)
+            except NonFiniteError as err:
+                raise NonFiniteError(f"{err}; " + (f"the last checkpoint ({last_saved}) is kept: --resume continues "
+                                                   f"from it" if last_saved else
+                                                   "no checkpoint has been written (--save_every)")) from None
             step += 1
             m = step_metrics(summed, stage, step, time.time() - t0)
             m["global_step"] = first_step[stage_index] + step
             if s.eval_ref is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
                 policy.eval()
-                last = metrics.heldout_metrics(score(policy, eval_examples, with_p=True, packing=s.packing),
-                                               s.eval_ref, eval_examples, cfg.beta)
+                scores = score(policy, eval_examples, with_p=with_p_view(eval_examples), packing=s.packing)
+                last = metrics.heldout_metrics(scores, s.eval_ref, eval_examples, cfg.beta)
                 policy.train()
                 m.update({f"eval_{k}": v for k, v in last.items() if isinstance(v, (int, float))})
             if rank == 0:
@@ -339,19 +403,22 @@ def run(cfg, rank, world, device):
                     tracker.log(m)
             preempted = all_sum([float(stop.requested)], device)[0] > 0
             if preempted or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(cfg.out_dir, policy, s.optimizer, {"stage_index": stage_index, "step": step}, rank)
+                last_saved = save_checkpoint(cfg.out_dir, policy, s.optimizer, stage, stage_index, step, record, rank,
+                                             world)
             if preempted:
                 say(f"SIGTERM: checkpoint written at {stage} step {step}; rerun with --resume to continue")
                 if tracker:
                     tracker.close()
                 return 0
-        save_checkpoint(cfg.out_dir, policy, s.optimizer, {"stage_index": stage_index, "step": step}, rank)
+        last_saved = save_checkpoint(cfg.out_dir, policy, s.optimizer, stage, stage_index, step, record, rank, world)
         if stage == "sft" and stage_index < len(stages) - 1:
-            export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank, config, save_dtype)
+            export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank, config, save_dtype,
+                   model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)))
             say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
     final = os.path.join(cfg.out_dir, FINAL)
     if policy is not None:
-        export(policy, tokenizer, final, rank, config, save_dtype)
+        export(policy, tokenizer, final, rank, config, save_dtype,
+               model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)))
     if tracker:
         tracker.close()
     say(summary(cfg, stages, last, final))
@@ -370,7 +437,9 @@ class Stop:
 
 
 def load_examples(cfg, tokenizer, say, progress=False):
-    """(training examples, held-out examples) tokenized; the held-out ones always with the p ⊕ x view.
+    """(training examples, held-out examples) tokenized. The held-out ones have the p ⊕ x view (its metrics)
+    where p fits in --max_length, as the Sr losses need anyway; a run that does not need p otherwise
+    evaluates under x only.
 
     The training examples have the p ⊕ x view only where the loss uses it, but every loss is cut to
     --max_length as the Sr losses are (``data.tokenize_pairs``' p_view=False), so that at the same --max_length
@@ -386,8 +455,19 @@ def load_examples(cfg, tokenizer, say, progress=False):
         say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")
         return examples, []
     eval_pairs = data.load_pairs(eval_source, "test", log=say)[:cfg.eval_pairs or None]
-    return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say,
-                                         progress=progress)
+    try:
+        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say,
+                                             progress=progress)
+    except data.DataError as err:
+        if uses_p_view(cfg):
+            raise
+        say(f"held-out pairs under x only: with p they do not fit ({err})")
+        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, None, log=say)
+
+
+def with_p_view(examples):
+    """Whether tokenized examples have the p ⊕ x view."""
+    return bool(examples) and "p_chosen_ids" in examples[0]
 
 
 def plan(cfg, n_examples):
@@ -444,7 +524,7 @@ def setup_stage(cfg, stage, stage_index, policy, examples, eval_examples, tokeni
     score = functools.partial(score, packing=packing)
     if ref is not None:
         if eval_examples:  # π_ref is frozen: score the held-out pairs once
-            eval_ref = score(ref, eval_examples, with_p=True)
+            eval_ref = score(ref, eval_examples, with_p=with_p_view(eval_examples))
         if cfg.precompute_ref:
             t0 = time.time()
             cache = score(ref, examples, with_p=uses_p_view(cfg))
@@ -506,7 +586,7 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
     if not (math.isfinite(summed["loss"]) and math.isfinite(summed["grad_norm"])):
         raise NonFiniteError(
             f"non-finite loss ({summed['loss']:.4g}) or gradient norm ({summed['grad_norm']:.4g}) at {stage} "
-            f"step {step + 1}; no update was applied, and the last good checkpoint is kept")  # steps count from 1
+            f"step {step + 1}; no update was applied")  # steps count from 1
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return summed
@@ -611,8 +691,8 @@ def summary(cfg, stages, ev, final):
              + f" on {cfg.data}, model {cfg.model}, beta {cfg.beta}"
              + (f", lambda {cfg.lam}" if cfg.loss in SELF_REFINED else "")]
     if ev:
-        lines.append(f"held-out accuracy: {ev['accuracy']:.3f} under x, {ev['p_accuracy']:.3f} under p+x "
-                     f"({ev['n_pairs']} pairs)")
+        under_p = f", {ev['p_accuracy']:.3f} under p+x" if "p_accuracy" in ev else ""
+        lines.append(f"held-out accuracy: {ev['accuracy']:.3f} under x{under_p} ({ev['n_pairs']} pairs)")
         if "spearman" in ev:
             lines.append(f"Δπ vs true score gap: Spearman {ev['spearman']:+.3f}, Kendall {ev['kendall_tau_b']:+.3f}, "
                          f"pairs ranked by informativeness {ev['concordance']:.3f} (0.5 is chance)")
@@ -625,58 +705,38 @@ def summary(cfg, stages, ev, final):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(out_dir, policy, optimizer, extra, rank):
-    """Write out_dir/checkpoint atomically: a temporary folder, renamed once every rank has written."""
-    import torch.distributed.checkpoint as dcp
+def _state(policy, optimizer):
+    """The DCP state dict of policy and optimizer (sharded as they are)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    final, tmp = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, CHECKPOINT + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
-    dcp.save(state, checkpoint_id=tmp)
-    extra = dict(extra, rng=torch.get_rng_state())
-    torch.save(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        data.replace_path(tmp, final)
-    dist.barrier()
+    return {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
 
 
-def checkpoint_dir(out_dir):
-    """The checkpoint to resume from (a crash between the two renames leaves it as checkpoint.old)."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        path = os.path.join(out_dir, name)
-        if os.path.exists(os.path.join(path, ".metadata")):
-            return path
-    return None
+def save_checkpoint(out_dir, policy, optimizer, stage, stage_index, step, record, rank, world):
+    """out_dir/checkpoint, written atomically with its checksums and the run's record (checkpoint.save).
+    Returns what it holds, "STAGE step N", for messages."""
+    checkpoint.save(out_dir, _state(policy, optimizer), {"stage_index": stage_index, "step": step}, record, rank,
+                    world)
+    return f"{stage} step {step}"
 
 
 def load_checkpoint(path, policy, optimizer, rank):
-    """Restore model, optimizer and RNG in place; return the saved extra dict (step, stage, ...)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    """Restore model, optimizer and RNG in place from a verified checkpoint; return the saved extra dict."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
-    dcp.load(state, checkpoint_id=path)
+    state = _state(policy, optimizer)
+    extra = checkpoint.load(path, state, rank)
     set_model_state_dict(policy, state["model"])
     set_optimizer_state_dict(policy, optimizer, state["optim"])
-    extra = torch.load(os.path.join(path, f"extra_rank{rank}.pt"), weights_only=True)
-    torch.set_rng_state(extra.pop("rng"))
     return extra
 
 
-def export(policy, tokenizer, path, rank, config, dtype):
+def export(policy, tokenizer, path, rank, config, dtype, record):
     """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
 
     The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
-    source's `config` (use_cache and dropout as it had them) with `dtype` recorded.
+    source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
+    models.MODEL_RECORD (the model's reference and the run's flags).
     """
     import copy
 
@@ -692,23 +752,10 @@ def export(policy, tokenizer, path, rank, config, dtype):
             config.dtype = dtype
             config.save_pretrained(tmp)  # replaces the training config that save_pretrained wrote
             tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, MODEL_RECORD), "w", encoding="utf-8") as fh:
+                json.dump(record, fh, indent=1)
     del state
     dist.barrier()
-
-
-def keep_metrics(path, extra, stage_names):
-    """Start metrics.jsonl afresh, or on resume keep only the lines up to the checkpoint's step."""
-    lines = []
-    if extra is not None and os.path.exists(path):
-        with open(path) as fh:
-            for line in fh:
-                m = json.loads(line)
-                position = (stage_names.index(m["stage"]), m["step"])
-                if position <= (extra["stage_index"], extra["step"]):
-                    lines.append(line)
-    with data.atomic_open(path) as fh:
-        fh.writelines(lines)
-
 
 
 # ----------------------------------------------------------------------------- experiment tracking

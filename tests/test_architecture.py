@@ -1,5 +1,5 @@
-"""The import graph, read from the source with ast: one way, srpo <- data <- models <- metrics <- train / evaluate /
-judge <- experiments, benchmarks; no cycle; srpo.py on torch and the standard library alone."""
+"""The import graph, read from the source with ast: one way, srpo <- data <- models <- metrics <- checkpoint <- train;
+metrics <- evaluate / judge <- experiments, benchmarks; no cycle; srpo.py on torch and the standard library alone."""
 import ast
 import glob
 import os
@@ -8,14 +8,15 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROJECT = ("srpo", "data", "models", "metrics", "train", "judge", "evaluate")
+PROJECT = ("srpo", "data", "models", "metrics", "checkpoint", "train", "judge", "evaluate")
 # What each module may import from the project: only what lies below it.
 ALLOWED = {
     "srpo": set(),
     "data": {"srpo"},
     "models": {"srpo", "data"},
     "metrics": {"srpo", "data", "models"},
-    "train": {"srpo", "data", "models", "metrics"},
+    "checkpoint": {"srpo", "data", "models", "metrics"},
+    "train": {"srpo", "data", "models", "metrics", "checkpoint"},
     "judge": {"srpo", "data", "models", "metrics"},
     "evaluate": {"srpo", "data", "models", "metrics", "judge"},  # the CLI dispatches into judge.py
 }

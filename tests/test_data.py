@@ -134,7 +134,7 @@ def random_pair(rng, chat, lo=1, hi=12):
     else:
         prompt = random_text(rng, lo, hi)
     chosen = random_text(rng, lo, hi)
-    return Pair(prompt, chosen, chosen + random_text(rng), rng.random(), None)
+    return Pair(prompt, chosen, "~" + chosen + random_text(rng), rng.random(), None)  # differ in the first token
 
 
 def scored(labels):
