@@ -448,8 +448,14 @@ def load_examples(cfg, tokenizer, say, progress=False):
     refine_prompt = REFINE_PROMPTS[cfg.refine_prompt]
     pairs = data.load_pairs(cfg.data, "train", log=say)[:cfg.max_pairs or None]
     fit_p = uses_p_view(cfg) or not cfg.truncate_x_only
-    examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if fit_p else None, log=say,
-                                   p_view=uses_p_view(cfg), progress=progress)
+    try:
+        examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if fit_p else None, log=say,
+                                       p_view=uses_p_view(cfg), progress=progress)
+    except data.DataError as err:
+        if uses_p_view(cfg):
+            raise
+        raise data.DataError(f"{err} (--loss {cfg.loss} is cut as if p ⊕ x were there, as the Sr losses are; "
+                             f"--truncate_x_only fits x alone)") from None
     eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
     if eval_source is None:
         say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")

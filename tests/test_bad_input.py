@@ -269,8 +269,11 @@ def test_8_empty_prompt_scores_the_same_tokens_in_both_views():
 # ----------------------------------------------------------------------------- 9. held-out set and p
 
 
-def test_9_dpo_with_max_length_shorter_than_p_runs_and_evaluates(tmp_path):
-    assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "2", "--max_length", "64") == 0
+def test_9_dpo_with_max_length_shorter_than_p_runs_and_evaluates(tmp_path, capsys):
+    # by default DPO is cut as Sr-DPO is (the same x-view tokens): p must fit, and the error says how not to
+    assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "2", "--max_length", "64") != 0
+    one_error(capsys, "--truncate_x_only")
+    assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "2", "--max_length", "64", "--truncate_x_only") == 0
     assert "eval_accuracy" in metrics(tmp_path)[-1]
 
 

@@ -204,7 +204,7 @@ def test_logps_are_the_policys_mean_log_probs():
     cfg = train.resolved(train.Config(loss="dpo"))
     _, sums = train.preference_terms(policy, ref, None, batch, cfg)
     m = train.step_metrics({**{k: float(v) for k, v in sums.items()}, "loss": 0.0, "pairs": 4, "tokens": 1,
-                            "grad_norm": 0.0, "lr": 0.0}, "dpo", 1, 1.0)
+                            "grad_norm": 0.0, "lr": 0.0, "denominator": 4}, "dpo", 1, 1.0)
     with torch.no_grad():
         logits = policy(batch["input_ids"]).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none")
@@ -458,7 +458,7 @@ def test_train_and_heldout_delta_std_are_one_definition():
     beta, zeros = 0.1, torch.zeros_like(delta)
     summed = {"pairs": 7.0, "tokens": 70.0, "loss": 1.0, "grad_norm": 1.0, "lr": 1.0, "denominator": 7.0}
     for part in (delta[:3], delta[3:]):  # two micro-batches (or ranks), added as train_step adds them
-        for key, value in metrics.preference_sums(part, part * 0, part, part).items():
+        for key, value in metrics.preference_sums(part, part * 0, part, part, part * 0, part * 0).items():
             summed[key] = summed.get(key, 0.0) + float(value)
     logged = train.step_metrics(summed, "sr-dpo", 1, 1.0)["delta_std"]
     logps = {"policy_chosen": zeros, "policy_rejected": zeros, "ref_chosen": zeros, "ref_rejected": zeros,
