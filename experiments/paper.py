@@ -985,6 +985,11 @@ def plot_corollary(plt, result):
     return fig
 
 
+def finite(value, instead=0.0):
+    """value, or `instead` where it is nan or None (JSON writes nan as null)."""
+    return value if value is not None and math.isfinite(value) else instead
+
+
 def plot_premise(plt, result):
     """Gain of Sr over its baseline against how informative Δπ is: before alignment (the SFT model's margin
     under p ⊕ x) and as used (Δπ in the Sr run); error bars: standard deviation over seeds."""
@@ -995,14 +1000,13 @@ def plot_premise(plt, result):
         for i, color in enumerate(("tab:blue", "tab:orange")):
             rows = result["rows"]
             xs, ys = [x_of(r, i) for r in rows], [r["pairs"][i]["gain"] for r in rows]
-            finite = [s if math.isfinite(s) else 0.0 for s in (p["std"] for p in xs)]
-            ax.errorbar([p["mean"] for p in xs], [p["mean"] for p in ys], xerr=finite,
-                        yerr=[s if math.isfinite(s) else 0.0 for s in (p["std"] for p in ys)], fmt="o-",
+            ax.errorbar([finite(p["mean"], math.nan) for p in xs], [finite(p["mean"], math.nan) for p in ys],
+                        xerr=[finite(p["std"]) for p in xs], yerr=[finite(p["std"]) for p in ys], fmt="o-",
                         color=color, capsize=3, label=f"{rows[0]['pairs'][i]['model_a']} − "
                                                       f"{rows[0]['pairs'][i]['model_b']}")
             for r, x, y in zip(rows, xs, ys):
-                ax.annotate(f"q={r['q']:g}", (x["mean"], y["mean"]), fontsize=7, xytext=(4, 4),
-                            textcoords="offset points")
+                ax.annotate(f"q={r['q']:g}", (finite(x["mean"], math.nan), finite(y["mean"], math.nan)), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")
         ax.axhline(0, color="black", linewidth=0.5)
         label_axes(ax, f"Spearman with the true gap: {what}", "gain in mean true score of answers" if
                    ax is axes[0] else "", "", legend_size=8)
