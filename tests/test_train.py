@@ -498,7 +498,7 @@ def test_packed_and_shared_runs_match_padded(tmp_path, capsys):
 
 def test_quality_aware_sft_trains_on_the_rated_pairs(tmp_path):
     """The first SFT step's loss against an independent one: F.cross_entropy on data.embedded_sft_pairs(1)'s
-    first batch, one pair at a time; micro-batches of 2 (rows sorted by length) change nothing."""
+    first batch, one pair at a time; micro-batches of 2 change nothing."""
     import torch.nn.functional as F
 
     import data
