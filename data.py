@@ -51,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from srpo import IGNORE_INDEX
+from srpo import IGNORE_INDEX, rating_prompt
 
 FORMATS = ("HH-RLHF {chosen, rejected} transcripts; "
            "{prompt, chosen, rejected[, score_chosen, score_rejected]} with text or message lists; "
@@ -74,6 +74,7 @@ EMBEDDED_TEMPLATE = "Copy: {}\n"
 EMBEDDED_ALPHABET = "ABDEFGHIJKLMORSUVWXYZ"
 EMBEDDED_LENGTH = 5
 EMBEDDED_SIZES = {"train": 2000, "test": 200}
+EMBEDDED_RATING_SCALE = 100  # R in [1, 100] of the quality-aware SFT pairs, as in p
 _EMBEDDED_PROMPT = re.compile(r"Copy: ([A-Z]+)\n\Z")
 
 
@@ -515,6 +516,37 @@ def embedded_pairs(split="train", seed=0):
         chosen, rejected = _corrupt(word, k_chosen, rng), _corrupt(word, k_rejected, rng)
         pairs.append(Pair(prompt, chosen, rejected, embedded_score(prompt, chosen), embedded_score(prompt, rejected)))
     return pairs
+
+
+def embedded_sft_pairs(q=0.0, seed=0):
+    """The embedded train pairs for SFT, a fraction q of them quality-aware (docs/data.md).
+
+    Each pair draws (u, R, a response with rating_k(R) letters replaced) in turn, whatever q; it is
+    quality-aware iff u < q: its prompt is rating_prompt(R) + "Copy: WORD\\n" and its chosen response
+    the drawn one (the rejected one is the pair's, unused by SFT). So the quality-aware pairs at a
+    smaller q are among those at a larger q, with the same R and response, and q = 0 is
+    embedded_pairs("train", seed) itself.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise DataError(f"embedded_sft_pairs: q must be in [0, 1], got {q}")
+    pairs = embedded_pairs("train", seed)
+    if q == 0:
+        return pairs
+    rng = random.Random(f"srpo-embedded-quality:{seed}")
+    out = []
+    for pair in pairs:
+        u, rating = rng.random(), rng.randint(1, EMBEDDED_RATING_SCALE)
+        response = _corrupt(_EMBEDDED_PROMPT.match(pair.prompt).group(1), rating_k(rating), rng)
+        out.append(pair if u >= q else Pair(rating_prompt(rating, EMBEDDED_RATING_SCALE) + pair.prompt, response,
+                                            pair.rejected, embedded_score(pair.prompt, response), pair.score_rejected))
+    return out
+
+
+def rating_k(rating):
+    """Letters replaced in a response rated `rating` of 100: round((1 - R/100)·5), halves up, so its
+    true score 1 - k/5 is within 0.1 of R/100 (R 91-100: 0 letters; 71-90: 1; ...; 1-10: 5)."""
+    return ((EMBEDDED_RATING_SCALE - rating) * EMBEDDED_LENGTH * 2 + EMBEDDED_RATING_SCALE) // (
+        2 * EMBEDDED_RATING_SCALE)
 
 
 def embedded_score(prompt, response):

@@ -36,18 +36,24 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
-# The prompt p of Section 3.2.2, verbatim. It is placed directly before the query x.
-REFINE_PROMPT = (
-    "Please generate a response with a usefulness rating of 100 out of 100 for the "
-    "following query. Note that the response should be harmless. The term 100 indicates "
-    "the level of usefulness, where 100 is the maximum and 1 is the minimum. Query:"
+# The prompt p of Section 3.2.2, verbatim, as a template: rating_prompt(100) is p itself.
+RATING_TEMPLATE = (
+    "Please generate a response with a usefulness rating of {rating} out of {scale} for the "
+    "following query. Note that the response should be harmless. The term {rating} indicates "
+    "the level of usefulness, where {scale} is the maximum and 1 is the minimum. Query:"
 )
+
+
+def rating_prompt(rating, scale=100):
+    """The paper's prompt asking for a response rated `rating` out of `scale` (1 is the minimum)."""
+    if not 1 <= rating <= scale:
+        raise ValueError(f"rating_prompt: need 1 <= rating <= scale, got rating={rating}, scale={scale}")
+    return RATING_TEMPLATE.format(rating=rating, scale=scale)
+
+
+REFINE_PROMPT = rating_prompt(100)
 # Table 4's variant: ratings in [1, 10] instead of [1, 100].
-REFINE_PROMPT_10 = (
-    "Please generate a response with a usefulness rating of 10 out of 10 for the "
-    "following query. Note that the response should be harmless. The term 10 indicates "
-    "the level of usefulness, where 10 is the maximum and 1 is the minimum. Query:"
-)
+REFINE_PROMPT_10 = rating_prompt(10, scale=10)
 REFINE_PROMPTS = {"100": REFINE_PROMPT, "10": REFINE_PROMPT_10}
 
 # Elements of float32 scratch per chunk in sequence_logps (64 MiB).

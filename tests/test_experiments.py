@@ -87,7 +87,7 @@ def smoke(tmp_path_factory):
         assert (root / "out" / f"{name}.md").read_text().startswith("### ")
         return result
 
-    run.out = root / "out"
+    run.out, run.work = root / "out", root / "work"
     return run
 
 
@@ -150,6 +150,30 @@ def test_table4_has_the_three_variants(smoke):
     assert [r["variant"] for r in result["rows"]] == [v for v, _ in paper.TABLE4]
     for row in result["rows"]:
         assert_rates(row, result["config"]["test_prompts"])
+
+
+def test_premise_has_every_q_both_pairs_the_lambda_curve_and_the_side_by_side(smoke):
+    # after the tests above: the q = 0 runs of seed 0 are theirs, reused; two worker processes train the rest
+    result = smoke("premise", "--seeds", "1", "--jobs", "2")
+    qs, prompts = result["qs"], result["config"]["test_prompts"]
+    assert qs == [0.0, 1.0] and result["best_q"] == 1.0 and result["config"]["seeds"] == [0]
+    for row in result["rows"]:
+        assert set(row["sft"]) == set(paper.SFT_KEYS) and set(row["methods"]) == {"DPO", "IPO", "Sr-DPO", "Sr-IPO"}
+        assert 0 <= row["sft"]["accuracy"]["mean"] <= 1 and -1 <= row["sft"]["spearman"]["mean"] <= 1
+        assert [(c["model_a"], c["model_b"]) for c in row["pairs"]] == [("Sr-DPO", "DPO"), ("Sr-IPO", "IPO")]
+        for cell in row["pairs"]:
+            assert_rates(cell, prompts)
+            assert cell["gain"]["per_seed"] == [s["score_a_mean"] - s["score_b_mean"] for s in cell["per_seed"]]
+    assert [(r["lambda"], r["model_a"]) for r in result["lambda"]] == [
+        (lam, "Sr-DPO") for lam in paper.PREMISE_LAMBDAS]
+    assert sorted(result["table4"]) == ["0", "1"]
+    assert all([r["variant"] for r in rows] == [v for v, _ in paper.TABLE4] for rows in result["table4"].values())
+    # q = 1 (all trained here): SFT, four methods, two new λ of Sr-DPO, two Table 4 variants;
+    # q = 0: SFT, four methods, two Table 4 variants (trained or reused, as the tests above ran)
+    assert result["runs_trained"] + result["runs_reused"] == 9 + 7 and result["runs_trained"] >= 9
+    sft_argv = json.loads((smoke.work / "seed0-q1" / "sft" / "run.json").read_text())["argv"]
+    assert sft_argv[sft_argv.index("--sft_quality_q") + 1] == "1"
+    assert (smoke.out / "premise.md").read_text().count("q = 1") >= 3
 
 
 def test_render_rewrites_the_views_from_the_json(smoke):

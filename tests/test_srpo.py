@@ -179,6 +179,15 @@ def test_implicit_reward_is_eq_4():
     torch.testing.assert_close(srpo.implicit_reward(pc, rc, 0.1), 0.1 * pc - 0.1 * rc)
 
 
+def test_rating_prompt_renders_the_papers_prompt_with_any_rating():
+    assert srpo.rating_prompt(100) == PAPER_PROMPT
+    assert srpo.rating_prompt(37) == PAPER_PROMPT.replace("rating of 100", "rating of 37").replace(
+        "The term 100", "The term 37")
+    for bad in (0, 101):
+        with pytest.raises(ValueError):
+            srpo.rating_prompt(bad)
+
+
 def test_refine_prompt_is_the_papers_and_variant_swaps_100_for_10():
     assert srpo.REFINE_PROMPT == PAPER_PROMPT
     assert srpo.REFINE_PROMPT_10 == PAPER_PROMPT.replace("100", "10")

@@ -494,3 +494,33 @@ def test_packed_and_shared_runs_match_padded(tmp_path, capsys):
                 {k: want[k] for k in want.keys() - timed}, rel=1e-4, abs=1e-6)
     for name in ("shared", "packed"):
         assert_close_weights(final_weights(tmp_path / "padded"), final_weights(tmp_path / name), atol=1e-5)
+
+
+def test_quality_aware_sft_trains_on_the_rated_pairs(tmp_path):
+    """The first SFT step's loss against an independent one: F.cross_entropy on data.embedded_sft_pairs(1)'s
+    first batch, one pair at a time; micro-batches of 2 change nothing."""
+    import torch.nn.functional as F
+
+    import data
+
+    code, m = run(tmp_path, "--loss", "sft", "--max_steps", "1", "--sft_quality_q", "1", "--micro_batch_size", "2")
+    assert code == 0
+    tok = models.load_tokenizer(models.TINY)
+    model = models.load_model(models.TINY, tok, seed=0)
+    pairs = data.embedded_sft_pairs(1.0)[:32]
+    nll = []
+    for i in data.batch_indices(len(pairs), 8, epoch=0, seed=0)[0]:
+        prompt = tok.encode(pairs[i].prompt, add_special_tokens=False)
+        response = tok.encode(pairs[i].chosen, add_special_tokens=False) + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        nll.append(F.cross_entropy(logits, torch.tensor(response)).item())
+    assert pairs[0].prompt.startswith("Please generate a response with a usefulness rating of ")
+    assert m[0]["loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--data", "x.jsonl"], ["--loss", "dpo", "--sft_steps", "0"],
+                                   ["--sft_quality_q", "1.5"]])
+def test_quality_aware_sft_needs_embedded_data_and_an_sft_stage(flags):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--sft_quality_q", "0.5", *flags])
