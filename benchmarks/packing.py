@@ -156,9 +156,10 @@ class Kit:
     def __init__(self, args, name):
         self.rank, self.world, self.device = models.setup_distributed(args.device)
         tokenizer, self.examples = examples_for(args, name)
-        self.policy = models.shard(build_model(name, tokenizer), self.device).train()
-        ref = build_model(name, tokenizer)
-        self.ref = models.shard(ref.to(models.frozen_dtype(self.device)), self.device).requires_grad_(False)
+        mp, ref_dtype = models.mixed_precision("auto", self.device)  # as train.py's default
+        self.policy = models.shard(build_model(name, tokenizer).to(self.device), self.device, mp).train()
+        ref = build_model(name, tokenizer).to(self.device, ref_dtype)
+        self.ref = models.shard(ref, self.device, mp).requires_grad_(False)
         self.optimizer = torch.optim.RMSprop(self.policy.parameters(), lr=1e-6)
 
     def step(self, args, packing, loss, i, micro_batches=None):
