@@ -80,3 +80,13 @@ def test_readme_srpo_example_runs_and_matches_train_step():
     cfg = train.resolved(train.Config(loss="sr-dpo", lam=0.5))
     losses, _ = train.preference_terms(policy, ref, None, batch, cfg)
     torch.testing.assert_close(loss, losses.mean())
+
+
+def test_readme_is_a_ten_minute_read_and_its_links_resolve():
+    """At most 15 KB (details live in docs/ and beside their code), and every relative link points to a file."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert len(text.encode("utf-8")) <= 15 * 1024
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert local and all(os.path.exists(os.path.join(ROOT, link)) for link in local), local
