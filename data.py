@@ -949,8 +949,8 @@ def collate(examples, pad_token_id, packing="padded", pack_length=None, chosen_o
     shared: as packed, but each pair's prompt once (chosen and rejected after one copy of it), with
         "attention_mask" [R, 1, L, L] bool that keeps the two responses apart.
     With the p view also the same keys prefixed "p_". Always "index" [B] int64; "n_tokens" (0-d int64: the x
-    view's real tokens, prompts counted per sequence); "n_scored_chosen" (0-d int64: the chosen responses'
-    scored tokens under x, SFT's denominator); "score_chosen", "score_rejected" [B] float32 (nan if
+    view's real tokens, prompts counted per sequence); with chosen_only "n_scored_chosen" (0-d
+    int64: the chosen responses' scored tokens, SFT's denominator); "score_chosen", "score_rejected" [B] float32 (nan if
     unknown). pad_token_id None (a tokenizer without a pad token, e.g. Pythia's) pads with 0.
     """
     if not examples:
@@ -968,8 +968,9 @@ def collate(examples, pad_token_id, packing="padded", pack_length=None, chosen_o
         batch.update(_pack_view(examples, pad_token_id, packing, pack_length, "p_", chosen_only))
     batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.int64)
     batch["n_tokens"] = torch.tensor(sum(len(ids) for ids, _ in _view_sequences(examples, "", chosen_only)))
-    batch["n_scored_chosen"] = torch.tensor(sum(sum(t != IGNORE_INDEX for t in labels[1:])
-                                                for _, labels in _view_sequences(examples, "", True)))
+    if chosen_only:  # SFT's denominator, counted here in any layout
+        batch["n_scored_chosen"] = torch.tensor(sum(sum(t != IGNORE_INDEX for t in labels[1:])
+                                                    for _, labels in _view_sequences(examples, "", True)))
     for key in ("score_chosen", "score_rejected"):
         batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
     return batch

@@ -397,27 +397,15 @@ def test_11_changed_answers_are_judged_again(tmp_path):
 # ----------------------------------------------------------------------------- 12. small silent cases
 
 
-def nan_at_step(monkeypatch, k):
-    """The loss of alignment step k (from 1) made NaN."""
-    calls, real = [], train.preference_terms
-
-    def faulty(*args):
-        losses, stats = real(*args)
-        calls.append(1)
-        return (losses * float("nan") if len(calls) == k else losses), stats
-
-    monkeypatch.setattr(train, "preference_terms", faulty)
-
-
-def test_12_nan_stop_without_a_checkpoint_says_so(tmp_path, capsys, monkeypatch):
-    nan_at_step(monkeypatch, 1)
+def test_12_nan_stop_without_a_checkpoint_says_so(tmp_path, capsys, nan_at_step):
+    nan_at_step(1)
     assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "3") != 0
     line = one_error(capsys, "non-finite", "no checkpoint")
     assert "last good checkpoint is kept" not in line
 
 
-def test_12_nan_stop_with_a_checkpoint_names_its_step(tmp_path, capsys, monkeypatch):
-    nan_at_step(monkeypatch, 3)
+def test_12_nan_stop_with_a_checkpoint_names_its_step(tmp_path, capsys, nan_at_step):
+    nan_at_step(3)
     assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "4", "--save_every", "2") != 0
     one_error(capsys, "non-finite", "step 2")
 

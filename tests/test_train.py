@@ -246,20 +246,8 @@ def test_report_to_the_real_tensorboard(tmp_path):
         assert points == [(m["global_step"], pytest.approx(m[key], rel=1e-6)) for m in ms if key in m]
 
 
-def nan_at_step(monkeypatch, k):
-    """Make the preference loss NaN at step k (steps count from 1; FAST runs one micro-batch a step)."""
-    calls, terms = [], train.preference_terms
-
-    def faulty(*args):
-        losses, stats = terms(*args)
-        calls.append(1)
-        return (losses * float("nan") if len(calls) == k else losses), stats
-
-    monkeypatch.setattr(train, "preference_terms", faulty)
-
-
-def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    nan_at_step(monkeypatch, 3)
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, nan_at_step):
+    nan_at_step(3)
     code, ms = run(tmp_path, "--loss", "sr-dpo", "--max_steps", "6", "--save_every", "2")
     assert code == 2
     extra = torch.load(tmp_path / train.CHECKPOINT / "extra_rank0.pt", weights_only=True)
@@ -268,8 +256,8 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / train.FINAL).exists()
 
 
-def test_nan_message_names_the_step(tmp_path, capsys, monkeypatch):
-    nan_at_step(monkeypatch, 2)
+def test_nan_message_names_the_step(tmp_path, capsys, nan_at_step):
+    nan_at_step(2)
     run(tmp_path, "--loss", "dpo", "--max_steps", "3")
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "dpo step 2" in err and len(err.strip().splitlines()) == 1
