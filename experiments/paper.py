@@ -176,6 +176,8 @@ class Size:
     test_prompts: int       # embedded test prompts answered and judged (0: all 200)
     max_new_tokens: int     # the answers' length limit (a perfect answer is 5 letters and EOS)
     temperature: float = 1.0  # sampled answers (0: greedy); one sampling seed per question and training seed
+    warmup_steps: int = 9   # every run's (train.py's default, 150, is for a real model: over 20 steps the
+                            # learning rate would reach only 13% of lr)
     chat: bool = False      # train on the embedded pairs as chat messages (models with a chat template)
     train_pairs: int = 0    # the first this many embedded train pairs only (0: all 2,000); smoke tests
     micro_batch_size: int = 0
@@ -330,7 +332,7 @@ class Context:
         s = self.size
         micro = min(s.micro_batch_size if micro is None else micro, batch_size)
         return ["--seed", str(seed), "--batch_size", str(batch_size), "--micro_batch_size", str(micro),
-                "--epochs", "1000", "--save_every", "0", *self.data_flags()]
+                "--warmup_steps", str(s.warmup_steps), "--epochs", "1000", "--save_every", "0", *self.data_flags()]
 
     def sft(self, seed):
         """The seed's SFT model folder (train.py --loss sft), trained once."""

@@ -3,12 +3,14 @@
 The smoke tests check the shape of each table (rows, columns, rates that add up), never who wins.
 """
 
+import dataclasses
 import json
 import math
 import statistics
 
 import pytest
 
+import train
 from experiments import paper
 
 # ----------------------------------------------------------------------------- statistics
@@ -70,6 +72,24 @@ def test_t_test_edge_cases():
     assert paper.t_test([0.6, 0.7], [0.5, 0.6])["p"] == 0.0             # the same difference every seed
     with pytest.raises(ValueError):
         paper.t_test([1.0, 2.0], [1.0])
+
+
+# ----------------------------------------------------------------------------- the runs' flags
+
+
+@pytest.mark.parametrize("name", sorted(paper.SIZES))
+def test_every_run_spends_most_of_its_steps_at_its_peak_learning_rate(name, tmp_path, monkeypatch):
+    """The SFT and alignment runs of each size, as train.py resolves their flags: a warm-up longer than the run
+    (train.py's default of 150 steps, against 20 alignment steps) would leave the methods barely trained."""
+    size = dataclasses.replace(paper.SIZES[name], model=train.TINY)  # flags only: smollm2's folder is not needed
+    seen = []
+    monkeypatch.setattr(paper.Context, "train", lambda self, out_dir, argv, label: seen.append(argv))
+    paper.Context(size, str(tmp_path / "work"), str(tmp_path / "out")).align(0, paper.method_run("sr-dpo"))
+    assert len(seen) == 2  # the SFT model, then the run from it
+    for argv, steps in zip(seen, (size.sft_steps, size.steps)):
+        cfg = train.resolved(train.parse_config(argv + ["--out_dir", str(tmp_path / "run")]))
+        lrs = [train.get_lr(step, cfg.lr, cfg.warmup_steps) for step in range(steps)]
+        assert lrs[-1] == cfg.lr and lrs.count(cfg.lr) >= steps / 2, (argv, cfg.warmup_steps)
 
 
 # ----------------------------------------------------------------------------- smoke runs

@@ -1,0 +1,67 @@
+"""The benchmark scripts still run against the code they measure (smallest sizes, on the CPU).
+
+They are not timed here: each runs once, and its output file is checked for the figures it promises.
+A change in models.py or train.py that breaks a script fails here, not on the next GPU run.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(argv, tmp_path, timeout=300, **env):
+    """Run argv from the project root, on the CPU with one thread; fail with its output's tail."""
+    full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env)
+    done = subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert done.returncode == 0, f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}\n" \
+                                 f"{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_packing_benchmark_writes_every_layout(tmp_path):
+    out = tmp_path / "packing"
+    run([sys.executable, "benchmarks/packing.py", "--models", "tiny", "--pairs", "4", "--micro", "2",
+         "--max_length", "128", "--rounds", "1", "--losses", "sr-dpo", "--no_warmup", "--no_memory",
+         "--out", str(out)], tmp_path)
+    rows = json.loads((tmp_path / "packing.json").read_text())["results"]["tiny"]["rows"]
+    assert sorted(r["packing"] for r in rows) == sorted(("padded", "packed", "shared"))
+    padded = next(r for r in rows if r["packing"] == "padded")
+    assert padded["time_ratio"] == 1.0 and all(r["step_s"] > 0 for r in rows)
+    assert "| shared |" in (tmp_path / "packing.md").read_text()
+
+
+def test_logps_memory_benchmark_measures_both_methods(tmp_path):
+    out = tmp_path / "logps.json"
+    run([sys.executable, "benchmarks/logps_memory.py", "--shape", "2,16,64", "--dtype", "fp32", "--device", "cpu",
+         "--json", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    assert result["shape"] == [2, 16, 64] and len(result["rows"]) >= 2
+    assert all(r["naive_bytes"] >= 0 and r["srpo_bytes"] >= 0 for r in result["rows"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for peak memory")
+def test_load_memory_benchmark_loads_both_ways(tmp_path):
+    out = tmp_path / "load.json"
+    run([sys.executable, "benchmarks/load_memory.py", "--ranks", "1", "--layers", "1", "--saved_dtypes", "float32",
+         "--out", str(out)], tmp_path, timeout=600)
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(r["path"] for r in runs) == ["new", "old"]
+    assert all(r["results"][0]["peak_bytes"] > 0 for r in runs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bash, timeout and /proc")
+def test_gpu_check_script_runs_small_on_cpu(tmp_path):
+    """SMALL=1 gpu_check.sh: the toy model through train.py, step_cost.py and logps_memory.py, then the
+    summary with every goal (met or not: a CPU says nothing about a GPU's figures)."""
+    run(["bash", "benchmarks/gpu_check.sh"], tmp_path, timeout=600, SMALL="1", PARTS="train step_cost logps",
+        OUT=str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    names = {c["name"] for c in summary["checks"]}
+    assert {"mfu", "sr-dpo/dpo peak memory", "loop/floor sr-dpo",
+            "sequence_logps extra memory bf16 forward+backward"} <= names, names
+    assert summary["tokens_per_s"] > 0
