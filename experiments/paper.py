@@ -55,7 +55,7 @@ import models  # noqa: E402
 import srpo  # noqa: E402
 import train  # noqa: E402
 from data import num, pct  # noqa: E402
-from metrics import heldout_metrics, pair_logps  # noqa: E402
+from metrics import heldout_metrics, pair_logps, spearman  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 READING = os.path.join(ROOT, "experiments", "reading.md")
@@ -654,6 +654,18 @@ def premise_row(ctx):
     return row
 
 
+def gain_vs_informativeness(rows, index):
+    """Across every (q, seed) run of one Sr method (pairs[index]), Spearman's ρ of its gain over the baseline
+    with Δπ's informativeness in that run, and the two-sided p of ρ = 0 (t = ρ·√((n − 2)/(1 − ρ²)), df n − 2)."""
+    gains = [g for r in rows for g in r["pairs"][index]["gain"]["per_seed"]]
+    informed = [v for r in rows for v in r["pairs"][index]["informativeness"]["per_seed"]]
+    rho, n = spearman(gains, informed), len(gains)
+    if n < 3 or not math.isfinite(rho):
+        return {"rho": rho, "n": n, "p": math.nan}
+    t = math.inf if abs(rho) >= 1 else rho * math.sqrt((n - 2) / (1 - rho * rho))
+    return {"rho": rho, "n": n, "p": 0.0 if math.isinf(t) else t_two_sided_p(t, n - 2)}
+
+
 def premise_waves(qs, seeds):
     """The order of work, so that early results already answer something: the grid's two ends for two
     seeds, then for the other seeds, then the q between them. [(qs, seeds)]."""
@@ -819,7 +831,11 @@ def md_premise(result):
         "**The payoff.** Sr against its baseline from the same SFT model: answers judged by the true score "
         "(p: paired t-test over seeds of the mean true score), gain = mean true score of A − B, held-out "
         "accuracy at the last step (p: paired t-test), and Δπ's informativeness as the Sr run used it (Spearman "
-        "with the true gap, mean over its held-out evaluations).", pay]
+        "with the true gap, mean over its held-out evaluations).", pay,
+        "**Does a more informative Δπ pay?** Over every run (each q and seed), Spearman's ρ of the gain with "
+        "Δπ's informativeness in that run: " + "; ".join(
+            f"{c['model_a']} − {c['model_b']} ρ = {num(st['rho'], '+.2f')} (n = {st['n']}, p = {pvalue(st['p'])})"
+            for c, st in ((c, gain_vs_informativeness(rows, i)) for i, c in enumerate(rows[0]["pairs"]))) + "."]
     reading = [f"**Reading.** {result['reading']}"] if result.get("reading") else []  # written into the JSON
     if q_best is None:
         return intro + [f"**Partial results** ({result.get('partial', '')}): the run goes on."] + reading

@@ -66,6 +66,31 @@ def test_t_test_against_scipy_where_installed():
         stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
 
 
+def premise_rows(gains, informed):
+    """premise rows of one Sr method whose runs have these gains and informativeness (two runs per row)."""
+    return [{"pairs": [{"gain": {"per_seed": gains[i:i + 2]}, "informativeness": {"per_seed": informed[i:i + 2]}}]}
+            for i in range(0, len(gains), 2)]
+
+
+def test_gain_vs_informativeness_is_spearman_with_the_t_approximation():
+    gains, informed = [0.1, -0.2, 0.05, 0.3, -0.1, 0.0], [0.5, 0.1, 0.2, 0.7, 0.4, 0.3]
+    got = paper.gain_vs_informativeness(premise_rows(gains, informed), 0)
+    d = [a - b for a, b in zip((5, 1, 4, 6, 2, 3), (5, 1, 2, 6, 4, 3))]  # the ranks, by hand
+    rho = 1 - 6 * sum(x * x for x in d) / (6 * (36 - 1))  # no ties: the textbook formula
+    assert got["n"] == 6 and got["rho"] == pytest.approx(rho)
+    t = rho * math.sqrt(4 / (1 - rho ** 2))
+    assert got["p"] == pytest.approx(paper.t_two_sided_p(t, 4))
+    stats = pytest.importorskip("scipy.stats")
+    assert got["p"] == pytest.approx(stats.spearmanr(gains, informed).pvalue, rel=1e-6)
+
+
+def test_gain_vs_informativeness_edge_cases():
+    perfect = paper.gain_vs_informativeness(premise_rows([0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4]), 0)
+    assert perfect["rho"] == pytest.approx(1.0) and perfect["p"] == 0.0
+    assert math.isnan(paper.gain_vs_informativeness(premise_rows([0.1, 0.2], [1, 2]), 0)["p"])  # n < 3
+    assert math.isnan(paper.gain_vs_informativeness(premise_rows([0.0] * 4, [1, 2, 3, 4]), 0)["rho"])  # no spread
+
+
 def test_t_test_edge_cases():
     assert math.isnan(paper.t_test([1.0], [0.5])["p"])                  # one seed: no test
     assert math.isnan(paper.t_test([0.5, 0.6], [0.5, 0.6])["p"])        # no difference at all
@@ -194,6 +219,7 @@ def test_premise_has_every_q_both_pairs_the_lambda_curve_and_the_side_by_side(sm
     sft_argv = json.loads((smoke.work / "seed0-q1" / "sft" / "run.json").read_text())["argv"]
     assert sft_argv[sft_argv.index("--sft_quality_q") + 1] == "1"
     assert (smoke.out / "premise.md").read_text().count("q = 1") >= 3
+    assert "Does a more informative Δπ pay?" in (smoke.out / "premise.md").read_text()
 
 
 def test_render_rewrites_the_views_from_the_json(smoke):
