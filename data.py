@@ -937,6 +937,11 @@ def _pack_view(examples, pad_token_id, packing, pack_length, key, chosen_only):
     return {key + name: value for name, value in view.items()}
 
 
+def with_p_view(examples):
+    """Whether tokenized examples (``tokenize_pairs``) have the p ⊕ x view."""
+    return bool(examples) and "p_chosen_ids" in examples[0]
+
+
 def collate(examples, pad_token_id, packing="padded", pack_length=None, chosen_only=False):
     """A batch of B examples as tensors, one view after another, in one of the PACKINGS layouts.
 

@@ -132,12 +132,13 @@ def run_accuracy(args):
     score = lambda model: metrics.pair_logps(model, examples, tokenizer.pad_token_id, args.batch_size,  # noqa: E731
                                              with_p=True, progress=True)
     policy_logps = score(policy)
-    logps = metrics.preference_logps(policy_logps, policy_logps if ref is policy else score(ref))
-    m = metrics.pair_metrics(logps, args.beta, *metrics.true_scores(examples))
+    ref_logps = policy_logps if ref is policy else score(ref)
+    m = metrics.heldout_metrics(policy_logps, ref_logps, examples, args.beta)
     config = {k: getattr(args, k) for k in ("model", "data", "split", "beta", "refine_prompt", "max_length", "limit")}
     config.update(ref_model=ref_model, ref_seed=ref_seed)
     data.emit({"config": config, "loaded_pairs": len(pairs), "metrics": m}, accuracy_table(m), args.out)
     if args.pairs_out:
+        logps = metrics.preference_logps(policy_logps, ref_logps)
         data.write_jsonl(args.pairs_out, metrics.per_pair_rows(logps, args.beta, examples))
     return 0
 

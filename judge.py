@@ -242,7 +242,7 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=N
     capped = 0
     bar = data.Progress(len(todo), f"generating ({model_id})", "questions", enabled=progress)
     with open(out_path, "a", encoding="utf-8") if out_path else contextlib.nullcontext() as out:
-        for q in todo:
+        for q in bar.iterate(todo):
             try:
                 answers, caps = answer_turns(model, tokenizer, q["turns"], decoding,
                                              question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"))
@@ -256,8 +256,6 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=N
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
             done[json.dumps(q["question_id"])] = record
-            bar.update()
-    bar.close()
     return [done[json.dumps(q["question_id"])] for q in questions], capped
 
 
@@ -680,7 +678,7 @@ def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identit
               file=sys.stderr)
     bar = data.Progress(len(todo), "judging", "verdicts", enabled=progress)
     with open(out_path, "a", encoding="utf-8") as out:
-        for q, turn, order, prompt in todo:
+        for q, turn, order, prompt in bar.iterate(todo):
             qid = json.dumps(q["question_id"])
             first, second = answers_a[qid].turns, answers_b[qid].turns
             shown = (first, second) if order == "ab" else (second, first)
@@ -694,8 +692,6 @@ def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identit
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             done[key(q, turn, order)] = record
-            bar.update()
-    bar.close()
     return [done[key(q, t, o)] for q, t in game_list for o in ORDERS]
 
 
@@ -736,9 +732,7 @@ def write_fastchat_judgments(path, rows):
     new = {key(r) for r in rows}
     kept = [r for _, r in _appended_rows(path, "it is written again")]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # FastChat's model_judgment/
-    tmp = f"{path}.tmp"
-    data.write_jsonl(tmp, [r for r in kept if key(r) not in new] + rows)
-    os.replace(tmp, path)
+    data.write_jsonl(path, [r for r in kept if key(r) not in new] + rows)  # atomic: a temporary file, renamed
 
 
 def judge_summary(records, identity, benchmark, missing=None):

@@ -283,7 +283,7 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     """
     if not examples:
         raise EvalError("pair_logps: no examples to score")
-    if with_p and "p_chosen_ids" not in examples[0]:
+    if with_p and not data.with_p_view(examples):
         raise EvalError("pair_logps: with_p, but the examples have no p ⊕ x view (tokenize_pairs without "
                         "a refine_prompt)")
     n, device = len(examples), model_device(model)

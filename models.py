@@ -279,10 +279,10 @@ def supported_packings(model, device):
     that leak. Returns a tuple of layout names, "padded" always first.
     """
     examples = _probe_examples(model.config.vocab_size)
-    padded = view_logps(model, {k: v.to(device) for k, v in data.collate(examples, 0).items()}, 4)
+    padded = view_logps(model, to_device(data.collate(examples, 0), device), 4)
     ok = ["padded"]
     for packing in data.PACKINGS[1:]:
-        batch = {k: v.to(device) for k, v in data.collate(examples, 0, packing, 64).items()}
+        batch = to_device(data.collate(examples, 0, packing, 64), device)
         leaky = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
         try:
             err = (view_logps(model, batch, 4) - padded).abs().max()

@@ -399,7 +399,7 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
             m["global_step"] = first_step[stage_index] + step
             if s.eval_ref is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
                 policy.eval()
-                scores = score(policy, eval_examples, with_p=with_p_view(eval_examples), packing=s.packing)
+                scores = score(policy, eval_examples, with_p=data.with_p_view(eval_examples), packing=s.packing)
                 last = metrics.heldout_metrics(scores, s.eval_ref, eval_examples, cfg.beta)
                 policy.train()
                 m.update({f"eval_{k}": v for k, v in last.items() if isinstance(v, (int, float))})
@@ -480,25 +480,19 @@ def load_examples(cfg, tokenizer, say, progress=False):
         return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, None, log=say)
 
 
-def with_p_view(examples):
-    """Whether tokenized examples have the p ⊕ x view."""
-    return bool(examples) and "p_chosen_ids" in examples[0]
-
-
 def plan(cfg, n_examples):
     """The run's stages as (name, steps): an optional SFT stage, then the alignment loss."""
     if cfg.loss == "sft":
-        return [("sft", stage_steps(cfg, n_examples, "align"))]
-    return ([("sft", cfg.sft_steps)] if cfg.sft_steps else []) + [(cfg.loss, stage_steps(cfg, n_examples, cfg.loss))]
+        return [("sft", stage_steps(cfg, n_examples))]
+    return ([("sft", cfg.sft_steps)] if cfg.sft_steps else []) + [(cfg.loss, stage_steps(cfg, n_examples))]
 
 
-def stage_steps(cfg, n_examples, stage):
-    """Steps of a stage: SFT runs --sft_steps; alignment runs --epochs or --max_steps, whichever ends first."""
+def stage_steps(cfg, n_examples):
+    """Steps of the main stage (--loss): --epochs or --max_steps, whichever ends first (an SFT stage before an
+    alignment loss runs --sft_steps)."""
     per_epoch = data.steps_per_epoch(n_examples, cfg.batch_size)
     if per_epoch == 0:
         raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {n_examples} training pairs")
-    if stage == "sft":
-        return cfg.sft_steps
     steps = int(cfg.epochs * per_epoch)
     return steps if cfg.max_steps < 0 else min(steps, cfg.max_steps)
 
@@ -539,7 +533,7 @@ def setup_stage(cfg, stage, stage_index, policy, examples, eval_examples, tokeni
     score = functools.partial(score, packing=packing)
     if ref is not None:
         if eval_examples:  # π_ref is frozen: score the held-out pairs once
-            eval_ref = score(ref, eval_examples, with_p=with_p_view(eval_examples))
+            eval_ref = score(ref, eval_examples, with_p=data.with_p_view(eval_examples))
         if cfg.precompute_ref:
             t0 = time.time()
             cache = score(ref, examples, with_p=uses_p_view(cfg))
