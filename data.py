@@ -466,7 +466,7 @@ def source_records(source, split="train"):
 
 
 def load_pairs(source="embedded", split="train", log=print):
-    """Preference pairs of a source (see the module docstring), with one summary line of kept/dropped.
+    """Preference pairs of a source (docs/data.md, Sources), with one summary line of kept/dropped.
 
     source: "embedded", a local .jsonl/.jsonl.gz/.json path (split ignored), or a hub dataset name.
     Returns list[Pair]. Raises DataError on bad input or when no pair is left.
@@ -505,7 +505,7 @@ def _corrupt(word, k, rng):
 
 
 def embedded_pairs(split="train", seed=0):
-    """The embedded copy task's pairs of a split (module docstring), deterministic in (split, seed)."""
+    """The embedded copy task's pairs of a split (docs/data.md), deterministic in (split, seed)."""
     if split not in EMBEDDED_SIZES:
         raise DataError(f"embedded: no split '{split}' (has: {', '.join(EMBEDDED_SIZES)})")
     rng = random.Random(f"srpo-embedded:{split}:{seed}")
@@ -628,14 +628,6 @@ def _template_halves(messages, tokenizer):
     return head, text[len(head):]
 
 
-def _common(a, b):
-    """Length of the longest common prefix of two lists."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def _after_added(text, added):
     """text after the last occurrence of any added token's text (all of it when there is none)."""
     ends = [text.rfind(t) + len(t) for t in added if t in text]
@@ -651,8 +643,7 @@ def _start(tokens, x):
 
 
 def _query(prompt, tokenizer, tokens):
-    """The _Query of a prompt (module docstring, Tokenisation): the one framing of training and generation."""
-    bos = [tokens.bos] if tokens.bos is not None else []
+    """The _Query of a prompt (docs/data.md, Tokenisation): the one framing of training and generation."""
     if isinstance(prompt, str) or not tokens.template:
         text = prompt if isinstance(prompt, str) else _transcript(prompt)
         x = _encode(tokenizer, text)
@@ -660,9 +651,10 @@ def _query(prompt, tokenizer, tokens):
     head_text, tail_text = _template_halves(prompt, tokenizer)
     x = _encode(tokenizer, head_text + tail_text, literal=False)  # = apply_chat_template(tokenize=True)
     head = _encode(tokenizer, head_text, literal=False)
-    at = _common(head, x)
-    written = _common(x, [tokenizer.bos_token_id] * len(x)) if tokenizer.bos_token_id is not None else 0
-    prefix = [tokenizer.bos_token_id] if (bos or written) else []
+    at = len(os.path.commonprefix([head, x]))
+    written = len(os.path.commonprefix([x, [tokenizer.bos_token_id] * len(x)])) if tokenizer.bos_token_id is not None \
+        else 0
+    prefix = [tokenizer.bos_token_id] if (tokens.bos is not None or written) else []
     context = _after_added(head_text + tail_text, tokens.added) or "\n"
     return _Query(prefix, x[written:], max(at - written, 0), at < len(head), context,
                   _encode(tokenizer, context), "")
@@ -809,12 +801,11 @@ def _pad(rows, value):
 
 @dataclass
 class _Piece:
-    """Tokens that stay together in one packed row, with each token's position, sequence, pair and branch."""
+    """Tokens that stay together in one packed row, with each token's position, sequence and branch."""
     ids: list
     labels: list
     positions: list
     segments: list
-    groups: list
     branches: list
 
     def __len__(self):
@@ -822,9 +813,9 @@ class _Piece:
 
 
 def _sequence_piece(ids, labels, segment):
-    """One sequence on its own: positions from 0, one segment, one group, branch 0."""
+    """One sequence on its own: positions from 0, one segment, branch 0."""
     n = len(ids)
-    return _Piece(list(ids), list(labels), list(range(n)), [segment] * n, [segment] * n, [0] * n)
+    return _Piece(list(ids), list(labels), list(range(n)), [segment] * n, [0] * n)
 
 
 def _shared_piece(chosen_ids, chosen_labels, rejected_ids, rejected_labels, group, n_pairs):
@@ -843,8 +834,7 @@ def _shared_piece(chosen_ids, chosen_labels, rejected_ids, rejected_labels, grou
     c, r = len(chosen_ids) - head, len(rejected_ids) - head
     return _Piece(chosen_ids + rejected_ids[head:], chosen_labels + rejected_labels[head:],
                   list(range(len(chosen_ids))) + list(range(head, len(rejected_ids))),
-                  [group] * (head + c) + [group + n_pairs] * r, [group] * (head + c + r),
-                  [0] * head + [1] * c + [2] * r)
+                  [group] * (head + c) + [group + n_pairs] * r, [0] * head + [1] * c + [2] * r)
 
 
 def _first_fit(lengths, capacity):
@@ -864,13 +854,15 @@ def _balanced_bins(lengths, pack_length):
     """Bins of total length at most pack_length (a longer item gets its own), first-fit decreasing under the
     capacity that leaves the fewest padded tokens (bins x longest bin): rows padded to the longest row."""
     top = max(pack_length, max(lengths))
-    low = max(max(lengths), -(-sum(lengths) // len(_first_fit(lengths, top))))
+    first = _first_fit(lengths, top)
+    low = max(max(lengths), -(-sum(lengths) // len(first)))
     step = max(1, (top - low) // 64)
 
     def padded_size(bins):
         return len(bins) * max(sum(lengths[i] for i in b) for b in bins)
 
-    return min((_first_fit(lengths, capacity) for capacity in range(top, low - 1, -step)), key=padded_size)
+    tighter = (_first_fit(lengths, capacity) for capacity in range(top - step, low - 1, -step))
+    return min(itertools.chain([first], tighter), key=padded_size)
 
 
 def _pack(pieces, pack_length, pad_token_id, shared):
@@ -886,7 +878,7 @@ def _pack(pieces, pack_length, pad_token_id, shared):
         tail = width - sum(len(p) for p in row)
         if tail:
             row.append(_Piece([pad_token_id] * tail, [IGNORE_INDEX] * tail, list(range(tail)), [-1] * tail,
-                              [-1] * tail, [0] * tail))
+                              [0] * tail))
     t = {name: torch.tensor([[x for p in row for x in getattr(p, name)] for row in rows], dtype=torch.int64)
          for name in ("ids", "labels", "positions", "segments")}
     batch = {"input_ids": t["ids"], "position_ids": t["positions"], "labels": t["labels"], "segment_ids": t["segments"]}
@@ -972,10 +964,11 @@ def collate(examples, pad_token_id, packing="padded", pack_length=None, chosen_o
     if with_p == {True}:
         batch.update(_pack_view(examples, pad_token_id, packing, pack_length, "p_", chosen_only))
     batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.int64)
-    batch["n_tokens"] = torch.tensor(sum(len(ids) for ids, _ in _view_sequences(examples, "", chosen_only)))
+    sequences = _view_sequences(examples, "", chosen_only)
+    batch["n_tokens"] = torch.tensor(sum(len(ids) for ids, _ in sequences))
     if chosen_only:  # SFT's denominator, counted here in any layout
         batch["n_scored_chosen"] = torch.tensor(sum(sum(t != IGNORE_INDEX for t in labels[1:])
-                                                    for _, labels in _view_sequences(examples, "", True)))
+                                                    for _, labels in sequences))
     for key in ("score_chosen", "score_rejected"):
         batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
     return batch
@@ -1036,9 +1029,9 @@ def atomic_path(path):
 
 
 @contextlib.contextmanager
-def atomic_open(path, encoding="utf-8"):
-    """A text file opened for writing at ``path``, written atomically (``atomic_path``)."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding) as fh:
+def atomic_open(path):
+    """A UTF-8 text file opened for writing at ``path``, written atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         yield fh
 
 
