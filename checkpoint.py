@@ -35,8 +35,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-import data
-from data import SrpoError
+import common
+from common import SrpoError
 
 CHECKPOINT, CHECKSUMS, RECORD, LOCK = "checkpoint", "SHA256SUMS", "run.json", "run.lock"
 METADATA = ".metadata"
@@ -223,7 +223,7 @@ def save(out_dir, state, extra, record, rank=0, world=1):
     write_checksums(tmp, rank, world)
     dist.barrier()
     if rank == 0:
-        data.replace_path(tmp, final)
+        common.replace_path(tmp, final)
     dist.barrier()
 
 
@@ -318,7 +318,7 @@ def trim_metrics(path, keep, log=print):
             raise CheckpointError(f"{path}:{number}: not a metrics record ({e}); fix or remove the line") from None
         if ok:
             kept.append(line)
-    with data.atomic_open(path) as fh:
+    with common.atomic_open(path) as fh:
         fh.writelines(kept)
 
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+import common
 import data
 import judge
 import metrics
-from data import num
-from metrics import EvalError
+from common import EvalError, num
 from models import (
     DTYPES,
     TINY,
@@ -136,10 +136,10 @@ def run_accuracy(args):
     m = metrics.heldout_metrics(policy_logps, ref_logps, examples, args.beta)
     config = {k: getattr(args, k) for k in ("model", "data", "split", "beta", "refine_prompt", "max_length", "limit")}
     config.update(ref_model=ref_model, ref_seed=ref_seed)
-    data.emit({"config": config, "loaded_pairs": len(pairs), "metrics": m}, accuracy_table(m), args.out)
+    common.emit({"config": config, "loaded_pairs": len(pairs), "metrics": m}, accuracy_table(m), args.out)
     if args.pairs_out:
         logps = metrics.preference_logps(policy_logps, ref_logps)
-        data.write_jsonl(args.pairs_out, metrics.per_pair_rows(logps, args.beta, examples))
+        common.write_jsonl(args.pairs_out, metrics.per_pair_rows(logps, args.beta, examples))
     return 0
 
 
@@ -207,7 +207,7 @@ def run_judge(args):
     if args.fastchat_out:
         judge.write_fastchat_judgments(args.fastchat_out, judge.fastchat_judgments(records))
     summary = judge.judge_summary(records, identity, _benchmark(args), missing)
-    data.emit(summary, judge.format_table([summary]), args.summary)
+    common.emit(summary, judge.format_table([summary]), args.summary)
     return 0
 
 
@@ -218,9 +218,9 @@ def run_exact(args):
     records, missing = judge.exact_records(questions, answers_a, answers_b, data.embedded_score)
     _report_missing(args, missing, len(questions))
     if args.out:
-        data.write_jsonl(args.out, records)
+        common.write_jsonl(args.out, records)
     summary = judge.exact_summary(records, identity, _benchmark(args), missing)
-    data.emit(summary, judge.format_table([summary]), args.summary)
+    common.emit(summary, judge.format_table([summary]), args.summary)
     return 0
 
 
@@ -355,7 +355,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except data.SrpoError as e:  # the project's own errors, in one line; anything else keeps its traceback
+    except common.SrpoError as e:  # the project's own errors, in one line; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

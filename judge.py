@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import common
 import data
-from metrics import EvalError
+from common import EvalError
 from models import model_device
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=N
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)  # FastChat's model_answer/
     todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
     capped = 0
-    bar = data.Progress(len(todo), f"generating ({model_id})", "questions", enabled=progress)
+    bar = common.Progress(len(todo), f"generating ({model_id})", "questions", enabled=progress)
     with open(out_path, "a", encoding="utf-8") if out_path else contextlib.nullcontext() as out:
         for q in bar.iterate(todo):
             try:
@@ -676,7 +677,7 @@ def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identit
     if stale:
         print(f"{out_path}: {stale} verdicts were made for other answers (changed since); they are judged again",
               file=sys.stderr)
-    bar = data.Progress(len(todo), "judging", "verdicts", enabled=progress)
+    bar = common.Progress(len(todo), "judging", "verdicts", enabled=progress)
     with open(out_path, "a", encoding="utf-8") as out:
         for q, turn, order, prompt in bar.iterate(todo):
             qid = json.dumps(q["question_id"])
@@ -732,7 +733,7 @@ def write_fastchat_judgments(path, rows):
     new = {key(r) for r in rows}
     kept = [r for _, r in _appended_rows(path, "it is written again")]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # FastChat's model_judgment/
-    data.write_jsonl(path, [r for r in kept if key(r) not in new] + rows)  # atomic: a temporary file, renamed
+    common.write_jsonl(path, [r for r in kept if key(r) not in new] + rows)  # atomic: a temporary file, renamed
 
 
 def judge_summary(records, identity, benchmark, missing=None):
@@ -804,7 +805,7 @@ def format_table(summaries):
         parts = []
         for b in benches:
             s = cells.get((row, b), {})
-            parts.append(" ".join(f"{data.pct(s.get(k + '_rate'), digits=2):>9}" for k in OUTCOMES))
+            parts.append(" ".join(f"{common.pct(s.get(k + '_rate'), digits=2):>9}" for k in OUTCOMES))
         lines.append(f"{row:<{width}}  " + " ".join(parts))
     for (row, b), s in cells.items():
         lacking = {k: v for k, v in s.get("missing_answers", {}).items() if v}

@@ -13,14 +13,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import common
 import data
+from common import EvalError
 from models import model_device, to_device, view_logps
 from srpo import implicit_reward
-
-
-class EvalError(data.SrpoError):
-    """Bad input or an unrecoverable fault, in one line that names the file (and line) at fault."""
-
 
 # ----------------------------------------------------------------------------------------------
 # Rank statistics (numpy, float64). Pure functions of two equally long 1-D sequences.
@@ -276,7 +273,7 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     (the same log-probs in each; see ``models.choose_packing``). Each rank scores an equal-sized share (FSDP's
     collectives need equal counts; the last share repeats the last pair), then the shares are summed
     over ranks. The model's train/eval mode is left as it is; batches go to its first parameter's device.
-    progress: a ``data.Progress`` line on rank 0 (True: on stderr; or a text stream).
+    progress: a ``common.Progress`` line on rank 0 (True: on stderr; or a text stream).
 
     Returns dict of float32 CPU tensors [N] in the order of ``examples``: "chosen", "rejected" (under x)
     and, with_p, "p_chosen", "p_rejected" (under p ⊕ x).
@@ -290,7 +287,7 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     views = ("", P_PREFIX) if with_p else ("",)
     share = math.ceil(n / world)
     table = torch.zeros(2 * len(views), n, dtype=torch.float32, device=device)
-    bar = data.Progress(min(share, n), "scoring", "pairs", enabled=progress if rank == 0 else False)
+    bar = common.Progress(min(share, n), "scoring", "pairs", enabled=progress if rank == 0 else False)
     for a in range(rank * share, (rank + 1) * share, batch_size):
         idx = [min(i, n - 1) for i in range(a, min(a + batch_size, (rank + 1) * share))]
         batch = to_device(data.collate([examples[i] for i in idx], pad_token_id, packing, pack_length), device)
@@ -337,4 +334,4 @@ def per_pair_rows(logps, beta, examples):
             "score_gap": (_as_float64(score_chosen) - _as_float64(score_rejected)).tolist()}
     if _has_p_view(logps):
         rows["delta"] = _rewards(logps, beta, P_PREFIX)[2].tolist()
-    return [data.jsonable(dict(zip(rows, values))) for values in zip(*rows.values())]
+    return [common.jsonable(dict(zip(rows, values))) for values in zip(*rows.values())]

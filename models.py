@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from data import SrpoError
+from common import SrpoError
 from srpo import IGNORE_INDEX, packed_sequence_logps, sequence_logps
 
 TINY = "tiny"

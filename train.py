@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import common
 import data
 import metrics
 from models import (
@@ -64,11 +65,11 @@ FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"
 CHECKPOINT, LOCK = checkpoint.CHECKPOINT, checkpoint.LOCK
 
 
-class ConfigError(data.SrpoError):
+class ConfigError(common.SrpoError):
     """A flag or a combination of flags that cannot work, in one line."""
 
 
-class NonFiniteError(data.SrpoError):
+class NonFiniteError(common.SrpoError):
     """A non-finite loss or gradient norm: the step is not applied; the message says which checkpoint is kept."""
 
 
@@ -135,7 +136,7 @@ class Config:
 
 def main(argv=None):
     """Parse the flags, train, return the exit code: 0, or 2 with one line ``train.py: error: ...`` (rank 0)
-    for the project's own errors (data.SrpoError) and running out of memory. Any other exception keeps its
+    for the project's own errors (common.SrpoError) and running out of memory. Any other exception keeps its
     traceback. Under torchrun, a failure on any rank stops every rank (``Failures``)."""
     cfg = parse_config(argv)
     previous = signal.getsignal(signal.SIGTERM)  # restored on return, for callers of main() in-process
@@ -144,7 +145,7 @@ def main(argv=None):
     try:
         validate(cfg, world)
         return run(resolved(cfg), rank, world, device)
-    except (data.SrpoError, torch.OutOfMemoryError) as err:
+    except (common.SrpoError, torch.OutOfMemoryError) as err:
         return failures.fail(str(err).strip().splitlines()[0], 2)
     except Exception as err:  # a bug: its traceback here; under torchrun also the one line, and every rank stopped
         if failures.store is None:
@@ -292,7 +293,7 @@ def uses_p_view(cfg):
 def run(cfg, rank, world, device):
     """Check every path and model (``check_start``), hold out_dir's lock, and train (``train_stages``).
 
-    cfg: a ``resolved`` Config. Returns 0; raises data.SrpoError subclasses for bad input, a checkpoint that
+    cfg: a ``resolved`` Config. Returns 0; raises common.SrpoError subclasses for bad input, a checkpoint that
     cannot be resumed, another run on out_dir, and a non-finite loss.
     """
     from transformers.utils import logging as hf_logging
@@ -460,10 +461,10 @@ def load_examples(cfg, tokenizer, say, progress=False):
     try:
         examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if fit_p else None, log=say,
                                        p_view=uses_p_view(cfg), progress=progress)
-    except data.DataError as err:
+    except common.DataError as err:
         if uses_p_view(cfg):
             raise
-        raise data.DataError(f"{err} (--loss {cfg.loss} is cut as if p ⊕ x were there, as the Sr losses are; "
+        raise common.DataError(f"{err} (--loss {cfg.loss} is cut as if p ⊕ x were there, as the Sr losses are; "
                              f"--truncate_x_only fits x alone)") from None
     eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
     if eval_source is None:
@@ -473,7 +474,7 @@ def load_examples(cfg, tokenizer, say, progress=False):
     try:
         return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say,
                                              progress=progress)
-    except data.DataError as err:
+    except common.DataError as err:
         if uses_p_view(cfg):
             raise
         say(f"held-out pairs under x only: with p they do not fit ({err})")
@@ -755,7 +756,7 @@ def export(policy, tokenizer, path, rank, config, dtype, record):
     if rank == 0:
         for key in state:
             state[key] = state[key].to(dtype)
-        with data.atomic_path(path) as tmp:
+        with common.atomic_path(path) as tmp:
             policy.save_pretrained(tmp, state_dict=state)
             config = copy.deepcopy(config)
             config.dtype = dtype

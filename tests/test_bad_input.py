@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint
+import common
 import data
 import evaluate
 import judge
@@ -362,7 +363,7 @@ def test_10_a_folder_that_is_not_a_model(tmp_path, capsys, content):
 
 
 def answers_file(path, model_id, texts):
-    data.write_jsonl(path, [{"question_id": qid, "model_id": model_id, "choices": [{"index": 0, "turns": [text]}]}
+    common.write_jsonl(path, [{"question_id": qid, "model_id": model_id, "choices": [{"index": 0, "turns": [text]}]}
                             for qid, text in texts.items()])
     return judge.load_answers(str(path))
 
@@ -419,7 +420,7 @@ def test_12_pretty_printed_data_object_json(tmp_path):
     path.write_text(json.dumps({"data": records}, indent=2))
     text = path.read_text()
     line = text[:text.index('"q2"')].count("\n")  # the line of the record's "{"
-    with pytest.raises(data.DataError, match=rf"pairs.json:{line}: field 'rejected' missing"):
+    with pytest.raises(common.DataError, match=rf"pairs.json:{line}: field 'rejected' missing"):
         data.load_pairs(str(path), log=None)
 
 

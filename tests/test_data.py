@@ -12,8 +12,10 @@ from collections import Counter
 import pytest
 import torch
 
+import common
 import data
-from data import DataError, Pair
+from common import DataError
+from data import Pair
 from srpo import IGNORE_INDEX, REFINE_PROMPT, REFINE_PROMPTS, rating_prompt, sequence_logps
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -900,16 +902,16 @@ def test_resumed_batches_are_identical_tensors():
 
 def test_atomic_writes_keep_the_old_file_or_folder_whole(tmp_path):
     path = tmp_path / "result.json"
-    with data.atomic_open(path) as fh:
+    with common.atomic_open(path) as fh:
         fh.write("old")
     with pytest.raises(RuntimeError):
-        with data.atomic_open(path) as fh:
+        with common.atomic_open(path) as fh:
             fh.write("new")
             raise RuntimeError("crash while writing")
     assert path.read_text() == "old"
     folder = tmp_path / "final"
     for version in ("1", "2"):
-        with data.atomic_path(folder) as tmp:
+        with common.atomic_path(folder) as tmp:
             os.makedirs(tmp)
             with open(os.path.join(tmp, "weights"), "w") as fh:
                 fh.write(version)
@@ -917,9 +919,9 @@ def test_atomic_writes_keep_the_old_file_or_folder_whole(tmp_path):
 
 
 def test_number_formatting():
-    assert data.pct(0.462, 0.295) == "46.2% ± 29.5" and data.pct(0.5, digits=2) == "50.00%"
-    assert data.num(0.1234, "+.3f", 0.01) == "+0.123 ± 0.010" and data.num(2.0, ".1f") == "2.0"
-    assert data.num(float("nan")) == data.pct(None) == "-"
+    assert common.pct(0.462, 0.295) == "46.2% ± 29.5" and common.pct(0.5, digits=2) == "50.00%"
+    assert common.num(0.1234, "+.3f", 0.01) == "+0.123 ± 0.010" and common.num(2.0, ".1f") == "2.0"
+    assert common.num(float("nan")) == common.pct(None) == "-"
 
 
 # ----------------------------------------------------------------------------- progress
@@ -930,7 +932,7 @@ def test_progress_is_one_throttled_line_with_rate_and_time_left():
 
     now = [100.0]
     out = io.StringIO()
-    bar = data.Progress(2000, "tokenizing", "pairs", stream=out, clock=lambda: now[0])
+    bar = common.Progress(2000, "tokenizing", "pairs", stream=out, clock=lambda: now[0])
     for t, n in ((1, 100), (10, 300), (31, 100), (40, 500), (61, 1000)):  # seconds after start, pairs done
         now[0] = 100.0 + t
         bar.update(n)
@@ -942,8 +944,8 @@ def test_progress_is_one_throttled_line_with_rate_and_time_left():
     rate = 500 / 31  # the rate so far, and the time the rest takes at that rate
     assert lines[1].endswith(f"{rate:.1f}/s | 31s elapsed, ~1m{round(1500 / rate) - 60}s left")
     silent, given = io.StringIO(), io.StringIO()
-    list(data.Progress(3, "x", enabled=False, stream=silent).iterate(range(3)))
-    list(data.Progress(3, "x", enabled=given).iterate(range(3)))  # a stream as `progress` writes there
+    list(common.Progress(3, "x", enabled=False, stream=silent).iterate(range(3)))
+    list(common.Progress(3, "x", enabled=given).iterate(range(3)))  # a stream as `progress` writes there
     assert silent.getvalue() == "" and given.getvalue().startswith("x 1/3 | ")
 
 

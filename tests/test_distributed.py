@@ -138,7 +138,7 @@ def mark():  # when the fault happened
 if rank == 1 and fault == "data":
     def bad_data(*args, **kwargs):
         mark()
-        raise data.DataError("pairs.jsonl line 3: 'chosen' is missing")
+        raise common.DataError("pairs.jsonl line 3: 'chosen' is missing")
     data.load_pairs = bad_data
 if rank == 1 and fault in ("oom", "nan"):
     forward, calls = train.view_logps, []

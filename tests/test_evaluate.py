@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import data
 import evaluate as ev
 import judge
@@ -55,7 +56,7 @@ def test_pair_metrics_without_p_view_and_missing_keys():
     zeros = torch.zeros(2)
     m = metrics.pair_metrics({k: zeros for k in metrics.LOGP_KEYS}, beta=0.1)
     assert m["accuracy"] == 0 and m["tie_rate"] == 1 and "delta_mean" not in m
-    with pytest.raises(metrics.EvalError, match="ref_rejected"):
+    with pytest.raises(common.EvalError, match="ref_rejected"):
         metrics.pair_metrics({k: zeros for k in metrics.LOGP_KEYS[:3]}, beta=0.1)
 
 
@@ -175,7 +176,7 @@ def test_pair_logps_matches_forward_logps_one_pair_at_a_time():
     score_chosen, _ = metrics.true_scores(examples)
     assert torch.isnan(score_chosen[:2]).all() and score_chosen[2] == 1.0
     no_p = data.tokenize_pairs(pairs, tok, 300, None, log=None)
-    with pytest.raises(metrics.EvalError, match="no p ⊕ x view"):
+    with pytest.raises(common.EvalError, match="no p ⊕ x view"):
         metrics.pair_logps(model, no_p, tok.pad_token_id, with_p=True)
 
 
@@ -243,10 +244,10 @@ def test_judge_prompt_file_and_fields(tmp_path):
     fields = judge.prompt_fields(q, ["a1", "a2"], ["b1", "b2"], 2)
     assert judge.render_prompt(multi, fields) == ("judge turn 2", "q1|a1|q2|b2|r1")
     assert judge.render_prompt(single, judge.prompt_fields(q, ["a1", "a2"], ["b1", "b2"], 1))[1] == "Q q1 A a1 B b1"
-    with pytest.raises(metrics.EvalError, match="no judge prompt named 'three'"):
+    with pytest.raises(common.EvalError, match="no judge prompt named 'three'"):
         judge.load_judge_prompts(str(path), "three")
     broken = judge.JudgePrompt("x", "", "{nope}", str(path))
-    with pytest.raises(metrics.EvalError, match=r"prompts.jsonl: judge prompt 'x' uses \{nope\}"):
+    with pytest.raises(common.EvalError, match=r"prompts.jsonl: judge prompt 'x' uses \{nope\}"):
         judge.render_prompt(broken, fields)
     builtin = judge.load_judge_prompts()
     assert [p.name for p in builtin] == list(judge.BUILTIN_NAMES)
@@ -328,9 +329,9 @@ def _judge_files(tmp_path):
     a = {1: ["GOOD one"], 2: ["GOOD two", "GOOD follow"], 3: ["GOOD three"], 4: ["GOOD four"]}
     b = {1: ["BAD one"], 2: ["BAD two", "BAD follow"], 3: ["BAD three"], 4: ["GOOD too"]}
     paths = {name: tmp_path / f"{name}.jsonl" for name in ("q", "a", "b")}
-    data.write_jsonl(paths["q"], questions)
+    common.write_jsonl(paths["q"], questions)
     for name, answers in (("a", a), ("b", b)):
-        data.write_jsonl(paths[name], [{"question_id": k, "model_id": f"model-{name}",
+        common.write_jsonl(paths[name], [{"question_id": k, "model_id": f"model-{name}",
                                       "choices": [{"index": 0, "turns": v}]} for k, v in answers.items()])
     return paths
 
@@ -442,7 +443,7 @@ def test_fastchat_judgment_layout_reads_as_show_result_does(tmp_path, judge_serv
 
 def test_reference_answers_choose_the_math_prompt_by_category(tmp_path):
     prompts_file = tmp_path / "judge_prompts.jsonl"  # the fields of FastChat's pair-v2 / pair-math-v1 prompts
-    data.write_jsonl(prompts_file, [
+    common.write_jsonl(prompts_file, [
         {"name": "pair-v2", "system_prompt": "s", "prompt_template": "{question}|{answer_a}|{answer_b}"},
         {"name": "pair-v2-multi-turn", "system_prompt": "s",
          "prompt_template": "{question_1}|{answer_a_1}|{answer_b_1}|{question_2}|{answer_a_2}|{answer_b_2}"},
@@ -470,7 +471,7 @@ def test_reference_answers_choose_the_math_prompt_by_category(tmp_path):
     builtin = judge.load_judge_prompts(math=True)
     system, user = judge.render_prompt(builtin[1], judge.prompt_fields(questions[1], ["a1", "a2"], ["b1", "b2"], 2))
     assert "reference answer" in system and user.endswith("Reference answer to it:\nR2")
-    with pytest.raises(metrics.EvalError, match=r"^ref.jsonl: no reference answer to question 121 "
+    with pytest.raises(common.EvalError, match=r"^ref.jsonl: no reference answer to question 121 "
                                                 r"\(category coding\)$"):
         judge.with_references(questions, {k: v for k, v in refs.items() if k != "121"}, "ref.jsonl")
 
@@ -503,10 +504,10 @@ def _answers(path):
 
 def test_generate_is_repeatable_by_seed(tmp_path):
     questions = tmp_path / "q.jsonl"
-    data.write_jsonl(questions, [{"question_id": "x1", "turns": ["Hello there"]},
+    common.write_jsonl(questions, [{"question_id": "x1", "turns": ["Hello there"]},
                                {"question_id": "x2", "turns": ["One", "Two"]}])
     only_x2 = tmp_path / "q2.jsonl"
-    data.write_jsonl(only_x2, [{"question_id": "x2", "turns": ["One", "Two"]}])
+    common.write_jsonl(only_x2, [{"question_id": "x2", "turns": ["One", "Two"]}])
 
     def run(name, seed, qfile=questions, *extra):
         out = tmp_path / name
@@ -559,7 +560,7 @@ def test_generation_prompts_are_the_training_prompts(monkeypatch, template):
 
 def test_generate_appends_and_resumes_where_an_interrupted_run_stopped(tmp_path, monkeypatch, capsys):
     questions = tmp_path / "q.jsonl"
-    data.write_jsonl(questions, [{"question_id": f"q{i}", "turns": [f"Copy: ABDE{c}\n"]}
+    common.write_jsonl(questions, [{"question_id": f"q{i}", "turns": [f"Copy: ABDE{c}\n"]}
                                  for i, c in enumerate("FGHIJ")])
 
     def argv(out, *extra):
@@ -601,7 +602,7 @@ def test_generate_appends_and_resumes_where_an_interrupted_run_stopped(tmp_path,
 def test_generate_keeps_the_whole_prompt_and_caps_new_tokens(tmp_path, capsys):
     question = "Copy: ABDEF\n" * 2
     questions = tmp_path / "q.jsonl"
-    data.write_jsonl(questions, [{"question_id": 1, "turns": [question]}])
+    common.write_jsonl(questions, [{"question_id": 1, "turns": [question]}])
     tokenizer, model = models.load_tokenizer(), models.load_model()
     ids = torch.tensor([data.encode_prompt([{"role": "user", "content": question}], tokenizer)])
     n = ids.shape[1]  # the prompt as training frames it (an HH transcript: the tiny tokenizer has no template)
@@ -637,7 +638,7 @@ def test_exact_on_the_embedded_dataset(tmp_path, capsys):
     paths = {}
     for side, records in rows.items():
         paths[side] = tmp_path / f"{side}.jsonl"
-        data.write_jsonl(paths[side], records)
+        common.write_jsonl(paths[side], records)
     summary = tmp_path / "s.json"
     argv = ["exact", "--answers_a", str(paths["chosen"]), "--answers_b", str(paths["rejected"]),
             "--summary", str(summary)]
@@ -660,5 +661,5 @@ def test_bad_question_file_is_one_line_naming_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"{path}:2: field 'turns' missing" in err
     path.write_text('{"question_id": 1, "turns": ["hi"]}\n{"question_id": 1, "turns": ["again"]}\n')
-    with pytest.raises(metrics.EvalError, match=r"q.jsonl:2: question_id 1 repeats .*q.jsonl:1$"):
+    with pytest.raises(common.EvalError, match=r"q.jsonl:2: question_id 1 repeats .*q.jsonl:1$"):
         judge.load_questions(str(path))

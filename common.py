@@ -1,0 +1,173 @@
+"""common.py: what every other module of srpo shares, and nothing else; it imports nothing of the project.
+
+Owns: the project's base error SrpoError and the error kinds that several modules raise (DataError,
+EvalError), atomic writes (atomic_path, atomic_open, replace_path), JSON/JSONL output (write_jsonl,
+jsonable, emit), number formatting for tables (num, pct) and the progress bar (Progress).
+Does not own: any data format (data.py), model (models.py) or metric (metrics.py).
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+
+class SrpoError(Exception):
+    """The project's own errors: bad input, flags or files, told in one line (``error: ...``, exit code 2)
+    by the commands' main(). Any other exception is a bug and keeps its traceback."""
+
+
+class DataError(SrpoError):
+    """Bad input or an unusable dataset, in one line that names the file and line where known."""
+
+
+class EvalError(SrpoError):
+    """Bad input or an unrecoverable fault, in one line that names the file (and line) at fault."""
+
+
+# ----------------------------------------------------------------------------- files out, progress
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path`` (file or folder); once the block ends without an error
+    it replaces ``path`` by a rename, so a crash leaves either the old or the new one whole."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    _remove(tmp)
+    yield tmp
+    replace_path(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """A UTF-8 text file opened for writing at ``path``, written atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        yield fh
+
+
+def replace_path(tmp, path):
+    """Rename ``tmp`` onto ``path``. A folder at ``path`` is first renamed to path.old and removed after,
+    so a crash between the renames leaves it whole as path.old."""
+    if os.path.isdir(path):
+        old = path + ".old"
+        _remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def write_jsonl(path, records):
+    """One JSON object per line (UTF-8, not ASCII-escaped), written atomically."""
+    with atomic_open(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def num(value, fmt=".3f", std=None, unit=""):
+    """``value`` in ``fmt`` (then ``unit``), with " ± std" where std is given; "-" when missing or not finite."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    known = std is not None and math.isfinite(std)
+    return format(value, fmt) + unit + (f" ± {format(std, fmt.lstrip('+'))}" if known else "")
+
+
+def pct(value, std=None, digits=1):
+    """A fraction as a percentage: pct(0.462, 0.295) == "46.2% ± 29.5"."""
+    std = None if std is None else 100 * std
+    return num(None if value is None else 100 * value, f".{digits}f", std, unit="%")
+
+
+def jsonable(value):
+    """nan/inf -> None (strict JSON), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def emit(document, table, out=None):
+    """The JSON document to ``out`` (or stdout when None or "-"), the table to the other stream."""
+    text = json.dumps(jsonable(document), indent=2, ensure_ascii=False) + "\n"
+    if out in (None, "-"):
+        sys.stdout.write(text)
+        sys.stderr.write(table + "\n")
+    else:
+        with atomic_open(out) as fh:
+            fh.write(text)
+        sys.stdout.write(table + "\n")
+
+
+def _duration(seconds):
+    """'12s', '3m05s', '2h07m'; '?' when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Progress:
+    """One throttled progress line on stderr, in the style of train.py's step lines:
+
+        tokenizing 1,200/2,000 pairs | 410.3/s | 2s elapsed, ~1s left
+
+    Redrawn in place on a terminal (at most every 0.5 s); otherwise a new line at the first update, at
+    most every `every` seconds (default 30) after it, and at the end, so that logs stay short.
+    enabled: False (every rank but 0) prints nothing; True writes to `stream` (default stderr); a text
+    stream (what a ``progress`` argument may be, e.g. sys.stdout) writes there. clock: for tests.
+    """
+
+    def __init__(self, total, label, unit="", enabled=True, stream=None, every=None, clock=time.monotonic):
+        if hasattr(enabled, "write"):
+            stream, enabled = enabled, True
+        self.total, self.label, self.unit, self.enabled, self.clock = total, label, unit, bool(enabled), clock
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every if every is not None else 0.5 if self.tty else 30.0
+        self.done, self.start, self.drawn = 0, clock(), None
+
+    def line(self, now):
+        """The progress line at time `now`: done/total, the rate so far and the time left at that rate."""
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else math.nan
+        left = (self.total - self.done) / rate if rate > 0 else math.nan
+        unit = f" {self.unit}" if self.unit else ""
+        return (f"{self.label} {self.done:,}/{self.total:,}{unit} | {rate:,.1f}/s | "
+                f"{_duration(elapsed)} elapsed, ~{_duration(left)} left")
+
+    def update(self, n=1):
+        self.done += n
+        now = self.clock()
+        due = self.drawn is None or now - self.drawn >= self.every or self.done >= self.total
+        if self.enabled and due:
+            self.drawn = now
+            line = self.line(now)
+            self.stream.write("\r" + line if self.tty else line + "\n")
+            self.stream.flush()
+
+    def iterate(self, items):
+        """Yield the items, counting each one done when the next is asked for; close at the end."""
+        for item in items:
+            yield item
+            self.update()
+        self.close()
+
+    def close(self):
+        if self.enabled and self.tty and self.drawn is not None:
+            self.stream.write("\n")
+            self.stream.flush()
