@@ -39,6 +39,7 @@ import common
 from common import SrpoError
 
 CHECKPOINT, CHECKSUMS, RECORD, LOCK = "checkpoint", "SHA256SUMS", "run.json", "run.lock"
+FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"  # out_dir's other entries: models and the metrics log
 METADATA = ".metadata"
 # The flags that define a run: a resumed run must have the same, or it would mix two runs' data order or math.
 RUN_FLAGS = ("loss", "beta", "lam", "refine", "refine_prompt", "model", "ref_model", "data", "max_pairs",
@@ -397,3 +398,33 @@ class Lock:
                     os.remove(self.path)
             except OSError:
                 print(f"{self.path}: could not remove the lock", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- a training run's state
+
+
+
+def _state(policy, optimizer):
+    """The DCP state dict of policy and optimizer (sharded as they are)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
+
+
+def save_checkpoint(out_dir, policy, optimizer, stage, stage_index, step, record, rank, world):
+    """out_dir/checkpoint, written atomically with its checksums and the run's record (save).
+    Returns what it holds, "STAGE step N", for messages."""
+    save(out_dir, _state(policy, optimizer), {"stage_index": stage_index, "step": step}, record, rank,
+                    world)
+    return f"{stage} step {step}"
+
+
+def load_checkpoint(path, policy, optimizer, rank):
+    """Restore model, optimizer and RNG in place from a verified checkpoint; return the saved extra dict."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _state(policy, optimizer)
+    extra = load(path, state, rank)
+    set_model_state_dict(policy, state["model"])
+    set_optimizer_state_dict(policy, optimizer, state["optim"])
+    return extra

@@ -1,7 +1,7 @@
 """common.py: what every other module of srpo shares, and nothing else; it imports nothing of the project.
 
-Owns: the project's base error SrpoError and the error kinds that several modules raise (DataError,
-EvalError), atomic writes (atomic_path, atomic_open, replace_path), JSON/JSONL output (write_jsonl,
+Owns: the project's base error SrpoError and the error kinds that several modules raise (ConfigError,
+DataError, EvalError), atomic writes (atomic_path, atomic_open, replace_path), JSON/JSONL output (write_jsonl,
 jsonable, emit), number formatting for tables (num, pct) and the progress bar (Progress).
 Does not own: any data format (data.py), model (models.py) or metric (metrics.py).
 """
@@ -18,6 +18,10 @@ import time
 class SrpoError(Exception):
     """The project's own errors: bad input, flags or files, told in one line (``error: ...``, exit code 2)
     by the commands' main(). Any other exception is a bug and keeps its traceback."""
+
+
+class ConfigError(SrpoError):
+    """A flag or a combination of flags that cannot work, in one line."""
 
 
 class DataError(SrpoError):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from common import SrpoError
+from common import SrpoError, atomic_path
 from srpo import IGNORE_INDEX, packed_sequence_logps, sequence_logps
 
 TINY = "tiny"
@@ -361,39 +361,9 @@ def mixed_precision(mode, device):
     return MixedPrecisionPolicy(), torch.float32
 
 
-def setup_distributed(device="auto"):
-    """A process group under torchrun (RANK set), else one of size 1. Returns (rank, world, device)."""
-    local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "cpu"
-    cuda = device == "cuda"
-    backend = "nccl" if cuda else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_sum(values, device):
-    """Sum a list of floats over ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def to_device(batch, device):
     """A collated batch's tensors moved to device."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def log(rank, *args):
-    """print on rank 0 only, flushed."""
-    if rank == 0:
-        print(*args, flush=True)
 
 
 def model_device(model):
@@ -406,3 +376,30 @@ def load_lm(name, dtype="float32", device="cpu"):
     check_model(name)
     tokenizer = load_tokenizer(name)
     return load_model(name, tokenizer, dtype=DTYPES[dtype]).to(device), tokenizer
+
+
+def export(policy, tokenizer, path, rank, config, dtype, record):
+    """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
+
+    The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
+    source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
+    models.MODEL_RECORD (the model's reference and the run's flags).
+    """
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        for key in state:
+            state[key] = state[key].to(dtype)
+        with atomic_path(path) as tmp:
+            policy.save_pretrained(tmp, state_dict=state)
+            config = copy.deepcopy(config)
+            config.dtype = dtype
+            config.save_pretrained(tmp)  # replaces the training config that save_pretrained wrote
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, MODEL_RECORD), "w", encoding="utf-8") as fh:
+                json.dump(record, fh, indent=1)
+    del state
+    dist.barrier()

@@ -18,15 +18,12 @@ held-out pairs (metrics.py). The functions below come in the order they are call
 """
 
 import dataclasses
-import datetime
 import functools
-import gc
 import json
 import math
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 import typing
@@ -37,40 +34,38 @@ import torch.distributed as dist
 import checkpoint
 import common
 import data
+import defaults
 import metrics
+from checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
+from common import ConfigError
+from distributed import Failures, all_sum, log, setup_distributed
+from embedded import embedded_sft_pairs
 from models import (
     DTYPES,
-    MODEL_RECORD,
     TINY,
-    all_sum,
     check_model,
-    choose_packing,
-    frozen_copy,
-    load_sharded,
+    export,
     load_tokenizer,
-    log,
-    mixed_precision,
     model_record,
-    setup_distributed,
     source_config,
     source_dtype,
     to_device,
     view_logps,
 )
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
+from stages import OPTIMIZERS, load_examples, plan, setup_stage, step_batches, uses_p_view
+from tracking import Tracker, progress_line, stage_line, step_metrics, summary, tracker_backend
 
 PACKINGS = ("auto", *data.PACKINGS)  # --packing (a Config field named data hides the module there)
-OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"
-CHECKPOINT, LOCK = checkpoint.CHECKPOINT, checkpoint.LOCK
-
-
-class ConfigError(common.SrpoError):
-    """A flag or a combination of flags that cannot work, in one line."""
 
 
 class NonFiniteError(common.SrpoError):
     """A non-finite loss or gradient norm: the step is not applied; the message says which checkpoint is kept."""
+
+
+def _sci(x):
+    """5e-07 as 5e-7, for --help."""
+    return f"{x:.0e}".replace("e-0", "e-")
 
 
 def _flag(default, help_text, choices=None):
@@ -81,30 +76,32 @@ def _flag(default, help_text, choices=None):
 @dataclasses.dataclass
 class Config:
     loss: str = _flag("sr-dpo", "the loss of the alignment stage (sft: SFT only)", ("sft", *LOSSES))
-    beta: float = _flag(0.1, "β of Eqs. (4)-(14); the paper's 0.1")
-    lam: float | None = _flag(None, "λ of Eq. (12) / Algorithm 2; Sr losses only; unset: 0.5, from the paper's grid")
+    beta: float = _flag(defaults.BETA, f"β of Eqs. (4)-(14); the paper's {defaults.BETA}")
+    lam: float | None = _flag(None, f"λ of Eq. (12) / Algorithm 2; Sr losses only; unset: {defaults.LAM}, "
+                                       "from the paper's grid")
     refine: str = _flag("prompt", "prompt: Δπ under p ⊕ x, Eq. (11); naive: Δ_naive under x, Eq. (10) (Table 4)",
                         ("prompt", "naive"))
-    refine_prompt: str = _flag("100", "rating scale of the prompt p: 100 (the paper's) or 10 (Table 4)",
-                               tuple(REFINE_PROMPTS))
+    refine_prompt: str = _flag(defaults.REFINE_PROMPT, "rating scale of the prompt p: 100 (the paper's) or 10 "
+                                                       "(Table 4)", tuple(REFINE_PROMPTS))
     model: str = _flag(TINY, 'transformers name or local folder; "tiny": a small Pythia-shaped model from a config')
     ref_model: str = _flag("", "reference π_ref; unset: the starting policy (after the SFT stage, if any)")
     data: str = _flag("embedded", '"embedded", a .jsonl/.jsonl.gz/.json file, or a hub dataset name')
     eval_data: str = _flag("", "held-out pairs; unset: the test split of --data")
     max_pairs: int = _flag(0, "train on the first N pairs of --data only (0: all)")
     out_dir: str = _flag("out", "metrics.jsonl, checkpoint/, sft/, final/")
-    sft_steps: int | None = _flag(None, "SFT steps on the chosen responses before alignment; unset: 300 for tiny, "
-                                        "else 0")
+    sft_steps: int | None = _flag(None, f"SFT steps on the chosen responses before alignment; unset: "
+                                        f"{defaults.TINY_SFT_STEPS} for tiny, else 0")
     sft_quality_q: float = _flag(0.0, "--data embedded only: this share of the SFT pairs ask for a usefulness rating "
-                                      "R in p's words, answered to match (data.embedded_sft_pairs)")
-    lr: float | None = _flag(None, "peak learning rate; unset: the paper's 5e-7, or 1e-3 for the randomly "
-                                   "initialised tiny model")
-    warmup_steps: int | None = _flag(None, "linear warm-up of the learning rate, in steps (each stage); unset: 150 "
-                                           "as the DPO reference code, or 9 for tiny")
+                                      "R in p's words, answered to match (embedded.embedded_sft_pairs)")
+    lr: float | None = _flag(None, f"peak learning rate; unset: the paper's {_sci(defaults.LR)}, or "
+                                   f"{_sci(defaults.TINY_LR)} for the randomly initialised tiny model")
+    warmup_steps: int | None = _flag(None, f"linear warm-up of the learning rate, in steps (each stage); unset: "
+                                           f"{defaults.WARMUP_STEPS} as the DPO reference code, or "
+                                           f"{defaults.TINY_WARMUP_STEPS} for tiny")
     batch_size: int = _flag(64, "global pairs per optimizer step, split over ranks and micro-batches")
     micro_batch_size: int = _flag(0, "pairs per forward pass on one rank; 0: the rank's whole share (no "
                                      "accumulation)")
-    max_length: int = _flag(512, "tokens per sequence, the longer p ⊕ x view included")
+    max_length: int = _flag(defaults.MAX_LENGTH, "tokens per sequence, the longer p ⊕ x view included")
     truncate_x_only: bool = _flag(False, "DPO/IPO/SFT: fit --max_length to x alone, not to p ⊕ x as the Sr losses "
                                          "do (then the losses see different x-view tokens)")
     packing: str = _flag("auto", "batch layout: padded; packed (sequences back to back, no padding); shared (also "
@@ -156,57 +153,6 @@ def main(argv=None):
         failures.stop()
         signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
-
-
-class Failures:
-    """One rank's failure stops every rank within a second, its one-line error printed once, by rank 0.
-
-    The failing rank posts its message to the process group's key-value store. A thread on every rank
-    polls the store, so a rank blocked in a collective that the failed rank never joins sees it too:
-    rank 0 prints the line, and every rank exits with the failure's status, without waiting on collectives.
-    """
-
-    KEY = f"srpo_failure_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-
-    def __init__(self, rank, world):
-        self.rank = rank
-        self.store = dist.distributed_c10d._get_default_store() if world > 1 else None
-        self.done = threading.Event()
-        if self.store is not None:
-            threading.Thread(target=self._watch, daemon=True).start()
-
-    def fail(self, message, status):
-        """Report this rank's failure; returns `status` where the process is not ended for it (one process)."""
-        if self.store is None:
-            print(f"train.py: error: {message}", file=sys.stderr, flush=True)
-            return status
-        self.store.compare_set(self.KEY, "", f"{status} rank {self.rank}: {message}")  # the first one counts
-        self.done.wait(30)  # the watching thread ends the process
-        return status
-
-    def stop(self):
-        self.done.set()
-
-    def _watch(self):
-        while not self.done.wait(0.2):
-            try:
-                failed = self.store.check([self.KEY])
-            except Exception:  # noqa: BLE001 (the store has closed: the run is over)
-                return
-            if failed:
-                self._exit()
-
-    def _exit(self):
-        status = 1
-        try:
-            status, message = self.store.get(self.KEY).decode().split(" ", 1)
-            if self.rank == 0:
-                print(f"train.py: error: {message}", file=sys.stderr, flush=True)
-                self.store.set(self.KEY + "_printed", "1")
-            else:  # give rank 0 the moment it needs to print, unless it is gone
-                self.store.wait([self.KEY + "_printed"], datetime.timedelta(seconds=5))
-        finally:
-            os._exit(int(status))
 
 
 def parse_config(argv=None):
@@ -274,17 +220,14 @@ def validate(cfg, world=1):
 def resolved(cfg):
     """The unset defaults filled in; the only place where they depend on the model."""
     tiny = cfg.model == TINY
-    lam = cfg.lam if cfg.lam is not None else (0.5 if cfg.loss in SELF_REFINED else 0.0)
+    lam = cfg.lam if cfg.lam is not None else (defaults.LAM if cfg.loss in SELF_REFINED else 0.0)
     return dataclasses.replace(
         cfg, lam=lam, pack_length=cfg.pack_length or cfg.max_length,
-        lr=cfg.lr if cfg.lr is not None else (1e-3 if tiny else 5e-7),
-        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (9 if tiny else 150),
-        sft_steps=cfg.sft_steps if cfg.sft_steps is not None else (300 if tiny and cfg.loss != "sft" else 0))
-
-
-def uses_p_view(cfg):
-    """Whether the loss needs log-probs under p ⊕ x: the Sr losses with --refine prompt (Eq. 11)."""
-    return cfg.loss in SELF_REFINED and cfg.refine == "prompt"
+        lr=cfg.lr if cfg.lr is not None else (defaults.TINY_LR if tiny else defaults.LR),
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (
+            defaults.TINY_WARMUP_STEPS if tiny else defaults.WARMUP_STEPS),
+        sft_steps=cfg.sft_steps if cfg.sft_steps is not None else (
+            defaults.TINY_SFT_STEPS if tiny and cfg.loss != "sft" else 0))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -342,12 +285,72 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
     progress lines. Every --save_every steps, at each stage's end and on SIGTERM a checkpoint is written; on
     SIGTERM the run then returns early (rerun with --resume).
     """
-    stop = Stop()
+    run = prepare_run(cfg, rank, world, device, resume, say)
+    start_stage, logged = resume_bookkeeping(cfg, run, resume)
+    tracker = Tracker(cfg, backend, logged + 1) if backend else None
+    policy, last = None, None
+    for stage_index in range(start_stage, len(run.stages)):
+        stage, n_steps = run.stages[stage_index]
+        s = setup_stage(cfg, run, stage_index, policy, resume if stage_index == start_stage else None)
+        policy, step = s.policy, s.step
+        say(stage_line(cfg, run, stage, n_steps, s.packing))
+        batches = step_batches(run.sft_examples if stage == "sft" else run.examples, cfg, run.micro,
+                               run.tokenizer.pad_token_id, rank, world, step, n_steps, s.packing,
+                               chosen_only=stage == "sft")
+        for micro_batches in batches:
+            m = timed_step(cfg, run, s, micro_batches, stage_index, step)
+            step += 1
+            last = heldout_eval(cfg, run, s, m, n_steps) or last
+            log_step(cfg, run, m, n_steps, tracker)
+            if save_if_due(cfg, run, s, stage_index, step):  # SIGTERM: checkpoint written, stop here
+                say(f"SIGTERM: checkpoint written at {stage} step {step}; rerun with --resume to continue")
+                if tracker:
+                    tracker.close()
+                return 0
+        end_stage(cfg, run, s, stage_index, step)
+    final = os.path.join(cfg.out_dir, FINAL)
+    if policy is not None:
+        export(policy, run.tokenizer, final, rank, run.config, run.save_dtype,
+               model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)))
+    if tracker:
+        tracker.close()
+    say(summary(cfg, run.stages, last, final, reference_name(cfg)))
+    return 0
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage of one run shares: the process (rank, world, device, say), the tokenized pairs, the
+    stages as (name, steps) with the global step each starts at, the micro-batch size, the run's record for
+    checkpoints, ``score`` (``metrics.pair_logps`` bound once to this run's batches), where sft/ and final/ get
+    their config and dtype, the SIGTERM flag, and what the last checkpoint holds ("STAGE step N", or None)."""
+    rank: int
+    world: int
+    device: torch.device
+    say: typing.Callable
+    tokenizer: typing.Any
+    examples: list
+    sft_examples: list
+    eval_examples: list
+    stages: list
+    first_step: list
+    micro: int
+    record: dict
+    score: typing.Callable
+    config: typing.Any
+    save_dtype: torch.dtype
+    preemption: "Stop"
+    last_saved: str | None = None
+
+
+def prepare_run(cfg, rank, world, device, resume, say):
+    """The Run: the SIGTERM handler set, the tokenizer loaded, the pairs tokenized (their count checked against
+    the checkpoint `resume`'s record), the stages planned."""
+    preemption = Stop()
     tokenizer = load_tokenizer(cfg.model)
     examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
     sft_examples = examples if not cfg.sft_quality_q else data.tokenize_pairs(
-        data.embedded_sft_pairs(cfg.sft_quality_q)[:cfg.max_pairs or None], tokenizer, cfg.max_length, log=say)
-    record = checkpoint.run_record(cfg, train_pairs=len(examples))
+        embedded_sft_pairs(cfg.sft_quality_q)[:cfg.max_pairs or None], tokenizer, cfg.max_length, log=say)
     if resume and not cfg.resume_force:
         checkpoint.check_record(checkpoint.read_record(resume), {"train_pairs": len(examples)}, resume)
     micro = cfg.micro_batch_size or cfg.batch_size // world
@@ -355,84 +358,90 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
                               world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
                               progress=sys.stdout)  # rank 0
     stages = plan(cfg, len(examples))
-    names = [name for name, _ in stages]
-    saved = checkpoint.read_extra(resume, rank) if resume else None
-    start_stage = saved["stage_index"] if saved else 0
-    metrics_path = os.path.join(cfg.out_dir, METRICS)
-    checkpoint.on_rank0(lambda: checkpoint.trim_metrics(
-        metrics_path, lambda m: saved is not None and (names.index(m["stage"]), m["step"]) <= (
-            saved["stage_index"], saved["step"]), say), rank, world)
-    last_saved = f"{names[start_stage]} step {saved['step']}" if saved else None
-    if start_stage > 0:  # the alignment stage starts from the SFT model that the first stage exported
-        check_model(os.path.join(cfg.out_dir, SFT_DIR), "--resume: the SFT model")
     first_step = [sum(n for _, n in stages[:i]) for i in range(len(stages))]  # global step = first_step + step
-    resumed_at = first_step[start_stage] + saved["step"] if saved else 0  # global steps already logged
-    tracker = Tracker(cfg, backend, resumed_at + 1) if backend else None
-
     config = source_config(cfg.model, tokenizer)  # what sft/ and final/ write as their config.json
     save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else source_dtype(config)
-    policy, last = None, None
-    for stage_index, (stage, n_steps) in enumerate(stages):
-        if stage_index < start_stage:
-            continue
-        s = setup_stage(cfg, stage, stage_index, policy, examples, eval_examples, tokenizer, score, device, rank,
-                        resume if stage_index == start_stage else None, say)
-        policy, step = s.policy, s.step
-        say(f"stage {stage}: {n_steps} steps of {cfg.batch_size} pairs ({world} rank(s) x "
-            f"{cfg.batch_size // world // micro} micro-batch(es) of {micro}), lr {cfg.lr:g}"
-            + (f", beta {cfg.beta}, lambda {cfg.lam}, refine {cfg.refine}" if stage in SELF_REFINED else "")
-            + f"; {s.packing} batches"
-            + (f" (rows of up to {cfg.pack_length} tokens)" if s.packing != "padded" else ""))
-        batches = step_batches(sft_examples if stage == "sft" else examples, cfg, micro, tokenizer.pad_token_id, rank,
-                               world, step, n_steps, s.packing,
-                               chosen_only=stage == "sft")
-        for micro_batches in batches:
-            t0 = time.time()
-            try:
-                summed = train_step(policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, world,
-                                    device)
-            except NonFiniteError as err:
-                raise NonFiniteError(f"{err}; " + (f"the last checkpoint ({last_saved}) is kept: --resume continues "
-                                                   f"from it" if last_saved else
-                                                   "no checkpoint has been written (--save_every)")) from None
-            step += 1
-            m = step_metrics(summed, stage, step, time.time() - t0)
-            m["global_step"] = first_step[stage_index] + step
-            if s.eval_ref is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
-                policy.eval()
-                scores = score(policy, eval_examples, with_p=data.with_p_view(eval_examples), packing=s.packing)
-                last = metrics.heldout_metrics(scores, s.eval_ref, eval_examples, cfg.beta)
-                policy.train()
-                m.update({f"eval_{k}": v for k, v in last.items() if isinstance(v, (int, float))})
-            if rank == 0:
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(m) + "\n")
-                if step % cfg.log_every == 0 or step == n_steps:
-                    print(progress_line(m, n_steps), flush=True)
-                if tracker:
-                    tracker.log(m)
-            preempted = all_sum([float(stop.requested)], device)[0] > 0
-            if preempted or (cfg.save_every and step % cfg.save_every == 0):
-                last_saved = save_checkpoint(cfg.out_dir, policy, s.optimizer, stage, stage_index, step, record, rank,
-                                             world)
-            if preempted:
-                say(f"SIGTERM: checkpoint written at {stage} step {step}; rerun with --resume to continue")
-                if tracker:
-                    tracker.close()
-                return 0
-        last_saved = save_checkpoint(cfg.out_dir, policy, s.optimizer, stage, stage_index, step, record, rank, world)
-        if stage == "sft" and stage_index < len(stages) - 1:
-            export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank, config, save_dtype,
-                   model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)))
-            say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
-    final = os.path.join(cfg.out_dir, FINAL)
-    if policy is not None:
-        export(policy, tokenizer, final, rank, config, save_dtype,
-               model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)))
+    return Run(rank, world, device, say, tokenizer, examples, sft_examples, eval_examples, stages, first_step, micro,
+               checkpoint.run_record(cfg, train_pairs=len(examples)), score, config, save_dtype, preemption)
+
+
+def resume_bookkeeping(cfg, run, resume):
+    """(the stage to start at, the global steps already logged): from the checkpoint `resume` (None: 0, 0).
+    Cuts metrics.jsonl back to it and, past the SFT stage, checks the SFT model."""
+    saved = checkpoint.read_extra(resume, run.rank) if resume else None
+    names = [name for name, _ in run.stages]
+    checkpoint.on_rank0(lambda: checkpoint.trim_metrics(
+        os.path.join(cfg.out_dir, METRICS), lambda m: saved is not None and (names.index(m["stage"]), m["step"]) <= (
+            saved["stage_index"], saved["step"]), run.say), run.rank, run.world)
+    if not saved:
+        return 0, 0
+    run.last_saved = f"{names[saved['stage_index']]} step {saved['step']}"
+    if saved["stage_index"] > 0:  # the alignment stage starts from the SFT model that the first stage exported
+        check_model(os.path.join(cfg.out_dir, SFT_DIR), "--resume: the SFT model")
+    return saved["stage_index"], run.first_step[saved["stage_index"]] + saved["step"]
+
+
+def timed_step(cfg, run, s, micro_batches, stage_index, step):
+    """``train_step`` of stage step `step` (from 0), as the metrics it logs (``step_metrics``) with its global
+    step; a NonFiniteError also says which checkpoint --resume would continue from."""
+    stage = run.stages[stage_index][0]
+    t0 = time.time()
+    try:
+        summed = train_step(s.policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, run.world,
+                            run.device)
+    except NonFiniteError as err:
+        raise NonFiniteError(f"{err}; " + (f"the last checkpoint ({run.last_saved}) is kept: --resume continues "
+                                           f"from it" if run.last_saved else
+                                           "no checkpoint has been written (--save_every)")) from None
+    m = step_metrics(summed, stage, step + 1, time.time() - t0)
+    m["global_step"] = run.first_step[stage_index] + step + 1
+    return m
+
+
+def heldout_eval(cfg, run, s, m, n_steps):
+    """The held-out metrics (``metrics.heldout_metrics``) every --eval_every steps and at the stage's end, also
+    added to m as eval_* keys; None at other steps and without held-out pairs or π_ref."""
+    step = m["step"]
+    if s.eval_ref is None or not ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
+        return None
+    s.policy.eval()
+    scores = run.score(s.policy, run.eval_examples, with_p=data.with_p_view(run.eval_examples), packing=s.packing)
+    last = metrics.heldout_metrics(scores, s.eval_ref, run.eval_examples, cfg.beta)
+    s.policy.train()
+    m.update({f"eval_{k}": v for k, v in last.items() if isinstance(v, (int, float))})
+    return last
+
+
+def log_step(cfg, run, m, n_steps, tracker):
+    """Rank 0: m as a metrics.jsonl line, the progress line every --log_every steps, and to the tracker."""
+    if run.rank != 0:
+        return
+    with open(os.path.join(cfg.out_dir, METRICS), "a") as fh:
+        fh.write(json.dumps(m) + "\n")
+    if m["step"] % cfg.log_every == 0 or m["step"] == n_steps:
+        print(progress_line(m, n_steps), flush=True)
     if tracker:
-        tracker.close()
-    say(summary(cfg, stages, last, final))
-    return 0
+        tracker.log(m)
+
+
+def save_if_due(cfg, run, s, stage_index, step):
+    """A checkpoint every --save_every steps and after SIGTERM on any rank; returns whether SIGTERM came."""
+    preempted = all_sum([float(run.preemption.requested)], run.device)[0] > 0
+    if preempted or (cfg.save_every and step % cfg.save_every == 0):
+        run.last_saved = save_checkpoint(cfg.out_dir, s.policy, s.optimizer, run.stages[stage_index][0], stage_index,
+                                         step, run.record, run.rank, run.world)
+    return preempted
+
+
+def end_stage(cfg, run, s, stage_index, step):
+    """The stage's last checkpoint; after an SFT stage that another follows, the SFT model in out_dir/sft."""
+    stage = run.stages[stage_index][0]
+    run.last_saved = save_checkpoint(cfg.out_dir, s.policy, s.optimizer, stage, stage_index, step, run.record,
+                                     run.rank, run.world)
+    if stage == "sft" and stage_index < len(run.stages) - 1:
+        export(s.policy, run.tokenizer, os.path.join(cfg.out_dir, SFT_DIR), run.rank, run.config, run.save_dtype,
+               model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)))
+        run.say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
 
 
 class Stop:
@@ -446,126 +455,11 @@ class Stop:
         self.requested = True
 
 
-def load_examples(cfg, tokenizer, say, progress=False):
-    """(training examples, held-out examples) tokenized. The held-out ones have the p ⊕ x view (its metrics)
-    where p fits in --max_length, as the Sr losses need anyway; a run that does not need p otherwise
-    evaluates under x only.
-
-    The training examples have the p ⊕ x view only where the loss uses it, but every loss is cut to
-    --max_length as the Sr losses are (``data.tokenize_pairs``' p_view=False), so that at the same --max_length
-    all losses see the same x-view tokens (unless --truncate_x_only).
-    """
-    refine_prompt = REFINE_PROMPTS[cfg.refine_prompt]
-    pairs = data.load_pairs(cfg.data, "train", log=say)[:cfg.max_pairs or None]
-    fit_p = uses_p_view(cfg) or not cfg.truncate_x_only
-    try:
-        examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if fit_p else None, log=say,
-                                       p_view=uses_p_view(cfg), progress=progress)
-    except common.DataError as err:
-        if uses_p_view(cfg):
-            raise
-        raise common.DataError(f"{err} (--loss {cfg.loss} is cut as if p ⊕ x were there, as the Sr losses are; "
-                             f"--truncate_x_only fits x alone)") from None
-    eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
-    if eval_source is None:
-        say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")
-        return examples, []
-    eval_pairs = data.load_pairs(eval_source, "test", log=say)[:cfg.eval_pairs or None]
-    try:
-        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say,
-                                             progress=progress)
-    except common.DataError as err:
-        if uses_p_view(cfg):
-            raise
-        say(f"held-out pairs under x only: with p they do not fit ({err})")
-        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, None, log=say)
-
-
-def plan(cfg, n_examples):
-    """The run's stages as (name, steps): an optional SFT stage, then the alignment loss."""
-    if cfg.loss == "sft":
-        return [("sft", stage_steps(cfg, n_examples))]
-    return ([("sft", cfg.sft_steps)] if cfg.sft_steps else []) + [(cfg.loss, stage_steps(cfg, n_examples))]
-
-
-def stage_steps(cfg, n_examples):
-    """Steps of the main stage (--loss): --epochs or --max_steps, whichever ends first (an SFT stage before an
-    alignment loss runs --sft_steps)."""
-    per_epoch = data.steps_per_epoch(n_examples, cfg.batch_size)
-    if per_epoch == 0:
-        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {n_examples} training pairs")
-    steps = int(cfg.epochs * per_epoch)
-    return steps if cfg.max_steps < 0 else min(steps, cfg.max_steps)
-
-
-@dataclasses.dataclass
-class Stage:
-    """What one stage trains with: the FSDP2 policy, π_ref (None when cached or SFT), the reference cache
-    and the held-out reference scores (``metrics.pair_logps``), the optimizer, the step to start at, and the batch
-    layout (``models.choose_packing``)."""
-    policy: torch.nn.Module
-    ref: torch.nn.Module | None
-    cache: dict | None
-    eval_ref: dict | None
-    optimizer: torch.optim.Optimizer
-    step: int
-    packing: str
-
-
-def setup_stage(cfg, stage, stage_index, policy, examples, eval_examples, tokenizer, score, device, rank, resume,
-                say):
-    """Policy, reference, reference cache, held-out reference scores, optimizer, and the resumed state.
-
-    `policy`: the previous stage's (the SFT model, in memory), which this stage continues from and, unless
-    --ref_model, takes as π_ref; None for the run's first stage, which loads it (models.load_sharded).
-    """
-    start = os.path.join(cfg.out_dir, SFT_DIR) if stage_index > 0 else cfg.model
-    mp, ref_dtype = mixed_precision(cfg.mixed_precision, device)
-    load = functools.partial(load_sharded, tokenizer=tokenizer, device=device, mp_policy=mp, seed=cfg.seed)
-    in_memory = policy is not None
-    if not in_memory:
-        policy = load(start, dtype=torch.float32, activation_checkpointing=cfg.activation_checkpointing)
-    ref, cache, eval_ref = None, None, None
-    if stage != "sft":  # π_ref is never updated
-        ref = frozen_copy(policy, ref_dtype, mp) if in_memory and not cfg.ref_model \
-            else load(cfg.ref_model or start, dtype=ref_dtype)
-        ref.requires_grad_(False)
-    packing = choose_packing(cfg.packing, [m for m in (policy, ref) if m is not None], device, say)
-    score = functools.partial(score, packing=packing)
-    if ref is not None:
-        if eval_examples:  # π_ref is frozen: score the held-out pairs once
-            eval_ref = score(ref, eval_examples, with_p=data.with_p_view(eval_examples))
-        if cfg.precompute_ref:
-            t0 = time.time()
-            cache = score(ref, examples, with_p=uses_p_view(cfg))
-            ref = None
-            gc.collect()
-            say(f"precomputed reference log-probs of {len(examples):,} pairs in {time.time() - t0:.1f}s; "
-                f"reference model freed")
-    policy.train()
-    optimizer = OPTIMIZERS[cfg.optimizer](policy.parameters(), lr=cfg.lr)
-    step = 0
-    if resume:
-        step = load_checkpoint(resume, policy, optimizer, rank)["step"]
-        say(f"resumed {stage} at step {step} from {resume}")
-    return Stage(policy, ref, cache, eval_ref, optimizer, step, packing)
-
-
-def step_batches(examples, cfg, micro, pad_id, rank, world, start, stop, packing="padded", chosen_only=False):
-    """This rank's share of each step from `start` to `stop` (stage-relative, from 0), collated into
-    micro-batches of `micro` pairs in the `packing` layout (chosen_only: SFT's). The order is ``data.schedule``'s
-    (reshuffled each epoch by --seed), so a resumed run takes exactly the batches of the uninterrupted run."""
-    order = data.schedule(len(examples), cfg.batch_size, cfg.seed, rank=rank, world=world, start_step=start)
-    for _, (_, _, indices) in zip(range(start, stop), order):
-        yield [data.collate([examples[i] for i in indices[a:a + micro]], pad_id, packing, cfg.pack_length, chosen_only)
-               for a in range(0, len(indices), micro)]
-
-
 # ----------------------------------------------------------------------------- one step
 
 
 def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, world, device):
-    """One optimizer step over this rank's micro-batches. Returns the step's summed stats (this rank)."""
+    """One optimizer step over this rank's micro-batches. Returns the step's stats summed over all ranks."""
     lr = get_lr(step, cfg.lr, cfg.warmup_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -667,170 +561,9 @@ def no_grad_logps(model, cache, batch, need_p, average=False):
     return x, px
 
 
-def step_metrics(summed, stage, step, seconds):
-    """The logged metrics of one step, from the stats summed over ranks (``metrics.preference_means``)."""
-    n = summed["pairs"]
-    m = {"stage": stage, "step": step, "loss": summed["loss"] / summed["denominator"], "grad_norm": summed["grad_norm"],
-         "lr": summed["lr"], "examples_per_s": n / seconds, "tokens_per_s": summed["tokens"] / seconds}
-    if stage != "sft":
-        m.update(metrics.preference_means(summed, n))
-    return m
-
-
-def progress_line(m, n_steps):
-    """A concise progress line for rank 0."""
-    parts = [f"{m['stage']} {m['step']:>4}/{n_steps}", f"loss {m['loss']:.4f}"]
-    if "accuracy" in m:
-        parts += [f"r+ {m['reward_chosen']:+.3f}", f"r- {m['reward_rejected']:+.3f}", f"acc {m['accuracy']:.2f}",
-                  f"Δ {m['delta_mean']:+.3f}±{m['delta_std']:.3f}"]
-    parts += [f"|g| {m['grad_norm']:.2f}", f"lr {m['lr']:.2g}", f"{m['examples_per_s']:.0f} ex/s",
-              f"{m['tokens_per_s']:.0f} tok/s"]
-    if "eval_accuracy" in m:
-        parts.append(f"eval acc {m['eval_accuracy']:.3f}")
-    return " | ".join(parts)
-
-
 def reference_name(cfg):
     """Where the reference model of the alignment stage comes from."""
     return cfg.ref_model or (os.path.join(cfg.out_dir, SFT_DIR) if cfg.sft_steps else cfg.model)
-
-
-def summary(cfg, stages, ev, final):
-    """The closing summary: what was trained, held-out results, where final/ is, what to run next."""
-    lines = ["", "=" * 72, "trained: " + " -> ".join(f"{s} ({n} steps)" for s, n in stages)
-             + f" on {cfg.data}, model {cfg.model}, beta {cfg.beta}"
-             + (f", lambda {cfg.lam}" if cfg.loss in SELF_REFINED else "")]
-    if ev:
-        under_p = f", {ev['p_accuracy']:.3f} under p+x" if "p_accuracy" in ev else ""
-        lines.append(f"held-out accuracy: {ev['accuracy']:.3f} under x{under_p} ({ev['n_pairs']} pairs)")
-        if "spearman" in ev:
-            lines.append(f"Δπ vs true score gap: Spearman {ev['spearman']:+.3f}, Kendall {ev['kendall_tau_b']:+.3f}, "
-                         f"pairs ranked by informativeness {ev['concordance']:.3f} (0.5 is chance)")
-    lines += [f"final model: {final}  (a plain transformers folder)",
-              f"next: python evaluate.py accuracy --model {final} --ref_model {reference_name(cfg)} --data {cfg.data}",
-              "=" * 72]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _state(policy, optimizer):
-    """The DCP state dict of policy and optimizer (sharded as they are)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    return {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
-
-
-def save_checkpoint(out_dir, policy, optimizer, stage, stage_index, step, record, rank, world):
-    """out_dir/checkpoint, written atomically with its checksums and the run's record (checkpoint.save).
-    Returns what it holds, "STAGE step N", for messages."""
-    checkpoint.save(out_dir, _state(policy, optimizer), {"stage_index": stage_index, "step": step}, record, rank,
-                    world)
-    return f"{stage} step {step}"
-
-
-def load_checkpoint(path, policy, optimizer, rank):
-    """Restore model, optimizer and RNG in place from a verified checkpoint; return the saved extra dict."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    state = _state(policy, optimizer)
-    extra = checkpoint.load(path, state, rank)
-    set_model_state_dict(policy, state["model"])
-    set_optimizer_state_dict(policy, optimizer, state["optim"])
-    return extra
-
-
-def export(policy, tokenizer, path, rank, config, dtype, record):
-    """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
-
-    The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
-    source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
-    models.MODEL_RECORD (the model's reference and the run's flags).
-    """
-    import copy
-
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        for key in state:
-            state[key] = state[key].to(dtype)
-        with common.atomic_path(path) as tmp:
-            policy.save_pretrained(tmp, state_dict=state)
-            config = copy.deepcopy(config)
-            config.dtype = dtype
-            config.save_pretrained(tmp)  # replaces the training config that save_pretrained wrote
-            tokenizer.save_pretrained(tmp)
-            with open(os.path.join(tmp, MODEL_RECORD), "w", encoding="utf-8") as fh:
-                json.dump(record, fh, indent=1)
-    del state
-    dist.barrier()
-
-
-# ----------------------------------------------------------------------------- experiment tracking
-
-TRACKER_DIR = "tensorboard"
-# metrics.jsonl key -> the name TRL's DPOTrainer logs it under (a held-out key "eval_K" maps as K does);
-# other keys keep their own name. In TensorBoard and W&B each name goes under train/ or eval/.
-TRL_NAMES = {"reward_chosen": "rewards/chosen", "reward_rejected": "rewards/rejected", "margin": "rewards/margins",
-             "accuracy": "rewards/accuracies", "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected",
-             "reward_chosen_mean": "rewards/chosen", "reward_rejected_mean": "rewards/rejected",
-             "margin_mean": "rewards/margins", "lr": "learning_rate"}
-
-
-def tracker_name(key):
-    """A metrics.jsonl key's name in TensorBoard / W&B: "margin" -> "train/rewards/margins", "eval_x" -> "eval/x"."""
-    split, name = ("eval", key[len("eval_"):]) if key.startswith("eval_") else ("train", key)
-    return f"{split}/{TRL_NAMES.get(name, name)}"
-
-
-def tracker_backend(kind):
-    """torch's SummaryWriter class, the wandb module, or None for "none"; ConfigError when not installed."""
-    try:
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            return SummaryWriter
-        if kind == "wandb":
-            import wandb
-            return wandb
-    except ImportError:
-        raise ConfigError(f"--report_to {kind} needs the {kind} package: pip install {kind}") from None
-    return None
-
-
-class Tracker:
-    """Every numeric metrics.jsonl value of a step, sent to TensorBoard or W&B at its global step.
-
-    backend: ``tracker_backend``'s result; start_step: the first global step this run logs. The run's
-    config is recorded once (TensorBoard: the text "config"; W&B: the run's config). Older TensorBoard
-    events from start_step on are hidden (purge_step), as metrics.jsonl drops the lines after the
-    checkpoint that a run resumes from.
-    """
-
-    def __init__(self, cfg, backend, start_step):
-        self.tensorboard, config = cfg.report_to == "tensorboard", dataclasses.asdict(cfg)
-        if self.tensorboard:
-            self.writer = backend(os.path.join(cfg.out_dir, TRACKER_DIR), purge_step=start_step)
-            self.writer.add_text("config", json.dumps(config), start_step)
-        else:
-            self.run = backend.init(config=config, dir=cfg.out_dir)
-
-    def log(self, m):
-        values = {tracker_name(k): v for k, v in m.items()
-                  if k not in ("step", "global_step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.tensorboard:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, m["global_step"])
-            self.writer.flush()  # a crash loses no logged step
-        else:
-            self.run.log(values, step=m["global_step"])
-
-    def close(self):
-        if self.tensorboard:
-            self.writer.close()
-        else:
-            self.run.finish()
 
 
 if __name__ == "__main__":

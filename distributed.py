@@ -1,0 +1,97 @@
+"""distributed.py: the process group and what every rank must agree on.
+
+Owns: starting the process group (one process, or torchrun's), summing values over ranks (all_sum), printing
+on rank 0 (log), and Failures: one rank's failure stops every rank, its one-line error printed once.
+Does not own: sharding models (models.py), the training loop (train.py) or checkpoints (checkpoint.py).
+See docs/distributed.md.
+"""
+
+import datetime
+import os
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed(device="auto"):
+    """A process group under torchrun (RANK set), else one of size 1. Returns (rank, world, device)."""
+    local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "cpu"
+    cuda = device == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_sum(values, device):
+    """Sum a list of floats over ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def log(rank, *args):
+    """print on rank 0 only, flushed."""
+    if rank == 0:
+        print(*args, flush=True)
+
+
+
+class Failures:
+    """One rank's failure stops every rank within a second, its one-line error printed once, by rank 0.
+
+    The failing rank posts its message to the process group's key-value store. A thread on every rank
+    polls the store, so a rank blocked in a collective that the failed rank never joins sees it too:
+    rank 0 prints the line, and every rank exits with the failure's status, without waiting on collectives.
+    """
+
+    KEY = f"srpo_failure_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def __init__(self, rank, world):
+        self.rank = rank
+        self.store = dist.distributed_c10d._get_default_store() if world > 1 else None
+        self.done = threading.Event()
+        if self.store is not None:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def fail(self, message, status):
+        """Report this rank's failure; returns `status` where the process is not ended for it (one process)."""
+        if self.store is None:
+            print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+            return status
+        self.store.compare_set(self.KEY, "", f"{status} rank {self.rank}: {message}")  # the first one counts
+        self.done.wait(30)  # the watching thread ends the process
+        return status
+
+    def stop(self):
+        self.done.set()
+
+    def _watch(self):
+        while not self.done.wait(0.2):
+            try:
+                failed = self.store.check([self.KEY])
+            except Exception:  # noqa: BLE001 (the store has closed: the run is over)
+                return
+            if failed:
+                self._exit()
+
+    def _exit(self):
+        status = 1
+        try:
+            status, message = self.store.get(self.KEY).decode().split(" ", 1)
+            if self.rank == 0:
+                print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+                self.store.set(self.KEY + "_printed", "1")
+            else:  # give rank 0 the moment it needs to print, unless it is gone
+                self.store.wait([self.KEY + "_printed"], datetime.timedelta(seconds=5))
+        finally:
+            os._exit(int(status))
