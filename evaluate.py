@@ -26,6 +26,7 @@ import torch
 
 import common
 import data
+import defaults
 import judge
 import metrics
 from common import EvalError, num
@@ -241,10 +242,10 @@ def _device_args(p):
 
 
 def _decoding_args(p):
-    p.add_argument("--max_new_tokens", type=int, default=512,
+    p.add_argument("--max_new_tokens", type=int, default=defaults.MAX_NEW_TOKENS,
                    help="at most this many, and no more than the context leaves after the whole prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0: greedy (default)")
+    p.add_argument("--top_p", type=float, default=defaults.TOP_P)
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed repeats the answers")
     p.add_argument("--max_length", type=int, default=None,
                    help="context limit in tokens (default: the model's); a prompt that fills it is refused")
@@ -270,10 +271,10 @@ def _accuracy_args(p):
     p.add_argument("--tokenizer", help="default: the policy's")
     p.add_argument("--data", default="embedded", help="a data.load_pairs source")
     p.add_argument("--split", default="test")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--refine_prompt", choices=sorted(REFINE_PROMPTS), default="100")
+    p.add_argument("--beta", type=float, default=defaults.BETA)
+    p.add_argument("--refine_prompt", choices=sorted(REFINE_PROMPTS), default=defaults.REFINE_PROMPT)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--max_length", type=int, default=defaults.MAX_LENGTH)
     p.add_argument("--limit", type=int, default=0, help="score only the first N kept pairs (0: all)")
     p.add_argument("--out", help="JSON file (default: stdout, the table then to stderr)")
     p.add_argument("--pairs_out", help="also a JSONL of per-pair Δ_naive, Δπ and true score gap")
@@ -314,7 +315,7 @@ def _judge_args(p):
     p.add_argument("--max_retries", type=int, default=5)
     p.add_argument("--retry_wait", type=float, default=2.0, help="first backoff in seconds, doubled each retry")
     p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--judge_max_tokens", type=int, default=2048)
+    p.add_argument("--judge_max_tokens", type=int, default=defaults.JUDGE_MAX_TOKENS)
     _device_args(p)
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, HERE)
 import step_cost  # noqa: E402  (peak memory and device helpers)
 
 import data  # noqa: E402
+import defaults  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
 from srpo import REFINE_PROMPT  # noqa: E402
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--pairs", type=int, default=64, help="pairs per step")
     p.add_argument("--micro", type=int, default=8, help="pairs per micro-batch")
-    p.add_argument("--max_length", type=int, default=512, help="tokenize_pairs' max_length, and the pack length")
+    p.add_argument("--max_length", type=int, default=defaults.MAX_LENGTH,
+                   help="tokenize_pairs' max_length, and the pack length")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (a step of every layout and loss each)")
     p.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated, of {', '.join(LOSSES)}")
     p.add_argument("--no_warmup", action="store_true", help="skip the warm-up steps (a slow CPU: first calls cost "
