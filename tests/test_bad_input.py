@@ -19,7 +19,7 @@ import evaluate
 import judge
 import models
 import train
-from data import Pair
+from formats import Pair
 from srpo import IGNORE_INDEX, REFINE_PROMPT
 
 FAST = ["--device", "cpu", "--batch_size", "8", "--max_pairs", "32", "--sft_steps", "0", "--eval_every", "0",
@@ -58,7 +58,7 @@ def one_error(capsys, *words):
 
 
 def metrics(out_dir):
-    with open(os.path.join(out_dir, train.METRICS)) as fh:
+    with open(os.path.join(out_dir, checkpoint.METRICS)) as fh:
         return [json.loads(line) for line in fh]
 
 
@@ -100,7 +100,7 @@ def test_1_pairs_identical_after_truncation_are_dropped_and_counted(refine):
 def test_2_max_grad_norm_must_be_positive(tmp_path, capsys, value):
     assert train_main(tmp_path, "--max_grad_norm", value) == 2
     one_error(capsys, "--max_grad_norm")
-    assert not os.path.exists(tmp_path / train.METRICS)
+    assert not os.path.exists(tmp_path / checkpoint.METRICS)
 
 
 def test_2_max_grad_norm_inf_turns_clipping_off():
@@ -121,7 +121,7 @@ def test_3_accuracy_reads_the_reference_of_a_final_model(tmp_path):
     reproduces the run's last held-out numbers, which a seed-0 "tiny" reference does not."""
     assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "1", "--seed", "3") == 0
     trained = metrics(tmp_path)[-1]
-    args = ["accuracy", "--model", tmp_path / train.FINAL, "--device", "cpu", "--limit", "8"]
+    args = ["accuracy", "--model", tmp_path / checkpoint.FINAL, "--device", "cpu", "--limit", "8"]
     assert evaluate_main(*args, "--out", tmp_path / "recorded.json") == 0
     assert evaluate_main(*args, "--out", tmp_path / "seed0.json", "--ref_model", "tiny") == 0
     recorded, seed0 = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("recorded.json", "seed0.json"))
@@ -170,11 +170,11 @@ def test_4_resume_force_overrides_and_max_steps_may_grow(checkpointed, tmp_path)
 
 def test_5_half_written_metrics_line_is_dropped_with_a_note(checkpointed, tmp_path, capsys):
     out = copy_run(checkpointed, tmp_path / "run")
-    with open(out / train.METRICS, "a") as fh:
+    with open(out / checkpoint.METRICS, "a") as fh:
         fh.write('{"stage": "dpo", "step": 3, "lo')  # kill -9 mid-write
     assert train_main(out, "--loss", "dpo", "--max_steps", "3", "--resume") == 0
     captured = capsys.readouterr()
-    assert str(out / train.METRICS) in captured.out + captured.err
+    assert str(out / checkpoint.METRICS) in captured.out + captured.err
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
 
 
@@ -182,7 +182,7 @@ def test_5_half_written_metrics_line_is_dropped_with_a_note(checkpointed, tmp_pa
 
 
 def lock_path(out):
-    return os.path.join(out, train.LOCK)
+    return os.path.join(out, checkpoint.LOCK)
 
 
 def test_6_a_second_run_on_one_out_dir_is_refused(tmp_path, capsys):
@@ -192,7 +192,7 @@ def test_6_a_second_run_on_one_out_dir_is_refused(tmp_path, capsys):
             fh.write(f"{holder.pid}\n")
         assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "1") != 0
         one_error(capsys, str(holder.pid), str(tmp_path))
-        assert not os.path.exists(tmp_path / train.METRICS)
+        assert not os.path.exists(tmp_path / checkpoint.METRICS)
     finally:
         holder.kill()
         holder.wait()
@@ -234,20 +234,20 @@ def plant(checkpoint_dir, marker, resign):
 def test_7_planted_metadata_payload_does_not_run(checkpointed, tmp_path, capsys, resign):
     out = copy_run(checkpointed, tmp_path / "run")
     marker = tmp_path / "payload-ran"
-    plant(out / train.CHECKPOINT, marker, resign)
+    plant(out / checkpoint.CHECKPOINT, marker, resign)
     assert train_main(out, "--loss", "dpo", "--max_steps", "3", "--resume") != 0
     assert not marker.exists()
     one_error(capsys, ".metadata")
 
 
 def test_7_restricted_metadata_reader_loads_a_real_checkpoint(checkpointed):
-    meta = checkpoint.read_metadata(str(checkpointed / train.CHECKPOINT))
+    meta = checkpoint.read_metadata(str(checkpointed / checkpoint.CHECKPOINT))
     assert any(key.startswith("model.") for key in meta.state_dict_metadata)
 
 
 def test_7_corrupt_checkpoint_is_a_one_line_error(checkpointed, tmp_path, capsys):
     out = copy_run(checkpointed, tmp_path / "run")
-    shard = next(p for p in (out / train.CHECKPOINT).iterdir() if p.suffix == ".distcp")
+    shard = next(p for p in (out / checkpoint.CHECKPOINT).iterdir() if p.suffix == ".distcp")
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
@@ -309,14 +309,14 @@ def test_10_unwritable_out_dir_even_as_root(tmp_path, capsys, monkeypatch):
     real_open = os.open
 
     def refuse(path, *args, **kwargs):
-        if str(path).endswith(train.LOCK):
+        if str(path).endswith(checkpoint.LOCK):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.os, "open", refuse)
     assert train_main(tmp_path, "--loss", "dpo", "--max_steps", "1") != 0
     one_error(capsys, str(tmp_path), "not writable")
-    assert not os.path.exists(tmp_path / train.METRICS)
+    assert not os.path.exists(tmp_path / checkpoint.METRICS)
 
 
 @pytest.mark.parametrize("flag", ["--model", "--ref_model"])
@@ -324,8 +324,8 @@ def test_10_missing_model_is_found_before_any_work(tmp_path, capsys, flag):
     missing = tmp_path / "no-such-model"
     assert train_main(tmp_path / "out", "--loss", "dpo", "--sft_steps", "2", "--max_steps", "1", flag, missing) != 0
     one_error(capsys, flag, str(missing))
-    assert not os.path.exists(tmp_path / "out" / train.SFT_DIR)
-    assert not os.path.exists(tmp_path / "out" / train.METRICS)
+    assert not os.path.exists(tmp_path / "out" / checkpoint.SFT_DIR)
+    assert not os.path.exists(tmp_path / "out" / checkpoint.METRICS)
 
 
 @pytest.mark.parametrize("flag", ["--data", "--eval_data"])
@@ -333,7 +333,7 @@ def test_10_missing_data_file_is_found_before_any_work(tmp_path, capsys, flag):
     missing = tmp_path / "no-such-pairs.jsonl"
     assert train_main(tmp_path / "out", "--loss", "dpo", "--max_steps", "1", flag, missing) != 0
     one_error(capsys, str(missing))
-    assert not os.path.exists(tmp_path / "out" / train.METRICS)
+    assert not os.path.exists(tmp_path / "out" / checkpoint.METRICS)
 
 
 @pytest.mark.parametrize("flags,word", [(["--micro_batch_size", "-2"], "--micro_batch_size"),
@@ -425,7 +425,7 @@ def test_12_pretty_printed_data_object_json(tmp_path):
 
 
 def test_checksums_cover_every_checkpoint_file(checkpointed):
-    folder = checkpointed / train.CHECKPOINT
+    folder = checkpointed / checkpoint.CHECKPOINT
     sums = checkpoint.read_checksums(str(folder))
     files = sorted(p.name for p in folder.iterdir() if p.name != checkpoint.CHECKSUMS)
     assert sorted(sums) == files

@@ -1,22 +1,19 @@
 """data.py: the two views, formats, truncation, order, resume and bad input. No network."""
 import functools
-import gzip
-import json
 import math
 import os
 import random
 import string
-import sys
 from collections import Counter
 
 import pytest
 import torch
 
-import common
 import data
+import embedded
 from common import DataError
-from data import Pair
-from srpo import IGNORE_INDEX, REFINE_PROMPT, REFINE_PROMPTS, rating_prompt, sequence_logps
+from formats import Pair
+from srpo import IGNORE_INDEX, REFINE_PROMPT, sequence_logps
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 P = REFINE_PROMPT
@@ -531,324 +528,6 @@ def test_collate_pads_right_and_puts_chosen_first():
     assert data.collate(examples, None)["input_ids"][0, -1] == 0  # no pad token: 0, masked
 
 
-# ----------------------------------------------------------------------------- formats
-
-
-def load(name, lines=None):
-    return data.load_pairs(fixture(name), log=(lines.append if lines is not None else None))
-
-
-def test_hh_transcripts():
-    lines = []
-    pairs = load("hh.jsonl", lines)
-    H, A = "\n\nHuman: ", "\n\nAssistant:"
-    assert pairs == [
-        Pair(H + "What is the capital of France?" + A, " Paris.", " I don't know."),
-        Pair(H + "Hi" + A + " Hello!" + H + "Tell me a joke." + A, " Why did the chicken cross the road?", " No."),
-    ]
-    assert lines == [f"{fixture('hh.jsonl')}: kept 2 of 6 pairs; dropped 1 empty response, 1 prompt mismatch, "
-                     f"1 irregular transcript, 1 identical responses"]
-
-
-def test_ultrafeedback_both_layouts():
-    question = lambda q: ({"role": "user", "content": q},)  # noqa: E731
-    argilla = load("ultrafeedback_argilla.jsonl")
-    assert argilla == [Pair(question("Name a primary colour."), "Red.", "Green.", 5.0, 2.5),
-                       Pair(question("What is 3 times 4?"), "12", "7", 4.75, 1.0),
-                       Pair(question("Greet me."), "Hello there!", "Go away.", None, None)]
-    lines = []
-    h4 = load("ultrafeedback_h4.jsonl", lines)
-    assert h4 == [Pair(question("Name a primary colour."), "Red.", "Green.", 9.0, 4.0),
-                  Pair(question("What is 3 times 4?"), "12", "7", 10.0, 1.0)]
-    assert lines[0].endswith("kept 2 of 4 pairs; dropped 2 prompt mismatch")
-
-
-def test_generic_text_and_messages():
-    assert load("generic_text.json") == [Pair("2 + 2 =", " 4", " 5", 1.0, 0.0),
-                                         Pair("The opposite of hot is", " cold", " warm"),
-                                         Pair("Capital of Italy:", " Rome", " Milan", 0.9, None)]
-    lines = []
-    pairs = load("generic_messages.jsonl", lines)
-    assert pairs == [
-        Pair(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a planet."}),
-             "Mars.", "The Sun.", 7.0, 2.0),
-        Pair(({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-              {"role": "user", "content": "Bye"}), "Goodbye!", "What?"),
-    ]
-    assert lines[0].endswith("kept 2 of 3 pairs; dropped 1 prompt not ending in a user turn")
-
-
-def test_whole_conversations_without_a_prompt_field(tmp_path):
-    def chat(*turns):
-        return [{"role": role, "content": text} for role, text in zip(["user", "assistant"] * 2, turns)]
-
-    records = [{"chosen": chat("Hi", "Hello!", "Bye", "Goodbye!"), "rejected": chat("Hi", "Hello!", "Bye", "What?")},
-               {"chosen": chat("Hi", "Hello!"), "rejected": chat("Yo", "Hey")}]
-    path = write(tmp_path, "conv.jsonl", "\n".join(map(json.dumps, records)))
-    lines = []
-    assert data.load_pairs(path, log=lines.append) == [Pair(tuple(chat("Hi", "Hello!", "Bye")), "Goodbye!", "What?")]
-    assert lines == [f"{path}: kept 1 of 2 pairs; dropped 1 prompt mismatch"]
-
-
-def test_sharegpt_layout_of_llama_factory():
-    def chat(*turns):
-        return tuple({"role": role, "content": text} for role, text in turns)
-
-    lines = []
-    assert load("sharegpt.json", lines) == [
-        Pair(chat(("user", "Name a planet.")), "Mars.", "The Sun."),
-        Pair(chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")),
-             "Goodbye!", "What?"),
-        Pair(chat(("system", "Be kind."), ("user", "Greet me.")), "Hello there!", "Go away."),
-    ]
-    assert lines == [f"{fixture('sharegpt.json')}: kept 3 of 5 pairs; dropped 1 prompt not ending in a user turn, "
-                     f"1 no assistant turn"]
-
-
-def test_implicit_prompt_by_hand(tmp_path):
-    records = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},  # TRL's documented example
-               {"chosen": "Q: 2+2?\nA=4", "rejected": "Q: 2+2?\nA=5", "score_chosen": 1, "score_rejected": 0},
-               {"chosen": "Say hi: hi", "rejected": "Say hi: hi there"},  # one is the start of the other
-               {"chosen": "same", "rejected": "same"}]
-    path = write(tmp_path, "implicit.jsonl", "\n".join(map(json.dumps, records)))
-    lines = []
-    assert data.load_pairs(path, log=lines.append) == [Pair("The sky is", " blue.", " green."),
-                                                       Pair("Q: 2+2?\nA=", "4", "5", 1.0, 0.0)]
-    assert lines == [f"{path}: kept 2 of 4 pairs; dropped 1 empty response, 1 identical responses"]
-
-
-def test_implicit_prompt_splits_at_the_first_difference():
-    rng = random.Random(5)
-    for _ in range(300):
-        text = lambda n: "".join(rng.choice("ab ") for _ in range(n))  # noqa: E731
-        shared = "x" + text(rng.randrange(6))
-        chosen, rejected = shared + text(rng.randrange(1, 5)), shared + text(rng.randrange(1, 5))
-        if chosen == rejected:
-            continue
-        prompt, reply_c, reply_r = data._implicit_prompt(chosen, rejected)
-        assert prompt + reply_c == chosen and prompt + reply_r == rejected
-        first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
-        assert len(prompt) == first - (chosen[first - 1] == " ")  # the space before the difference is a reply's
-    assert data._implicit_prompt([1, 2, 3], [1, 2, 4]) == ([1, 2], [3], [4])
-
-
-def test_gzip_and_json_lines_in_a_json_file(tmp_path):
-    records = [json.loads(line) for line in open(fixture("hh.jsonl"))]
-    gz = tmp_path / "hh.jsonl.gz"
-    with gzip.open(gz, "wt") as f:
-        f.write("\n".join(json.dumps(r) for r in records) + "\n\n")
-    as_json = tmp_path / "lines.json"
-    as_json.write_text("\n".join(json.dumps(r) for r in records))
-    assert data.load_pairs(str(gz), log=None) == data.load_pairs(str(as_json), log=None) == load("hh.jsonl")
-
-
-def test_hh_from_the_hub_reads_each_subset(monkeypatch):
-    import huggingface_hub
-
-    asked = []
-
-    def fake_download(repo_id, filename, repo_type=None, **kw):
-        asked.append((repo_id, filename, repo_type))
-        return fixture("hh.jsonl")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    lines = []
-    pairs = data.load_pairs("Anthropic/hh-rlhf", "test", log=lines.append)
-    assert asked == [("Anthropic/hh-rlhf", f"{s}/test.jsonl.gz", "dataset") for s in data.HH_SUBSETS]
-    assert len(pairs) == 8 and lines == ["Anthropic/hh-rlhf [test]: kept 8 of 24 pairs; dropped 4 empty response, "
-                                         "4 prompt mismatch, 4 irregular transcript, 4 identical responses"]
-    asked.clear()
-    assert data.load_pairs("Anthropic/hh-rlhf/helpful-base", "train", log=None) == pairs[:2]
-    assert asked == [("Anthropic/hh-rlhf", "helpful-base/train.jsonl.gz", "dataset")]
-
-
-def test_hub_failures_are_one_line(monkeypatch):
-    import huggingface_hub
-
-    def offline(*a, **kw):
-        raise OSError("offline mode is enabled\nmore detail")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf/harmless-base \[train\]: cannot load from the hub "
-                                        r"\(OSError: offline mode is enabled\)$"):
-        data.load_pairs("Anthropic/hh-rlhf", log=None)
-    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(DataError, match=r"pip install datasets$"):
-        data.load_pairs("HuggingFaceH4/ultrafeedback_binarized", log=None)
-
-
-# ----------------------------------------------------------------------------- bad input
-
-
-def write(tmp_path, name, content):
-    path = tmp_path / name
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return str(path)
-
-
-GOOD = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
-
-
-@pytest.mark.parametrize("name,content,message", [
-    ("bad.jsonl", f"{GOOD}\n\n{{\"prompt\": \"q\", \n{GOOD}\n", r"bad.jsonl:3: malformed JSON"),
-    ("bad.jsonl", f"{GOOD}\n{json.dumps({'prompt': 'q', 'chosen': 'a'})}\n",
-     r"bad.jsonl:2: field 'rejected' missing; expected one of: HH-RLHF .*UltraFeedback"),
-    ("bad.jsonl", f"{GOOD}\n{json.dumps({'instruction': 'q', 'chosen_response': 'a'})}\n",
-     r"bad.jsonl:2: field 'rejected_response' missing; expected one of:"),
-    ("bad.jsonl", f"{json.dumps({'text': 'q'})}\n", r"bad.jsonl:1: field 'chosen' missing; expected one of:"),
-    ("bad.jsonl", json.dumps({"chosen": "a", "rejected": "b"}),
-     r"bad.jsonl:1: field 'prompt' missing \(no HH transcript, and chosen and rejected share no prefix"),
-    ("bad.jsonl", json.dumps({"chosen": " yes", "rejected": " no"}), r"bad.jsonl:1: field 'prompt' missing \(no HH"),
-    ("bad.json", f"[\n  {GOOD},\n  {json.dumps({'conversations': 'hi', 'chosen': {}, 'rejected': {}})}\n]",
-     r"bad.json:3: field 'conversations' must be a list of messages, got str"),
-    ("bad.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "human"}]}),
-     r"bad.jsonl:1: field 'conversations' message 1 must be \{\"from\": str, \"value\": str\}"),
-    ("bad.jsonl", json.dumps({"conversations": [{"from": "observation", "value": "q"}]}),
-     r"bad.jsonl:1: field 'conversations' message 0 has role 'observation'; expected one of: human, user, gpt"),
-    ("bad.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt"}}),
-     r"bad.jsonl:1: field 'chosen' must be \{\"from\": str, \"value\": str\}"),
-    ("bad.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt",
-                                                                                           "value": "a"}}),
-     r"bad.jsonl:1: field 'rejected' missing; expected one of: .*ShareGPT"),
-    ("bad.jsonl", json.dumps({"conversations": [], "system": 3, "chosen": {}, "rejected": {}}),
-     r"bad.jsonl:1: field 'system' must be a string, got int"),
-    ("bad.jsonl", json.dumps({"chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}),
-     r"bad.jsonl:1: field 'prompt' missing; expected one of:"),
-    ("bad.jsonl", f"{GOOD}\n".encode() + b'{"prompt": "q\xff", "chosen": "a", "rejected": "b"}\n',
-     r"bad.jsonl:2: not valid UTF-8 \(byte 0xff at column 14\)"),
-    ("bad.json", f"[\n  {GOOD},\n  {GOOD},\n  {{\"prompt\": 1, \"chosen\": \"a\", \"rejected\": \"b\"}}\n]",
-     r"bad.json:4: field 'prompt' must be a string or a list of messages, got int"),
-    ("bad.json", f"[\n  {GOOD},\n  {GOOD}\n  {GOOD}\n]", r"bad.json:4: malformed JSON \(expected ',' or ']'"),
-    ("bad.json", f"[\n  {GOOD},\n  {{\"prompt\": \n]", r"bad.json:4: malformed JSON \(Expecting value"),
-    ("bad.json", f"[\n  {GOOD},\n".encode() + b"  \"\xc3\"\n]",
-     r"bad.json:3: not valid UTF-8 \(byte 0xc3 at column 4\)"),
-    ("bad.jsonl", json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"}),
-     r"bad.jsonl:1: field 'chosen' must be a string or a list of messages, got int"),
-    ("bad.jsonl", json.dumps({"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": "b"}),
-     r"bad.jsonl:1: field 'chosen' message 0 must be"),
-    ("bad.jsonl", json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high"}),
-     r"bad.jsonl:1: field 'score_chosen' must be a number or null, got 'high'"),
-    ("bad.jsonl", "[1, 2]", r"bad.jsonl:1: expected a JSON object, got list"),
-    ("bad.jsonl.gz", b"not gzip", r"bad.jsonl.gz: cannot read"),
-    ("bad.txt", GOOD, r"bad.txt: unsupported file type"),
-])
-def test_bad_input_messages(tmp_path, name, content, message):
-    path = write(tmp_path, name, content)
-    with pytest.raises(DataError, match=message) as info:
-        data.load_pairs(path, log=None)
-    assert "\n" not in str(info.value) and str(info.value).startswith(path)
-
-
-def test_missing_file_and_empty_dataset(tmp_path):
-    with pytest.raises(DataError, match="nothere.jsonl: not a file"):
-        data.load_pairs(str(tmp_path / "nothere.jsonl"), log=None)
-    path = write(tmp_path, "empty.jsonl", json.dumps({"prompt": "q", "chosen": " ", "rejected": "b"}) + "\n"
-                 + json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
-    with pytest.raises(DataError, match=r"kept 0 of 2 pairs; dropped 1 empty response, 1 identical responses; "
-                                        r"nothing left$"):
-        data.load_pairs(path, log=None)
-    with pytest.raises(DataError, match="kept 0 of 0 pairs"):
-        data.load_pairs(write(tmp_path, "blank.jsonl", "\n\n"), log=None)
-
-
-def test_summary_counts_for_many_drops(tmp_path):
-    rng = random.Random(3)
-    reasons = {"empty response": {"prompt": "q", "chosen": "", "rejected": "b"},
-               "identical responses": {"prompt": "q", "chosen": "a", "rejected": "a"},
-               "prompt mismatch": {"chosen": "\n\nHuman: a\n\nAssistant: x",
-                                   "rejected": "\n\nHuman: b\n\nAssistant: y"},
-               "no assistant turn": {"prompt": "q", "chosen": [{"role": "user", "content": "q"}], "rejected": "b"},
-               None: {"prompt": "q", "chosen": "a", "rejected": "b"}}
-    chosen = [rng.choice(list(reasons)) for _ in range(2312)]
-    write(tmp_path, "many.jsonl", "\n".join(json.dumps(reasons[r]) for r in chosen))
-    lines = []
-    pairs = data.load_pairs(str(tmp_path / "many.jsonl"), log=lines.append)
-    counts = {r: chosen.count(r) for r in reasons}
-    order = sorted((r for r in reasons if r), key=chosen.index)
-    expected = (f"kept {counts[None]:,} of 2,312 pairs; dropped "
-                + ", ".join(f"{counts[r]:,} {r}" for r in order))
-    assert len(pairs) == counts[None] and lines == [f"{tmp_path / 'many.jsonl'}: {expected}"]
-
-
-# ----------------------------------------------------------------------------- embedded dataset
-
-
-def test_embedded_is_deterministic_split_and_scored():
-    train, test = data.embedded_pairs("train"), data.embedded_pairs("test")
-    assert (len(train), len(test)) == (2000, 200)
-    assert train == data.embedded_pairs("train", seed=0) and train != data.embedded_pairs("train", seed=1)
-    prompts = {p.prompt for p in train}
-    assert len(prompts) == 2000 and not prompts & {p.prompt for p in test + data.embedded_pairs("test", seed=1)}
-    gaps = set()
-    for pair in train + test:
-        word = pair.prompt[len("Copy: "):-1]
-        assert pair.prompt == f"Copy: {word}\n" and len(pair.prompt.encode()) <= 24
-        for response, score in ((pair.chosen, pair.score_chosen), (pair.rejected, pair.score_rejected)):
-            assert len(response.encode()) <= 12 and len(response) == len(word)
-            wrong = sum(a != b for a, b in zip(word, response))
-            assert score == pytest.approx(1 - wrong / len(word)) == data.embedded_score(pair.prompt, response)
-        assert pair.score_chosen > pair.score_rejected
-        gaps.add(round(pair.score_chosen - pair.score_rejected, 6))
-    assert gaps == {0.2, 0.4, 0.6, 0.8, 1.0}
-    assert data.load_pairs("embedded", "test", log=None) == test
-    with pytest.raises(DataError, match="no split 'valid'"):
-        data.embedded_pairs("valid")
-    # the letters to copy occur neither in the template nor in either refinement prompt
-    assert not set(data.EMBEDDED_ALPHABET) & set("Copy: " + "".join(REFINE_PROMPTS.values()))
-
-
-def test_embedded_sft_pairs_rate_a_share_q_with_matching_responses():
-    import re
-
-    plain = data.embedded_pairs("train")
-    assert data.embedded_sft_pairs(0.0) == plain  # q = 0: today's SFT data, exactly
-    rated_at = {}
-    for q in (0.1, 0.3, 1.0):
-        pairs = data.embedded_sft_pairs(q)
-        assert len(pairs) == len(plain)
-        rated_at[q] = set()
-        for i, (pair, base) in enumerate(zip(pairs, plain)):
-            if pair == base:
-                continue
-            rated_at[q].add(i)
-            rating = int(re.match(r"Please generate a response with a usefulness rating of (\d+) out of 100 ",
-                                  pair.prompt).group(1))
-            assert 1 <= rating <= 100 and pair.prompt == rating_prompt(rating) + base.prompt
-            wrong = sum(a != b for a, b in zip(base.prompt[len("Copy: "):-1], pair.chosen))
-            assert wrong == round((1 - rating / 100) * 5 + 1e-9)  # halves round up
-            assert pair.score_chosen == data.embedded_score(base.prompt, pair.chosen) == pytest.approx(1 - wrong / 5)
-            assert abs(pair.score_chosen - rating / 100) <= 0.1 + 1e-12
-        share = len(rated_at[q]) / len(plain)
-        assert abs(share - q) < 4 * math.sqrt(q * (1 - q) / len(plain)) + 1e-12  # binomial, 4 sigma
-    assert rated_at[0.1] <= rated_at[0.3] <= rated_at[1.0]  # nested: the same draws whatever q
-    ratings = [int(re.search(r"rating of (\d+)", p.prompt).group(1)) for p in data.embedded_sft_pairs(1.0)]
-    assert min(ratings) == 1 and max(ratings) == 100 and abs(sum(ratings) / len(ratings) - 50.5) < 2
-    with pytest.raises(DataError, match="q must be in"):
-        data.embedded_sft_pairs(1.5)
-
-
-def test_rated_prompt_of_100_is_the_p_view_token_for_token():
-    from transformers import ByT5Tokenizer
-
-    tok = ByT5Tokenizer()
-    base = data.embedded_pairs("train")[0]
-    rated = Pair(rating_prompt(100) + base.prompt, base.chosen, base.rejected)
-    [x_view] = data.tokenize_pairs([rated], tok, 512, log=None)
-    [p_view] = data.tokenize_pairs([base], tok, 512, P, log=None)
-    assert x_view["chosen_ids"] == p_view["p_chosen_ids"] and x_view["chosen_labels"] == p_view["p_chosen_labels"]
-
-
-@pytest.mark.parametrize("response,score", [("ABDEF", 1.0), ("ABDEX", 0.8), ("ABDE", 0.8), ("ABDEFG", 5 / 6),
-                                            ("", 0.0), ("FEDBA", 0.2), ("XABDEF", 0.0)])
-def test_embedded_score_of_any_response(response, score):
-    assert data.embedded_score("Copy: ABDEF\n", response) == pytest.approx(score)
-
-
-def test_embedded_score_rejects_other_prompts():
-    with pytest.raises(DataError, match="not an embedded prompt"):
-        data.embedded_score("What is 2 + 2?", "4")
-
-
 # ----------------------------------------------------------------------------- order, shards, resume
 
 
@@ -892,7 +571,7 @@ def test_resume_at_step_k_yields_the_uninterrupted_batches(world):
 
 def test_resumed_batches_are_identical_tensors():
     tok = byte_tokenizer()
-    examples = data.tokenize_pairs(data.embedded_pairs("test")[:24], tok, 512, P, log=None)
+    examples = data.tokenize_pairs(embedded.embedded_pairs("test")[:24], tok, 512, P, log=None)
     run = [data.collate([examples[i] for i in idx], 0) for _, _, idx in data.schedule(24, 4, 0, 2)]
     resumed = [data.collate([examples[i] for i in idx], 0) for _, _, idx in data.schedule(24, 4, 0, 2, start_step=5)]
     assert len(resumed) == len(run) - 5
@@ -900,57 +579,8 @@ def test_resumed_batches_are_identical_tensors():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_atomic_writes_keep_the_old_file_or_folder_whole(tmp_path):
-    path = tmp_path / "result.json"
-    with common.atomic_open(path) as fh:
-        fh.write("old")
-    with pytest.raises(RuntimeError):
-        with common.atomic_open(path) as fh:
-            fh.write("new")
-            raise RuntimeError("crash while writing")
-    assert path.read_text() == "old"
-    folder = tmp_path / "final"
-    for version in ("1", "2"):
-        with common.atomic_path(folder) as tmp:
-            os.makedirs(tmp)
-            with open(os.path.join(tmp, "weights"), "w") as fh:
-                fh.write(version)
-    assert (folder / "weights").read_text() == "2" and not (tmp_path / "final.old").exists()
-
-
-def test_number_formatting():
-    assert common.pct(0.462, 0.295) == "46.2% ± 29.5" and common.pct(0.5, digits=2) == "50.00%"
-    assert common.num(0.1234, "+.3f", 0.01) == "+0.123 ± 0.010" and common.num(2.0, ".1f") == "2.0"
-    assert common.num(float("nan")) == common.pct(None) == "-"
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-def test_progress_is_one_throttled_line_with_rate_and_time_left():
-    import io
-
-    now = [100.0]
-    out = io.StringIO()
-    bar = common.Progress(2000, "tokenizing", "pairs", stream=out, clock=lambda: now[0])
-    for t, n in ((1, 100), (10, 300), (31, 100), (40, 500), (61, 1000)):  # seconds after start, pairs done
-        now[0] = 100.0 + t
-        bar.update(n)
-    lines = out.getvalue().splitlines()
-    # at the first update, 30 s after it, and at the end; nothing in between
-    assert lines == ["tokenizing 100/2,000 pairs | 100.0/s | 1s elapsed, ~19s left",
-                     "tokenizing 500/2,000 pairs | 16.1/s | 31s elapsed, ~1m33s left",
-                     "tokenizing 2,000/2,000 pairs | 32.8/s | 1m01s elapsed, ~0s left"]
-    rate = 500 / 31  # the rate so far, and the time the rest takes at that rate
-    assert lines[1].endswith(f"{rate:.1f}/s | 31s elapsed, ~1m{round(1500 / rate) - 60}s left")
-    silent, given = io.StringIO(), io.StringIO()
-    list(common.Progress(3, "x", enabled=False, stream=silent).iterate(range(3)))
-    list(common.Progress(3, "x", enabled=given).iterate(range(3)))  # a stream as `progress` writes there
-    assert silent.getvalue() == "" and given.getvalue().startswith("x 1/3 | ")
-
-
 def test_tokenize_pairs_reports_progress(capsys):
     tok = byte_tokenizer()
-    data.tokenize_pairs(data.embedded_pairs("test")[:5], tok, 64, log=None, progress=True)
+    data.tokenize_pairs(embedded.embedded_pairs("test")[:5], tok, 64, log=None, progress=True)
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("tokenizing 1/5 pairs | ") and err[-1].startswith("tokenizing 5/5 pairs | ")

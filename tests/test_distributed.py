@@ -13,6 +13,8 @@ import pytest
 import torch
 from test_train import FAST, ROOT, env, metrics, run
 
+import checkpoint
+import distributed
 import models
 import train
 
@@ -40,7 +42,7 @@ def test_sharded_loading_matches_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
 
     path = save_source(tmp_path / "src")
-    _, _, device = models.setup_distributed("cpu")
+    _, _, device = distributed.setup_distributed("cpu")
     try:
         mp, _ = models.mixed_precision("fp32", device)
         model = models.load_sharded(str(path), models.load_tokenizer(str(path)), device, torch.float32, mp)
@@ -76,7 +78,7 @@ def test_bf16_source_exports_bf16_with_its_config_and_generates_alike(tmp_path, 
     source = save_source(tmp_path / "src", attention_dropout=0.1, use_cache=True)
     prompt = torch.tensor([[1, 70, 80, 90, 100]])
     expected = {}
-    export = train.export
+    export = models.export
 
     def export_and_generate(policy, *args):  # the in-memory policy's greedy answer, just before it is written
         with torch.no_grad():
@@ -87,7 +89,7 @@ def test_bf16_source_exports_bf16_with_its_config_and_generates_alike(tmp_path, 
     code, _ = run(tmp_path / "out", "--model", source, "--loss", "dpo", "--sft_steps", "2", "--max_steps", "2",
                   "--mixed_precision", "bf16", "--lr", "1e-2")
     assert code == 0
-    for name in (train.SFT_DIR, train.FINAL):
+    for name in (checkpoint.SFT_DIR, checkpoint.FINAL):
         folder = tmp_path / "out" / name
         config = AutoConfig.from_pretrained(folder)
         assert (config.dtype, config.use_cache, config.attention_dropout) == (torch.bfloat16, True, 0.1)
@@ -97,7 +99,7 @@ def test_bf16_source_exports_bf16_with_its_config_and_generates_alike(tmp_path, 
         assert torch.equal(answer, expected[name]), name
     assert run(tmp_path / "f32", "--model", source, "--loss", "sft", "--max_steps", "1",
                "--save_dtype", "float32")[0] == 0
-    assert AutoConfig.from_pretrained(tmp_path / "f32" / train.FINAL).dtype == torch.float32
+    assert AutoConfig.from_pretrained(tmp_path / "f32" / checkpoint.FINAL).dtype == torch.float32
 
 
 def free_port():
@@ -119,7 +121,7 @@ def test_two_nodes_without_a_shared_folder_match_one_process(tmp_path):
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    writers = [n for n in (0, 1) if (tmp_path / f"node{n}" / train.FINAL).exists()]
+    writers = [n for n in (0, 1) if (tmp_path / f"node{n}" / checkpoint.FINAL).exists()]
     assert len(writers) == 1  # rank 0's node; c10d assigns ranks in rendezvous order
     two = metrics(tmp_path / f"node{writers[0]}")
     assert [(m["stage"], m["step"]) for m in two] == [(m["stage"], m["step"]) for m in one]
@@ -141,7 +143,7 @@ if rank == 1 and fault == "data":
         raise common.DataError("pairs.jsonl line 3: 'chosen' is missing")
     data.load_pairs = bad_data
 if rank == 1 and fault in ("oom", "nan"):
-    forward, calls = train.view_logps, []
+    forward, calls = models.view_logps, []
     def faulty(*args, **kwargs):
         calls.append(1)
         if len(calls) > 6:  # inside the second step
@@ -150,7 +152,7 @@ if rank == 1 and fault in ("oom", "nan"):
                 raise torch.OutOfMemoryError("out of memory: tried to allocate 20.00 GiB")
             return forward(*args, **kwargs) * float("nan")
         return forward(*args, **kwargs)
-    train.view_logps = faulty
+    models.view_logps = faulty
 sys.exit(train.main(sys.argv[2:]))
 """
 
@@ -169,4 +171,4 @@ def test_a_fault_on_rank_1_stops_every_rank(tmp_path, fault, words):
     assert len(errors) == 1 and words in errors[0], done.stderr[-3000:]
     # Every rank gone within seconds of the fault (gloo's own timeout would be 30 minutes).
     assert time.time() - float((tmp_path / "fault_at").read_text()) < 20
-    assert not (tmp_path / "out" / train.FINAL).exists()
+    assert not (tmp_path / "out" / checkpoint.FINAL).exists()

@@ -13,7 +13,9 @@ import torch
 
 import common
 import data
+import embedded
 import evaluate as ev
+import formats
 import judge
 import metrics
 import models
@@ -158,8 +160,8 @@ def test_unscored_pairs_are_counted_and_left_out():
 def test_pair_logps_matches_forward_logps_one_pair_at_a_time():
     tok = models.load_tokenizer("tiny")
     model = models.load_model("tiny", tok, seed=0)
-    pairs = [data.Pair("Copy: ABDEF\n", "ABDEF", "AB"), data.Pair("Say hi\n", "hi there, friend", "no"),
-             data.Pair("Q\n", "x", "yyyyyyyy", 1.0, 0.5)]  # unequal lengths: padding in every batch
+    pairs = [formats.Pair("Copy: ABDEF\n", "ABDEF", "AB"), formats.Pair("Say hi\n", "hi there, friend", "no"),
+             formats.Pair("Q\n", "x", "yyyyyyyy", 1.0, 0.5)]  # unequal lengths: padding in every batch
     examples = data.tokenize_pairs(pairs, tok, 300, REFINE_PROMPTS["100"], log=None)
     out = metrics.pair_logps(model, examples, tok.pad_token_id, batch_size=2, with_p=True)
     assert sorted(out) == ["chosen", "p_chosen", "p_rejected", "rejected"]
@@ -190,7 +192,7 @@ def test_accuracy_command_matches_the_functions(tmp_path, capsys):
             "--beta", "0.2", "--out", str(out), "--pairs_out", str(pairs_out)]
     assert ev.main(argv) == 0
     doc = json.loads(out.read_text())
-    examples = data.tokenize_pairs(data.embedded_pairs("test"), tok, 300, REFINE_PROMPTS["100"], log=None)[:4]
+    examples = data.tokenize_pairs(embedded.embedded_pairs("test"), tok, 300, REFINE_PROMPTS["100"], log=None)[:4]
     expected = metrics.heldout_metrics(
         *(metrics.pair_logps(m, examples, tok.pad_token_id, with_p=True)
           for m in (models.load_model(str(policy_dir)), models.load_model("tiny", tok))), examples, 0.2)
@@ -546,7 +548,7 @@ def test_generation_prompts_are_the_training_prompts(monkeypatch, template):
     chat = ({"role": "user", "content": turns[0]}, {"role": "assistant", "content": replies[0]},
             {"role": "user", "content": turns[1]})
     for k, prompt in enumerate((chat[:1], chat)):
-        (ex,) = data.tokenize_pairs([data.Pair(prompt, replies[k], "No.")], tok, 4096, log=None)
+        (ex,) = data.tokenize_pairs([formats.Pair(prompt, replies[k], "No.")], tok, 4096, log=None)
         n = sum(t == -100 for t in ex["chosen_labels"])
         assert seen[k] == ex["chosen_ids"][:n] and n < len(ex["chosen_ids"])
     if template is None:
@@ -554,7 +556,7 @@ def test_generation_prompts_are_the_training_prompts(monkeypatch, template):
     seen.clear()
     questions = judge.embedded_questions("test")[:3]  # text prompts, trained on as text
     judge.generate_answers(None, tok, questions, judge.Decoding(), "m")
-    trained = data.tokenize_pairs(data.embedded_pairs("test")[:3], tok, 512, log=None)
+    trained = data.tokenize_pairs(embedded.embedded_pairs("test")[:3], tok, 512, log=None)
     assert seen == [e["chosen_ids"][:sum(t == -100 for t in e["chosen_labels"])] for e in trained]
 
 
@@ -624,7 +626,7 @@ def test_generate_keeps_the_whole_prompt_and_caps_new_tokens(tmp_path, capsys):
 def test_exact_on_the_embedded_dataset(tmp_path, capsys):
     questions = judge.embedded_questions("test")
     first_pair = {}
-    for pair in data.embedded_pairs("test"):
+    for pair in embedded.embedded_pairs("test"):
         first_pair.setdefault(judge._prompt_text(pair.prompt), pair)
     rows = {"chosen": [], "rejected": []}
     expected = {"win": 0, "tie": 0, "lose": 0}

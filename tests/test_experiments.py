@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 
+import models
 import train
 from experiments import paper
 
@@ -106,7 +107,7 @@ def test_t_test_edge_cases():
 def test_every_run_spends_most_of_its_steps_at_its_peak_learning_rate(name, tmp_path, monkeypatch):
     """The SFT and alignment runs of each size, as train.py resolves their flags: a warm-up longer than the run
     (train.py's default of 150 steps, against 20 alignment steps) would leave the methods barely trained."""
-    size = dataclasses.replace(paper.SIZES[name], model=train.TINY)  # flags only: smollm2's folder is not needed
+    size = dataclasses.replace(paper.SIZES[name], model=models.TINY)  # flags only: smollm2's folder is not needed
     seen = []
     monkeypatch.setattr(paper.Context, "train", lambda self, out_dir, argv, label: seen.append(argv))
     paper.Context(size, str(tmp_path / "work"), str(tmp_path / "out")).align(0, paper.method_run("sr-dpo"))

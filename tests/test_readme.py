@@ -64,6 +64,7 @@ def test_readme_srpo_example_runs_and_matches_train_step():
     import torch
 
     import data
+    import embedded
     import models
     import train
     from srpo import REFINE_PROMPT
@@ -74,7 +75,7 @@ def test_readme_srpo_example_runs_and_matches_train_step():
     exec(code, namespace)
     tokenizer = models.load_tokenizer()
     policy, ref = models.load_model(seed=1), models.load_model(seed=2)
-    examples = data.tokenize_pairs(data.embedded_pairs("test")[:4], tokenizer, 512, REFINE_PROMPT, log=None)
+    examples = data.tokenize_pairs(embedded.embedded_pairs("test")[:4], tokenizer, 512, REFINE_PROMPT, log=None)
     batch = data.collate(examples, tokenizer.pad_token_id)
     loss = namespace["sr_dpo_step"](policy, ref, batch, beta=0.1, lam=0.5)
     cfg = train.resolved(train.Config(loss="sr-dpo", lam=0.5))

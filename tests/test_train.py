@@ -11,8 +11,13 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import data
+import distributed
+import embedded
 import models
+import stages
+import tracking
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +33,7 @@ def run(out_dir, *flags):
 
 
 def metrics(out_dir):
-    path = os.path.join(out_dir, train.METRICS)
+    path = os.path.join(out_dir, checkpoint.METRICS)
     if not os.path.exists(path):
         return []
     with open(path) as fh:
@@ -39,7 +44,7 @@ def final_weights(out_dir):
     """The exported final/ folder's weights, loaded with transformers."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, train.FINAL))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, checkpoint.FINAL))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -109,8 +114,8 @@ def test_export_loads_and_matches_the_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert run(tmp_path, "--loss", "dpo", "--max_steps", "2")[0] == 0
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / train.FINAL).eval()
-    dcp_to_torch_save(str(tmp_path / train.CHECKPOINT), str(tmp_path / "ckpt.pt"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / checkpoint.FINAL).eval()
+    dcp_to_torch_save(str(tmp_path / checkpoint.CHECKPOINT), str(tmp_path / "ckpt.pt"))
     trained = models.load_model(models.TINY).eval()
     trained.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
     ids = torch.randint(3, 200, (2, 12))
@@ -121,7 +126,7 @@ def test_export_loads_and_matches_the_checkpoint(tmp_path):
 
     import data
 
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / train.FINAL)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / checkpoint.FINAL)
     for prompt in ("Copy: ABDEF\n", "café 🙂 日本"):
         assert tokenizer(prompt).input_ids == data.encode_prompt(prompt, models.load_tokenizer())
 
@@ -179,11 +184,11 @@ def test_report_to_tensorboard_gets_every_metric_at_the_global_step(tmp_path, mo
     assert [(m["stage"], m["step"], m["global_step"]) for m in ms] == [("sft", 1, 1), ("sft", 2, 2),
                                                                          ("sr-dpo", 1, 3), ("sr-dpo", 2, 4)]
     calls = StandInWriter.calls
-    assert calls[0] == ("init", os.path.join(str(tmp_path), train.TRACKER_DIR), 1) and calls[-1] == ("close",)
+    assert calls[0] == ("init", os.path.join(str(tmp_path), tracking.TRACKER_DIR), 1) and calls[-1] == ("close",)
     config = json.loads(next(c[2] for c in calls if c[:2] == ("text", "config")))
     assert config["loss"] == "sr-dpo" and config["sft_steps"] == 2 and config["report_to"] == "tensorboard"
     scalars = [c[1:] for c in calls if c[0] == "scalar"]
-    assert scalars == [(train.tracker_name(k), v, m["global_step"]) for m in ms for k, v in numeric(m).items()]
+    assert scalars == [(tracking.tracker_name(k), v, m["global_step"]) for m in ms for k, v in numeric(m).items()]
     last = {tag: value for tag, value, step in scalars if step == 4}
     for key, tag in (("reward_chosen", "train/rewards/chosen"), ("margin", "train/rewards/margins"),
                      ("accuracy", "train/rewards/accuracies"), ("logps_rejected", "train/logps/rejected"),
@@ -199,11 +204,11 @@ def test_logps_are_the_policys_mean_log_probs():
     import data
 
     tokenizer, policy, ref = models.load_tokenizer(), models.load_model(seed=1), models.load_model(seed=2)
-    examples = data.tokenize_pairs(data.embedded_pairs("test")[:4], tokenizer, 64, log=None)
+    examples = data.tokenize_pairs(embedded.embedded_pairs("test")[:4], tokenizer, 64, log=None)
     batch = data.collate(examples, tokenizer.pad_token_id)
     cfg = train.resolved(train.Config(loss="dpo"))
     _, sums = train.preference_terms(policy, ref, None, batch, cfg)
-    m = train.step_metrics({**{k: float(v) for k, v in sums.items()}, "loss": 0.0, "pairs": 4, "tokens": 1,
+    m = tracking.step_metrics({**{k: float(v) for k, v in sums.items()}, "loss": 0.0, "pairs": 4, "tokens": 1,
                             "grad_norm": 0.0, "lr": 0.0, "denominator": 4}, "dpo", 1, 1.0)
     with torch.no_grad():
         logits = policy(batch["input_ids"]).logits[:, :-1]
@@ -222,7 +227,7 @@ def test_report_to_wandb_logs_each_step_with_the_config(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", "2", "--report_to", "wandb")
     assert code == 0 and inits[0]["config"]["loss"] == "dpo" and inits[0]["dir"] == str(tmp_path)
-    assert logged == [(m["global_step"], {train.tracker_name(k): v for k, v in numeric(m).items()}) for m in ms]
+    assert logged == [(m["global_step"], {tracking.tracker_name(k): v for k, v in numeric(m).items()}) for m in ms]
 
 
 def test_report_to_without_the_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -240,9 +245,9 @@ def test_report_to_the_real_tensorboard(tmp_path):
     assert code == 0  # resumed from its last checkpoint (step 3): step 4 is added, steps 1-3 stay visible
     code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", "4", "--report_to", "tensorboard", "--resume")
     assert code == 0 and [m["global_step"] for m in ms] == [1, 2, 3, 4]
-    events = EventAccumulator(str(tmp_path / train.TRACKER_DIR)).Reload()
+    events = EventAccumulator(str(tmp_path / tracking.TRACKER_DIR)).Reload()
     for key in ("loss", "reward_chosen", "logps_chosen", "eval_accuracy"):
-        points = [(e.step, e.value) for e in events.Scalars(train.tracker_name(key))]
+        points = [(e.step, e.value) for e in events.Scalars(tracking.tracker_name(key))]
         assert points == [(m["global_step"], pytest.approx(m[key], rel=1e-6)) for m in ms if key in m]
 
 
@@ -250,10 +255,10 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, nan_at_step):
     nan_at_step(3)
     code, ms = run(tmp_path, "--loss", "sr-dpo", "--max_steps", "6", "--save_every", "2")
     assert code == 2
-    extra = torch.load(tmp_path / train.CHECKPOINT / "extra_rank0.pt", weights_only=True)
+    extra = torch.load(tmp_path / checkpoint.CHECKPOINT / "extra_rank0.pt", weights_only=True)
     assert extra["step"] == 2
     assert [m["step"] for m in ms] == [1, 2]
-    assert not (tmp_path / train.FINAL).exists()
+    assert not (tmp_path / checkpoint.FINAL).exists()
 
 
 def test_nan_message_names_the_step(tmp_path, capsys, nan_at_step):
@@ -283,7 +288,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
     assert "SIGTERM" in out
-    extra = torch.load(tmp_path / train.CHECKPOINT / "extra_rank0.pt", weights_only=True)
+    extra = torch.load(tmp_path / checkpoint.CHECKPOINT / "extra_rank0.pt", weights_only=True)
     assert extra["step"] == len(metrics(tmp_path)) >= 2
     code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", str(extra["step"] + 1), "--epochs", "100", "--resume")
     assert code == 0 and ms[-1]["step"] == extra["step"] + 1
@@ -318,7 +323,7 @@ def test_get_lr_is_the_dpo_reference_ramp():
 def test_shard_keeps_a_cpu_model_on_the_cpu_of_a_gpu_machine(monkeypatch):
     # FSDP2's default mesh is on the machine's accelerator: --device cpu on a GPU machine moved the model to cuda
     monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
-    rank, world, device = models.setup_distributed("cpu")
+    rank, world, device = distributed.setup_distributed("cpu")
     try:
         model = models.load_sharded(models.TINY, None, device, torch.float32, models.mixed_precision("auto", device)[0])
         assert {p.device_mesh.device_type for p in model.parameters()} == {"cpu"}
@@ -340,8 +345,8 @@ def test_every_loss_sees_the_same_x_view_batches(tmp_path):
     def batches(loss, *flags):
         cfg = train.resolved(train.parse_config(["--loss", loss, "--max_length", "400", "--batch_size", "8",
                                                  "--data", str(path), *flags]))
-        examples, _ = train.load_examples(cfg, tokenizer, lambda line: None)
-        return list(train.step_batches(examples, cfg, 4, 0, 0, 1, 0, 2))
+        examples, _ = stages.load_examples(cfg, tokenizer, lambda line: None)
+        return list(stages.step_batches(examples, cfg, 4, 0, 0, 1, 0, 2))
 
     def x_view(steps):
         return [[{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in step] for step in steps]
@@ -374,7 +379,7 @@ def test_delta_is_deterministic_with_dropout_in_the_config(tmp_path, arch):
                                   max_position_embeddings=512, **rates)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    examples = data.tokenize_pairs(data.embedded_pairs("test")[:4], tokenizer, 512, REFINE_PROMPT, log=None)
+    examples = data.tokenize_pairs(embedded.embedded_pairs("test")[:4], tokenizer, 512, REFINE_PROMPT, log=None)
     batch = data.collate(examples, 0)
     view = (batch["p_input_ids"], batch["p_attention_mask"], batch["p_labels"])
 
@@ -436,7 +441,7 @@ def test_sft_loss_is_the_mean_over_the_global_batch_tokens(tmp_path):
 
 
 def test_train_and_heldout_delta_std_are_one_definition():
-    """metrics.jsonl's delta_std (sums over micro-batches, train.step_metrics) and eval_delta_std / evaluate's
+    """metrics.jsonl's delta_std (sums over micro-batches, tracking.step_metrics) and eval_delta_std / evaluate's
     delta_std (metrics.pair_metrics) are the same number: the population std (numpy's ddof=0)."""
     import numpy as np
 
@@ -448,7 +453,7 @@ def test_train_and_heldout_delta_std_are_one_definition():
     for part in (delta[:3], delta[3:]):  # two micro-batches (or ranks), added as train_step adds them
         for key, value in metrics.preference_sums(part, part * 0, part, part, part * 0, part * 0).items():
             summed[key] = summed.get(key, 0.0) + float(value)
-    logged = train.step_metrics(summed, "sr-dpo", 1, 1.0)["delta_std"]
+    logged = tracking.step_metrics(summed, "sr-dpo", 1, 1.0)["delta_std"]
     logps = {"policy_chosen": zeros, "policy_rejected": zeros, "ref_chosen": zeros, "ref_rejected": zeros,
              "p_policy_chosen": delta / beta, "p_policy_rejected": zeros, "p_ref_chosen": zeros,
              "p_ref_rejected": zeros}
@@ -486,7 +491,7 @@ def test_packed_and_shared_runs_match_padded(tmp_path, capsys):
 
 
 def test_quality_aware_sft_trains_on_the_rated_pairs(tmp_path):
-    """The first SFT step's loss against an independent one: F.cross_entropy on data.embedded_sft_pairs(1)'s
+    """The first SFT step's loss against an independent one: F.cross_entropy on embedded.embedded_sft_pairs(1)'s
     first batch, one pair at a time; micro-batches of 2 change nothing."""
     import torch.nn.functional as F
 
@@ -496,7 +501,7 @@ def test_quality_aware_sft_trains_on_the_rated_pairs(tmp_path):
     assert code == 0
     tok = models.load_tokenizer(models.TINY)
     model = models.load_model(models.TINY, tok, seed=0)
-    pairs = data.embedded_sft_pairs(1.0)[:32]
+    pairs = embedded.embedded_sft_pairs(1.0)[:32]
     nll = []
     for i in data.batch_indices(len(pairs), 8, epoch=0, seed=0)[0]:
         prompt = tok.encode(pairs[i].prompt, add_special_tokens=False)
