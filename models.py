@@ -1,10 +1,11 @@
-"""models.py: loading, sharding and running the causal LMs; the process group and devices.
+"""models.py: loading, sharding, running and exporting the causal LMs.
 
 Owns: the tokenizer and model loaders (the built-in "tiny" model, or transformers without remote code),
 dropout off, ``forward_logps`` (log π of each row) and ``view_logps`` (of each sequence, in any of
 data.collate's layouts) with the check of which layouts a model supports (``choose_packing``), FSDP2
-sharding, the process group, device and dtype helpers, and rank-0 logging. Does not own: the losses
-(srpo.py), batches (data.py), what is measured (metrics.py) or the training loop (train.py).
+sharding, device and dtype helpers, and ``export`` (a trained model as a plain transformers folder).
+Does not own: the process group (distributed.py), the losses (srpo.py), batches (data.py), what is
+measured (metrics.py) or the training loop (train.py).
 """
 
 import json

@@ -151,10 +151,10 @@ def sequence_logps(logits, labels, average=False):
     total = per_token.sum(dim=1)  # Appendix C, step iii: log of the product
     if not average:
         return total
-    return _mean(total, (labels[:, 1:] != IGNORE_INDEX).sum(dim=1), "sequence_logps(average=True): rows")
+    return _per_token_mean(total, (labels[:, 1:] != IGNORE_INDEX).sum(dim=1), "sequence_logps(average=True): rows")
 
 
-def _mean(total, counts, what):
+def _per_token_mean(total, counts, what):
     """total / counts, or ValueError naming the entries with no scored token. Shape: total [S], counts [S]."""
     if bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
@@ -185,7 +185,7 @@ def packed_sequence_logps(logits, labels, segment_ids, n_sequences, average=Fals
         return total
     counts = torch.zeros(n_sequences, dtype=torch.int64, device=owner.device).index_add(
         0, owner, (targets != IGNORE_INDEX).long())
-    return _mean(total, counts, "packed_sequence_logps(average=True): sequences")
+    return _per_token_mean(total, counts, "packed_sequence_logps(average=True): sequences")
 
 
 def implicit_reward(policy_logps, ref_logps, beta):

@@ -5,9 +5,12 @@
 
 One process or many, the loop is the same: the model is sharded with FSDP2's ``fully_shard``
 (each transformer block, then the root), over a process group of one when not under torchrun.
-Owns: the flags (Config), the stages, the step, checkpoints and export, metrics.jsonl. Does not own:
-the math (srpo.py), the data (data.py), model loading and sharding (models.py), or what is measured on
-held-out pairs (metrics.py). The functions below come in the order they are called:
+Owns: the flags (Config), the loop over the stages (train_stages and the named parts of a step's
+bookkeeping), the step (train_step, get_lr) and metrics.jsonl. Does not own: the math (srpo.py), the data
+(data.py), each stage's models, optimizer and batches (stages.py), model loading, sharding and export
+(models.py), the process group and failures (distributed.py), checkpoints (checkpoint.py), the logged lines
+and TensorBoard/W&B (tracking.py), or what is measured on held-out pairs (metrics.py). The functions below
+come in the order they are called:
 
     per step: for each micro-batch of this rank's share of the global batch
         policy log π(y±|x)            one forward of chosen and rejected together, with grad
