@@ -73,9 +73,10 @@ def worker(path, which):
     """One rank: load the model by the old or the new path; rank 0 prints every rank's peak as JSON."""
     import torch.distributed as dist
 
+    import distributed
     import models
 
-    rank, world, device = models.setup_distributed("cpu")
+    rank, world, device = distributed.setup_distributed("cpu")
     tokenizer = models.load_tokenizer(path)
     load(path + "-warmup", which, tokenizer, device)  # the same code on a 1 MB model: imports and caches
     dist.barrier()

@@ -38,6 +38,8 @@ import step_cost  # noqa: E402  (peak memory and device helpers)
 
 import data  # noqa: E402
 import defaults  # noqa: E402
+import distributed  # noqa: E402
+import formats  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
 from srpo import REFINE_PROMPT  # noqa: E402
@@ -95,14 +97,14 @@ def word_tokenizer(vocab):
 
 
 def real_shaped_pairs(n, vocab, seed):
-    """n data.Pair of random words whose token lengths follow LENGTHS' log-normals (at least 1 token)."""
+    """n formats.Pair of random words whose token lengths follow LENGTHS' log-normals (at least 1 token)."""
     rng = np.random.default_rng(seed)
 
     def text(kind):
         k = max(1, round(float(rng.lognormal(*lognormal(LENGTHS[kind])))))
         return " ".join(f"w{i}" for i in rng.integers(3, vocab, k))
 
-    return [data.Pair(text("prompt"), text("chosen"), text("rejected")) for _ in range(n)]
+    return [formats.Pair(text("prompt"), text("chosen"), text("rejected")) for _ in range(n)]
 
 
 def build_model(name, tokenizer, seed=0):
@@ -132,7 +134,7 @@ def examples_for(args, name):
 
 
 def batches(args, examples, packing):
-    """One step's micro-batches, as train.step_batches collates them."""
+    """One step's micro-batches, as stages.step_batches collates them."""
     return [data.collate(examples[a:a + args.micro], 0, packing, args.max_length)
             for a in range(0, len(examples), args.micro)]
 
@@ -156,7 +158,7 @@ class Kit:
     """A process group of one, the FSDP2 policy and reference, the optimizer, the examples."""
 
     def __init__(self, args, name):
-        self.rank, self.world, self.device = models.setup_distributed(args.device)
+        self.rank, self.world, self.device = distributed.setup_distributed(args.device)
         tokenizer, self.examples = examples_for(args, name)
         mp, ref_dtype = models.mixed_precision("auto", self.device)  # as train.py's default
         self.policy = models.shard(build_model(name, tokenizer).to(self.device), self.device, mp).train()

@@ -9,7 +9,7 @@ reference cache of --precompute_ref (built by metrics.pair_logps). Each runs two
     loop   train.train_step, as train.py runs it;
     floor  the same passes written plainly: model(...).logits, a cross-entropy gather, the loss, backward,
            clip, RMSprop step, and nothing else.
-Both use the same FSDP2-wrapped models (models.setup_distributed, a process group of one; models.load_sharded),
+Both use the same FSDP2-wrapped models (distributed.setup_distributed, a process group of one; models.load_sharded),
 the reference in train.run's dtype (bf16 on CUDA, float32 on CPU).
 
 Time: all six in one subprocess (sharing one policy), taking turns step by step for --warmup + --steps
@@ -45,8 +45,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import distributed  # noqa: E402
 import metrics  # noqa: E402
 import models  # noqa: E402
+import stages  # noqa: E402
 import train  # noqa: E402
 from srpo import IGNORE_INDEX, LOSSES, SELF_REFINED, refinement  # noqa: E402
 
@@ -152,7 +154,7 @@ def setup(args, cached):
     """This process's run: process group of one, FSDP2 policy and reference, batch, optimizer, and with
     `cached` the reference cache (metrics.pair_logps, as --precompute_ref builds it)."""
     kit = types.SimpleNamespace()
-    kit.rank, kit.world, kit.device = models.setup_distributed()
+    kit.rank, kit.world, kit.device = distributed.setup_distributed()
     tokenizer = models.load_tokenizer(args.model)
     mp, ref_dtype = models.mixed_precision("auto", kit.device)  # as train.run
     kit.policy = models.load_sharded(args.model, tokenizer, kit.device, torch.float32, mp).train()
@@ -164,7 +166,7 @@ def setup(args, cached):
     kit.cache = metrics.pair_logps(kit.ref, examples, tokenizer.pad_token_id, args.pairs,
                                    with_p=True) if cached else None
     cfg = train.resolved(train.Config(model=args.model))  # the optimizer and learning rate of train.run
-    kit.optimizer = train.OPTIMIZERS[cfg.optimizer](kit.policy.parameters(), lr=cfg.lr)
+    kit.optimizer = stages.OPTIMIZERS[cfg.optimizer](kit.policy.parameters(), lr=cfg.lr)
     return kit
 
 
