@@ -249,7 +249,7 @@ def view_logps(model, batch, n_sequences, prefix="", average=False):
         return forward_logps(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
                              batch[prefix + "labels"], average)
     # packed: no mask, positions restarting per sequence (transformers keeps the sequences apart);
-    # shared: the 4D mask of data.shared_attention_mask.
+    # shared: the 4D mask of packing.shared_attention_mask.
     logits = model(input_ids=batch[prefix + "input_ids"], position_ids=batch[prefix + "position_ids"],
                    attention_mask=_model_mask(model, batch.get(prefix + "attention_mask")), use_cache=False).logits
     return packed_sequence_logps(logits, batch[prefix + "labels"], batch[prefix + "segment_ids"], n_sequences,

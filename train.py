@@ -43,6 +43,7 @@ from checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
 from common import ConfigError
 from distributed import Failures, all_sum, log, setup_distributed
 from embedded import embedded_sft_pairs
+from formats import source_records
 from models import (
     DTYPES,
     TINY,
@@ -267,7 +268,7 @@ def check_start(cfg, rank, world, device, say):
         check_model(cfg.ref_model, "--ref_model")
     for source in (cfg.data, cfg.eval_data):
         if source and source != "embedded":
-            data.source_records(os.path.expanduser(source))  # a local path that is no data file fails here
+            source_records(os.path.expanduser(source))  # a local path that is no data file fails here
     resume = checkpoint.find(cfg.out_dir) if cfg.resume else None
     if cfg.resume and all_sum([float(resume is not None)], device)[0] not in (0, world):
         raise ConfigError(f"--resume: {os.path.join(cfg.out_dir, CHECKPOINT)} is not seen by every rank; to "
