@@ -27,6 +27,7 @@ import torch
 import common
 import data
 import defaults
+import embedded
 import judge
 import metrics
 from common import EvalError, num
@@ -215,8 +216,8 @@ def run_judge(args):
 def run_exact(args):
     questions = judge.load_questions(args.questions, args.split)
     answers_a, answers_b, names = _comparison(args, questions)
-    identity = {**names, "judge": "true score (data.embedded_score)"}
-    records, missing = judge.exact_records(questions, answers_a, answers_b, data.embedded_score)
+    identity = {**names, "judge": "true score (embedded.embedded_score)"}
+    records, missing = judge.exact_records(questions, answers_a, answers_b, embedded.embedded_score)
     _report_missing(args, missing, len(questions))
     if args.out:
         common.write_jsonl(args.out, records)
