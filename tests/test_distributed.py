@@ -131,7 +131,7 @@ def test_two_nodes_without_a_shared_folder_match_one_process(tmp_path):
 FAULT_HARNESS = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-import torch, data, train
+import torch, common, data, train
 
 fault, rank = sys.argv[1], int(os.environ["RANK"])
 def mark():  # when the fault happened
@@ -143,7 +143,7 @@ if rank == 1 and fault == "data":
         raise common.DataError("pairs.jsonl line 3: 'chosen' is missing")
     data.load_pairs = bad_data
 if rank == 1 and fault in ("oom", "nan"):
-    forward, calls = models.view_logps, []
+    forward, calls = train.view_logps, []
     def faulty(*args, **kwargs):
         calls.append(1)
         if len(calls) > 6:  # inside the second step
@@ -152,7 +152,7 @@ if rank == 1 and fault in ("oom", "nan"):
                 raise torch.OutOfMemoryError("out of memory: tried to allocate 20.00 GiB")
             return forward(*args, **kwargs) * float("nan")
         return forward(*args, **kwargs)
-    models.view_logps = faulty
+    train.view_logps = faulty
 sys.exit(train.main(sys.argv[2:]))
 """
 
