@@ -34,7 +34,7 @@ ALLOWED = {
     "tracking": MEASURE,
     "stages": MEASURE | {"checkpoint"},
     "train": MEASURE | {"checkpoint", "tracking", "stages"},
-    "evaluate": JUDGE | {"judge", "answers"},  # the CLI dispatches into judge.py
+    "evaluate": JUDGE,  # and the judge modules: the CLI dispatches into them (``allowed``)
 }
 TOP = {"experiments", "benchmarks"}  # may import any module above; nothing imports them
 
@@ -57,10 +57,14 @@ def project_files():
 
 
 def allowed(module):
+    """The project modules `module` may import; None for a module this file does not place yet."""
+    judges = {m for m in project() + ["judge", "answers"] if is_judge(m)}
+    if module == "evaluate":
+        return ALLOWED[module] | judges
     if module in ALLOWED:
         return ALLOWED[module]
     if is_judge(module):
-        return JUDGE | {m for m in project() if is_judge(m) and m != module}
+        return JUDGE | (judges - {module})
     return None
 
 
