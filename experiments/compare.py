@@ -16,7 +16,10 @@ RATES = tuple(k + "_rate" for k in judge.OUTCOMES)  # win_rate, tie_rate, lose_r
 
 def compare(ctx, run_a, run_b, label_a, label_b):
     """Win/tie/lose of run_a's answers against run_b's under the true score: pooled over seeds (the
-    table's cell), per seed, and a paired t-test over seeds of the mean true score of the answers."""
+    table's cell), per seed, and a paired t-test over seeds of the mean true score of the answers.
+
+    The cell's rates are pooled over every seed's games; each rate's "_std" (the ± of the tables) is the sample
+    standard deviation (n - 1) of the per-seed rates, as every ± of the tables is one over seeds."""
     identity = {"model_a": label_a, "model_b": label_b, "judge": "true score (data.embedded_score)"}
     per_seed, pooled, lacking = [], [], {"answers_a": 0, "answers_b": 0}
     for seed in ctx.seeds:
