@@ -44,11 +44,7 @@ import torch
 from common import DataError, Progress
 from defaults import MAX_LENGTH
 from embedded import embedded_pairs
-from embedded import embedded_score as embedded_score  # TODO(merge): judge.py, experiments/ read data.X of these 4
-from embedded import embedded_sft_pairs as embedded_sft_pairs
 from formats import HH_ASSISTANT, Dropped, keep_all, record_to_pair, report_kept, source_records
-from formats import Pair as Pair
-from formats import read_records as read_records
 from packing import pack, sequence_piece, shared_piece
 from srpo import IGNORE_INDEX
 

