@@ -24,7 +24,7 @@ WINLOSE_HALFWIDTHS = (5, 10, 25)        # points (percent) of win rate − lose 
 # Per-run cost at the default size, one thread, no other load (measured: see docs/verdict.md §4):
 ALIGN_CORE_S = 11.3   # lambda: 24 alignment runs (incl. 200 sampled answers and 4 held-out evaluations) in 272 s
 SFT_CORE_S = 19.0     # methods --seeds 8: 3 SFT + 12 alignment runs in 193 s, less 12 x 11.3 s
-VALID_ANSWERS_S = 1.5  # 200 more answers per run for the validation split (estimate: generation's share)
+VALID_ANSWERS_S = 3.0  # 200 more answers per run for the validation split: measured 25 s under ~8x load here
 CORES = 2             # paper.py --jobs 2 on the 2-core machine
 
 
