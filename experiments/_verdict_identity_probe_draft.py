@@ -2,7 +2,8 @@
 
 Compares two train.py runs' metrics.jsonl from the same SFT model, seed and batches, on β-free quantities:
 the mean log π(y±|x) of the batch, h = margin / β, the loss (equal in value by the identity), the accuracy,
-and the gradient-norm ratio (1/(1 − λ) by the identity, before clipping); and the held-out eval_* rows (margins and rewards divided by β: h and log-ratios).
+the gradient-norm ratio (1/(1 − λ) by the identity, before clipping); and the held-out eval_* rows
+(margins and rewards divided by β: h and log-ratios).
 
     # default-size settings (experiments/paper.py SIZES["default"]); OMP_NUM_THREADS=1 as paper.py uses one thread
     python train.py --loss sft --model tiny --max_steps 300 --lr 1e-3 --eval_every 0 --batch_size 64 \\

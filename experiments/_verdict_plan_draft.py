@@ -7,7 +7,6 @@ the verdict claim; it trains nothing.
 
 import importlib.util
 import json
-import math
 import os
 import sys
 
