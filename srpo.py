@@ -54,7 +54,20 @@ def rating_prompt(rating, scale=100):
 REFINE_PROMPT = rating_prompt(100)
 # Table 4's variant: ratings in [1, 10] instead of [1, 100].
 REFINE_PROMPT_10 = rating_prompt(10, scale=10)
-REFINE_PROMPTS = {"100": REFINE_PROMPT, "10": REFINE_PROMPT_10}
+# Controls for what p says (docs/verdict.md); Δ_naive (no text at all) is ``--refine naive``.
+# The opposite instruction: p's words asking for a rating of 1 out of 100 (4 tokens shorter than p
+# under the byte-level tiny tokenizer: "1" for "100", twice).
+REFINE_PROMPT_OPPOSITE = rating_prompt(1)
+# A neutral text about the weather, no instruction and no rating, ending like p in "Query:": as many
+# characters as p (so as many tokens under the byte-level tiny tokenizer) and as many words. Its
+# capitals are only those absent from data.EMBEDDED_ALPHABET, like p's.
+REFINE_PROMPT_NEUTRAL = (
+    "The weather this morning is calm and mild, with a gentle breeze from the west and some thin clouds "
+    "drifting over the hills. The forecast calls for clear skies in the afternoon, a cooler evening, "
+    "and no rain likely until the weekend. Query:"
+)
+REFINE_PROMPTS = {"100": REFINE_PROMPT, "10": REFINE_PROMPT_10,
+                  "neutral": REFINE_PROMPT_NEUTRAL, "opposite": REFINE_PROMPT_OPPOSITE}
 
 # Elements of float32 scratch per chunk in sequence_logps (64 MiB).
 _CHUNK_ELEMENTS = 1 << 24

@@ -85,8 +85,9 @@ class Config:
                                        "from the paper's grid")
     refine: str = _flag("prompt", "prompt: Δπ under p ⊕ x, Eq. (11); naive: Δ_naive under x, Eq. (10) (Table 4)",
                         ("prompt", "naive"))
-    refine_prompt: str = _flag(defaults.REFINE_PROMPT, "rating scale of the prompt p: 100 (the paper's) or 10 "
-                                                       "(Table 4)", tuple(REFINE_PROMPTS))
+    refine_prompt: str = _flag(defaults.REFINE_PROMPT, "the prompt p: 100 (the paper's), 10 (its [1, 10] scale, "
+                                                       "Table 4); controls: neutral (a weather text of p's length), "
+                                                       "opposite (p asking for a rating of 1)", tuple(REFINE_PROMPTS))
     model: str = _flag(TINY, 'transformers name or local folder; "tiny": a small Pythia-shaped model from a config')
     ref_model: str = _flag("", "reference π_ref; unset: the starting policy (after the SFT stage, if any)")
     data: str = _flag("embedded", '"embedded", a .jsonl/.jsonl.gz/.json file, or a hub dataset name')

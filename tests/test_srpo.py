@@ -157,6 +157,67 @@ def test_delta_naive_value_is_dpo_with_scaled_beta_but_gradient_is_not(lam):
     assert not torch.allclose(g_pc, g_dpo, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("lam", [0.1, 0.3, 0.5, 0.9, 2.0])
+def test_delta_naive_gradient_is_dpo_at_scaled_beta_times_one_over_one_minus_lambda(beta, lam):
+    """docs/verdict.md: with ⊥, ∇ Sr-DPO(Δ_naive; β, λ) = ∇ DPO(β(1-λ)) / (1-λ), to float rounding."""
+    logps = random_logps(seed=11)
+    delta_naive = srpo.refinement(*logps, beta)  # Eq. (10): the x view's own log-probs
+    sr = srpo.sr_dpo_loss(*logps, delta_naive, beta, lam)
+    dpo = srpo.dpo_loss(*logps, beta * (1 - lam))
+    torch.testing.assert_close(sr, dpo, rtol=1e-12, atol=1e-12)  # the values agree too
+    for g_sr, g_dpo in zip(grads(sr, logps), grads(dpo, logps)):
+        torch.testing.assert_close(g_sr, g_dpo / (1 - lam), rtol=1e-12, atol=1e-15)
+    # float32, as training runs: equal to float32 rounding
+    logps32 = [x.detach().float().requires_grad_(True) for x in logps]
+    sr32 = srpo.sr_dpo_loss(*logps32, srpo.refinement(*logps32, beta), beta, lam)
+    for g_sr, g_dpo in zip(grads(sr32, logps32), grads(srpo.dpo_loss(*logps32, beta * (1 - lam)), logps32)):
+        torch.testing.assert_close(g_sr, g_dpo / (1 - lam), rtol=1e-5, atol=1e-7)
+
+
+def test_delta_naive_gradient_at_lambda_one_is_a_constant_times_the_margins_gradient():
+    """λ = 1: β(1-λ) = 0, the loss is log 2 and its gradient -β/2 ∇h (DPO at β' → 0, times β/β')."""
+    beta = 0.1
+    logps = random_logps(seed=12)
+    sr = srpo.sr_dpo_loss(*logps, srpo.refinement(*logps, beta), beta, 1.0)
+    torch.testing.assert_close(sr, torch.full_like(sr, torch.log(torch.tensor(2.0, dtype=sr.dtype)).item()))
+    g_pc, g_pr, _, _ = grads(sr, logps)
+    torch.testing.assert_close(g_pc, torch.full_like(g_pc, -beta / 2))
+    torch.testing.assert_close(g_pr, torch.full_like(g_pr, beta / 2))
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("lam", [0.1, 0.5, 1.0])
+def test_delta_naive_sr_ipo_is_ipo_at_beta_times_one_minus_lambda_beta(beta, lam):
+    """docs/verdict.md: with k = 1 - λβ, Sr-IPO(Δ_naive; β, λ) = k²·IPO(βk) in value, k·∇IPO(βk) in gradient."""
+    k = 1 - lam * beta
+    if k <= 0:
+        pytest.skip("λβ >= 1: no IPO equivalent")
+    logps = random_logps(seed=13)
+    sr = srpo.sr_ipo_loss(*logps, srpo.refinement(*logps, beta), beta, lam)
+    ipo = srpo.ipo_loss(*logps, beta * k)
+    torch.testing.assert_close(sr, k * k * ipo, rtol=1e-12, atol=1e-12)
+    for g_sr, g_ipo in zip(grads(sr, logps), grads(ipo, logps)):
+        torch.testing.assert_close(g_sr, k * g_ipo, rtol=1e-12, atol=1e-12)
+
+
+def test_prompt_controls_match_p_in_length_and_differ_in_content():
+    """neutral: as many tiny tokens, characters and words as p, no instruction; opposite: p's words, rating 1."""
+    import models
+
+    tok = models.tiny_tokenizer()
+    p, neutral, opposite = srpo.REFINE_PROMPT, srpo.REFINE_PROMPT_NEUTRAL, srpo.REFINE_PROMPT_OPPOSITE
+    n_tokens = len(tok(p).input_ids)
+    assert len(tok(neutral).input_ids) == n_tokens == len(p.encode()) == len(neutral.encode())
+    assert len(neutral.split()) == len(p.split())
+    assert neutral.endswith("Query:") and p.endswith("Query:")
+    for word in ("rating", "usefulness", "response", "100", "harmless"):
+        assert word in p and word not in neutral
+    assert opposite == PAPER_PROMPT.replace("rating of 100", "rating of 1").replace("The term 100", "The term 1")
+    assert len(tok(opposite).input_ids) == n_tokens - 4  # "1" for "100", twice
+    assert len(set(srpo.REFINE_PROMPTS.values())) == len(srpo.REFINE_PROMPTS)
+
+
 @pytest.mark.parametrize("name", sorted(srpo.LOSSES))
 @pytest.mark.parametrize("beta", [0.01, 0.1, 2.0])
 def test_losses_finite_at_extreme_margins(name, beta):
@@ -192,7 +253,8 @@ def test_refine_prompt_is_the_papers_and_variant_swaps_100_for_10():
     assert srpo.REFINE_PROMPT == PAPER_PROMPT
     assert srpo.REFINE_PROMPT_10 == PAPER_PROMPT.replace("100", "10")
     assert "100" not in srpo.REFINE_PROMPT_10 and "1 is the minimum" in srpo.REFINE_PROMPT_10
-    assert srpo.REFINE_PROMPTS == {"100": srpo.REFINE_PROMPT, "10": srpo.REFINE_PROMPT_10}
+    assert srpo.REFINE_PROMPTS == {"100": srpo.REFINE_PROMPT, "10": srpo.REFINE_PROMPT_10,
+                                   "neutral": srpo.REFINE_PROMPT_NEUTRAL, "opposite": srpo.REFINE_PROMPT_OPPOSITE}
     assert set(srpo.LOSSES) == {"dpo", "ipo", "sr-dpo", "sr-ipo"}
     assert srpo.SELF_REFINED == {"sr-dpo", "sr-ipo"}
 
