@@ -60,6 +60,7 @@ from models import (
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 
 PACKINGS = ("auto", *data.PACKINGS)  # --packing (a Config field named data hides the module there)
+LR_SCHEDULERS = ("constant", "linear", "cosine")  # --lr_scheduler, get_lr's kind
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"
 CHECKPOINT, LOCK = checkpoint.CHECKPOINT, checkpoint.LOCK
@@ -101,6 +102,8 @@ class Config:
                                    "initialised tiny model")
     warmup_steps: int | None = _flag(None, "linear warm-up of the learning rate, in steps (each stage); unset: 150 "
                                            "as the DPO reference code, or 9 for tiny")
+    lr_scheduler: str = _flag("constant", "after the warm-up: constant (the paper's), or linear or cosine decay that "
+                                          "reaches 0 one step after the stage's last (train.get_lr)", LR_SCHEDULERS)
     batch_size: int = _flag(64, "global pairs per optimizer step, split over ranks and micro-batches")
     micro_batch_size: int = _flag(0, "pairs per forward pass on one rank; 0: the rank's whole share (no "
                                      "accumulation)")
@@ -355,6 +358,10 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
                               world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
                               progress=sys.stdout)  # rank 0
     stages = plan(cfg, len(examples))
+    if cfg.lr_scheduler != "constant":  # the decay's length is run-defining too
+        record["stage_steps"] = [n for _, n in stages]
+        if resume and not cfg.resume_force:
+            checkpoint.check_record(checkpoint.read_record(resume), {"stage_steps": record["stage_steps"]}, resume)
     names = [name for name, _ in stages]
     saved = checkpoint.read_extra(resume, rank) if resume else None
     start_stage = saved["stage_index"] if saved else 0
@@ -390,7 +397,7 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
             t0 = time.time()
             try:
                 summed = train_step(policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, world,
-                                    device)
+                                    device, n_steps)
             except NonFiniteError as err:
                 raise NonFiniteError(f"{err}; " + (f"the last checkpoint ({last_saved}) is kept: --resume continues "
                                                    f"from it" if last_saved else
@@ -564,9 +571,9 @@ def step_batches(examples, cfg, micro, pad_id, rank, world, start, stop, packing
 # ----------------------------------------------------------------------------- one step
 
 
-def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, world, device):
-    """One optimizer step over this rank's micro-batches. Returns the step's summed stats (this rank)."""
-    lr = get_lr(step, cfg.lr, cfg.warmup_steps)
+def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, world, device, n_steps=None):
+    """One optimizer step over this rank's micro-batches (of a stage of n_steps). Returns its summed stats."""
+    lr = get_lr(step, cfg.lr, cfg.warmup_steps, n_steps, cfg.lr_scheduler)
     for group in optimizer.param_groups:
         group["lr"] = lr
     totals = {}  # summed on the device; one host sync per step, not per micro-batch
@@ -602,10 +609,24 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
     return summed
 
 
-def get_lr(step, peak_lr, warmup_steps):
-    """The learning rate of step (from 0): peak_lr * min(1, (step + 1) / (warmup_steps + 1)), the DPO reference
-    code's LambdaLR ramp: a linear warm-up that reaches peak_lr at step warmup_steps, then constant."""
-    return peak_lr * min(1.0, (step + 1) / (warmup_steps + 1))
+def get_lr(step, peak_lr, warmup_steps, total_steps=None, kind="constant"):
+    """The learning rate of step (from 0) of a stage of total_steps steps; pure, nanoGPT-style.
+
+    Warm-up, steps 0 .. warmup_steps - 1: peak_lr * (step + 1) / (warmup_steps + 1), the DPO reference code's
+    LambdaLR ramp, which reaches peak_lr at step warmup_steps. From there, with t = (step - warmup_steps) /
+    max(1, total_steps - warmup_steps): constant peak_lr; linear peak_lr * max(0, 1 - t); cosine
+    peak_lr * max(0, (1 + cos(π t)) / 2). The decays reach 0 at step total_steps, one after the stage's last.
+    This is transformers' get_linear/cosine_schedule_with_warmup at step + 1 with warm-up warmup_steps + 1 and
+    total_steps + 1 steps (tests/test_train.py checks it).
+    """
+    if step < warmup_steps or kind == "constant":
+        return peak_lr * min(1.0, (step + 1) / (warmup_steps + 1))
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return peak_lr * max(0.0, 1.0 - t)
+    if kind == "cosine":
+        return peak_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * t)))
+    raise ValueError(f"get_lr: unknown kind {kind!r}; expected one of {', '.join(LR_SCHEDULERS)}")
 
 
 def preference_terms(policy, ref, cache, batch, cfg):
