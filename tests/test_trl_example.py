@@ -18,7 +18,6 @@ import data
 import models
 import srpo
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
