@@ -38,6 +38,7 @@ import checkpoint
 import common
 import data
 import metrics
+import model_card
 from models import (
     DTYPES,
     MODEL_RECORD,
@@ -377,6 +378,10 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
     tracker = Tracker(cfg, backend, resumed_at + 1) if backend else None
 
     config = source_config(cfg.model, tokenizer)  # what sft/ and final/ write as their config.json
+    card = functools.partial(model_card.model_card, dataclasses.asdict(cfg), train_pairs=len(examples),
+                             refine_prompt=REFINE_PROMPTS[cfg.refine_prompt], command=model_card.command_line(
+                                 dataclasses.asdict(cfg), dataclasses.asdict(resolved(Config(
+                                     model=cfg.model, loss=cfg.loss, max_length=cfg.max_length)))))
     save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else source_dtype(config)
     policy, last = None, None
     for stage_index, (stage, n_steps) in enumerate(stages):
@@ -430,12 +435,12 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
         last_saved = save_checkpoint(cfg.out_dir, policy, s.optimizer, stage, stage_index, step, record, rank, world)
         if stage == "sft" and stage_index < len(stages) - 1:
             export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank, config, save_dtype,
-                   model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)))
+                   model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)), card(stages=stages[:1]))
             say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
     final = os.path.join(cfg.out_dir, FINAL)
     if policy is not None:
         export(policy, tokenizer, final, rank, config, save_dtype,
-               model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)))
+               model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)), card(stages=stages, heldout=last))
     if tracker:
         tracker.close()
     say(summary(cfg, stages, last, final))
@@ -762,12 +767,12 @@ def load_checkpoint(path, policy, optimizer, rank):
     return extra
 
 
-def export(policy, tokenizer, path, rank, config, dtype, record):
+def export(policy, tokenizer, path, rank, config, dtype, record, card=None):
     """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
 
     The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
     source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
-    models.MODEL_RECORD (the model's reference and the run's flags).
+    models.MODEL_RECORD (the model's reference and the run's flags); `card`, the text of README.md (model_card.py).
     """
     import copy
 
@@ -785,6 +790,9 @@ def export(policy, tokenizer, path, rank, config, dtype, record):
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, MODEL_RECORD), "w", encoding="utf-8") as fh:
                 json.dump(record, fh, indent=1)
+            if card:
+                with common.atomic_open(os.path.join(tmp, "README.md")) as fh:
+                    fh.write(card)
     del state
     dist.barrier()
 
