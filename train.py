@@ -622,7 +622,7 @@ def get_lr(step, peak_lr, warmup_steps, total_steps=None, kind="constant"):
     max(1, total_steps - warmup_steps): constant peak_lr; linear peak_lr * max(0, 1 - t); cosine
     peak_lr * max(0, (1 + cos(π t)) / 2). The decays reach 0 at step total_steps, one after the stage's last.
     This is transformers' get_linear/cosine_schedule_with_warmup at step + 1 with warm-up warmup_steps + 1 and
-    total_steps + 1 steps (tests/test_train.py checks it).
+    total_steps + 1 steps (tests/test_lr_schedule.py checks it).
     """
     if step < warmup_steps or kind == "constant":
         return peak_lr * min(1.0, (step + 1) / (warmup_steps + 1))
