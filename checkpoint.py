@@ -44,8 +44,8 @@ FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"  # out_dir's other ent
 METADATA = ".metadata"
 # The flags that define a run: a resumed run must have the same, or it would mix two runs' data order or math.
 RUN_FLAGS = ("loss", "beta", "lam", "refine", "refine_prompt", "model", "ref_model", "data", "max_pairs",
-             "sft_steps", "lr", "warmup_steps", "batch_size", "max_length", "max_grad_norm", "optimizer",
-             "average_logps", "seed", "truncate_x_only", "sft_quality_q", "mixed_precision")
+             "sft_steps", "lr", "warmup_steps", "lr_scheduler", "batch_size", "max_length", "max_grad_norm",
+             "optimizer", "average_logps", "seed", "truncate_x_only", "sft_quality_q", "mixed_precision")
 
 
 class CheckpointError(SrpoError):

@@ -1,13 +1,15 @@
 """distributed.py: the process group and what every rank must agree on.
 
 Owns: starting the process group (one process, or torchrun's), summing values over ranks (all_sum), printing
-on rank 0 (log), and Failures: one rank's failure stops every rank, its one-line error printed once.
+on rank 0 (log), Failures: one rank's failure stops every rank, its one-line error printed once, and Stop: the
+preemption signal (SIGTERM) as a flag the loop reads at each step's end.
 Does not own: sharding models (models.py), the training loop (train.py) or checkpoints (checkpoint.py).
 See docs/distributed.md.
 """
 
 import datetime
 import os
+import signal
 import sys
 import threading
 
@@ -95,3 +97,14 @@ class Failures:
                 self.store.wait([self.KEY + "_printed"], datetime.timedelta(seconds=5))
         finally:
             os._exit(int(status))
+
+
+class Stop:
+    """SIGTERM (how preemption arrives) sets a flag; the loop checkpoints and exits at the step's end."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True

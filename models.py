@@ -379,12 +379,12 @@ def load_lm(name, dtype="float32", device="cpu"):
     return load_model(name, tokenizer, dtype=DTYPES[dtype]).to(device), tokenizer
 
 
-def export(policy, tokenizer, path, rank, config, dtype, record):
+def export(policy, tokenizer, path, rank, config, dtype, record, card=None):
     """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
 
     The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
     source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
-    models.MODEL_RECORD (the model's reference and the run's flags).
+    models.MODEL_RECORD (the model's reference and the run's flags); `card`, the text of README.md (model_card.py).
     """
     import copy
 
@@ -402,5 +402,8 @@ def export(policy, tokenizer, path, rank, config, dtype, record):
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, MODEL_RECORD), "w", encoding="utf-8") as fh:
                 json.dump(record, fh, indent=1)
+            if card:
+                with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
+                    fh.write(card)
     del state
     dist.barrier()

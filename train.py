@@ -39,9 +39,10 @@ import common
 import data
 import defaults
 import metrics
+import model_card
 from checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
 from common import ConfigError
-from distributed import Failures, all_sum, log, setup_distributed
+from distributed import Failures, Stop, all_sum, log, setup_distributed
 from embedded import embedded_sft_pairs
 from formats import source_records
 from models import (
@@ -61,6 +62,7 @@ from stages import OPTIMIZERS, load_examples, plan, setup_stage, step_batches, u
 from tracking import Tracker, progress_line, stage_line, step_metrics, summary, tracker_backend
 
 PACKINGS = ("auto", *data.PACKINGS)  # --packing (a Config field named data hides the module there)
+LR_SCHEDULERS = ("constant", "linear", "cosine")  # --lr_scheduler, get_lr's kind
 
 
 class NonFiniteError(common.SrpoError):
@@ -103,6 +105,8 @@ class Config:
     warmup_steps: int | None = _flag(None, f"linear warm-up of the learning rate, in steps (each stage); unset: "
                                            f"{defaults.WARMUP_STEPS} as the DPO reference code, or "
                                            f"{defaults.TINY_WARMUP_STEPS} for tiny")
+    lr_scheduler: str = _flag("constant", "after the warm-up: constant (the paper's), or linear or cosine decay that "
+                                          "reaches 0 one step after the stage's last (train.get_lr)", LR_SCHEDULERS)
     batch_size: int = _flag(64, "global pairs per optimizer step, split over ranks and micro-batches")
     micro_batch_size: int = _flag(0, "pairs per forward pass on one rank; 0: the rank's whole share (no "
                                      "accumulation)")
@@ -316,7 +320,8 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
     final = os.path.join(cfg.out_dir, FINAL)
     if policy is not None:
         export(policy, run.tokenizer, final, rank, run.config, run.save_dtype,
-               model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)))
+               model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)), run.card(stages=run.stages,
+                                                                                            heldout=last))
     if tracker:
         tracker.close()
     say(summary(cfg, run.stages, last, final, reference_name(cfg)))
@@ -328,7 +333,8 @@ class Run:
     """What every stage of one run shares: the process (rank, world, device, say), the tokenized pairs, the
     stages as (name, steps) with the global step each starts at, the micro-batch size, the run's record for
     checkpoints, ``score`` (``metrics.pair_logps`` bound once to this run's batches), where sft/ and final/ get
-    their config and dtype, the SIGTERM flag, and what the last checkpoint holds ("STAGE step N", or None)."""
+    their config and dtype, the SIGTERM flag, the model card's text, and what the last checkpoint holds
+    ("STAGE step N", or None)."""
     rank: int
     world: int
     device: torch.device
@@ -344,7 +350,8 @@ class Run:
     score: typing.Callable
     config: typing.Any
     save_dtype: torch.dtype
-    preemption: "Stop"
+    preemption: Stop
+    card: typing.Callable  # model_card.model_card with what the run knows; its stages and held-out metrics to come
     last_saved: str | None = None
 
 
@@ -363,11 +370,20 @@ def prepare_run(cfg, rank, world, device, resume, say):
                               world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
                               progress=sys.stdout)  # rank 0
     stages = plan(cfg, len(examples))
+    record = checkpoint.run_record(cfg, train_pairs=len(examples))
+    if cfg.lr_scheduler != "constant":  # the decay's length is run-defining too
+        record["stage_steps"] = [n for _, n in stages]
+        if resume and not cfg.resume_force:
+            checkpoint.check_record(checkpoint.read_record(resume), {"stage_steps": record["stage_steps"]}, resume)
     first_step = [sum(n for _, n in stages[:i]) for i in range(len(stages))]  # global step = first_step + step
     config = source_config(cfg.model, tokenizer)  # what sft/ and final/ write as their config.json
+    card = functools.partial(model_card.model_card, dataclasses.asdict(cfg), train_pairs=len(examples),
+                             refine_prompt=REFINE_PROMPTS[cfg.refine_prompt], command=model_card.command_line(
+                                 dataclasses.asdict(cfg), dataclasses.asdict(resolved(Config(
+                                     model=cfg.model, loss=cfg.loss, max_length=cfg.max_length)))))
     save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else source_dtype(config)
     return Run(rank, world, device, say, tokenizer, examples, sft_examples, eval_examples, stages, first_step, micro,
-               checkpoint.run_record(cfg, train_pairs=len(examples)), score, config, save_dtype, preemption)
+               record, score, config, save_dtype, preemption, card)
 
 
 def resume_bookkeeping(cfg, run, resume):
@@ -393,7 +409,7 @@ def timed_step(cfg, run, s, micro_batches, stage_index, step):
     t0 = time.time()
     try:
         summed = train_step(s.policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, run.world,
-                            run.device)
+                            run.device, run.stages[stage_index][1])
     except NonFiniteError as err:
         raise NonFiniteError(f"{err}; " + (f"the last checkpoint ({run.last_saved}) is kept: --resume continues "
                                            f"from it" if run.last_saved else
@@ -445,27 +461,17 @@ def end_stage(cfg, run, s, stage_index, step):
                                      run.rank, run.world)
     if stage == "sft" and stage_index < len(run.stages) - 1:
         export(s.policy, run.tokenizer, os.path.join(cfg.out_dir, SFT_DIR), run.rank, run.config, run.save_dtype,
-               model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)))
+               model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)), run.card(stages=run.stages[:1]))
         run.say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
-
-
-class Stop:
-    """SIGTERM (how preemption arrives) sets a flag; the loop checkpoints and exits at the step's end."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 # ----------------------------------------------------------------------------- one step
 
 
-def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, world, device):
-    """One optimizer step over this rank's micro-batches. Returns the step's stats summed over all ranks."""
-    lr = get_lr(step, cfg.lr, cfg.warmup_steps)
+def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, world, device, n_steps=None):
+    """One optimizer step over this rank's micro-batches (of a stage of n_steps). Returns the step's stats summed
+    over all ranks."""
+    lr = get_lr(step, cfg.lr, cfg.warmup_steps, n_steps, cfg.lr_scheduler)
     for group in optimizer.param_groups:
         group["lr"] = lr
     totals = {}  # summed on the device; one host sync per step, not per micro-batch
@@ -501,10 +507,24 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
     return summed
 
 
-def get_lr(step, peak_lr, warmup_steps):
-    """The learning rate of step (from 0): peak_lr * min(1, (step + 1) / (warmup_steps + 1)), the DPO reference
-    code's LambdaLR ramp: a linear warm-up that reaches peak_lr at step warmup_steps, then constant."""
-    return peak_lr * min(1.0, (step + 1) / (warmup_steps + 1))
+def get_lr(step, peak_lr, warmup_steps, total_steps=None, kind="constant"):
+    """The learning rate of step (from 0) of a stage of total_steps steps; pure, nanoGPT-style.
+
+    Warm-up, steps 0 .. warmup_steps - 1: peak_lr * (step + 1) / (warmup_steps + 1), the DPO reference code's
+    LambdaLR ramp, which reaches peak_lr at step warmup_steps. From there, with t = (step - warmup_steps) /
+    max(1, total_steps - warmup_steps): constant peak_lr; linear peak_lr * max(0, 1 - t); cosine
+    peak_lr * max(0, (1 + cos(π t)) / 2). The decays reach 0 at step total_steps, one after the stage's last.
+    This is transformers' get_linear/cosine_schedule_with_warmup at step + 1 with warm-up warmup_steps + 1 and
+    total_steps + 1 steps (tests/test_lr_schedule.py checks it).
+    """
+    if step < warmup_steps or kind == "constant":
+        return peak_lr * min(1.0, (step + 1) / (warmup_steps + 1))
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return peak_lr * max(0.0, 1.0 - t)
+    if kind == "cosine":
+        return peak_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * t)))
+    raise ValueError(f"get_lr: unknown kind {kind!r}; expected one of {', '.join(LR_SCHEDULERS)}")
 
 
 def preference_terms(policy, ref, cache, batch, cfg):

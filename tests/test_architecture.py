@@ -33,7 +33,8 @@ ALLOWED = {
     "checkpoint": MEASURE,
     "tracking": MEASURE,
     "stages": MEASURE | {"checkpoint"},
-    "train": MEASURE | {"checkpoint", "tracking", "stages"},
+    "model_card": BASE,
+    "train": MEASURE | {"checkpoint", "tracking", "stages", "model_card"},
     "evaluate": JUDGE,  # and the judge modules: the CLI dispatches into them (``allowed``)
 }
 TOP = {"experiments", "benchmarks"}  # may import any module above; nothing imports them

@@ -20,7 +20,7 @@ def readme_commands():
 def test_readme_opens_with_the_two_commands_and_they_name_real_files():
     run, test = readme_commands()[:2]
     assert run == "pip install -r requirements.txt && python train.py"
-    assert test == "pip install -r requirements.txt && python -m pytest"
+    assert test == "pip install -r requirements-test.txt && python -m pytest"
     for command in (run, test):
         for name in re.findall(r"[\w./-]+\.(?:txt|py)\b", command):
             assert os.path.isfile(os.path.join(ROOT, name)), name
@@ -31,7 +31,9 @@ def test_ci_runs_the_readmes_test_command():
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as fh:
         lines = [line.strip() for line in fh]
     assert test in lines
-    assert any("-r requirements.txt" in line for line in lines)
+    assert any("-r requirements-test.txt" in line for line in lines)
+    with open(os.path.join(ROOT, "requirements-test.txt"), encoding="utf-8") as fh:
+        assert "-r requirements.txt" in [line.strip() for line in fh]
 
 
 def test_main_job_end_to_end(tmp_path):
