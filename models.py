@@ -269,7 +269,8 @@ def _fused_token_logps(model, inputs, labels, segment_ids, capture=None):
             return capture[-1]
         if hidden.shape[:2] != labels.shape:
             raise ValueError(f"the head got hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
-        return hidden_token_logps(hidden, head.weight, labels, head.bias, segment_ids).unsqueeze(-1)
+        # [R, T, 1]: a shape no reshape to the vocabulary takes silently; a copy, not a view (FSDP2 hooks it)
+        return hidden_token_logps(hidden, head.weight, labels, head.bias, segment_ids).unsqueeze(-1).clone()
 
     head.forward = head_forward
     try:
