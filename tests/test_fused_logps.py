@@ -212,6 +212,20 @@ def test_neutral_post_head_fields_stay_fused_and_exact(family, field):
     assert_grads_close(g_fused, g_ref)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_readme_three_lines(family):
+    """README's recipe: the base model's last hidden states, the output embedding, srpo.hidden_sequence_logps."""
+    from srpo import hidden_sequence_logps
+
+    model = build(family)
+    batch = data.collate(examples(), 0)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    h = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    head = model.get_output_embeddings()
+    logps = hidden_sequence_logps(h, head.weight, labels, head.bias)
+    torch.testing.assert_close(logps.double(), reference_logps(model, batch).detach(), rtol=0, atol=2e-5)
+
+
 def test_switch_off_uses_full_logits(monkeypatch):
     model = build("gpt_neox")
     monkeypatch.setattr(models, "FUSED_LOGPS", False)

@@ -374,12 +374,11 @@ def test_hidden_sequence_logps_matches_cross_entropy_on_full_logits(dtype, bias,
     else:  # rows 0 and 1 back to back in one row, 2 and 3 in another: the same sums as padded
         seg = torch.tensor([[0] * 6 + [1] * 6, [2] * 12, [3] * 8 + [-1] * 4, [4] * 5 + [5] * 7])
         n = 6
-        ours = srpo.hidden_sequence_logps(hidden, weight, labels, b, seg, n, average=average) if not average \
-            else None
-        if average:  # sequences 1 and 5 are scored; 3 is empty
-            with pytest.raises(ValueError, match="sequences .* have no scored token"):
+        if average:  # sequences 4 and 5 (row 3 of the padded batch) have no scored token
+            with pytest.raises(ValueError, match=r"sequences \[4, 5\] have no scored token"):
                 srpo.hidden_sequence_logps(hidden, weight, labels, b, seg, n, average=True)
             return
+        ours = srpo.hidden_sequence_logps(hidden, weight, labels, b, seg, n)
         ref = srpo.packed_sequence_logps(F.linear(hidden, weight, b), labels, seg, n)
         # independently: a sequence's tokens scored as their own rows
         logits = F.linear(hidden, weight, b)
