@@ -2,7 +2,8 @@
 
 Owns: the tokenizer and model loaders (the built-in "tiny" model, or transformers without remote code),
 dropout off, ``forward_logps`` (log π of each row) and ``view_logps`` (of each sequence, in any of
-data.collate's layouts) with the check of which layouts a model supports (``choose_packing``), FSDP2
+data.collate's layouts), scored from the hidden states without the [rows, tokens, vocab] logits where the model
+allows it (``fused_logps``), with the check of which layouts a model supports (``choose_packing``), FSDP2
 sharding, the process group, device and dtype helpers, and rank-0 logging. Does not own: the losses
 (srpo.py), batches (data.py), what is measured (metrics.py) or the training loop (train.py).
 """

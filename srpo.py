@@ -28,6 +28,9 @@ Choices that are this module's:
       scores the tokens in chunks (gather minus logsumexp) and recomputes the softmax,
       chunk by chunk, in its backward pass. ``packed_sequence_logps`` does the same for rows that
       hold several sequences back to back (padding-free batches), summing by segment id.
+    * ``hidden_sequence_logps`` never builds the logits at all: from the last hidden states and the LM
+      head's weight it sends only the scored positions through the head, one chunk of logits at a time
+      in the forward pass and again (recomputed) in the backward pass, scored in float32.
     * The loss mapping ``LOSSES`` and the set ``SELF_REFINED`` let a trainer pick by name.
 """
 
