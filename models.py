@@ -310,7 +310,9 @@ def fused_logps(model):
 
 def _fused_refusal(model):
     """Why `model` cannot be scored fused, in words, or None."""
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return "it has no output embedding (get_output_embeddings)"
     if type(head) is not torch.nn.Linear:
         return f"its output embedding is a {type(head).__name__}, not a plain torch.nn.Linear"
     configs = [model.config, model.config.get_text_config()]
