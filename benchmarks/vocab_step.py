@@ -74,7 +74,7 @@ def setup(args, vocab):
 
 
 def measure_memory(args, vocab, path):
-    models.FUSED_LOGPS = path == "fused"
+    models.FUSED_LOGPS, models.FUSED_MIN_VOCAB = path == "fused", 0
     step, device = setup(args, vocab)
     step(0)
     base = reset_peak(device)

@@ -21,6 +21,12 @@ VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 
 
+@pytest.fixture(autouse=True)
+def fused_for_small_vocabularies(monkeypatch):
+    """The tiny models here have small vocabularies, which models.py leaves to the full logits by default."""
+    monkeypatch.setattr(models, "FUSED_MIN_VOCAB", 0)
+
+
 def build(family, dtype=torch.float32, **extra):
     """A random tiny model of a transformers family, dropout off, in eval mode."""
     import transformers as tf
@@ -226,9 +232,10 @@ def test_readme_three_lines(family):
     torch.testing.assert_close(logps.double(), reference_logps(model, batch).detach(), rtol=0, atol=2e-5)
 
 
-def test_switch_off_uses_full_logits(monkeypatch):
+@pytest.mark.parametrize("switch", ["FUSED_LOGPS", "FUSED_MIN_VOCAB"])
+def test_switch_off_uses_full_logits(monkeypatch, switch):
     model = build("gpt_neox")
-    monkeypatch.setattr(models, "FUSED_LOGPS", False)
+    monkeypatch.setattr(models, switch, False if switch == "FUSED_LOGPS" else model.config.vocab_size + 1)
     calls = []
     monkeypatch.setattr(models, "hidden_token_logps", lambda *a, **k: calls.append(1))
     with torch.no_grad():
@@ -244,6 +251,7 @@ from test_fused_logps import examples
 
 calls, fused_head = [], models.hidden_token_logps
 models.hidden_token_logps = lambda *a, **k: calls.append(1) or fused_head(*a, **k)
+models.FUSED_MIN_VOCAB = 0
 rank, world, device = models.setup_distributed("cpu")
 tokenizer = models.load_tokenizer("tiny")
 out = {{}}
