@@ -2,7 +2,8 @@
 
 Owns: the tokenizer and model loaders (the built-in "tiny" model, or transformers without remote code),
 dropout off, ``forward_logps`` (log π of each row) and ``view_logps`` (of each sequence, in any of
-data.collate's layouts) with the check of which layouts a model supports (``choose_packing``), FSDP2
+data.collate's layouts), scored from the hidden states without the [rows, tokens, vocab] logits where the model
+allows it (``fused_logps``), with the check of which layouts a model supports (``choose_packing``), FSDP2
 sharding, device and dtype helpers, and ``export`` (a trained model as a plain transformers folder).
 Does not own: the process group (distributed.py), the losses (srpo.py), batches (data.py), what is
 measured (metrics.py) or the training loop (train.py).
@@ -10,13 +11,14 @@ measured (metrics.py) or the training loop (train.py).
 
 import json
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
 
 import data
 from common import SrpoError, atomic_path
-from srpo import IGNORE_INDEX, packed_sequence_logps, sequence_logps
+from srpo import IGNORE_INDEX, hidden_token_logps, packed_sequence_logps, sequence_logps, sum_token_logps
 
 TINY = "tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -225,10 +227,133 @@ def _dropout_off(model):
                 setattr(module, key, 0.0)
 
 
+# Score through srpo.hidden_token_logps (never the [R, T, V] logits) where a model passes its checks; False: always
+# the full logits (benchmarks and tests compare the two).
+FUSED_LOGPS = True
+# Vocabularies below this keep the full logits: they are small there, and the full path's float rounding is the one
+# the project's recorded results (README: 0.950 / 0.970, Spearman +0.854 of `python train.py`) were made with;
+# fused and full differ at float32 rounding, which a 300-step run of the tiny model amplifies.
+FUSED_MIN_VOCAB = 4096
+# Config fields by which a transformers model changes its logits after the head (Gemma 2/3 softcapping, Granite's
+# divisor, Cohere's factor, Falcon-H1's multiplier), with their neutral values: any other value keeps the full path.
+POST_HEAD_FIELDS = {"final_logit_softcapping": (None, 0), "logit_softcapping": (None, 0), "logits_scaling": (None, 1),
+                    "logit_scale": (None, 1), "lm_head_multiplier": (None, 1), "output_multiplier_scale": (None, 1)}
+_FUSED = weakref.WeakKeyDictionary()  # model -> bool, decided on its first scoring
+_SAID = set()  # fallback reasons logged already
+
+
 def forward_logps(model, input_ids, attention_mask, labels, average=False):
     """log π(y|·) of each row. Shape: input_ids, attention_mask, labels [R, T]. Returns [R] float32."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return sequence_logps(logits, labels, average=average)
+    return _logps(model, {"input_ids": input_ids, "attention_mask": attention_mask}, labels, None, None, average)
+
+
+def _logps(model, inputs, labels, segment_ids, n_sequences, average):
+    """log π(y|·) of each row (segment_ids None) or packed sequence, fused where the model allows it."""
+    if fused_logps(model):
+        per_token = _fused_token_logps(model, inputs, labels, segment_ids)
+        return sum_token_logps(per_token, labels, segment_ids, n_sequences, average)
+    logits = model(**inputs, use_cache=False).logits
+    if segment_ids is None:
+        return sequence_logps(logits, labels, average=average)
+    return packed_sequence_logps(logits, labels, segment_ids, n_sequences, average)
+
+
+def _fused_token_logps(model, inputs, labels, segment_ids, capture=None):
+    """Per-token log-probs [R, T] float32 from one call of the model whose head, for that call, scores the hidden
+    states with srpo.hidden_token_logps instead of making logits. The call goes through the root module, so FSDP2
+    has gathered the head's weight (a root parameter) as for any forward, and its backward reduces the gradient.
+
+    capture: a list, for the probe: the head runs as itself and its logits are appended (nothing fused).
+    """
+    head = model.get_output_embeddings()
+    calls = []
+
+    def head_forward(hidden):
+        calls.append(tuple(hidden.shape))
+        if capture is not None:
+            capture.append(torch.nn.Linear.forward(head, hidden))
+            return capture[-1]
+        if hidden.shape[:2] != labels.shape:
+            raise ValueError(f"the head got hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
+        # [R, T, 1]: a shape no reshape to the vocabulary takes silently; a copy, not a view (FSDP2 hooks it)
+        return hidden_token_logps(hidden, head.weight, labels, head.bias, segment_ids).unsqueeze(-1).clone()
+
+    head.forward = head_forward
+    try:
+        out = model(**inputs, use_cache=False).logits
+    finally:
+        del head.forward
+    if len(calls) != 1:
+        raise ValueError(f"the head ran {len(calls)} times in one forward")
+    return out if capture is not None else out.squeeze(-1).float()
+
+
+def fused_logps(model):
+    """Whether `model` is scored through srpo.hidden_token_logps (decided once per model, logged when not).
+
+    Yes when: FUSED_LOGPS; a vocabulary of FUSED_MIN_VOCAB or more; the output embedding is a plain
+    torch.nn.Linear; no config field of POST_HEAD_FIELDS has a non-neutral value; and a probe batch shows
+    that the model returns its head's output unchanged (no
+    softcapping or scaling under any name) and that the fused log-probs match the full-logits ones. Under
+    torch.distributed every rank must score its first batch alike (the probe runs FSDP forwards); ranks agree.
+    """
+    if not FUSED_LOGPS or model.config.vocab_size < FUSED_MIN_VOCAB:
+        return False
+    if model not in _FUSED:
+        reason = _fused_refusal(model)
+        ok = torch.tensor([reason is None], dtype=torch.int32, device=model_device(model))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            reason = reason or (None if ok.item() else "another rank's probe failed")
+        _FUSED[model] = reason is None
+        if reason and reason not in _SAID:
+            _SAID.add(reason)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"log-probs: {type(model).__name__} scored through the full [rows, tokens, vocab] logits, not "
+                      f"the fused head: {reason}", flush=True)
+    return _FUSED[model]
+
+
+def _fused_refusal(model):
+    """Why `model` cannot be scored fused, in words, or None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return "it has no output embedding (get_output_embeddings)"
+    if type(head) is not torch.nn.Linear:
+        return f"its output embedding is a {type(head).__name__}, not a plain torch.nn.Linear"
+    configs = [model.config, model.config.get_text_config()]
+    for key, neutral in POST_HEAD_FIELDS.items():
+        for config in configs:
+            value = getattr(config, key, None)
+            if value not in neutral:
+                return f"config.{key} = {value} changes the logits after the head"
+    return _probe_refusal(model)
+
+
+@torch.no_grad()
+def _probe_refusal(model):
+    """The probe of fused_logps: None, or what differed."""
+    device = model_device(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(model.config.vocab_size, 1000), (2, 12), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :4] = IGNORE_INDEX
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    try:
+        captured = []
+        logits = _fused_token_logps(model, inputs, labels, None, capture=captured)
+        if not torch.equal(logits, captured[0].to(logits.dtype)):
+            return "the model changes its head's logits before returning them (softcapping or scaling)"
+        fused = sum_token_logps(_fused_token_logps(model, inputs, labels, None), labels)
+    except (RuntimeError, ValueError, TypeError) as err:
+        return f"the fused head failed on a probe batch ({str(err).splitlines()[0][:200]})"
+    full = sequence_logps(logits, labels)
+    err = (fused - full).abs().max().item()
+    if not err <= 1e-2 * (1 + full.abs().max().item()):
+        return f"fused and full log-probs differ by {err:.3g} on a probe batch"
+    return None
 
 
 def _model_mask(model, mask):
@@ -250,10 +375,9 @@ def view_logps(model, batch, n_sequences, prefix="", average=False):
                              batch[prefix + "labels"], average)
     # packed: no mask, positions restarting per sequence (transformers keeps the sequences apart);
     # shared: the 4D mask of packing.shared_attention_mask.
-    logits = model(input_ids=batch[prefix + "input_ids"], position_ids=batch[prefix + "position_ids"],
-                   attention_mask=_model_mask(model, batch.get(prefix + "attention_mask")), use_cache=False).logits
-    return packed_sequence_logps(logits, batch[prefix + "labels"], batch[prefix + "segment_ids"], n_sequences,
-                                 average)
+    inputs = {"input_ids": batch[prefix + "input_ids"], "position_ids": batch[prefix + "position_ids"],
+              "attention_mask": _model_mask(model, batch.get(prefix + "attention_mask"))}
+    return _logps(model, inputs, batch[prefix + "labels"], batch[prefix + "segment_ids"], n_sequences, average)
 
 
 def _probe_examples(vocab):

@@ -28,6 +28,9 @@ Choices that are this module's:
       scores the tokens in chunks (gather minus logsumexp) and recomputes the softmax,
       chunk by chunk, in its backward pass. ``packed_sequence_logps`` does the same for rows that
       hold several sequences back to back (padding-free batches), summing by segment id.
+    * ``hidden_sequence_logps`` never builds the logits at all: from the last hidden states and the LM
+      head's weight it sends only the scored positions through the head, one chunk of logits at a time
+      in the forward pass and again (recomputed) in the backward pass, scored in float32.
     * The loss mapping ``LOSSES`` and the set ``SELF_REFINED`` let a trainer pick by name.
 """
 
@@ -152,6 +155,45 @@ def token_logps(logits, labels):
     return _TokenLogps.apply(flat, _shifted_targets(labels)).view(B, T)
 
 
+def _scoring(labels, segment_ids):
+    """(targets, owner) of every position, flat: what it scores and whose sum that goes to.
+
+    Padded rows (segment_ids None): position t of row r scores labels[r, t + 1] for row r. Packed rows: it
+    scores labels[r, t + 1] only where positions t and t + 1 belong to the same sequence, for that sequence.
+    Shape: labels [R, T] int64 (IGNORE_INDEX where not scored); segment_ids [R, T] int64 (-1 for none) or None.
+    Returns targets [R*T] int64 (IGNORE_INDEX where not scored), owner [R*T] int64 >= 0.
+    """
+    R, T = labels.shape
+    targets = _shifted_targets(labels)
+    if segment_ids is None:
+        return targets, torch.arange(R, device=labels.device).repeat_interleave(T)
+    following = torch.cat([segment_ids[:, 1:], torch.full_like(segment_ids[:, :1], -1)], dim=1).reshape(-1)
+    same = (following == segment_ids.reshape(-1)) & (following >= 0)
+    return targets.masked_fill(~same, IGNORE_INDEX), following.clamp(min=0)
+
+
+def sum_token_logps(per_token, labels, segment_ids=None, n_sequences=None, average=False):
+    """log π(y|·) of each sequence from its token log-probs: their sum (Appendix C, step iii) or mean.
+
+    Shape: per_token [R, T] float, entry t scoring labels[t + 1] (``token_logps``, ``hidden_token_logps``).
+    Shape: labels [R, T] int64, IGNORE_INDEX (-100) where not scored.
+    Shape: segment_ids [R, T] int64 for packed rows (-1 for none), or None for one sequence a row.
+    Shape: n_sequences int S (packed rows only; R otherwise). average bool: the per-token mean instead.
+    Returns [S] (or [R]) in per_token's dtype.
+    """
+    targets, owner = _scoring(labels, segment_ids)
+    n = labels.shape[0] if segment_ids is None else n_sequences
+    flat = per_token.reshape(-1) * (targets != IGNORE_INDEX)  # packed: a boundary position scores nothing
+    total = flat.new_zeros(n).index_add(0, owner, flat)  # Appendix C, step iii: log of the product
+    if not average:
+        return total
+    counts = torch.zeros(n, dtype=torch.int64, device=owner.device).index_add(
+        0, owner, (targets != IGNORE_INDEX).long())
+    what = "sequence_logps(average=True): rows" if segment_ids is None else \
+        "packed_sequence_logps(average=True): sequences"
+    return _per_token_mean(total, counts, what)
+
+
 def sequence_logps(logits, labels, average=False):
     """log π(y|·): the summed (or mean) token log-probs of each row's scored tokens.
 
@@ -188,17 +230,93 @@ def packed_sequence_logps(logits, labels, segment_ids, n_sequences, average=Fals
     Returns [S] float32 (float64 for float64 logits).
     """
     R, L, V = logits.shape
-    following = torch.cat([segment_ids[:, 1:], torch.full_like(segment_ids[:, :1], -1)], dim=1).reshape(-1)
-    same = (following == segment_ids.reshape(-1)) & (following >= 0)
-    targets = _shifted_targets(labels).masked_fill(~same, IGNORE_INDEX)
+    targets, _ = _scoring(labels, segment_ids)
     per_token = _TokenLogps.apply(logits.contiguous().view(R * L, V), targets)  # 0 where not scored
-    owner = following.clamp(min=0)
-    total = per_token.new_zeros(n_sequences).index_add(0, owner, per_token)  # Appendix C, step iii
-    if not average:
-        return total
-    counts = torch.zeros(n_sequences, dtype=torch.int64, device=owner.device).index_add(
-        0, owner, (targets != IGNORE_INDEX).long())
-    return _per_token_mean(total, counts, "packed_sequence_logps(average=True): sequences")
+    return sum_token_logps(per_token.view(R, L), labels, segment_ids, n_sequences, average)
+
+
+class _HeadTokenLogps(torch.autograd.Function):
+    """log softmax(h·Wᵀ + b)[target] of scored rows, one chunk of logits at a time (Appendix C, step ii).
+
+    Forward and backward each hold one chunk of logits (and its float32 softmax): backward recomputes
+    the chunk's logits from h and W instead of keeping them. The chunk's logits are made as the head
+    makes them (F.linear in the inputs' dtype), then scored in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        # hidden [N, D], weight [V, D], bias [V] or None, all in one float dtype; targets [N] int64 >= 0.
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(targets.shape, dtype=acc, device=hidden.device)
+        for a, b in _chunks(hidden.shape[0], weight.shape[0]):
+            logits = F.linear(hidden[a:b], weight, bias)
+            out[a:b] = torch.log_softmax(logits, dim=1, dtype=acc).gather(1, targets[a:b, None]).squeeze(1)
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # d/dlogits = g·(onehot(target) - softmax), in the logits' dtype as autograd's full path makes it;
+        # then d/dh = dlogits·W and d/dW = dlogitsᵀ·h per chunk, d/dW and d/db summed in float32.
+        hidden, weight, bias, targets = ctx.saved_tensors
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        g = grad_out.to(acc)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None \
+            else None
+        for a, b in _chunks(hidden.shape[0], weight.shape[0]):
+            logits = F.linear(hidden[a:b], weight, bias)
+            _softmax_grad_into(logits, logits, targets[a:b], g[a:b], acc)  # logits now hold their gradient
+            if need_h:
+                torch.mm(logits, weight, out=grad_h[a:b])
+            if need_w:
+                grad_w.addmm_(logits.t().to(acc), hidden[a:b].to(acc))
+            if grad_b is not None:
+                grad_b += logits.sum(0, dtype=acc)
+            del logits
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None)
+
+
+def hidden_token_logps(hidden, weight, labels, bias=None, segment_ids=None):
+    """Per-token log π(y_j | ·, y_<j) from the last hidden states and the LM head, never building [R, T, V].
+
+    Only the scored positions go through the head, a chunk at a time (``_HeadTokenLogps``): at most one
+    chunk of logits exists at once, in the forward pass and in the backward pass. Equals
+    ``token_logps(F.linear(hidden, weight, bias), labels)`` (with packed rows' boundaries unscored).
+    Shape: hidden [R, T, D] the base model's last hidden states (float32, bfloat16 or float16).
+    Shape: weight [V, D] the output embedding's weight (tied or not), hidden's dtype; bias [V] or None.
+    Shape: labels [R, T] int64, IGNORE_INDEX (-100) where not scored; shifted inside.
+    Shape: segment_ids [R, T] int64 for packed rows (-1 for none), or None for one sequence a row.
+    Returns [R, T] float32 (float64 for float64 inputs), entry t scoring labels[t + 1]; 0 where not scored.
+    """
+    R, T, D = hidden.shape
+    targets, _ = _scoring(labels, segment_ids)
+    rows = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
+    picked = _HeadTokenLogps.apply(hidden.reshape(R * T, D).index_select(0, rows), weight, bias,
+                                   targets.index_select(0, rows))
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    return torch.zeros(R * T, dtype=acc, device=hidden.device).index_put((rows,), picked).view(R, T)
+
+
+def hidden_sequence_logps(hidden, weight, labels, bias=None, segment_ids=None, n_sequences=None, average=False):
+    """log π(y|·) of each sequence from the last hidden states and the LM head: the sum (Appendix C,
+    step iii) of the token log-probs of ``hidden_token_logps``, or their mean; never builds [R, T, V].
+
+    Equals ``sequence_logps`` (segment_ids None) or ``packed_sequence_logps`` on the logits
+    F.linear(hidden, weight, bias), in value and in gradient (w.r.t. hidden, weight and bias).
+    Shape: hidden [R, T, D] the base model's last hidden states (float32, bfloat16 or float16).
+    Shape: weight [V, D] the output embedding's weight, hidden's dtype; bias [V] or None.
+    Shape: labels [R, T] int64, IGNORE_INDEX (-100) where not scored; shifted inside.
+    Shape: segment_ids [R, T] int64 for packed rows (-1 for none), or None for one sequence a row.
+    Shape: n_sequences int S (packed rows only). average bool: the per-token mean (not the paper's choice).
+    Returns [S] (or [R]) float32 (float64 for float64 inputs).
+    """
+    per_token = hidden_token_logps(hidden, weight, labels, bias, segment_ids)
+    return sum_token_logps(per_token, labels, segment_ids, n_sequences, average)
 
 
 def implicit_reward(policy_logps, ref_logps, beta):

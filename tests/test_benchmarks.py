@@ -35,15 +35,27 @@ def test_packing_benchmark_writes_every_layout(tmp_path):
     assert "| shared |" in (tmp_path / "packing.md").read_text()
 
 
-def test_logps_memory_benchmark_measures_both_methods(tmp_path):
+def test_logps_memory_benchmark_measures_every_method(tmp_path):
     out = tmp_path / "logps.json"
-    run([sys.executable, "benchmarks/logps_memory.py", "--shape", "2,16,64", "--dtype", "fp32", "--device", "cpu",
-         "--json", str(out)], tmp_path)
+    run([sys.executable, "benchmarks/logps_memory.py", "--shape", "2,16,64", "--hidden", "32", "--dtype", "fp32",
+         "--device", "cpu", "--json", str(out)], tmp_path)
     result = json.loads(out.read_text())
     assert result["shape"] == [2, 16, 64] and result["fp32_logits_bytes"] == 4 * 2 * 16 * 64
     assert [r["pass"] for r in result["rows"]] == ["forward", "forward+backward"]
     # at so small a shape the resident-memory differences are noise (even negative): numbers, not sizes
-    assert all(math.isfinite(r["naive_bytes"]) and math.isfinite(r["srpo_bytes"]) for r in result["rows"])
+    assert all(math.isfinite(r[f"{m}_bytes"]) for r in result["rows"] for m in ("naive", "srpo", "fused"))
+
+
+def test_vocab_step_benchmark_measures_both_paths(tmp_path):
+    out = tmp_path / "vocab.json"
+    run([sys.executable, "benchmarks/vocab_step.py", "--pairs", "2", "--micro", "1", "--prompt_tokens", "8",
+         "--response_tokens", "8", "--p_tokens", "4", "--steps", "1", "--vocab", "1024", "--json", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    assert sorted((r["vocab"], r["path"]) for r in result["memory"]) == [
+        (512, "full"), (512, "fused"), (1024, "full"), (1024, "fused")]
+    assert set(result["ratios"]) == {"large/small step memory, fused", "large/small step memory, full logits",
+                                     "fused/full step time, large vocab"}
+    assert all(s > 0 for s in result["time"]["seconds"]["fused"] + result["time"]["seconds"]["full"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for peak memory")

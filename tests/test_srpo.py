@@ -403,3 +403,69 @@ def test_packed_sequence_logps_average_names_sequences_without_scored_tokens(lm_
     assert srpo.packed_sequence_logps(packed, packed_labels, seg, 5)[3:].tolist() == [0.0, 0.0]  # 4 is absent
     with pytest.raises(ValueError, match=r"sequences \[3, 4\] have no scored token"):
         srpo.packed_sequence_logps(packed, packed_labels, seg, 5, average=True)
+
+
+# ---------------------------------------------------------------- hidden_sequence_logps (the fused head)
+
+
+def head_inputs(dtype, bias, seed=0):
+    """Hidden states [4, 12, 16], a head [61, 16] (and bias) as leaves; labels with masked prompts and an empty row."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(4, 12, 16, generator=gen).to(dtype).requires_grad_(True)
+    weight = (0.5 * torch.randn(61, 16, generator=gen)).to(dtype).requires_grad_(True)
+    b = (0.3 * torch.randn(61, generator=gen)).to(dtype).requires_grad_(True) if bias else None
+    labels = torch.randint(0, 61, (4, 12), generator=gen)
+    labels[0, :4], labels[2, :7], labels[3, :] = srpo.IGNORE_INDEX, srpo.IGNORE_INDEX, srpo.IGNORE_INDEX
+    return hidden, weight, b, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("average", [False, True])
+def test_hidden_sequence_logps_matches_cross_entropy_on_full_logits(dtype, bias, layout, average, monkeypatch):
+    """Values and gradients (hidden, weight, bias) of the fused head against F.linear + cross-entropy, with chunks
+    of 5 rows (several per call); bf16 inputs make the same bf16 logits, scored in float32."""
+    monkeypatch.setattr(srpo, "_CHUNK_ELEMENTS", 5 * 61)
+    hidden, weight, b, labels = head_inputs(dtype, bias)
+    leaves = [t for t in (hidden, weight, b) if t is not None]
+    if layout == "padded":
+        rows = slice(0, 3) if average else slice(None)  # the all-prompt row has no mean
+        ours = srpo.hidden_sequence_logps(hidden[rows], weight, labels[rows], b, average=average)
+        ref = reference_sequence_logps(F.linear(hidden[rows], weight, b), labels[rows], average=average)
+    else:  # rows 0 and 1 back to back in one row, 2 and 3 in another: the same sums as padded
+        seg = torch.tensor([[0] * 6 + [1] * 6, [2] * 12, [3] * 8 + [-1] * 4, [4] * 5 + [5] * 7])
+        n = 6
+        if average:  # sequences 4 and 5 (row 3 of the padded batch) have no scored token
+            with pytest.raises(ValueError, match=r"sequences \[4, 5\] have no scored token"):
+                srpo.hidden_sequence_logps(hidden, weight, labels, b, seg, n, average=True)
+            return
+        ours = srpo.hidden_sequence_logps(hidden, weight, labels, b, seg, n)
+        ref = srpo.packed_sequence_logps(F.linear(hidden, weight, b), labels, seg, n)
+        # independently: a sequence's tokens scored as their own rows
+        logits = F.linear(hidden, weight, b)
+        bounds = {0: (0, 0, 6), 1: (0, 6, 12), 2: (1, 0, 12), 3: (2, 0, 8), 4: (3, 0, 5), 5: (3, 5, 12)}
+        alone = torch.stack([reference_sequence_logps(logits[r:r + 1, a:z], labels[r:r + 1, a:z])[0]
+                             for r, a, z in bounds.values()])
+        torch.testing.assert_close(ref, alone, rtol=1e-5, atol=1e-5)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
+    weights = torch.linspace(-1.0, 2.0, len(ours))
+    g_ours = torch.autograd.grad((ours * weights).sum(), leaves)
+    g_ref = torch.autograd.grad((ref.float() * weights).sum(), leaves)
+    for a, r in zip(g_ours, g_ref):
+        assert a.dtype == r.dtype == dtype
+        # float32: rounding; bf16: each path rounds its d/dlogits to bf16, sums to bf16 differ in order
+        tol = (1e-5 if dtype == torch.float32 else 1e-2) * r.abs().max().item()
+        torch.testing.assert_close(a.float(), r.float(), rtol=0, atol=tol)
+
+
+def test_hidden_token_logps_holds_one_chunk_of_logits(monkeypatch):
+    """No [N, V] logits tensor: every F.linear of the head, forward and backward, makes at most one chunk."""
+    monkeypatch.setattr(srpo, "_CHUNK_ELEMENTS", 5 * 61)
+    hidden, weight, _, labels = head_inputs(torch.float32, False)
+    shapes, linear = [], F.linear
+    monkeypatch.setattr(srpo.F, "linear", lambda x, w, b=None: shapes.append(x.shape[0]) or linear(x, w, b))
+    srpo.hidden_sequence_logps(hidden, weight, labels).sum().backward()
+    n_scored = int((labels[:, 1:] != srpo.IGNORE_INDEX).sum())
+    assert max(shapes) <= 5 and sum(shapes) == 2 * n_scored  # only scored rows, once forward, once backward
