@@ -5,8 +5,8 @@
 
 One process or many, the loop is the same: the model is sharded with FSDP2's ``fully_shard``
 (each transformer block, then the root), over a process group of one when not under torchrun.
-Owns: the flags (Config), the loop over the stages (train_stages and the named parts of a step's
-bookkeeping), the step (train_step, get_lr) and metrics.jsonl. Does not own: the math (srpo.py), the data
+Owns: main, the loop over the stages (train_stages and the named parts of a step's bookkeeping), the step
+(train_step, get_lr) and metrics.jsonl. Does not own: the flags (config.py), the math (srpo.py), the data
 (data.py), each stage's models, optimizer and batches (stages.py), model loading, sharding and export
 (models.py), the process group and failures (distributed.py), checkpoints (checkpoint.py), the logged lines
 and TensorBoard/W&B (tracking.py), or what is measured on held-out pairs (metrics.py). The functions below
@@ -37,17 +37,16 @@ import torch.distributed as dist
 import checkpoint
 import common
 import data
-import defaults
 import metrics
 import model_card
 from checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
 from common import ConfigError
+from config import LR_SCHEDULERS, Config, parse_config, resolved, validate
 from distributed import Failures, Stop, all_sum, log, setup_distributed
 from embedded import embedded_sft_pairs
 from formats import source_records
 from models import (
     DTYPES,
-    TINY,
     check_model,
     export,
     load_tokenizer,
@@ -58,86 +57,12 @@ from models import (
     view_logps,
 )
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
-from stages import OPTIMIZERS, load_examples, plan, setup_stage, step_batches, uses_p_view
+from stages import load_examples, plan, setup_stage, step_batches, uses_p_view
 from tracking import Tracker, progress_line, stage_line, step_metrics, summary, tracker_backend
-
-PACKINGS = ("auto", *data.PACKINGS)  # --packing (a Config field named data hides the module there)
-LR_SCHEDULERS = ("constant", "linear", "cosine")  # --lr_scheduler, get_lr's kind
 
 
 class NonFiniteError(common.SrpoError):
     """A non-finite loss or gradient norm: the step is not applied; the message says which checkpoint is kept."""
-
-
-def _sci(x):
-    """5e-07 as 5e-7, for --help."""
-    return f"{x:.0e}".replace("e-0", "e-")
-
-
-def _flag(default, help_text, choices=None):
-    """A Config field: its default, its --help text and, where it takes one of a few values, the choices."""
-    return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
-
-
-@dataclasses.dataclass
-class Config:
-    loss: str = _flag("sr-dpo", "the loss of the alignment stage (sft: SFT only)", ("sft", *LOSSES))
-    beta: float = _flag(defaults.BETA, f"β of Eqs. (4)-(14); the paper's {defaults.BETA}")
-    lam: float | None = _flag(None, f"λ of Eq. (12) / Algorithm 2; Sr losses only; unset: {defaults.LAM}, "
-                                       "from the paper's grid")
-    refine: str = _flag("prompt", "prompt: Δπ under p ⊕ x, Eq. (11); naive: Δ_naive under x, Eq. (10) (Table 4)",
-                        ("prompt", "naive"))
-    refine_prompt: str = _flag(defaults.REFINE_PROMPT, "the prompt p: 100 (the paper's), 10 (its [1, 10] scale, "
-                                                       "Table 4); controls: neutral (a weather text of p's length), "
-                                                       "opposite (p asking for a rating of 1)", tuple(REFINE_PROMPTS))
-    model: str = _flag(TINY, 'transformers name or local folder; "tiny": a small Pythia-shaped model from a config')
-    ref_model: str = _flag("", "reference π_ref; unset: the starting policy (after the SFT stage, if any)")
-    data: str = _flag("embedded", '"embedded", a .jsonl/.jsonl.gz/.json file, or a hub dataset name')
-    eval_data: str = _flag("", "held-out pairs; unset: the test split of --data")
-    max_pairs: int = _flag(0, "train on the first N pairs of --data only (0: all)")
-    out_dir: str = _flag("out", "metrics.jsonl, checkpoint/, sft/, final/")
-    sft_steps: int | None = _flag(None, f"SFT steps on the chosen responses before alignment; unset: "
-                                        f"{defaults.TINY_SFT_STEPS} for tiny, else 0")
-    sft_quality_q: float = _flag(0.0, "--data embedded only: this share of the SFT pairs ask for a usefulness rating "
-                                      "R in p's words, answered to match (embedded.embedded_sft_pairs)")
-    lr: float | None = _flag(None, f"peak learning rate; unset: the paper's {_sci(defaults.LR)}, or "
-                                   f"{_sci(defaults.TINY_LR)} for the randomly initialised tiny model")
-    warmup_steps: int | None = _flag(None, f"linear warm-up of the learning rate, in steps (each stage); unset: "
-                                           f"{defaults.WARMUP_STEPS} as the DPO reference code, or "
-                                           f"{defaults.TINY_WARMUP_STEPS} for tiny")
-    lr_scheduler: str = _flag("constant", "after the warm-up: constant (the paper's), or linear or cosine decay that "
-                                          "reaches 0 one step after the stage's last (train.get_lr)", LR_SCHEDULERS)
-    batch_size: int = _flag(64, "global pairs per optimizer step, split over ranks and micro-batches")
-    micro_batch_size: int = _flag(0, "pairs per forward pass on one rank; 0: the rank's whole share (no "
-                                     "accumulation)")
-    max_length: int = _flag(defaults.MAX_LENGTH, "tokens per sequence, the longer p ⊕ x view included")
-    truncate_x_only: bool = _flag(False, "DPO/IPO/SFT: fit --max_length to x alone, not to p ⊕ x as the Sr losses "
-                                         "do (then the losses see different x-view tokens)")
-    packing: str = _flag("auto", "batch layout: padded; packed (sequences back to back, no padding); shared (also "
-                                 "each pair's prompt once); auto: the fastest that gives this model the padded "
-                                 "log-probs (checked at start)", PACKINGS)
-    pack_length: int = _flag(0, "tokens per packed row; 0: --max_length")
-    epochs: float = _flag(1.0, "alignment epochs over --data ...")
-    max_steps: int = _flag(-1, "... or this many alignment steps, whichever ends first (-1: no limit)")
-    max_grad_norm: float = _flag(10.0, "gradient-norm clipping (> 0; inf: no clipping)")
-    optimizer: str = _flag("rmsprop", "rmsprop (the paper's), adamw or sgd", tuple(OPTIMIZERS))
-    precompute_ref: bool = _flag(False, "one pass of the reference model before training, then free it")
-    activation_checkpointing: bool = _flag(False, "recompute block activations in backward to save memory")
-    average_logps: bool = _flag(False, "per-token mean log-probs instead of the paper's sums (Appendix C)")
-    eval_every: int = _flag(25, "held-out evaluation every this many steps (0: only at the end)")
-    eval_pairs: int = _flag(200, "held-out pairs evaluated (0: all)")
-    save_every: int = _flag(50, "checkpoint every this many steps (0: only on SIGTERM and at stage ends)")
-    resume: bool = _flag(False, "continue from out_dir/checkpoint (its run-defining flags must be the same)")
-    resume_force: bool = _flag(False, "with --resume: continue even where the run-defining flags differ")
-    seed: int = _flag(0, "data order and tiny-model initialisation")
-    device: str = _flag("auto", "auto: cuda when this machine has a GPU for every local rank, else cpu",
-                        ("auto", "cuda", "cpu"))
-    mixed_precision: str = _flag("auto", "bf16: bf16 compute, fp32 gradient reduction and master weights; fp32; "
-                                         "auto: bf16 on CUDA, else fp32", ("auto", "bf16", "fp32"))
-    save_dtype: str = _flag("auto", "dtype of sft/ and final/; auto: that of the model loaded", ("auto", *DTYPES))
-    log_every: int = _flag(1, "progress line every this many steps")
-    report_to: str = _flag("none", "also send every metrics.jsonl value to TensorBoard or W&B (rank 0; "
-                                   "docs/tracking.md)", ("none", "tensorboard", "wandb"))
 
 
 def main(argv=None):
@@ -162,81 +87,6 @@ def main(argv=None):
         failures.stop()
         signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
-
-
-def parse_config(argv=None):
-    """Config from --flags: one flag per field, its metadata as help and choices. Raises SystemExit on bad flags."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = f.type if isinstance(f.type, type) else typing.get_args(f.type)[0]  # `float | None` -> float
-        help_text = f.metadata["help"].replace("%", "%%")
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"],
-                                help=help_text)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    try:
-        validate(cfg)
-    except ConfigError as err:
-        parser.exit(2, f"train.py: error: {err}\n")
-    return cfg
-
-
-def validate(cfg, world=1):
-    """One-line ConfigErrors for flag values and combinations that would fail later."""
-    for f in dataclasses.fields(cfg):
-        value, choices = getattr(cfg, f.name), f.metadata["choices"]
-        if choices and value not in choices:
-            raise ConfigError(f"--{f.name} {value}: expected one of {', '.join(choices)}")
-    if cfg.lam is not None and cfg.loss not in SELF_REFINED:
-        raise ConfigError(f"--lam is used only by the Sr losses ({', '.join(sorted(SELF_REFINED))}), "
-                          f"not --loss {cfg.loss}")
-    if not cfg.beta > 0:
-        raise ConfigError(f"--beta {cfg.beta}: must be positive")
-    if not cfg.max_grad_norm > 0:
-        raise ConfigError(f"--max_grad_norm {cfg.max_grad_norm}: must be positive (inf: no clipping); "
-                          f"a negative norm would flip the gradient, 0 would zero it")
-    if not cfg.epochs > 0:
-        raise ConfigError(f"--epochs {cfg.epochs}: must be positive (--max_steps ends a run earlier)")
-    for name, low in (("batch_size", 1), ("log_every", 1), ("max_length", 2), ("micro_batch_size", 0),
-                      ("max_pairs", 0), ("eval_pairs", 0), ("eval_every", 0), ("save_every", 0),
-                      ("warmup_steps", 0), ("sft_steps", 0)):
-        value = getattr(cfg, name)
-        if value is not None and value < low:
-            raise ConfigError(f"--{name} {value}: must be at least {low}")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise ConfigError(f"--lr {cfg.lr}: must be positive")
-    if cfg.resume_force and not cfg.resume:
-        raise ConfigError("--resume_force is used only with --resume")
-    per_rank, rem = divmod(cfg.batch_size, world)
-    micro = cfg.micro_batch_size or per_rank
-    if rem or per_rank == 0 or per_rank % micro:
-        raise ConfigError(f"--batch_size {cfg.batch_size} is not divisible by world size {world} x "
-                          f"--micro_batch_size {micro}")
-    no_sft = cfg.loss != "sft" and cfg.sft_steps == 0
-    if cfg.sft_quality_q and (cfg.data != "embedded" or not 0 < cfg.sft_quality_q <= 1 or no_sft):
-        raise ConfigError(f"--sft_quality_q {cfg.sft_quality_q}: needs a value in [0, 1], --data embedded "
-                          f"(not {cfg.data}) and an SFT stage")
-    if cfg.precompute_ref and cfg.loss == "sft":
-        raise ConfigError("--precompute_ref needs a preference loss, not --loss sft")
-    if cfg.pack_length < 0:
-        raise ConfigError(f"--pack_length {cfg.pack_length}: must be >= 0")
-
-
-def resolved(cfg):
-    """The unset defaults filled in; the only place where they depend on the model."""
-    tiny = cfg.model == TINY
-    lam = cfg.lam if cfg.lam is not None else (defaults.LAM if cfg.loss in SELF_REFINED else 0.0)
-    return dataclasses.replace(
-        cfg, lam=lam, pack_length=cfg.pack_length or cfg.max_length,
-        lr=cfg.lr if cfg.lr is not None else (defaults.TINY_LR if tiny else defaults.LR),
-        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (
-            defaults.TINY_WARMUP_STEPS if tiny else defaults.WARMUP_STEPS),
-        sft_steps=cfg.sft_steps if cfg.sft_steps is not None else (
-            defaults.TINY_SFT_STEPS if tiny and cfg.loss != "sft" else 0))
 
 
 # ----------------------------------------------------------------------------- the run

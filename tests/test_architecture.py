@@ -34,7 +34,8 @@ ALLOWED = {
     "tracking": MEASURE,
     "stages": MEASURE | {"checkpoint"},
     "model_card": BASE,
-    "train": MEASURE | {"checkpoint", "tracking", "stages", "model_card"},
+    "config": MEASURE | {"stages"},
+    "train": MEASURE | {"checkpoint", "tracking", "stages", "model_card", "config"},
     "evaluate": JUDGE,  # and the judge modules: the CLI dispatches into them (``allowed``)
 }
 TOP = {"experiments", "benchmarks"}  # may import any module above; nothing imports them
