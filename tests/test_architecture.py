@@ -53,7 +53,7 @@ def project():
 def project_files():
     """Every .py file of the project but the tests, relative to ROOT."""
     files = [p + ".py" for p in project()]
-    for folder in TOP:
+    for folder in sorted(TOP):
         files += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, folder, "*.py")))
     return files
 
@@ -87,7 +87,7 @@ def graph():
     """{module: project modules it imports} of the top-level modules, experiments/ and benchmarks/."""
     names = set(project()) | TOP
     edges = {name: imported(os.path.join(ROOT, name + ".py")) & names for name in project()}
-    for folder in TOP:
+    for folder in sorted(TOP):
         for path in glob.glob(os.path.join(ROOT, folder, "*.py")):
             edges[os.path.relpath(path, ROOT)] = imported(path) & names
     return edges
