@@ -155,7 +155,10 @@ def start_over(out_dir, rank, world, say):
                 if os.path.lexists(os.path.join(out_dir, n))]
         for name in gone:
             path = os.path.join(out_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            try:  # another node's process may remove a shared out_dir's entries at the same time
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            except FileNotFoundError:
+                pass
         if gone:
             say(f"--overwrite: removed {', '.join(gone)} from {out_dir}; starting over")
     if world > 1:
@@ -166,8 +169,8 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
     """Train cfg's stages (an optional SFT stage, then the alignment loss) and export out_dir/final.
 
     Rank 0 writes metrics.jsonl (a line per step, the held-out eval_* keys every --eval_every steps) and the
-    progress lines. Every --save_every steps, at each stage's end and on SIGTERM a checkpoint is written; on
-    SIGTERM the run then returns early (rerun with --resume).
+    progress lines. Every --save_every steps, at each stage's end and on SIGTERM or SIGUSR1 a checkpoint is
+    written; on either the run then returns early (rerun with --resume): 0 after SIGTERM, REQUEUE_EXIT after SIGUSR1.
     """
     run = prepare_run(cfg, rank, world, device, resume, say)
     if cfg.resume == "auto" and finished(cfg, run, resume):
@@ -216,7 +219,7 @@ class Run:
     """What every stage of one run shares: the process (rank, world, device, say), the tokenized pairs, the
     stages as (name, steps) with the global step each starts at, the micro-batch size, the run's record for
     checkpoints, ``score`` (``metrics.pair_logps`` bound once to this run's batches), where sft/ and final/ get
-    their config and dtype, the SIGTERM flag, the model card's text, and what the last checkpoint holds
+    their config and dtype, the SIGTERM/SIGUSR1 flag, the model card's text, and what the last checkpoint holds
     ("STAGE step N", or None)."""
     rank: int
     world: int
@@ -239,8 +242,8 @@ class Run:
 
 
 def prepare_run(cfg, rank, world, device, resume, say):
-    """The Run: the SIGTERM handler set, the tokenizer loaded, the pairs tokenized (their count checked against
-    the checkpoint `resume`'s record), the stages planned."""
+    """The Run: the SIGTERM and SIGUSR1 handlers set, the tokenizer loaded, the pairs tokenized (their count
+    checked against the checkpoint `resume`'s record), the stages planned."""
     preemption = Stop()
     tokenizer = load_tokenizer(cfg.model)
     examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
