@@ -17,6 +17,7 @@ from stages import OPTIMIZERS
 
 PACKINGS = ("auto", *data.PACKINGS)  # --packing (a Config field named data hides the module there)
 LR_SCHEDULERS = ("constant", "linear", "cosine")  # --lr_scheduler, get_lr's kind
+RESUMES = ("", "yes", "auto")  # --resume: "" not given, "yes" bare --resume (must resume), "auto" (--resume auto)
 
 def _sci(x):
     """5e-07 as 5e-7, for --help."""
@@ -76,7 +77,10 @@ class Config:
     eval_every: int = _flag(25, "held-out evaluation every this many steps (0: only at the end)")
     eval_pairs: int = _flag(200, "held-out pairs evaluated (0: all)")
     save_every: int = _flag(50, "checkpoint every this many steps (0: only on SIGTERM and at stage ends)")
-    resume: bool = _flag(False, "continue from out_dir/checkpoint (its run-defining flags must be the same)")
+    resume: str = _flag("", "continue from out_dir/checkpoint (its run-defining flags must be the same); --resume "
+                            "auto: continue if out_dir has a checkpoint, else start; a finished run exits 0",
+                        RESUMES)
+    overwrite: bool = _flag(False, "start over in an out_dir that holds a run (its checkpoint, sft/ and final/ go)")
     resume_force: bool = _flag(False, "with --resume: continue even where the run-defining flags differ")
     seed: int = _flag(0, "data order and tiny-model initialisation")
     device: str = _flag("auto", "auto: cuda when this machine has a GPU for every local rank, else cpu",
@@ -100,6 +104,8 @@ def parse_config(argv=None):
         help_text = f.metadata["help"].replace("%", "%%")
         if kind is bool:
             parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+        elif f.name == "resume":  # bare --resume, or --resume auto
+            parser.add_argument("--resume", nargs="?", const="yes", default="", choices=RESUMES, help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"],
                                 help=help_text)
@@ -137,6 +143,8 @@ def validate(cfg, world=1):
         raise ConfigError(f"--lr {cfg.lr}: must be positive")
     if cfg.resume_force and not cfg.resume:
         raise ConfigError("--resume_force is used only with --resume")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("--overwrite starts over and --resume continues: give one of them")
     per_rank, rem = divmod(cfg.batch_size, world)
     micro = cfg.micro_batch_size or per_rank
     if rem or per_rank == 0 or per_rank % micro:

@@ -2,7 +2,8 @@
 
 Owns: starting the process group (one process, or torchrun's), summing values over ranks (all_sum), printing
 on rank 0 (log), Failures: one rank's failure stops every rank, its one-line error printed once, and Stop: the
-preemption signal (SIGTERM) as a flag the loop reads at each step's end.
+preemption signals (SIGTERM, SIGUSR1) as a flag the loop reads at each step's end; REQUEUE_EXIT, the status
+after SIGUSR1 that asks a launcher (scripts/slurm.sbatch) to requeue the job.
 Does not own: sharding models (models.py), the training loop (train.py) or checkpoints (checkpoint.py).
 See docs/distributed.md.
 """
@@ -99,12 +100,22 @@ class Failures:
             os._exit(int(status))
 
 
+REQUEUE_EXIT = 3  # exit status after SIGUSR1: checkpoint written, requeue me (0: done, 1: a bug, 2: one-line error)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGTERM: stop and exit 0, as before; SIGUSR1: stop and exit REQUEUE_EXIT
+
+
 class Stop:
-    """SIGTERM (how preemption arrives) sets a flag; the loop checkpoints and exits at the step's end."""
+    """SIGTERM or SIGUSR1 (how preemption arrives) sets a flag; the loop checkpoints and exits at the step's end.
+    `received`: the signals seen, as their numbers."""
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.received = set()
+        for sig in SIGNALS:
+            signal.signal(sig, self._handle)
+
+    @property
+    def requested(self):
+        return bool(self.received)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.received.add(signum)

@@ -31,7 +31,7 @@ def hub_name(source):
     return source
 
 
-def command_line(flags, defaults, program="train.py", skip=("resume", "resume_force")):
+def command_line(flags, defaults, program="train.py", skip=("resume", "resume_force", "overwrite")):
     """The command that repeats the run: every flag whose value is not its default (True booleans bare), but
     those in skip. defaults: the values the run would have had with no flag given (resolved as the run's were)."""
     parts = ["python", program]

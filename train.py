@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -42,7 +43,7 @@ import model_card
 from checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
 from common import ConfigError
 from config import LR_SCHEDULERS, Config, parse_config, resolved, validate
-from distributed import Failures, Stop, all_sum, log, setup_distributed
+from distributed import REQUEUE_EXIT, SIGNALS, Failures, Stop, all_sum, log, setup_distributed
 from embedded import embedded_sft_pairs
 from formats import source_records
 from models import (
@@ -70,7 +71,7 @@ def main(argv=None):
     for the project's own errors (common.SrpoError) and running out of memory. Any other exception keeps its
     traceback. Under torchrun, a failure on any rank stops every rank (``Failures``)."""
     cfg = parse_config(argv)
-    previous = signal.getsignal(signal.SIGTERM)  # restored on return, for callers of main() in-process
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}  # restored on return, for callers in-process
     rank, world, device = setup_distributed(cfg.device)
     failures = Failures(rank, world)
     try:
@@ -85,7 +86,8 @@ def main(argv=None):
         return failures.fail(f"{type(err).__name__}: {err}", 1)
     finally:
         failures.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         dist.destroy_process_group()
 
 
@@ -106,6 +108,8 @@ def run(cfg, rank, world, device):
     resume = check_start(cfg, rank, world, device, say)
     lock = checkpoint.Lock(cfg.out_dir, rank, world, log=say)
     try:
+        if cfg.overwrite:
+            start_over(cfg.out_dir, rank, world, say)
         return train_stages(cfg, rank, world, device, resume, backend, say)
     finally:
         lock.release()
@@ -124,12 +128,18 @@ def check_start(cfg, rank, world, device, say):
     for source in (cfg.data, cfg.eval_data):
         if source and source != "embedded":
             source_records(os.path.expanduser(source))  # a local path that is no data file fails here
-    resume = checkpoint.find(cfg.out_dir) if cfg.resume else None
+    found = checkpoint.find(cfg.out_dir)
+    resume = found if cfg.resume else None
+    held = found is not None or all(os.path.exists(os.path.join(cfg.out_dir, n)) for n in (FINAL, METRICS))
+    if not cfg.resume and not cfg.overwrite and all_sum([float(held)], device)[0] > 0:
+        raise ConfigError(f"--out_dir {cfg.out_dir} holds a run ({'checkpoint/' if found else 'final/'}); "
+                          f"--resume or --resume auto continues it, --overwrite starts over, or give another --out_dir")
     if cfg.resume and all_sum([float(resume is not None)], device)[0] not in (0, world):
         raise ConfigError(f"--resume: {os.path.join(cfg.out_dir, CHECKPOINT)} is not seen by every rank; to "
                           f"resume on several nodes, --out_dir must be a folder that all of them share")
     if cfg.resume and resume is None:
-        say(f"--resume: no checkpoint in {cfg.out_dir}; starting from the beginning")
+        say(f"--resume{' auto' if cfg.resume == 'auto' else ''}: no checkpoint in {cfg.out_dir}; starting from the "
+            f"beginning")
     if resume:
         checkpoint.verify(resume, rank, world)
         if not cfg.resume_force:
@@ -137,14 +147,36 @@ def check_start(cfg, rank, world, device, say):
     return resume
 
 
+def start_over(out_dir, rank, world, say):
+    """--overwrite: the previous run's checkpoint, sft/, final/ and metrics.jsonl removed (one process per node, as
+    each node may have its own out_dir), under the lock."""
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+        gone = [n for n in (CHECKPOINT, CHECKPOINT + ".old", SFT_DIR, FINAL, METRICS)
+                if os.path.lexists(os.path.join(out_dir, n))]
+        for name in gone:
+            path = os.path.join(out_dir, name)
+            try:  # another node's process may remove a shared out_dir's entries at the same time
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            except FileNotFoundError:
+                pass
+        if gone:
+            say(f"--overwrite: removed {', '.join(gone)} from {out_dir}; starting over")
+    if world > 1:
+        dist.barrier()
+
+
 def train_stages(cfg, rank, world, device, resume, backend, say):
     """Train cfg's stages (an optional SFT stage, then the alignment loss) and export out_dir/final.
 
     Rank 0 writes metrics.jsonl (a line per step, the held-out eval_* keys every --eval_every steps) and the
-    progress lines. Every --save_every steps, at each stage's end and on SIGTERM a checkpoint is written; on
-    SIGTERM the run then returns early (rerun with --resume).
+    progress lines. Every --save_every steps, at each stage's end and on SIGTERM or SIGUSR1 a checkpoint is
+    written; on either the run then returns early (rerun with --resume): 0 after SIGTERM, REQUEUE_EXIT after SIGUSR1.
     """
     run = prepare_run(cfg, rank, world, device, resume, say)
+    if cfg.resume == "auto" and finished(cfg, run, resume):
+        say(f"--resume auto: the run in {cfg.out_dir} has finished ({os.path.join(cfg.out_dir, FINAL)} is written); "
+            f"nothing to do")
+        return 0
     start_stage, logged = resume_bookkeeping(cfg, run, resume)
     tracker = Tracker(cfg, backend, logged + 1) if backend else None
     policy, last = None, None
@@ -161,11 +193,15 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
             step += 1
             last = heldout_eval(cfg, run, s, m, n_steps) or last
             log_step(cfg, run, m, n_steps, tracker)
-            if save_if_due(cfg, run, s, stage_index, step):  # SIGTERM: checkpoint written, stop here
-                say(f"SIGTERM: checkpoint written at {stage} step {step}; rerun with --resume to continue")
+            preempted = save_if_due(cfg, run, s, stage_index, step)
+            if preempted:  # SIGTERM or SIGUSR1: checkpoint written, stop here
+                requeue = preempted == "SIGUSR1"
+                say(f"{preempted}: checkpoint written at {stage} step {step}; " + (
+                    f"exiting with status {REQUEUE_EXIT} (requeue me); --resume auto continues" if requeue else
+                    "rerun with --resume to continue"))
                 if tracker:
                     tracker.close()
-                return 0
+                return REQUEUE_EXIT if requeue else 0
         end_stage(cfg, run, s, stage_index, step)
     final = os.path.join(cfg.out_dir, FINAL)
     if policy is not None:
@@ -183,7 +219,7 @@ class Run:
     """What every stage of one run shares: the process (rank, world, device, say), the tokenized pairs, the
     stages as (name, steps) with the global step each starts at, the micro-batch size, the run's record for
     checkpoints, ``score`` (``metrics.pair_logps`` bound once to this run's batches), where sft/ and final/ get
-    their config and dtype, the SIGTERM flag, the model card's text, and what the last checkpoint holds
+    their config and dtype, the SIGTERM/SIGUSR1 flag, the model card's text, and what the last checkpoint holds
     ("STAGE step N", or None)."""
     rank: int
     world: int
@@ -206,8 +242,8 @@ class Run:
 
 
 def prepare_run(cfg, rank, world, device, resume, say):
-    """The Run: the SIGTERM handler set, the tokenizer loaded, the pairs tokenized (their count checked against
-    the checkpoint `resume`'s record), the stages planned."""
+    """The Run: the SIGTERM and SIGUSR1 handlers set, the tokenizer loaded, the pairs tokenized (their count
+    checked against the checkpoint `resume`'s record), the stages planned."""
     preemption = Stop()
     tokenizer = load_tokenizer(cfg.model)
     examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
@@ -234,6 +270,15 @@ def prepare_run(cfg, rank, world, device, resume, say):
     save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else source_dtype(config)
     return Run(rank, world, device, say, tokenizer, examples, sft_examples, eval_examples, stages, first_step, micro,
                record, score, config, save_dtype, preemption, card)
+
+
+def finished(cfg, run, resume):
+    """Whether the checkpoint `resume` is at the last step of the last stage and final/ is written (rank 0's
+    answer, which every rank takes: final/ is on rank 0's node)."""
+    saved = checkpoint.read_extra(resume, run.rank) if resume else None
+    done = bool(saved) and (saved["stage_index"], saved["step"]) == (len(run.stages) - 1, run.stages[-1][1]) and \
+        os.path.exists(os.path.join(cfg.out_dir, FINAL, "config.json"))
+    return all_sum([float(done and run.rank == 0)], run.device)[0] > 0
 
 
 def resume_bookkeeping(cfg, run, resume):
@@ -296,8 +341,10 @@ def log_step(cfg, run, m, n_steps, tracker):
 
 
 def save_if_due(cfg, run, s, stage_index, step):
-    """A checkpoint every --save_every steps and after SIGTERM on any rank; returns whether SIGTERM came."""
-    preempted = all_sum([float(run.preemption.requested)], run.device)[0] > 0
+    """A checkpoint every --save_every steps and after SIGTERM or SIGUSR1 on any rank; returns the signal's name
+    ("SIGUSR1" where any rank had it, which asks for a requeue), or "" where none came."""
+    got = all_sum([float(sig in run.preemption.received) for sig in SIGNALS], run.device)
+    preempted = next((sig.name for sig, n in reversed(list(zip(SIGNALS, got))) if n > 0), "")
     if preempted or (cfg.save_every and step % cfg.save_every == 0):
         run.last_saved = save_checkpoint(cfg.out_dir, s.policy, s.optimizer, run.stages[stage_index][0], stage_index,
                                          step, run.record, run.rank, run.world)
