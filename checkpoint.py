@@ -229,7 +229,7 @@ def save(out_dir, state, extra, record, rank=0, world=1):
         full = common.disk_full(e, out_dir, size)
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays; the partial one frees its space
         if full:
-            raise CheckpointError(common.disk_full_message(final, size)) from None
+            raise CheckpointError(common.disk_full_message(final, size, "checkpoint")) from None
         if isinstance(e, CheckpointException):
             raise CheckpointError(f"{tmp}: cannot write the checkpoint ({_first_failure(e)})") from None
         raise
@@ -342,6 +342,24 @@ def check_record(saved, now, where):
             flag = f"--{name}" if name in RUN_FLAGS else name
             raise CheckpointError(f"--resume: {flag} is {value!r}, but the checkpoint's run had {saved[name]!r} "
                                   f"({where}); use the same value, or --resume_force to resume anyway")
+
+
+def stage_names(record):
+    """The stages of the run a record describes, as stages.plan names them: "sft" where it had an SFT stage,
+    then its --loss."""
+    loss = record.get("loss")
+    return ["sft"] if loss == "sft" else (["sft"] if record.get("sft_steps") else []) + [loss]
+
+
+def check_stage(folder, saved_names, names, index, step):
+    """CheckpointError unless this run's stage at `index` is of the checkpoint's kind (SFT or an alignment loss):
+    --resume_force continues a changed --loss, not a stage this run's plan lacks."""
+    old = saved_names[index] if index < len(saved_names) else f"stage {index}"
+    now = names[index] if index < len(names) else None
+    if now is None or (old == "sft") != (now == "sft"):
+        raise CheckpointError(f"--resume_force: {folder} is at {old} step {step}, a stage this run's plan "
+                              f"({', '.join(names)}) lacks at that place; resume with that run's --sft_steps and "
+                              f"--loss ({', '.join(saved_names)})")
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl

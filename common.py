@@ -88,9 +88,9 @@ def disk_full(error, folder, nbytes):
         return False
 
 
-def disk_full_message(path, nbytes):
-    """The one line for a full disk while writing `path` (the one there before, if any, kept whole)."""
-    kept = "the previous one is kept whole" if os.path.exists(path) else "nothing was written"
+def disk_full_message(path, nbytes, kind="one"):
+    """The one line for a full disk while writing `path` (the `kind` there before, if any, kept whole)."""
+    kept = f"the previous {kind} is kept whole" if os.path.exists(path) else "nothing was written"
     return f"No space left on device writing {path}; {kept}; free about {max(nbytes / 1e9, 0.1):.1f} GB"
 
 

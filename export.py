@@ -12,6 +12,7 @@ Owns: that command. Does not own: checkpoints (checkpoint.py) or models (models.
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 
@@ -122,6 +123,10 @@ def main(argv=None):
     parser.add_argument("out", help="the transformers folder to write")
     parser.add_argument("--dtype", choices=sorted(models.DTYPES), help="the weights' dtype (default: the source's)")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the intent
     try:
         export_checkpoint(args.checkpoint, args.out, args.dtype)
     except SrpoError as e:

@@ -543,4 +543,4 @@ def write_folder(model, state, tokenizer, path, config, dtype, record, card=None
         if not disk_full(e, os.path.dirname(os.path.abspath(path)), size):
             raise
         shutil.rmtree(path + ".tmp", ignore_errors=True)
-        raise ModelError(disk_full_message(path, size)) from None
+        raise ModelError(disk_full_message(path, size, "model folder")) from None
