@@ -23,6 +23,7 @@ differs, a missing or unlisted file, or a .metadata that needs any other class i
 CheckpointError naming the file.
 """
 
+import errno
 import hashlib
 import io
 import json
@@ -439,6 +440,20 @@ def _boot_id():
         return ""
 
 
+def _create(tmp, path, line):
+    """path, made a hard link of the written file tmp (FileExistsError if it exists); where the filesystem has no
+    hard links, created exclusively and written (empty for an instant)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+            raise
+        with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as fh:
+            fh.write(line)
+
+
 LOCK_GRACE_S = 10  # an empty or unreadable lock this young is another run writing it: held
 
 
@@ -456,13 +471,14 @@ class Lock:
 
     def _take(self, log):
         pid = os.getpid()
-        tmp = f"{self.path}.{pid}.tmp"
+        tmp = os.path.join(os.path.dirname(self.path), f".{pid}.{LOCK}")
+        line = f"{pid} {socket.gethostname()} {_start_time(pid) or '-'} {_boot_id() or '-'}\n"
         try:
-            with open(tmp, "w") as fh:
-                fh.write(f"{pid} {socket.gethostname()} {_start_time(pid) or '-'} {_boot_id() or '-'}\n")
+            with os.fdopen(os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644), "w") as fh:
+                fh.write(line)
             for _ in range(2):
                 try:
-                    os.link(tmp, self.path)  # fails if a lock exists; never seen empty
+                    _create(tmp, self.path, line)  # fails if a lock exists; never seen empty where links work
                 except FileExistsError:
                     stale = self._stale()
                     log(f"{self.path}: removed a stale lock ({stale})")

@@ -146,6 +146,18 @@ def test_an_empty_lock_is_held_while_young_and_stale_when_old(tmp_path):
     assert checkpoint.Lock(str(tmp_path), log=notes.append).held and "empty or unreadable" in notes[0]
 
 
+def test_a_lock_without_hard_links_is_created_exclusively(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    lock = checkpoint.Lock(str(tmp_path))
+    assert lock.held and (tmp_path / checkpoint.LOCK).read_text().split()[0] == str(os.getpid())
+    with pytest.raises(checkpoint.CheckpointError, match="wait for it to end"):
+        checkpoint.Lock(str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LOCK]
+
+
 # ----------------------------------------------------------------------------- --resume_force
 
 
