@@ -12,7 +12,8 @@ save (train.py), models (models.py) or the exported model folders (models.export
     load(folder, state, rank) -> extra                  restores `state` in place (DCP), the rank's extra dict
     read_record(folder), check_record(saved, now)       the flags that define the run, checked on --resume
     trim_metrics(path, keep, log)                       metrics.jsonl cut back to the checkpoint's step
-    Lock(out_dir, rank)                                 one run per out_dir (out_dir/run.lock holds the PID)
+    Lock(out_dir, rank)                                 one run per out_dir (run.lock: PID, host, start time, boot id)
+    check_shapes(folder, model), check_stage(...)      what --resume_force cannot continue, in one line
 
 A checkpoint folder holds torch.distributed.checkpoint's files (.metadata and __R_I.distcp), one
 extra_rankR.pt per rank (step, stage, RNG; loaded with weights_only=True), run.json (the record) and
@@ -20,7 +21,8 @@ SHA256SUMS (``sha256sum -c`` format) of all of them. Nothing in it is unpickled 
 read by an unpickler that builds only the classes DCP's metadata is made of, and the byte items of
 the .distcp files (the optimizer's param_groups) load with weights_only=True. A file whose checksum
 differs, a missing or unlisted file, or a .metadata that needs any other class is a one-line
-CheckpointError naming the file.
+CheckpointError naming the file. A full disk while saving is one line too (common.disk_full); the
+previous checkpoint stays whole. export.py writes any checkpoint as a model folder.
 """
 
 import errno
