@@ -101,6 +101,25 @@ def test_merge_lora_adds_the_scaled_product():
     torch.testing.assert_close(conv["layer.q.weight"], (w + 4 * b @ a).T)
 
 
+def test_export_merges_lora_adapters_as_peft_does(tmp_path):
+    """A checkpoint of a peft model (as a --lora_r run writes it): exported with W + alpha/r · B·A merged, it
+    gives the logits of peft's own merge_and_unload."""
+    peft = pytest.importorskip("peft")
+    tokenizer = models.load_tokenizer()
+    model = peft.get_peft_model(models.load_model(models.TINY, tokenizer), peft.LoraConfig(
+        r=2, lora_alpha=8, target_modules=["query_key_value", "dense_h_to_4h"], init_lora_weights=False))
+    record = {"model": models.TINY, "loss": "dpo", "sft_steps": 0, "seed": 0, "lora_r": 2, "lora_alpha": 8}
+    distributed.setup_distributed("cpu")
+    try:
+        checkpoint.save(str(tmp_path), {"model": model.state_dict()}, {"stage_index": 0, "step": 3}, record)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert export.main([str(tmp_path / checkpoint.CHECKPOINT), str(tmp_path / "exp")]) == 0
+    with torch.no_grad():
+        expected = model.merge_and_unload()(IDS).logits
+    torch.testing.assert_close(logits(tmp_path / "exp", IDS), expected)
+
+
 # ----------------------------------------------------------------------------- the lock
 
 
