@@ -12,7 +12,8 @@ save (train.py), models (models.py) or the exported model folders (models.export
     load(folder, state, rank) -> extra                  restores `state` in place (DCP), the rank's extra dict
     read_record(folder), check_record(saved, now)       the flags that define the run, checked on --resume
     trim_metrics(path, keep, log)                       metrics.jsonl cut back to the checkpoint's step
-    Lock(out_dir, rank)                                 one run per out_dir (out_dir/run.lock holds the PID)
+    Lock(out_dir, rank)                                 one run per out_dir (run.lock: PID, host, start time, boot id)
+    check_shapes(folder, model), check_stage(...)      what --resume_force cannot continue, in one line
 
 A checkpoint folder holds torch.distributed.checkpoint's files (.metadata and __R_I.distcp), one
 extra_rankR.pt per rank (step, stage, RNG; loaded with weights_only=True), run.json (the record) and
@@ -20,9 +21,11 @@ SHA256SUMS (``sha256sum -c`` format) of all of them. Nothing in it is unpickled 
 read by an unpickler that builds only the classes DCP's metadata is made of, and the byte items of
 the .distcp files (the optimizer's param_groups) load with weights_only=True. A file whose checksum
 differs, a missing or unlisted file, or a .metadata that needs any other class is a one-line
-CheckpointError naming the file.
+CheckpointError naming the file. A full disk while saving is one line too (common.disk_full); the
+previous checkpoint stays whole. export.py writes any checkpoint as a model folder.
 """
 
+import errno
 import hashlib
 import io
 import json
@@ -32,6 +35,7 @@ import pickle
 import shutil
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -211,22 +215,55 @@ def save(out_dir, state, extra, record, rank=0, world=1):
     state is added); record: the run's flags (run.json).
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     final, tmp = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, CHECKPOINT + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(state, checkpoint_id=tmp)
-    torch.save(dict(extra, rng=torch.get_rng_state()), os.path.join(tmp, f"extra_rank{rank}.pt"))
-    if rank == 0:
-        with open(os.path.join(tmp, RECORD), "w") as fh:
-            json.dump(record, fh, indent=1, sort_keys=True)
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+        torch.save(dict(extra, rng=torch.get_rng_state()), os.path.join(tmp, f"extra_rank{rank}.pt"))
+        if rank == 0:
+            with open(os.path.join(tmp, RECORD), "w") as fh:
+                json.dump(record, fh, indent=1, sort_keys=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        size = state_bytes(state) * world
+        full = common.disk_full(e, out_dir, size)
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays; the partial one frees its space
+        if full:
+            raise CheckpointError(common.disk_full_message(final, size, "checkpoint")) from None
+        if isinstance(e, CheckpointException):
+            raise CheckpointError(f"{tmp}: cannot write the checkpoint ({_first_failure(e)})") from None
+        raise
     dist.barrier()
     write_checksums(tmp, rank, world)
     dist.barrier()
     if rank == 0:
         common.replace_path(tmp, final)
     dist.barrier()
+
+
+def state_bytes(state):
+    """The bytes of a (nested) state dict's tensors on this rank (a DTensor's local shard)."""
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+def _first_failure(e):
+    """The last line of the first rank's failure in DCP's CheckpointException (or of e itself)."""
+    failures = getattr(e, "failures", None) or {}
+    for failure in failures.values():
+        e = failure[0] if isinstance(failure, tuple) else failure
+        break
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"
 
 
 def find(out_dir):
@@ -247,19 +284,35 @@ def read_extra(folder, rank=0):
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def check_shapes(folder, model, prefix="model."):
+    """CheckpointError unless the checkpoint holds every tensor of the `model` state dict, in its shape (a
+    checkpoint of another --model, or of a run with or without LoRA, stops here, before DCP)."""
+    saved = read_metadata(folder).state_dict_metadata
+    for key, value in model.items():
+        have = saved.get(prefix + key)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if have is None or not hasattr(have, "size"):
+            raise CheckpointError(f"{folder}: has no weight {key} (a checkpoint of another --model, or of a run "
+                                  f"with other LoRA flags); resume with the checkpoint's --model and flags")
+        if tuple(have.size) != tuple(value.shape):
+            raise CheckpointError(f"{folder}: {key} has shape {tuple(have.size)} there but {tuple(value.shape)} in "
+                                  f"this run's --model; resume with the checkpoint's --model")
+
+
 def load(folder, state, rank=0):
     """Restore the DCP `state` dict in place from a verified folder; set the RNG; return this rank's extra."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    check_shapes(folder, state.get("model", {}))
     reader, planner = _reader_and_planner(folder)
     try:
         dcp.load(state, storage_reader=reader, planner=planner)
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - DCP wraps failures of every rank in one exception
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{folder}: cannot load ({type(e).__name__}: {first[-1][:300] if first else ''})") \
-            from None
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps every rank's failure in a BaseException
+        raise CheckpointError(f"{folder}: cannot load ({_first_failure(e)})") from None
     extra = read_extra(folder, rank)
     torch.set_rng_state(extra.pop("rng"))
     return extra
@@ -292,6 +345,24 @@ def check_record(saved, now, where):
             flag = f"--{name}" if name in RUN_FLAGS else name
             raise CheckpointError(f"--resume: {flag} is {value!r}, but the checkpoint's run had {saved[name]!r} "
                                   f"({where}); use the same value, or --resume_force to resume anyway")
+
+
+def stage_names(record):
+    """The stages of the run a record describes, as stages.plan names them: "sft" where it had an SFT stage,
+    then its --loss."""
+    loss = record.get("loss")
+    return ["sft"] if loss == "sft" else (["sft"] if record.get("sft_steps") else []) + [loss]
+
+
+def check_stage(folder, saved_names, names, index, step):
+    """CheckpointError unless this run's stage at `index` is of the checkpoint's kind (SFT or an alignment loss):
+    --resume_force continues a changed --loss, not a stage this run's plan lacks."""
+    old = saved_names[index] if index < len(saved_names) else f"stage {index}"
+    now = names[index] if index < len(names) else None
+    if now is None or (old == "sft") != (now == "sft"):
+        raise CheckpointError(f"--resume_force: {folder} is at {old} step {step}, a stage this run's plan "
+                              f"({', '.join(names)}) lacks at that place; resume with that run's --sft_steps and "
+                              f"--loss ({', '.join(saved_names)})")
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
@@ -353,49 +424,118 @@ def _alive(pid):
     return True
 
 
+def _start_time(pid):
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or "" where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _boot_id():
+    """This kernel's boot id (a new one after every reboot), or "" where unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _create(tmp, path, line):
+    """path, made a hard link of the written file tmp (FileExistsError if it exists); where the filesystem has no
+    hard links, created exclusively and written (empty for an instant)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+            raise
+        with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as fh:
+            fh.write(line)
+
+
+LOCK_GRACE_S = 10  # an empty or unreadable lock this young is another run writing it: held
+
+
 class Lock:
-    """out_dir/run.lock, taken by rank 0 for the whole run: "PID HOST" inside; a lock whose PID is not
-    running on this host is stale and taken over (with a note). release() removes it."""
+    """out_dir/run.lock, taken by rank 0 for the whole run: "PID HOST START BOOT_ID" inside (START: the
+    process's start time, BOOT_ID: the kernel's, where /proc has them). A lock on this host whose PID is not
+    running, or runs a process started at another time (a PID reused, e.g. after a container restart), or
+    written before the last reboot, is stale and taken over (with a note). The lock appears whole (written
+    to a temporary file, then linked), so an empty one is a run writing it: held for LOCK_GRACE_S.
+    release() removes it."""
 
     def __init__(self, out_dir, rank=0, world=1, log=print):
         self.path, self.held = os.path.join(out_dir, LOCK), False
         on_rank0(lambda: self._take(log), rank, world)
 
     def _take(self, log):
-        me = f"{os.getpid()} {socket.gethostname()}\n"
-        for _ in range(2):
+        pid = os.getpid()
+        tmp = os.path.join(os.path.dirname(self.path), f".{pid}.{LOCK}")
+        line = f"{pid} {socket.gethostname()} {_start_time(pid) or '-'} {_boot_id() or '-'}\n"
+        try:
+            with os.fdopen(os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644), "w") as fh:
+                fh.write(line)
+            for _ in range(2):
+                try:
+                    _create(tmp, self.path, line)  # fails if a lock exists; never seen empty where links work
+                except FileExistsError:
+                    stale = self._stale()
+                    log(f"{self.path}: removed a stale lock ({stale})")
+                    os.remove(self.path)
+                    continue
+                self.held = True
+                return
+        except OSError as e:
+            raise CheckpointError(f"{os.path.dirname(self.path)}: --out_dir is not writable "
+                                  f"({e.strerror})") from None
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+
+    def _stale(self):
+        """Why the existing lock is stale; CheckpointError (what to do) if another run may hold it."""
+        held = (f"{self.path}: another run %s is using this --out_dir; wait for it to end, or, if no run is using "
+                f"it (e.g. after a container restart), remove {self.path}")
+        fields = self._holder()
+        if fields is None:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pid, host = self._holder()
-                if pid is not None and (host != socket.gethostname() or _alive(pid)):
-                    raise CheckpointError(f"{self.path}: another run (PID {pid}{' on ' + host if host else ''}) is "
-                                          f"using this --out_dir; wait for it, or use another --out_dir") from None
-                log(f"{self.path}: removed a stale lock (PID {pid} is not running)")
-                os.remove(self.path)
-                continue
-            except OSError as e:
-                raise CheckpointError(f"{os.path.dirname(self.path)}: --out_dir is not writable "
-                                      f"({e.strerror})") from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(me)
-            self.held = True
-            return
+                age = time.time() - os.stat(self.path).st_mtime
+            except OSError:
+                return "it was removed meanwhile"
+            if age < LOCK_GRACE_S:
+                raise CheckpointError(held % "(starting now: the lock is being written)")
+            return "empty or unreadable"
+        pid, host, start, boot = fields
+        who = f"(PID {pid}{' on ' + host if host != socket.gethostname() else ''})"
+        if host != socket.gethostname():
+            raise CheckpointError(held % who)
+        if boot and _boot_id() and boot != _boot_id():
+            return f"PID {pid} ran before the last reboot"
+        if not _alive(pid):
+            return f"PID {pid} is not running"
+        if start and _start_time(pid) and start != _start_time(pid):
+            return f"PID {pid} is now another process"
+        raise CheckpointError(held % who)
 
     def _holder(self):
-        """(pid, host) written in the lock; (None, "") if unreadable (then taken over as stale)."""
+        """(pid, host, start, boot_id) written in the lock ("" where not recorded); None if empty or unreadable."""
         try:
             with open(self.path) as fh:
                 parts = fh.read().split()
-            return int(parts[0]), (parts[1] if len(parts) > 1 else socket.gethostname())
+            pid, host = int(parts[0]), (parts[1] if len(parts) > 1 else socket.gethostname())
+            start, boot = [(v if v != "-" else "") for v in (parts[2:4] + ["", ""])[:2]]
+            return pid, host, start, boot
         except (OSError, ValueError, IndexError):
-            return None, ""
+            return None
 
     def release(self):
         if self.held:
             self.held = False
             try:
-                if self._holder()[0] == os.getpid():
+                if (self._holder() or [None])[0] == os.getpid():
                     os.remove(self.path)
             except OSError:
                 print(f"{self.path}: could not remove the lock", file=sys.stderr)

@@ -7,6 +7,7 @@ Does not own: any data format (data.py), model (models.py) or metric (metrics.py
 """
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -64,6 +65,33 @@ def replace_path(tmp, path):
         _remove(old)
     else:
         os.replace(tmp, path)
+
+
+def disk_full(error, folder, nbytes):
+    """True if `error` came of a full disk: ENOSPC in it, its causes or (DCP's CheckpointException) any rank's
+    failure, or less free space in folder than the nbytes being written (torch.save's "unexpected pos")."""
+    errors, seen = [error], set()
+    while errors:
+        e = errors.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "StorageFull" in str(e):
+            return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            errors += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        errors += [e.__cause__, e.__context__]
+    try:
+        return shutil.disk_usage(folder).free < nbytes
+    except OSError:
+        return False
+
+
+def disk_full_message(path, nbytes, kind="one"):
+    """The one line for a full disk while writing `path` (the `kind` there before, if any, kept whole)."""
+    kept = f"the previous {kind} is kept whole" if os.path.exists(path) else "nothing was written"
+    return f"No space left on device writing {path}; {kept}; free about {max(nbytes / 1e9, 0.1):.1f} GB"
 
 
 def _remove(path):

@@ -11,13 +11,14 @@ measured (metrics.py) or the training loop (train.py).
 
 import json
 import os
+import shutil
 import weakref
 
 import torch
 import torch.distributed as dist
 
 import data
-from common import SrpoError, atomic_path
+from common import SrpoError, atomic_path, disk_full, disk_full_message
 from srpo import IGNORE_INDEX, hidden_token_logps, packed_sequence_logps, sequence_logps, sum_token_logps
 
 TINY = "tiny"
@@ -510,16 +511,24 @@ def export(policy, tokenizer, path, rank, config, dtype, record, card=None):
     source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
     models.MODEL_RECORD (the model's reference and the run's flags); `card`, the text of README.md (model_card.py).
     """
-    import copy
-
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        for key in state:
-            state[key] = state[key].to(dtype)
+        write_folder(policy, state, tokenizer, path, config, dtype, record, card)
+    del state
+    dist.barrier()
+
+
+def write_folder(model, state, tokenizer, path, config, dtype, record, card=None):
+    """export's folder from a full state dict on this process (export.py's too); a full disk is one line."""
+    import copy
+
+    for key in state:
+        state[key] = state[key].to(dtype)
+    try:
         with atomic_path(path) as tmp:
-            policy.save_pretrained(tmp, state_dict=state)
+            model.save_pretrained(tmp, state_dict=state)
             config = copy.deepcopy(config)
             config.dtype = dtype
             config.save_pretrained(tmp)  # replaces the training config that save_pretrained wrote
@@ -529,5 +538,9 @@ def export(policy, tokenizer, path, rank, config, dtype, record, card=None):
             if card:
                 with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
                     fh.write(card)
-    del state
-    dist.barrier()
+    except Exception as e:  # noqa: BLE001 - a full disk is one line; anything else is a bug
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        if not disk_full(e, os.path.dirname(os.path.abspath(path)), size):
+            raise
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
+        raise ModelError(disk_full_message(path, size, "model folder")) from None

@@ -285,9 +285,16 @@ def resume_bookkeeping(cfg, run, resume):
     """(the stage to start at, the global steps already logged): from the checkpoint `resume` (None: 0, 0).
     Cuts metrics.jsonl back to it and, past the SFT stage, checks the SFT model."""
     saved = checkpoint.read_extra(resume, run.rank) if resume else None
-    names = [name for name, _ in run.stages]
+    names = before = [name for name, _ in run.stages]
+    if saved and cfg.resume_force:  # the checkpoint's run may have had other stages (another --loss, --sft_steps)
+        try:
+            before = checkpoint.stage_names(checkpoint.read_record(resume))
+        except checkpoint.CheckpointError:
+            pass
+        checkpoint.check_stage(resume, before, names, saved["stage_index"], saved["step"])
+    position = {**{n: i for i, n in enumerate(names)}, **{n: i for i, n in enumerate(before)}}
     checkpoint.on_rank0(lambda: checkpoint.trim_metrics(
-        os.path.join(cfg.out_dir, METRICS), lambda m: saved is not None and (names.index(m["stage"]), m["step"]) <= (
+        os.path.join(cfg.out_dir, METRICS), lambda m: saved is not None and (position[m["stage"]], m["step"]) <= (
             saved["stage_index"], saved["step"]), run.say), run.rank, run.world)
     if not saved:
         return 0, 0

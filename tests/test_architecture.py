@@ -36,6 +36,7 @@ ALLOWED = {
     "model_card": BASE,
     "config": MEASURE | {"stages"},
     "train": MEASURE | {"checkpoint", "tracking", "stages", "model_card", "config"},
+    "export": MEASURE | {"checkpoint"},
     "evaluate": JUDGE,  # and the judge modules: the CLI dispatches into them (``allowed``)
 }
 TOP = {"experiments", "benchmarks"}  # may import any module above; nothing imports them

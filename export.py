@@ -1,0 +1,139 @@
+"""export.py: any checkpoint as a plain transformers folder, on one process, no GPU.
+
+    python export.py out/checkpoint out/step-900 [--dtype bfloat16]
+
+Reads a checkpoint that any number of ranks wrote (checkpoint.py: verified against its checksums, the
+DCP metadata read without running code, the model's tensors only), builds the model from its run's
+--model (run.json), merges LoRA adapters where the run had them (W + alpha/r · B·A), and writes the
+weights in the source's dtype (or --dtype), the source's config, the tokenizer and models.MODEL_RECORD.
+Owns: that command. Does not own: checkpoints (checkpoint.py) or models (models.py).
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+
+import checkpoint
+import models
+from common import SrpoError
+
+
+def model_state(folder):
+    """{name: tensor} of the model part of a verified checkpoint, loaded on this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = checkpoint.read_metadata(folder)
+    state = {"model": {key.removeprefix("model."): torch.empty(tuple(item.size), dtype=item.properties.dtype)
+                       for key, item in meta.state_dict_metadata.items()
+                       if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}}
+    if not state["model"]:
+        raise checkpoint.CheckpointError(f"{folder}: holds no model weights (not a training checkpoint)")
+    reader, planner = checkpoint._reader_and_planner(folder)
+    try:
+        dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
+    except checkpoint.CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        raise checkpoint.CheckpointError(f"{folder}: cannot load ({checkpoint._first_failure(e)})") from None
+    return state["model"]
+
+
+def merge_lora(state, alpha, r, transpose=False):
+    """A peft model's state dict as the base model's, the adapters merged: W + (alpha / r) · B·A, in W's dtype
+    (computed in float32); B·A transposed for fan-in-fan-out layers (GPT-2's Conv1D)."""
+    out = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            prefix = key[:-len("base_layer.weight")]
+            a = [v for k, v in state.items() if k.startswith(prefix + "lora_A.")]
+            b = [v for k, v in state.items() if k.startswith(prefix + "lora_B.")]
+            if a and b:
+                delta = (b[0].float() @ a[0].float()) * (alpha / r)
+                value = (value.float() + (delta.T if transpose else delta)).to(value.dtype)
+        out[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value
+    return out
+
+
+def export_checkpoint(folder, out, dtype=None, log=print):
+    """Write checkpoint `folder` as the transformers folder `out` (atomically); returns out."""
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.normpath(folder)
+    if not os.path.isdir(folder):
+        raise checkpoint.CheckpointError(f"{folder}: no such checkpoint folder")
+    checkpoint.verify(folder)
+    record = checkpoint.read_record(folder)
+    extra = checkpoint.read_extra(folder)
+    name = record.get("model")
+    if not isinstance(name, str):
+        raise checkpoint.CheckpointError(f"{os.path.join(folder, checkpoint.RECORD)}: has no 'model'")
+    models.check_model(name, f"{os.path.join(folder, checkpoint.RECORD)}: its model")
+    tokenizer = models.load_tokenizer(name)
+    config = models.source_config(name, tokenizer)
+    state = model_state(folder)
+    if any(".lora_A." in key for key in state):
+        r, alpha = record.get("lora_r") or 0, record.get("lora_alpha") or 0
+        if not r:
+            raise checkpoint.CheckpointError(f"{folder}: holds LoRA adapters but its run.json has no lora_r; "
+                                             f"cannot merge them")
+        state = merge_lora(state, alpha or 2 * r, r, transpose=config.model_type == "gpt2")
+    dtype = models.DTYPES[dtype] if dtype else models.source_dtype(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state) - _tied(model))
+    unknown = sorted(set(state) - expected)
+    if missing or unknown:
+        raise checkpoint.CheckpointError(
+            f"{folder}: its weights do not fit {name} ({len(missing)} missing, e.g. {missing[:1]}; "
+            f"{len(unknown)} unknown, e.g. {unknown[:1]})")
+    try:
+        model.load_state_dict(state, strict=False)  # cast to dtype by copy; tied weights filled by their twin
+    except RuntimeError as e:
+        why = str(e).strip().splitlines()[-1].strip()[:300]
+        raise checkpoint.CheckpointError(f"{folder}: its weights do not fit {name} ({why})") from None
+    stage = extra.get("stage_index", 0)
+    sft = record.get("sft_steps") and stage > 0
+    reference = record.get("ref_model") or (
+        os.path.join(os.path.dirname(os.path.abspath(folder)), checkpoint.SFT_DIR) if sft else name)
+    made = {"folder": os.path.abspath(folder), "stage_index": stage, "step": extra.get("step")}
+    models.write_folder(model, dict(model.state_dict()), tokenizer, out, config, dtype,
+                        dict(models.model_record(reference, record.get("seed", 0), record), checkpoint=made))
+    log(f"{out}: the model of {folder} (stage {stage}, step {extra.get('step')}), {str(dtype).split('.')[-1]}")
+    return out
+
+
+def _tied(model):
+    """The state-dict keys that tie_weights fills (e.g. lm_head.weight with tied embeddings)."""
+    names = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(value), []).append(key)
+    return {key for keys in names.values() for key in keys[1:]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint folder (out_dir/checkpoint)")
+    parser.add_argument("out", help="the transformers folder to write")
+    parser.add_argument("--dtype", choices=sorted(models.DTYPES), help="the weights' dtype (default: the source's)")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the intent
+    try:
+        export_checkpoint(args.checkpoint, args.out, args.dtype)
+    except SrpoError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
