@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import lora
 from common import SrpoError, atomic_path
 from srpo import IGNORE_INDEX, hidden_token_logps, packed_sequence_logps, sequence_logps, sum_token_logps
 
@@ -152,17 +153,19 @@ def load_model(name=TINY, tokenizer=None, dtype=torch.float32, seed=0):
     return model.eval()
 
 
-def load_sharded(name, tokenizer, device, dtype, mp_policy, seed=0, activation_checkpointing=False):
+def load_sharded(name, tokenizer, device, dtype, mp_policy, seed=0, activation_checkpointing=False, adapt=None):
     """Shard first, then fill, in the style of torchtitan: every rank builds the skeleton on the meta
     device, shards it and allocates its own shards only; rank 0 alone reads the weights (or, for tiny,
     initialises them from the seed) and they are broadcast into the shards. Buffers that no state dict
     holds (rotary inv_freq) are broadcast from rank 0's copy too. Returns the sharded model, in eval mode.
+    adapt: model -> model, applied to the skeleton before sharding and to rank 0's full copy (lora.adapter).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     config = source_config(name, tokenizer)
-    model = _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing)
+    model = _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing, adapt)
     full = load_model(name, tokenizer, source_dtype(config), seed) if dist.get_rank() == 0 else None
+    full = adapt(full) if adapt and full is not None else full  # LoRA: rank 0's adapter weights are broadcast
     with torch.no_grad():
         set_model_state_dict(model, full.state_dict() if full else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -188,9 +191,9 @@ def frozen_copy(model, dtype, mp_policy):
     return copy.eval()
 
 
-def _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing=False):
-    """The model built on the meta device (dropout off, no KV cache), sharded, then given uninitialised
-    storage for this rank's shards."""
+def _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing=False, adapt=None):
+    """The model built on the meta device (dropout off, no KV cache), `adapt`ed (LoRA), sharded, then given
+    uninitialised storage for this rank's shards."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -200,10 +203,9 @@ def _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _dropout_off(model)
+    model = adapt(model) if adapt else model
     shard(model, device, mp_policy, activation_checkpointing)
     return model.to_empty(device=device)
-
-
 
 
 def _dropout_off(model):
@@ -503,12 +505,14 @@ def load_lm(name, dtype="float32", device="cpu"):
     return load_model(name, tokenizer, dtype=DTYPES[dtype]).to(device), tokenizer
 
 
-def export(policy, tokenizer, path, rank, config, dtype, record, card=None):
+def export(policy, tokenizer, path, rank, config, dtype, record, card=None, adapter_base=None):
     """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
 
     The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
     source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
     models.MODEL_RECORD (the model's reference and the run's flags); `card`, the text of README.md (model_card.py).
+    LoRA: the weights are merged (lora.merged_state) and the adapter is written beside them in peft's format
+    (lora.ADAPTER_DIR), its base `adapter_base`.
     """
     import copy
 
@@ -516,10 +520,14 @@ def export(policy, tokenizer, path, rank, config, dtype, record, card=None):
 
     state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
+        full, model = (state, policy.get_base_model()) if lora.is_lora(policy) else (None, policy)  # LoRA
+        state = lora.merged_state(state, policy) if full is not None else state
         for key in state:
             state[key] = state[key].to(dtype)
         with atomic_path(path) as tmp:
-            policy.save_pretrained(tmp, state_dict=state)
+            model.save_pretrained(tmp, state_dict=state)
+            if full is not None:  # LoRA
+                lora.save_adapter(full, policy, os.path.join(tmp, lora.ADAPTER_DIR), adapter_base)
             config = copy.deepcopy(config)
             config.dtype = dtype
             config.save_pretrained(tmp)  # replaces the training config that save_pretrained wrote
@@ -530,4 +538,5 @@ def export(policy, tokenizer, path, rank, config, dtype, record, card=None):
                 with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
                     fh.write(card)
     del state
+    full = None
     dist.barrier()
