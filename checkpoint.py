@@ -49,7 +49,8 @@ METADATA = ".metadata"
 # The flags that define a run: a resumed run must have the same, or it would mix two runs' data order or math.
 RUN_FLAGS = ("loss", "beta", "lam", "refine", "refine_prompt", "model", "ref_model", "data", "max_pairs",
              "sft_steps", "lr", "warmup_steps", "lr_scheduler", "batch_size", "max_length", "max_grad_norm",
-             "optimizer", "average_logps", "seed", "truncate_x_only", "sft_quality_q", "mixed_precision")
+             "optimizer", "average_logps", "seed", "truncate_x_only", "sft_quality_q", "mixed_precision",
+             "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 class CheckpointError(SrpoError):

@@ -10,6 +10,7 @@ import typing
 
 import data
 import defaults
+import lora
 from common import ConfigError
 from models import DTYPES, TINY
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED
@@ -89,6 +90,12 @@ class Config:
                                          "auto: bf16 on CUDA, else fp32", ("auto", "bf16", "fp32"))
     save_dtype: str = _flag("auto", "dtype of sft/ and final/; auto: that of the model loaded", ("auto", *DTYPES))
     log_every: int = _flag(1, "progress line every this many steps")
+    lora_r: int = _flag(0, "LoRA: train rank-r adapters on a frozen base, π_ref the base with adapters off (0: "
+                           "full fine-tuning; needs peft; docs/training.md)")
+    lora_alpha: float = _flag(0.0, "LoRA scaling alpha / r; 0: 2·r")
+    lora_dropout: float = _flag(0.0, "dropout on the adapters' input (training passes only)")
+    lora_targets: str = _flag("", "modules given adapters, comma-separated, or all-linear; unset: the attention and "
+                                  "MLP projections of known families (lora.FAMILY_TARGETS), else all-linear")
     report_to: str = _flag("none", "also send every metrics.jsonl value to TensorBoard or W&B (rank 0; "
                                    "docs/tracking.md)", ("none", "tensorboard", "wandb"))
 
@@ -158,6 +165,14 @@ def validate(cfg, world=1):
         raise ConfigError("--precompute_ref needs a preference loss, not --loss sft")
     if cfg.pack_length < 0:
         raise ConfigError(f"--pack_length {cfg.pack_length}: must be >= 0")
+    if cfg.lora_r < 0 or cfg.lora_alpha < 0 or not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"--lora_r {cfg.lora_r}, --lora_alpha {cfg.lora_alpha}, --lora_dropout {cfg.lora_dropout}: "
+                          f"need r >= 0, alpha >= 0 and dropout in [0, 1)")
+    if cfg.lora_r:
+        try:
+            lora.require_peft()
+        except lora.LoraError as err:
+            raise ConfigError(str(err)) from None
 
 
 def resolved(cfg):

@@ -9,6 +9,7 @@ Does not own: the process group (distributed.py), the losses (srpo.py), batches 
 measured (metrics.py) or the training loop (train.py).
 """
 
+import functools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import lora
 from common import SrpoError, atomic_path, disk_full, disk_full_message
 from srpo import IGNORE_INDEX, hidden_token_logps, packed_sequence_logps, sequence_logps, sum_token_logps
 
@@ -153,17 +155,19 @@ def load_model(name=TINY, tokenizer=None, dtype=torch.float32, seed=0):
     return model.eval()
 
 
-def load_sharded(name, tokenizer, device, dtype, mp_policy, seed=0, activation_checkpointing=False):
+def load_sharded(name, tokenizer, device, dtype, mp_policy, seed=0, activation_checkpointing=False, adapt=None):
     """Shard first, then fill, in the style of torchtitan: every rank builds the skeleton on the meta
     device, shards it and allocates its own shards only; rank 0 alone reads the weights (or, for tiny,
     initialises them from the seed) and they are broadcast into the shards. Buffers that no state dict
     holds (rotary inv_freq) are broadcast from rank 0's copy too. Returns the sharded model, in eval mode.
+    adapt: model -> model, applied to the skeleton before sharding and to rank 0's full copy (lora.adapter).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     config = source_config(name, tokenizer)
-    model = _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing)
+    model = _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing, adapt)
     full = load_model(name, tokenizer, source_dtype(config), seed) if dist.get_rank() == 0 else None
+    full = adapt(full) if adapt and full is not None else full  # LoRA: rank 0's adapter weights are broadcast
     with torch.no_grad():
         set_model_state_dict(model, full.state_dict() if full else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -189,9 +193,9 @@ def frozen_copy(model, dtype, mp_policy):
     return copy.eval()
 
 
-def _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing=False):
-    """The model built on the meta device (dropout off, no KV cache), sharded, then given uninitialised
-    storage for this rank's shards."""
+def _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing=False, adapt=None):
+    """The model built on the meta device (dropout off, no KV cache), `adapt`ed (LoRA), sharded, then given
+    uninitialised storage for this rank's shards."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -201,10 +205,9 @@ def _sharded_skeleton(config, device, dtype, mp_policy, activation_checkpointing
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _dropout_off(model)
+    model = adapt(model) if adapt else model
     shard(model, device, mp_policy, activation_checkpointing)
     return model.to_empty(device=device)
-
-
 
 
 def _dropout_off(model):
@@ -504,24 +507,32 @@ def load_lm(name, dtype="float32", device="cpu"):
     return load_model(name, tokenizer, dtype=DTYPES[dtype]).to(device), tokenizer
 
 
-def export(policy, tokenizer, path, rank, config, dtype, record, card=None):
+def export(policy, tokenizer, path, rank, config, dtype, record, card=None, adapter_base=None):
     """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
 
     The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
     source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
     models.MODEL_RECORD (the model's reference and the run's flags); `card`, the text of README.md (model_card.py).
+    LoRA: the weights are merged (lora.merged_state) and the adapter is written beside them in peft's format
+    (lora.ADAPTER_DIR), its base `adapter_base`.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        write_folder(policy, state, tokenizer, path, config, dtype, record, card)
+        if lora.is_lora(policy):  # merged weights, and the adapter beside them
+            adapter = functools.partial(lora.save_adapter, state, policy, base_model=adapter_base)
+            write_folder(policy.get_base_model(), lora.merged_state(state, policy), tokenizer, path, config, dtype,
+                         record, card, adapter)
+        else:
+            write_folder(policy, state, tokenizer, path, config, dtype, record, card)
     del state
     dist.barrier()
 
 
-def write_folder(model, state, tokenizer, path, config, dtype, record, card=None):
-    """export's folder from a full state dict on this process (export.py's too); a full disk is one line."""
+def write_folder(model, state, tokenizer, path, config, dtype, record, card=None, adapter=None):
+    """export's folder from a full state dict on this process (export.py's too); a full disk is one line.
+    adapter: LoRA's ``adapter(folder)``, which writes the adapter in peft's format (in lora.ADAPTER_DIR)."""
     import copy
 
     for key in state:
@@ -529,6 +540,8 @@ def write_folder(model, state, tokenizer, path, config, dtype, record, card=None
     try:
         with atomic_path(path) as tmp:
             model.save_pretrained(tmp, state_dict=state)
+            if adapter is not None:
+                adapter(os.path.join(tmp, lora.ADAPTER_DIR))
             config = copy.deepcopy(config)
             config.dtype = dtype
             config.save_pretrained(tmp)  # replaces the training config that save_pretrained wrote

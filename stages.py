@@ -17,6 +17,7 @@ import torch
 
 import common
 import data
+import lora
 from checkpoint import SFT_DIR, load_checkpoint
 from common import ConfigError
 from models import choose_packing, frozen_copy, load_sharded, mixed_precision
@@ -107,11 +108,17 @@ def setup_stage(cfg, run, stage_index, policy, resume):
     start = os.path.join(cfg.out_dir, SFT_DIR) if stage_index > 0 else cfg.model
     mp, ref_dtype = mixed_precision(cfg.mixed_precision, device)
     load = functools.partial(load_sharded, tokenizer=run.tokenizer, device=device, mp_policy=mp, seed=cfg.seed)
-    in_memory = policy is not None
+    in_memory = policy is not None  # LoRA: train_stages passes None; alignment reloads sft/ (merged), fresh adapters
     if not in_memory:
-        policy = load(start, dtype=torch.float32, activation_checkpointing=cfg.activation_checkpointing)
+        gc.collect()  # LoRA: the SFT policy, dropped by train_stages, freed before sft/ is loaded
+        policy = load(start, dtype=torch.float32, activation_checkpointing=cfg.activation_checkpointing,
+                      adapt=lora.adapter(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed))
+        if cfg.lora_r:
+            say(lora.describe(policy))
     ref, cache, eval_ref = None, None, None
-    if stage != "sft":  # π_ref is never updated
+    if stage != "sft" and cfg.lora_r and not cfg.ref_model:  # LoRA: π_ref is the base, adapters off
+        ref = lora.Reference(policy)
+    elif stage != "sft":  # π_ref is never updated
         ref = frozen_copy(policy, ref_dtype, mp) if in_memory and not cfg.ref_model \
             else load(cfg.ref_model or start, dtype=ref_dtype)
         ref.requires_grad_(False)
@@ -128,7 +135,8 @@ def setup_stage(cfg, run, stage_index, policy, resume):
             say(f"precomputed reference log-probs of {len(run.examples):,} pairs in {time.time() - t0:.1f}s; "
                 f"reference model freed")
     policy.train()
-    optimizer = OPTIMIZERS[cfg.optimizer](policy.parameters(), lr=cfg.lr)
+    lora.reshard(policy)  # the reference passes above may have been the policy's own forwards (LoRA)
+    optimizer = OPTIMIZERS[cfg.optimizer](lora.trainable(policy), lr=cfg.lr)  # with LoRA, the adapters only
     step = 0
     if resume:
         step = load_checkpoint(resume, policy, optimizer, run.rank)["step"]

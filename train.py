@@ -38,6 +38,7 @@ import torch.distributed as dist
 import checkpoint
 import common
 import data
+import lora
 import metrics
 import model_card
 from checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
@@ -179,9 +180,10 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
         return 0
     start_stage, logged = resume_bookkeeping(cfg, run, resume)
     tracker = Tracker(cfg, backend, logged + 1) if backend else None
-    policy, last = None, None
+    policy, last, s = None, None, None
     for stage_index in range(start_stage, len(run.stages)):
         stage, n_steps = run.stages[stage_index]
+        policy, s = (None, None) if cfg.lora_r else (policy, s)  # LoRA: the SFT policy freed; sft/ reloaded
         s = setup_stage(cfg, run, stage_index, policy, resume if stage_index == start_stage else None)
         policy, step = s.policy, s.step
         say(stage_line(cfg, run, stage, n_steps, s.packing))
@@ -207,7 +209,8 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
     if policy is not None:
         export(policy, run.tokenizer, final, rank, run.config, run.save_dtype,
                model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)), run.card(stages=run.stages,
-                                                                                            heldout=last))
+                                                                                            heldout=last),
+               adapter_base=lora_base(cfg, run))
     if tracker:
         tracker.close()
     say(summary(cfg, run.stages, last, final, reference_name(cfg)))
@@ -365,7 +368,8 @@ def end_stage(cfg, run, s, stage_index, step):
                                      run.rank, run.world)
     if stage == "sft" and stage_index < len(run.stages) - 1:
         export(s.policy, run.tokenizer, os.path.join(cfg.out_dir, SFT_DIR), run.rank, run.config, run.save_dtype,
-               model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)), run.card(stages=run.stages[:1]))
+               model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)), run.card(stages=run.stages[:1]),
+               adapter_base=cfg.model)
         run.say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
 
 
@@ -440,7 +444,7 @@ def preference_terms(policy, ref, cache, batch, cfg):
     need_p = uses_p_view(cfg)
     ref_x, ref_px = no_grad_logps(ref, cache, batch, need_p, cfg.average_logps)
     if need_p:  # Δπ, Eq. (11): the current policy on p ⊕ x, without grad
-        with torch.no_grad():
+        with torch.no_grad(), lora.eval_mode(policy):  # LoRA: no adapter dropout
             pol_p = view_logps(policy, batch, 2 * B, "p_", cfg.average_logps)
         delta = refinement(pol_p[:B], pol_p[B:], ref_px[:B], ref_px[B:], cfg.beta)
     pol = view_logps(policy, batch, 2 * B, "", cfg.average_logps)
@@ -488,6 +492,11 @@ def no_grad_logps(model, cache, batch, need_p, average=False):
         x = view_logps(model, batch, n, "", average)
         px = view_logps(model, batch, n, "p_", average) if need_p else None
     return x, px
+
+
+def lora_base(cfg, run):
+    """LoRA: the model final/adapter was added to (sft/ after an SFT stage, else --model)."""
+    return os.path.join(cfg.out_dir, SFT_DIR) if len(run.stages) > 1 else cfg.model
 
 
 def reference_name(cfg):

@@ -1,7 +1,7 @@
 """The architecture, read from the source with ast: every module under 600 lines, imports that go one way
 (common, defaults <- srpo <- formats, embedded, packing <- data <- models <- metrics <- checkpoint, tracking
-<- stages <- train; metrics <- judge* / answers <- evaluate <- experiments, benchmarks), no cycle, srpo.py on
-torch and the standard library alone, and every shared default written once, in defaults.py."""
+<- stages <- train; metrics <- judge* / answers <- evaluate <- experiments, benchmarks; common <- lora <- models),
+no cycle, srpo.py on torch and the standard library alone, and every shared default written once, in defaults.py."""
 import ast
 import glob
 import os
@@ -16,7 +16,7 @@ MAX_LINES = 600
 # What each top-level module may import from the project: only what lies below it.
 BASE = {"common", "defaults"}
 DATA = BASE | {"srpo", "formats", "embedded", "packing", "data"}
-MODELS = DATA | {"distributed", "models"}
+MODELS = DATA | {"distributed", "lora", "models"}
 MEASURE = MODELS | {"metrics"}
 JUDGE = MEASURE  # judge.py and the modules it splits into (judge_*.py, answers.py)
 ALLOWED = {
@@ -28,6 +28,7 @@ ALLOWED = {
     "embedded": {"common", "srpo", "formats"},
     "data": DATA - {"data"},
     "distributed": set(),
+    "lora": BASE,  # LoRA (Issue 23): peft adapters; models.py loads and exports through it
     "models": MODELS - {"models", "distributed"},
     "metrics": MODELS - {"distributed"},
     "checkpoint": MEASURE,
