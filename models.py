@@ -412,11 +412,31 @@ def supported_packings(model, device):
         try:
             err = (view_logps(model, batch, 4) - padded).abs().max()
         except (RuntimeError, ValueError, TypeError):  # an attention that cannot take this layout's inputs
+            reset_fsdp(model)  # else the root's parameters stay unsharded: never trained, never checkpointed
             continue
         leak = (view_logps(model, leaky, 4) - padded).abs().max()
         if err <= 0.1 * leak:
             ok.append(packing)
     return tuple(ok)
+
+
+def reset_fsdp(model):
+    """FSDP2's state after a forward that raised midway, reset: every module back to idle, its parameters sharded.
+
+    Without it, the root stays "in forward" with its parameters (embeddings, final norm, head) gathered as plain
+    tensors; an optimizer built then holds those, which never update, and a checkpoint fails (KeyError: 0)."""
+    if hasattr(model, "reset_iter_state"):  # torch >= 2.13
+        model.reset_iter_state()
+        return
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    for module in model.modules():  # older torch: the same, by hand
+        if hasattr(module, "reshard"):
+            state = module._get_fsdp_state()
+            state._training_state = TrainingState.IDLE
+            for group in state._fsdp_param_groups:
+                group._training_state = TrainingState.IDLE
+            module.reshard()
 
 
 def choose_packing(requested, models, device, say=None):
