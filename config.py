@@ -6,6 +6,7 @@ with another command comes from defaults.py. Does not own: what the flags do (tr
 """
 
 import dataclasses
+import math
 import typing
 
 import data
@@ -119,6 +120,19 @@ def validate(cfg, world=1):
             raise ConfigError(f"--{f.name} {value}: expected one of {', '.join(choices)}")
     if cfg.lam is not None and cfg.loss not in SELF_REFINED:
         raise ConfigError(f"--lam is used only by the Sr losses ({', '.join(sorted(SELF_REFINED))}), "
+                          f"not --loss {cfg.loss}")
+    for name in ("beta", "lr", "epochs", "lam", "sft_quality_q"):  # floats: nan and inf pass `> 0` checks
+        value = getattr(cfg, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name} {value}: must be a finite number")
+    if cfg.lam is not None and cfg.lam < 0:
+        raise ConfigError(f"--lam {cfg.lam}: must be >= 0 (the paper's grid is 0.1 to 1; 0 is DPO/IPO)")
+    if cfg.loss == "sft" and cfg.sft_steps:
+        raise ConfigError(f"--sft_steps {cfg.sft_steps} is the SFT stage before an alignment loss; with --loss sft "
+                          f"the run's length is --max_steps / --epochs")
+    if cfg.loss not in SELF_REFINED and (cfg.refine != "prompt" or cfg.refine_prompt != defaults.REFINE_PROMPT):
+        flag = f"--refine {cfg.refine}" if cfg.refine != "prompt" else f"--refine_prompt {cfg.refine_prompt}"
+        raise ConfigError(f"{flag} is used only by the Sr losses ({', '.join(sorted(SELF_REFINED))}), "
                           f"not --loss {cfg.loss}")
     if not cfg.beta > 0:
         raise ConfigError(f"--beta {cfg.beta}: must be positive")

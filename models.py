@@ -52,6 +52,26 @@ def check_model(name, flag="--model"):
                          f"{first[0][:200] if first else ''})") from None
 
 
+def check_compatible(name, tokenizer, max_length, flag="--model", policy_name=None):
+    """ModelError unless model `name` takes the ids of `tokenizer` (the policy's) up to max_length tokens: its
+    embedding covers every id, its positions (max_position_embeddings, GPT-2's n_positions) cover max_length,
+    and, where policy_name is given (a reference), its own tokenizer maps the same text to the same ids."""
+    config = source_config(name, tokenizer)
+    rows, n = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", 0), len(tokenizer)
+    if rows < n:
+        raise ModelError(f"{flag} {name}: its embedding has {rows} rows, the tokenizer {n} ids; use a model of "
+                         f"the policy's tokenizer")
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and max_length > limit:
+        raise ModelError(f"--max_length {max_length}: {flag} {name} has {limit} positions "
+                         f"(max_position_embeddings); use --max_length {limit} or less")
+    if policy_name is not None and policy_name != name:
+        own = load_tokenizer(name)
+        if own.get_vocab() != tokenizer.get_vocab() or own.eos_token_id != tokenizer.eos_token_id:
+            raise ModelError(f"{flag} {name}: its tokenizer ({len(own)} ids) is not the policy's ({n} ids, "
+                             f"{policy_name}); both models must share one vocabulary")
+
+
 def model_record(reference, seed, run):
     """What a model folder train.py exports records: its reference π_ref (a folder as an absolute path; "tiny"
     with the seed it was built from) and the run's flags."""

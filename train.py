@@ -47,6 +47,7 @@ from embedded import embedded_sft_pairs
 from formats import source_records
 from models import (
     DTYPES,
+    check_compatible,
     check_model,
     export,
     load_tokenizer,
@@ -119,8 +120,11 @@ def check_start(cfg, rank, world, device, say):
     except OSError as e:
         raise ConfigError(f"--out_dir {cfg.out_dir}: cannot create the folder ({e.strerror})") from None
     check_model(cfg.model, "--model")
+    tokenizer = load_tokenizer(cfg.model)
+    check_compatible(cfg.model, tokenizer, cfg.max_length)
     if cfg.ref_model:
         check_model(cfg.ref_model, "--ref_model")
+        check_compatible(cfg.ref_model, tokenizer, cfg.max_length, "--ref_model", cfg.model)
     for source in (cfg.data, cfg.eval_data):
         if source and source != "embedded":
             source_records(os.path.expanduser(source))  # a local path that is no data file fails here
@@ -174,7 +178,7 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
                                                                                             heldout=last))
     if tracker:
         tracker.close()
-    say(summary(cfg, run.stages, last, final, reference_name(cfg)))
+    say(summary(cfg, run.stages, last, final, reference_name(cfg), len(run.examples)))
     return 0
 
 
@@ -220,6 +224,7 @@ def prepare_run(cfg, rank, world, device, resume, say):
                               world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
                               progress=sys.stdout)  # rank 0
     stages = plan(cfg, len(examples))
+    data.steps_per_epoch(len(examples), cfg.batch_size, log=say)  # the pairs each epoch leaves out, said once
     record = checkpoint.run_record(cfg, train_pairs=len(examples))
     if cfg.lr_scheduler != "constant":  # the decay's length is run-defining too
         record["stage_steps"] = [n for _, n in stages]
