@@ -195,13 +195,17 @@ def load_sharded(name, tokenizer, device, dtype, mp_policy, seed=0, activation_c
     return model.eval()
 
 
-def frozen_copy(model, dtype, mp_policy):
-    """A sharded copy of a sharded model in `dtype`, made shard by shard (no rank holds the whole model)."""
+def frozen_copy(model, dtype, mp_policy, via=None):
+    """A sharded copy of a sharded model in `dtype`, made shard by shard (no rank holds the whole model).
+
+    via: a dtype the weights are rounded through first, as saving them in it and loading them back would (π_ref
+    taken in memory equals π_ref loaded from the SFT model exported in --save_dtype, as a resumed run loads it)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     copy = _sharded_skeleton(model.config, model_device(model), dtype, mp_policy)
     with torch.no_grad():
-        set_model_state_dict(copy, get_model_state_dict(model))
+        state = get_model_state_dict(model)
+        set_model_state_dict(copy, {k: v.to(via) for k, v in state.items()} if via else state)
         buffers = dict(model.named_buffers())
         for key, buffer in copy.named_buffers():
             buffer.copy_(buffers[key])
