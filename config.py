@@ -82,6 +82,9 @@ class Config:
     seed: int = _flag(0, "data order and tiny-model initialisation")
     device: str = _flag("auto", "auto: cuda when this machine has a GPU for every local rank, else cpu",
                         ("auto", "cuda", "cpu"))
+    collective_timeout: float = _flag(defaults.COLLECTIVE_TIMEOUT, "seconds a collective (FSDP's gathers, a step's "
+                                      "sums) waits for every rank; then the run ends in one line, its checkpoint "
+                                      "kept (a rank hung or stopped; docs/distributed.md)")
     mixed_precision: str = _flag("auto", "bf16: bf16 compute, fp32 gradient reduction and master weights; fp32; "
                                          "auto: bf16 on CUDA, else fp32", ("auto", "bf16", "fp32"))
     save_dtype: str = _flag("auto", "dtype of sft/ and final/; auto: that of the model loaded", ("auto", *DTYPES))
@@ -121,7 +124,8 @@ def validate(cfg, world=1):
     if cfg.lam is not None and cfg.loss not in SELF_REFINED:
         raise ConfigError(f"--lam is used only by the Sr losses ({', '.join(sorted(SELF_REFINED))}), "
                           f"not --loss {cfg.loss}")
-    for name in ("beta", "lr", "epochs", "lam", "sft_quality_q"):  # floats: nan and inf pass `> 0` checks
+    # floats: nan and inf pass `> 0` checks
+    for name in ("beta", "lr", "epochs", "lam", "sft_quality_q", "collective_timeout"):
         value = getattr(cfg, name)
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"--{name} {value}: must be a finite number")
@@ -147,6 +151,8 @@ def validate(cfg, world=1):
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name} {value}: must be at least {low}")
+    if not cfg.collective_timeout > 0:
+        raise ConfigError(f"--collective_timeout {cfg.collective_timeout}: must be positive (seconds)")
     if cfg.lr is not None and not cfg.lr > 0:
         raise ConfigError(f"--lr {cfg.lr}: must be positive")
     if cfg.resume_force and not cfg.resume:
