@@ -147,7 +147,8 @@ def validate(cfg, world=1):
         raise ConfigError(f"--epochs {cfg.epochs}: must be positive (--max_steps ends a run earlier)")
     for name, low in (("batch_size", 1), ("log_every", 1), ("max_length", 2), ("micro_batch_size", 0),
                       ("max_pairs", 0), ("eval_pairs", 0), ("eval_every", 0), ("save_every", 0),
-                      ("warmup_steps", 0), ("sft_steps", 0)):
+                      ("warmup_steps", 0), ("sft_steps", 0),
+                      ("max_steps", -1)):
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name} {value}: must be at least {low}")

@@ -505,7 +505,9 @@ def test_28_4_max_length_beyond_the_model_positions_is_refused(tmp_path, capsys)
                                         (["--lr", "nan"], "--lr nan"), (["--epochs", "inf"], "--epochs inf"),
                                         (["--loss", "sft", "--sft_steps", "5"], "--sft_steps 5"),
                                         (["--loss", "dpo", "--refine", "naive"], "--refine naive"),
-                                        (["--loss", "ipo", "--refine_prompt", "10"], "--refine_prompt 10")])
+                                        (["--loss", "ipo", "--refine_prompt", "10"], "--refine_prompt 10"),
+                                        (["--max_steps", "-2"], "--max_steps -2"),
+                                        (["--collective_timeout", "0"], "--collective_timeout 0")])
 def test_28_4_ignored_or_non_finite_flags_are_refused_before_any_work(tmp_path, capsys, flags, word):
     assert train_main(tmp_path, "--sft_steps", "3", *flags) == 2
     one_error(capsys, word)
