@@ -4,7 +4,7 @@ Owns: saving and loading DCP checkpoints (atomic, checksummed, read without unpi
 objects), the record of the run-defining flags checked on --resume, cutting metrics.jsonl back to the
 checkpoint, the one-run-per-out_dir lock, the names of out_dir's entries, and a training run's state
 (save_checkpoint, load_checkpoint: the policy's and optimizer's DCP state dicts). Does not own: when to
-save (train.py), models (models.py) or the exported model folders (models.export, models.MODEL_RECORD).
+save (train.py), models (models.py) or the exported model folders (export.py, models.MODEL_RECORD).
 
     save(out_dir, state, extra, record, rank, world)   out_dir/checkpoint, written atomically
     find(out_dir) -> folder | None                      the checkpoint to resume from

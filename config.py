@@ -6,6 +6,7 @@ with another command comes from defaults.py. Does not own: what the flags do (tr
 """
 
 import dataclasses
+import math
 import typing
 
 import data
@@ -86,6 +87,9 @@ class Config:
     seed: int = _flag(0, "data order and tiny-model initialisation")
     device: str = _flag("auto", "auto: cuda when this machine has a GPU for every local rank, else cpu",
                         ("auto", "cuda", "cpu"))
+    collective_timeout: float = _flag(defaults.COLLECTIVE_TIMEOUT, "seconds a collective (FSDP's gathers, a step's "
+                                      "sums) waits for every rank; then the run ends in one line, its checkpoint "
+                                      "kept (a rank hung or stopped; docs/distributed.md)")
     mixed_precision: str = _flag("auto", "bf16: bf16 compute, fp32 gradient reduction and master weights; fp32; "
                                          "auto: bf16 on CUDA, else fp32", ("auto", "bf16", "fp32"))
     save_dtype: str = _flag("auto", "dtype of sft/ and final/; auto: that of the model loaded", ("auto", *DTYPES))
@@ -133,6 +137,20 @@ def validate(cfg, world=1):
     if cfg.lam is not None and cfg.loss not in SELF_REFINED:
         raise ConfigError(f"--lam is used only by the Sr losses ({', '.join(sorted(SELF_REFINED))}), "
                           f"not --loss {cfg.loss}")
+    # floats: nan and inf pass `> 0` checks
+    for name in ("beta", "lr", "epochs", "lam", "sft_quality_q", "collective_timeout"):
+        value = getattr(cfg, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name} {value}: must be a finite number")
+    if cfg.lam is not None and cfg.lam < 0:
+        raise ConfigError(f"--lam {cfg.lam}: must be >= 0 (the paper's grid is 0.1 to 1; 0 is DPO/IPO)")
+    if cfg.loss == "sft" and cfg.sft_steps:
+        raise ConfigError(f"--sft_steps {cfg.sft_steps} is the SFT stage before an alignment loss; with --loss sft "
+                          f"the run's length is --max_steps / --epochs")
+    if cfg.loss not in SELF_REFINED and (cfg.refine != "prompt" or cfg.refine_prompt != defaults.REFINE_PROMPT):
+        flag = f"--refine {cfg.refine}" if cfg.refine != "prompt" else f"--refine_prompt {cfg.refine_prompt}"
+        raise ConfigError(f"{flag} is used only by the Sr losses ({', '.join(sorted(SELF_REFINED))}), "
+                          f"not --loss {cfg.loss}")
     if not cfg.beta > 0:
         raise ConfigError(f"--beta {cfg.beta}: must be positive")
     if not cfg.max_grad_norm > 0:
@@ -142,10 +160,13 @@ def validate(cfg, world=1):
         raise ConfigError(f"--epochs {cfg.epochs}: must be positive (--max_steps ends a run earlier)")
     for name, low in (("batch_size", 1), ("log_every", 1), ("max_length", 2), ("micro_batch_size", 0),
                       ("max_pairs", 0), ("eval_pairs", 0), ("eval_every", 0), ("save_every", 0),
-                      ("warmup_steps", 0), ("sft_steps", 0)):
+                      ("warmup_steps", 0), ("sft_steps", 0),
+                      ("max_steps", -1)):
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name} {value}: must be at least {low}")
+    if not cfg.collective_timeout > 0:
+        raise ConfigError(f"--collective_timeout {cfg.collective_timeout}: must be positive (seconds)")
     if cfg.lr is not None and not cfg.lr > 0:
         raise ConfigError(f"--lr {cfg.lr}: must be positive")
     if cfg.resume_force and not cfg.resume:

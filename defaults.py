@@ -22,3 +22,4 @@ MAX_NEW_TOKENS = 512       # generation: new tokens per answer turn
 TEMPERATURE = 0.0          # 0: greedy
 TOP_P = 1.0
 JUDGE_MAX_TOKENS = 2048    # the judge's reply length, HTTP or local
+COLLECTIVE_TIMEOUT = 600   # seconds a collective waits for every rank (torchtitan's comm.init_timeout_seconds)

@@ -18,17 +18,21 @@ import torch
 import torch.distributed as dist
 
 
-def setup_distributed(device="auto"):
-    """A process group under torchrun (RANK set), else one of size 1. Returns (rank, world, device)."""
+def setup_distributed(device="auto", timeout=None):
+    """A process group under torchrun (RANK set), else one of size 1. Returns (rank, world, device).
+
+    timeout: seconds a collective waits for every rank before it raises (None: the backend's, 30 minutes for
+    gloo); train.py's --collective_timeout."""
     local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "cpu"
     cuda = device == "cuda"
     backend = "nccl" if cuda else "gloo"
+    wait = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
     if "RANK" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **wait)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **wait)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

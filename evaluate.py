@@ -19,6 +19,7 @@ Commands (``python evaluate.py COMMAND --help`` for every option):
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from models import (
     DTYPES,
     TINY,
     ModelError,
+    check_compatible,
     check_model,
     load_lm,
     load_model,
@@ -123,6 +125,8 @@ def run_accuracy(args):
     check_model(args.model, "--model")
     check_model(ref_model, "--ref_model")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_compatible(args.model, tokenizer, args.max_length)
+    check_compatible(ref_model, tokenizer, args.max_length, "--ref_model", args.tokenizer or args.model)
     policy = load_model(args.model, tokenizer, dtype=DTYPES[args.dtype]).to(args.device)
     ref = policy if (ref_model, ref_seed) == (args.model, 0) else \
         load_model(ref_model, tokenizer, dtype=DTYPES[args.dtype], seed=ref_seed).to(args.device)
@@ -354,9 +358,27 @@ def build_parser():
     return parser
 
 
+# numeric flags of the commands: (the lowest value, what it excludes); nan and inf are refused too
+NUMBERS = {"beta": (1e-300, "must be positive"), "batch_size": (1, "must be at least 1"),
+           "max_length": (2, "must be at least 2"), "limit": (0, "must be >= 0 (0: all)"),
+           "max_new_tokens": (1, "must be at least 1"), "temperature": (0, "must be >= 0 (0: greedy)"),
+           "top_p": (1e-300, "must be in (0, 1]"), "max_retries": (0, "must be >= 0"),
+           "retry_wait": (0, "must be >= 0"), "timeout": (1e-300, "must be positive"),
+           "judge_max_tokens": (1, "must be at least 1")}
+
+
+def check_numbers(args):
+    """EvalError in one line for a numeric flag out of its range, non-finite, or top_p above 1."""
+    for name, (low, rule) in NUMBERS.items():
+        value = getattr(args, name, None)
+        if value is not None and (not math.isfinite(value) or value < low or (name == "top_p" and value > 1)):
+            raise EvalError(f"--{name} {value}: {rule}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        check_numbers(args)
         return COMMANDS[args.command][1](args)
     except common.SrpoError as e:  # the project's own errors, in one line; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)

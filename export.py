@@ -1,4 +1,5 @@
-"""export.py: any checkpoint as a plain transformers folder, on one process, no GPU.
+"""export.py: a model as a plain transformers folder: the training policy (export, train.py's sft/ and final/),
+or any checkpoint, on one process, no GPU (the command):
 
     python export.py out/checkpoint out/step-900 [--dtype bfloat16]
 
@@ -6,19 +7,78 @@ Reads a checkpoint that any number of ranks wrote (checkpoint.py: verified again
 DCP metadata read without running code, the model's tensors only), builds the model from its run's
 --model (run.json), merges LoRA adapters where the run had them (W + alpha/r · B·A), and writes the
 weights in the source's dtype (or --dtype), the source's config, the tokenizer and models.MODEL_RECORD.
-Owns: that command. Does not own: checkpoints (checkpoint.py) or models (models.py).
+Owns: export, write_folder and the command. Does not own: checkpoints (checkpoint.py) or loading models
+(models.py).
 """
 
 import argparse
+import functools
+import json
 import os
+import shutil
 import sys
 import warnings
 
 import torch
+import torch.distributed as dist
 
 import checkpoint
+import lora
 import models
-from common import SrpoError
+from common import SrpoError, atomic_path, disk_full, disk_full_message
+from models import MODEL_RECORD, ModelError
+
+
+def export(policy, tokenizer, path, rank, config, dtype, record, card=None, adapter_base=None):
+    """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
+
+    The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
+    source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
+    models.MODEL_RECORD (the model's reference and the run's flags); `card`, the text of README.md (model_card.py).
+    LoRA: the weights are merged (lora.merged_state) and the adapter is written beside them in peft's format
+    (lora.ADAPTER_DIR), its base `adapter_base`.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        if lora.is_lora(policy):  # merged weights, and the adapter beside them
+            adapter = functools.partial(lora.save_adapter, state, policy, base_model=adapter_base)
+            write_folder(policy.get_base_model(), lora.merged_state(state, policy), tokenizer, path, config, dtype,
+                         record, card, adapter)
+        else:
+            write_folder(policy, state, tokenizer, path, config, dtype, record, card)
+    del state
+    dist.barrier()
+
+
+def write_folder(model, state, tokenizer, path, config, dtype, record, card=None, adapter=None):
+    """export's folder from a full state dict on this process (export.py's too); a full disk is one line.
+    adapter: LoRA's ``adapter(folder)``, which writes the adapter in peft's format (in lora.ADAPTER_DIR)."""
+    import copy
+
+    for key in state:
+        state[key] = state[key].to(dtype)
+    try:
+        with atomic_path(path) as tmp:
+            model.save_pretrained(tmp, state_dict=state)
+            if adapter is not None:
+                adapter(os.path.join(tmp, lora.ADAPTER_DIR))
+            config = copy.deepcopy(config)
+            config.dtype = dtype
+            config.save_pretrained(tmp)  # replaces the training config that save_pretrained wrote
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, MODEL_RECORD), "w", encoding="utf-8") as fh:
+                json.dump(record, fh, indent=1)
+            if card:
+                with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
+                    fh.write(card)
+    except Exception as e:  # noqa: BLE001 - a full disk is one line; anything else is a bug
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        if not disk_full(e, os.path.dirname(os.path.abspath(path)), size):
+            raise
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
+        raise ModelError(disk_full_message(path, size, "model folder")) from None
 
 
 def model_state(folder):
@@ -103,7 +163,7 @@ def export_checkpoint(folder, out, dtype=None, log=print):
     reference = record.get("ref_model") or (
         os.path.join(os.path.dirname(os.path.abspath(folder)), checkpoint.SFT_DIR) if sft else name)
     made = {"folder": os.path.abspath(folder), "stage_index": stage, "step": extra.get("step")}
-    models.write_folder(model, dict(model.state_dict()), tokenizer, out, config, dtype,
+    write_folder(model, dict(model.state_dict()), tokenizer, out, config, dtype,
                         dict(models.model_record(reference, record.get("seed", 0), record), checkpoint=made))
     log(f"{out}: the model of {folder} (stage {stage}, step {extra.get('step')}), {str(dtype).split('.')[-1]}")
     return out

@@ -4,23 +4,20 @@ Owns: the tokenizer and model loaders (the built-in "tiny" model, or transformer
 dropout off, ``forward_logps`` (log π of each row) and ``view_logps`` (of each sequence, in any of
 data.collate's layouts), scored from the hidden states without the [rows, tokens, vocab] logits where the model
 allows it (``fused_logps``), with the check of which layouts a model supports (``choose_packing``), FSDP2
-sharding, device and dtype helpers, and ``export`` (a trained model as a plain transformers folder).
-Does not own: the process group (distributed.py), the losses (srpo.py), batches (data.py), what is
-measured (metrics.py) or the training loop (train.py).
+sharding, and device and dtype helpers.
+Does not own: writing model folders (export.py), the process group (distributed.py), the losses (srpo.py),
+batches (data.py), what is measured (metrics.py) or the training loop (train.py).
 """
 
-import functools
 import json
 import os
-import shutil
 import weakref
 
 import torch
 import torch.distributed as dist
 
 import data
-import lora
-from common import SrpoError, atomic_path, disk_full, disk_full_message
+from common import SrpoError
 from srpo import IGNORE_INDEX, hidden_token_logps, packed_sequence_logps, sequence_logps, sum_token_logps
 
 TINY = "tiny"
@@ -53,6 +50,26 @@ def check_model(name, flag="--model"):
         first = str(e).strip().splitlines()
         raise ModelError(f"{flag} {name}: cannot load its config ({type(e).__name__}: "
                          f"{first[0][:200] if first else ''})") from None
+
+
+def check_compatible(name, tokenizer, max_length, flag="--model", policy_name=None):
+    """ModelError unless model `name` takes the ids of `tokenizer` (the policy's) up to max_length tokens: its
+    embedding covers every id, its positions (max_position_embeddings, GPT-2's n_positions) cover max_length,
+    and, where policy_name is given (a reference), its own tokenizer maps the same text to the same ids."""
+    config = source_config(name, tokenizer)
+    rows, n = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", 0), len(tokenizer)
+    if rows < n:
+        raise ModelError(f"{flag} {name}: its embedding has {rows} rows, the tokenizer {n} ids; use a model of "
+                         f"the policy's tokenizer")
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and max_length > limit:
+        raise ModelError(f"--max_length {max_length}: {flag} {name} has {limit} positions "
+                         f"(max_position_embeddings); use --max_length {limit} or less")
+    if policy_name is not None and policy_name != name:
+        own = load_tokenizer(name)
+        if own.get_vocab() != tokenizer.get_vocab() or own.eos_token_id != tokenizer.eos_token_id:
+            raise ModelError(f"{flag} {name}: its tokenizer ({len(own)} ids) is not the policy's ({n} ids, "
+                             f"{policy_name}); both models must share one vocabulary")
 
 
 def model_record(reference, seed, run):
@@ -180,13 +197,17 @@ def load_sharded(name, tokenizer, device, dtype, mp_policy, seed=0, activation_c
     return model.eval()
 
 
-def frozen_copy(model, dtype, mp_policy):
-    """A sharded copy of a sharded model in `dtype`, made shard by shard (no rank holds the whole model)."""
+def frozen_copy(model, dtype, mp_policy, via=None):
+    """A sharded copy of a sharded model in `dtype`, made shard by shard (no rank holds the whole model).
+
+    via: a dtype the weights are rounded through first, as saving them in it and loading them back would (π_ref
+    taken in memory equals π_ref loaded from the SFT model exported in --save_dtype, as a resumed run loads it)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     copy = _sharded_skeleton(model.config, model_device(model), dtype, mp_policy)
     with torch.no_grad():
-        set_model_state_dict(copy, get_model_state_dict(model))
+        state = get_model_state_dict(model)
+        set_model_state_dict(copy, {k: v.to(via) for k, v in state.items()} if via else state)
         buffers = dict(model.named_buffers())
         for key, buffer in copy.named_buffers():
             buffer.copy_(buffers[key])
@@ -416,11 +437,31 @@ def supported_packings(model, device):
         try:
             err = (view_logps(model, batch, 4) - padded).abs().max()
         except (RuntimeError, ValueError, TypeError):  # an attention that cannot take this layout's inputs
+            reset_fsdp(model)  # else the root's parameters stay unsharded: never trained, never checkpointed
             continue
         leak = (view_logps(model, leaky, 4) - padded).abs().max()
         if err <= 0.1 * leak:
             ok.append(packing)
     return tuple(ok)
+
+
+def reset_fsdp(model):
+    """FSDP2's state after a forward that raised midway, reset: every module back to idle, its parameters sharded.
+
+    Without it, the root stays "in forward" with its parameters (embeddings, final norm, head) gathered as plain
+    tensors; an optimizer built then holds those, which never update, and a checkpoint fails (KeyError: 0)."""
+    if hasattr(model, "reset_iter_state"):  # torch >= 2.13
+        model.reset_iter_state()
+        return
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    for module in model.modules():  # older torch: the same, by hand
+        if hasattr(module, "reshard"):
+            state = module._get_fsdp_state()
+            state._training_state = TrainingState.IDLE
+            for group in state._fsdp_param_groups:
+                group._training_state = TrainingState.IDLE
+            module.reshard()
 
 
 def choose_packing(requested, models, device, say=None):
@@ -505,55 +546,3 @@ def load_lm(name, dtype="float32", device="cpu"):
     check_model(name)
     tokenizer = load_tokenizer(name)
     return load_model(name, tokenizer, dtype=DTYPES[dtype]).to(device), tokenizer
-
-
-def export(policy, tokenizer, path, rank, config, dtype, record, card=None, adapter_base=None):
-    """A plain transformers folder (save_pretrained with the tokenizer), written atomically by rank 0 alone.
-
-    The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
-    source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
-    models.MODEL_RECORD (the model's reference and the run's flags); `card`, the text of README.md (model_card.py).
-    LoRA: the weights are merged (lora.merged_state) and the adapter is written beside them in peft's format
-    (lora.ADAPTER_DIR), its base `adapter_base`.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        if lora.is_lora(policy):  # merged weights, and the adapter beside them
-            adapter = functools.partial(lora.save_adapter, state, policy, base_model=adapter_base)
-            write_folder(policy.get_base_model(), lora.merged_state(state, policy), tokenizer, path, config, dtype,
-                         record, card, adapter)
-        else:
-            write_folder(policy, state, tokenizer, path, config, dtype, record, card)
-    del state
-    dist.barrier()
-
-
-def write_folder(model, state, tokenizer, path, config, dtype, record, card=None, adapter=None):
-    """export's folder from a full state dict on this process (export.py's too); a full disk is one line.
-    adapter: LoRA's ``adapter(folder)``, which writes the adapter in peft's format (in lora.ADAPTER_DIR)."""
-    import copy
-
-    for key in state:
-        state[key] = state[key].to(dtype)
-    try:
-        with atomic_path(path) as tmp:
-            model.save_pretrained(tmp, state_dict=state)
-            if adapter is not None:
-                adapter(os.path.join(tmp, lora.ADAPTER_DIR))
-            config = copy.deepcopy(config)
-            config.dtype = dtype
-            config.save_pretrained(tmp)  # replaces the training config that save_pretrained wrote
-            tokenizer.save_pretrained(tmp)
-            with open(os.path.join(tmp, MODEL_RECORD), "w", encoding="utf-8") as fh:
-                json.dump(record, fh, indent=1)
-            if card:
-                with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
-                    fh.write(card)
-    except Exception as e:  # noqa: BLE001 - a full disk is one line; anything else is a bug
-        size = sum(v.numel() * v.element_size() for v in state.values())
-        if not disk_full(e, os.path.dirname(os.path.abspath(path)), size):
-            raise
-        shutil.rmtree(path + ".tmp", ignore_errors=True)
-        raise ModelError(disk_full_message(path, size, "model folder")) from None

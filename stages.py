@@ -102,7 +102,8 @@ def setup_stage(cfg, run, stage_index, policy, resume):
     checkpoint `resume` (None: step 0).
 
     `policy`: the previous stage's (the SFT model, in memory), which this stage continues from and, unless
-    --ref_model, takes as π_ref; None for the run's first stage, which loads it (models.load_sharded).
+    --ref_model, takes as π_ref (rounded through --save_dtype, as sft/ holds it and a resumed run loads it); None
+    for the run's first stage, which loads it (models.load_sharded).
     """
     stage, device, say = run.stages[stage_index][0], run.device, run.say
     start = os.path.join(cfg.out_dir, SFT_DIR) if stage_index > 0 else cfg.model
@@ -119,7 +120,7 @@ def setup_stage(cfg, run, stage_index, policy, resume):
     if stage != "sft" and cfg.lora_r and not cfg.ref_model:  # LoRA: π_ref is the base, adapters off
         ref = lora.Reference(policy)
     elif stage != "sft":  # π_ref is never updated
-        ref = frozen_copy(policy, ref_dtype, mp) if in_memory and not cfg.ref_model \
+        ref = frozen_copy(policy, ref_dtype, mp, via=run.save_dtype) if in_memory and not cfg.ref_model \
             else load(cfg.ref_model or start, dtype=ref_dtype)
         ref.requires_grad_(False)
     packing = choose_packing(cfg.packing, [m for m in (policy, ref) if m is not None], device, say)

@@ -48,12 +48,16 @@ def progress_line(m, n_steps):
     return " | ".join(parts)
 
 
-def summary(cfg, stages, ev, final, reference):
+def summary(cfg, stages, ev, final, reference, n_pairs=0):
     """The closing summary: what was trained, held-out results, where final/ is, what to run next (reference:
-    the alignment stage's π_ref, for that command)."""
+    the alignment stage's π_ref, for that command); n_pairs: the training pairs, to say how many each epoch leaves
+    out."""
     lines = ["", "=" * 72, "trained: " + " -> ".join(f"{s} ({n} steps)" for s, n in stages)
              + f" on {cfg.data}, model {cfg.model}, beta {cfg.beta}"
              + (f", lambda {cfg.lam}" if cfg.loss in SELF_REFINED else "")]
+    if n_pairs % cfg.batch_size:
+        lines.append(f"left out: {n_pairs % cfg.batch_size} of {n_pairs} pairs each epoch (not a multiple of "
+                     f"--batch_size {cfg.batch_size})")
     if ev:
         under_p = f", {ev['p_accuracy']:.3f} under p+x" if "p_accuracy" in ev else ""
         lines.append(f"held-out accuracy: {ev['accuracy']:.3f} under x{under_p} ({ev['n_pairs']} pairs)")

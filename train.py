@@ -46,11 +46,12 @@ from common import ConfigError
 from config import LR_SCHEDULERS, Config, parse_config, resolved, validate
 from distributed import REQUEUE_EXIT, SIGNALS, Failures, Stop, all_sum, log, setup_distributed
 from embedded import embedded_sft_pairs
+from export import export
 from formats import source_records
 from models import (
     DTYPES,
+    check_compatible,
     check_model,
-    export,
     load_tokenizer,
     model_record,
     source_config,
@@ -67,13 +68,22 @@ class NonFiniteError(common.SrpoError):
     """A non-finite loss or gradient norm: the step is not applied; the message says which checkpoint is kept."""
 
 
+class CollectiveTimeoutError(common.SrpoError):
+    """A collective that not every rank joined within --collective_timeout (a rank hung or stopped)."""
+
+
+def timed_out(err):
+    """Whether `err` is a collective's timeout, in gloo's or NCCL's words (DistBackendError is a RuntimeError)."""
+    return isinstance(err, RuntimeError) and any(w in str(err).lower() for w in ("timed out", "timeout"))
+
+
 def main(argv=None):
     """Parse the flags, train, return the exit code: 0, or 2 with one line ``train.py: error: ...`` (rank 0)
     for the project's own errors (common.SrpoError) and running out of memory. Any other exception keeps its
     traceback. Under torchrun, a failure on any rank stops every rank (``Failures``)."""
     cfg = parse_config(argv)
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}  # restored on return, for callers in-process
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world, device = setup_distributed(cfg.device, cfg.collective_timeout)
     failures = Failures(rank, world)
     try:
         validate(cfg, world)
@@ -81,6 +91,9 @@ def main(argv=None):
     except (common.SrpoError, torch.OutOfMemoryError) as err:
         return failures.fail(str(err).strip().splitlines()[0], 2)
     except Exception as err:  # a bug: its traceback here; under torchrun also the one line, and every rank stopped
+        if timed_out(err):  # outside a step (a step's own names the step): loading, evaluation, a checkpoint
+            return failures.fail(f"a collective timed out (--collective_timeout {cfg.collective_timeout:g}s): "
+                                 f"another rank hung or stopped; {str(err).strip().splitlines()[0][:200]}", 2)
         if failures.store is None:
             raise
         traceback.print_exc()
@@ -124,8 +137,11 @@ def check_start(cfg, rank, world, device, say):
     except OSError as e:
         raise ConfigError(f"--out_dir {cfg.out_dir}: cannot create the folder ({e.strerror})") from None
     check_model(cfg.model, "--model")
+    tokenizer = load_tokenizer(cfg.model)
+    check_compatible(cfg.model, tokenizer, cfg.max_length)
     if cfg.ref_model:
         check_model(cfg.ref_model, "--ref_model")
+        check_compatible(cfg.ref_model, tokenizer, cfg.max_length, "--ref_model", cfg.model)
     for source in (cfg.data, cfg.eval_data):
         if source and source != "embedded":
             source_records(os.path.expanduser(source))  # a local path that is no data file fails here
@@ -213,7 +229,7 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
                adapter_base=lora_base(cfg, run))
     if tracker:
         tracker.close()
-    say(summary(cfg, run.stages, last, final, reference_name(cfg)))
+    say(summary(cfg, run.stages, last, final, reference_name(cfg), len(run.examples)))
     return 0
 
 
@@ -259,6 +275,7 @@ def prepare_run(cfg, rank, world, device, resume, say):
                               world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
                               progress=sys.stdout)  # rank 0
     stages = plan(cfg, len(examples))
+    data.steps_per_epoch(len(examples), cfg.batch_size, log=say)  # the pairs each epoch leaves out, said once
     record = checkpoint.run_record(cfg, train_pairs=len(examples))
     if cfg.lr_scheduler != "constant":  # the decay's length is run-defining too
         record["stage_steps"] = [n for _, n in stages]
@@ -315,10 +332,16 @@ def timed_step(cfg, run, s, micro_batches, stage_index, step):
     try:
         summed = train_step(s.policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, run.world,
                             run.device, run.stages[stage_index][1])
-    except NonFiniteError as err:
-        raise NonFiniteError(f"{err}; " + (f"the last checkpoint ({run.last_saved}) is kept: --resume continues "
-                                           f"from it" if run.last_saved else
-                                           "no checkpoint has been written (--save_every)")) from None
+    except (NonFiniteError, RuntimeError) as err:
+        kept = (f"the last checkpoint ({run.last_saved}) is kept: --resume continues from it" if run.last_saved
+                else "no checkpoint has been written (--save_every)")
+        if isinstance(err, NonFiniteError):
+            raise NonFiniteError(f"{err}; {kept}") from None
+        if not timed_out(err):
+            raise
+        raise CollectiveTimeoutError(f"no reply from every rank within --collective_timeout "
+                                     f"{cfg.collective_timeout:g}s at {stage} step {step + 1} (a rank hung or "
+                                     f"stopped); {kept}") from None
     m = step_metrics(summed, stage, step + 1, time.time() - t0)
     m["global_step"] = run.first_step[stage_index] + step + 1
     return m

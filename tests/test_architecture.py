@@ -36,7 +36,7 @@ ALLOWED = {
     "stages": MEASURE | {"checkpoint"},
     "model_card": BASE,
     "config": MEASURE | {"stages"},
-    "train": MEASURE | {"checkpoint", "tracking", "stages", "model_card", "config"},
+    "train": MEASURE | {"checkpoint", "tracking", "stages", "model_card", "config", "export"},
     "export": MEASURE | {"checkpoint"},
     "evaluate": JUDGE,  # and the judge modules: the CLI dispatches into them (``allowed``)
 }

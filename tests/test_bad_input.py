@@ -452,3 +452,77 @@ def test_5_a_damaged_metrics_line_names_file_and_line(tmp_path):
     path.write_text('{"stage": "dpo", "step": 1}\n{"stage": "dpo", "st\n{"stage": "dpo", "step": 3}\n')
     with pytest.raises(checkpoint.CheckpointError, match=rf"{path}:2: not a metrics record"):
         checkpoint.trim_metrics(str(path), lambda m: True, log=None)
+
+
+# ----------------------------------------------------------------------------- issue 28: start-up checks
+
+
+def gpt2_folder(path, tokenizer, vocab_size=None, n_positions=1024):
+    """A tiny GPT-2 of `vocab_size` rows (default: the tokenizer's ids) and n_positions, saved with `tokenizer`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=1,
+                        n_head=2, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def other_reference(path, kind):
+    """A reference the tiny policy's ids do not fit: fewer embedding rows, or as many with another vocabulary."""
+    from transformers import ByT5Tokenizer
+
+    return gpt2_folder(path, ByT5Tokenizer(extra_ids=0), vocab_size=None if kind == "rows" else 400)
+
+
+@pytest.mark.parametrize("kind,words", [("rows", "embedding has 259 rows"), ("vocab", "not the policy's")])
+def test_28_3_a_reference_of_another_vocabulary_is_refused(tmp_path, capsys, kind, words):
+    ref = other_reference(tmp_path / "ref", kind)
+    assert train_main(tmp_path / "out", "--loss", "dpo", "--max_steps", "1", "--ref_model", ref) == 2
+    one_error(capsys, "--ref_model", words)
+    assert not os.path.exists(tmp_path / "out" / checkpoint.METRICS)
+    assert evaluate_main("accuracy", "--model", "tiny", "--ref_model", ref, "--limit", "2") == 2
+    one_error(capsys, "--ref_model", words)
+
+
+def test_28_3_a_reference_with_the_same_vocabulary_passes(tmp_path):
+    folder = tiny_folder(tmp_path / "same")
+    models.check_compatible(folder, models.load_tokenizer(), 512, "--ref_model", "tiny")
+
+
+def test_28_4_max_length_beyond_the_model_positions_is_refused(tmp_path, capsys):
+    folder = gpt2_folder(tmp_path / "short", models.load_tokenizer(), n_positions=64)
+    assert train_main(tmp_path / "out", "--model", folder, "--loss", "dpo", "--max_length", "128") == 2
+    one_error(capsys, "--max_length 128", "64 positions")
+    assert evaluate_main("accuracy", "--model", folder, "--ref_model", folder, "--max_length", "128") == 2
+    one_error(capsys, "--max_length 128")
+
+
+@pytest.mark.parametrize("flags,word", [(["--lam", "-1"], "--lam -1"), (["--lam", "nan"], "--lam nan"),
+                                        (["--beta", "inf"], "--beta inf"), (["--lr", "inf"], "--lr inf"),
+                                        (["--lr", "nan"], "--lr nan"), (["--epochs", "inf"], "--epochs inf"),
+                                        (["--loss", "sft", "--sft_steps", "5"], "--sft_steps 5"),
+                                        (["--loss", "dpo", "--refine", "naive"], "--refine naive"),
+                                        (["--loss", "ipo", "--refine_prompt", "10"], "--refine_prompt 10"),
+                                        (["--max_steps", "-2"], "--max_steps -2"),
+                                        (["--collective_timeout", "0"], "--collective_timeout 0")])
+def test_28_4_ignored_or_non_finite_flags_are_refused_before_any_work(tmp_path, capsys, flags, word):
+    assert train_main(tmp_path, "--sft_steps", "3", *flags) == 2
+    one_error(capsys, word)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("flags,word", [(["--beta", "-1"], "--beta"), (["--beta", "nan"], "--beta"),
+                                        (["--limit", "-1"], "--limit"), (["--batch_size", "0"], "--batch_size"),
+                                        (["--max_length", "0"], "--max_length")])
+def test_28_4_evaluate_refuses_bad_numbers(capsys, flags, word):
+    assert evaluate_main("accuracy", "--model", "tiny", *flags) == 2
+    one_error(capsys, word)
+
+
+def test_28_4_the_pairs_each_epoch_leaves_out_are_said(tmp_path, capsys):
+    assert train_main(tmp_path, "--loss", "dpo", "--max_pairs", "28", "--max_steps", "1") == 0
+    out = capsys.readouterr().out
+    assert out.count("4 of 28 pairs are not used each epoch") == 1 and "left out: 4 of 28 pairs" in out

@@ -242,7 +242,7 @@ def test_a_full_disk_while_exporting_is_one_line(tmp_path, monkeypatch):
     model = models.load_model(models.TINY, tokenizer)
     config = models.source_config(models.TINY, tokenizer)
     path = tmp_path / "final"
-    models.write_folder(model, dict(model.state_dict()), tokenizer, str(path), config, torch.float32, {})
+    export.write_folder(model, dict(model.state_dict()), tokenizer, str(path), config, torch.float32, {})
     before = sorted(p.name for p in path.iterdir())
 
     def full(*args, **kwargs):
@@ -250,6 +250,6 @@ def test_a_full_disk_while_exporting_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(model), "save_pretrained", full)
     with pytest.raises(common.SrpoError) as e:
-        models.write_folder(model, dict(model.state_dict()), tokenizer, str(path), config, torch.float32, {})
+        export.write_folder(model, dict(model.state_dict()), tokenizer, str(path), config, torch.float32, {})
     assert str(e.value).startswith(f"No space left on device writing {path}; the previous model folder is kept whole")
     assert sorted(p.name for p in path.iterdir()) == before and not (tmp_path / "final.tmp").exists()

@@ -78,7 +78,7 @@ def test_bf16_source_exports_bf16_with_its_config_and_generates_alike(tmp_path, 
     source = save_source(tmp_path / "src", attention_dropout=0.1, use_cache=True)
     prompt = torch.tensor([[1, 70, 80, 90, 100]])
     expected = {}
-    export = models.export
+    export = train.export
 
     def export_and_generate(policy, *args):  # the in-memory policy's greedy answer, just before it is written
         with torch.no_grad():
@@ -172,3 +172,49 @@ def test_a_fault_on_rank_1_stops_every_rank(tmp_path, fault, words):
     # Every rank gone within seconds of the fault (gloo's own timeout would be 30 minutes).
     assert time.time() - float((tmp_path / "fault_at").read_text()) < 20
     assert not (tmp_path / "out" / checkpoint.FINAL).exists()
+
+
+HANG_HARNESS = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+
+forward, calls = train.view_logps, []
+def hangs(*args, **kwargs):
+    calls.append(1)
+    if int(os.environ["RANK"]) == 1 and len(calls) > 2:  # inside the second step (dpo: 2 calls a step): stopped
+        with open({pid!r}, "w") as fh:
+            fh.write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return forward(*args, **kwargs)
+train.view_logps = hangs
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_hung_rank_ends_the_run_after_the_collective_timeout(tmp_path):
+    """Rank 1 stops in the middle of step 2: rank 0 ends with one line naming the step within the timeout, not
+    gloo's 30 minutes, and the checkpoint of step 1 is kept."""
+    harness, pid = tmp_path / "harness.py", tmp_path / "pid"
+    harness.write_text(HANG_HARNESS.format(root=ROOT, pid=str(pid)))
+    cmd = [*LAUNCH, "--standalone", "--nproc_per_node=2", str(harness), "--out_dir", str(tmp_path / "out"), *FAST,
+           "--loss", "dpo", "--max_steps", "4", "--save_every", "1", "--collective_timeout", "5"]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not pid.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        stopped = time.time()
+        assert pid.exists(), proc.communicate(timeout=60)
+        stderr = ""
+        while "train.py: error:" not in stderr and time.time() < stopped + 30:
+            stderr += proc.stderr.readline()
+        waited = time.time() - stopped
+    finally:
+        if pid.exists():
+            os.kill(int(pid.read_text()), 9)  # rank 1, stopped by the harness (torchrun would wait to SIGKILL it)
+        proc.communicate(timeout=60)
+    errors = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "--collective_timeout 5s at dpo step 2" in errors[0], stderr[-3000:]
+    assert "dpo step 1) is kept" in errors[0]
+    assert waited < 5 + 15 and proc.returncode != 0

@@ -188,3 +188,32 @@ def test_every_loss_and_its_gradients_match_padded(loss):
             torch.testing.assert_close(got_stats[key], ref_stats[key], rtol=1e-5, atol=1e-6, msg=key)
         for name in ref_grads:
             assert_close_grad(got_grads[name], ref_grads[name], name)
+
+
+@pytest.mark.parametrize("torch_api", ["reset_iter_state", "older torch"])
+def test_a_model_that_rejects_position_ids_trains_every_parameter(tmp_path, monkeypatch, capsys, torch_api):
+    """The packing probe's forward raises midway (BLOOM, attention without 4D masks): FSDP must be left reset, so that
+    the root's parameters (embeddings, final norm, head) are trained and checkpointed like the blocks'."""
+    import transformers
+    from test_train import final_weights, run
+    from torch.distributed.fsdp import FSDPModule
+
+    import checkpoint
+
+    forward = transformers.GPTNeoXForCausalLM.forward
+
+    def rejects_positions(self, *args, position_ids=None, **kwargs):
+        if position_ids is not None:
+            raise TypeError("forward() got an unexpected keyword argument 'position_ids'")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GPTNeoXForCausalLM, "forward", rejects_positions)
+    if torch_api == "older torch":
+        monkeypatch.delattr(FSDPModule, "reset_iter_state", raising=False)
+    code, _ = run(tmp_path, "--loss", "dpo", "--max_steps", "2", "--save_every", "1")
+    assert code == 0 and "using padded" in capsys.readouterr().out
+    assert (tmp_path / checkpoint.CHECKPOINT).is_dir()
+    before = models.load_model(models.TINY, models.load_tokenizer(), seed=0).state_dict()
+    after = final_weights(tmp_path)
+    unchanged = [k for k in after if k in before and torch.equal(after[k], before[k])]
+    assert not unchanged

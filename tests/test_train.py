@@ -90,6 +90,16 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert [(m["stage"], m["step"], m["loss"]) for m in resumed] == key  # bitwise in one process
 
 
+def test_resume_with_sft_saved_in_bf16_gives_the_same_losses_and_weights(tmp_path):
+    """sft/ in bf16: the uninterrupted run's π_ref (the SFT policy in memory) is the one a resumed run loads."""
+    flags = ["--loss", "sr-dpo", "--sft_steps", "2", "--save_dtype", "bfloat16"]
+    _, whole = run(tmp_path / "whole", *flags, "--max_steps", "3")
+    run(tmp_path / "cut", *flags, "--max_steps", "1")
+    _, resumed = run(tmp_path / "cut", *flags, "--max_steps", "3", "--resume")
+    assert [(m["stage"], m["step"], m["loss"]) for m in resumed] == [(m["stage"], m["step"], m["loss"]) for m in whole]
+    assert_close_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut"), atol=0)
+
+
 def test_precomputed_reference_matches_live(tmp_path):
     flags = ["--loss", "sr-dpo", "--max_steps", "3"]
     _, live = run(tmp_path / "live", *flags)
