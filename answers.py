@@ -23,7 +23,7 @@ import defaults
 import embedded
 import formats
 from common import EvalError
-from models import model_device
+from models import model_device, position_limit
 
 # ----------------------------------------------------------------------------------------------
 # Questions and answers: JSONL in
@@ -143,7 +143,15 @@ class Decoding:
 
 
 def _context_limit(model, decoding):
-    return decoding.max_length or getattr(model.config, "max_position_embeddings", None)
+    return decoding.max_length or position_limit(model.config)
+
+
+def check_context(name, model, max_length, flag="--max_length"):
+    """EvalError when ``max_length`` (a flag's value) exceeds the positions the model has."""
+    limit = position_limit(model.config)
+    if max_length and limit and max_length > limit:
+        raise EvalError(f"{flag} {max_length}: more than the {limit} positions of {name} "
+                        f"(its config's max_position_embeddings / n_positions); use {limit} or less")
 
 
 def generate_reply(model, tokenizer, prompt_ids, decoding):

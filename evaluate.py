@@ -19,6 +19,8 @@ Commands (``python evaluate.py COMMAND --help`` for every option):
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +87,7 @@ def _decoding(args):
 def _answers_from_model(name, questions, args, out_path=None):
     """Generate answers with a model (appended to out_path, resuming it); notes capped turns on stderr."""
     model, tokenizer = load_lm(name, args.dtype, args.device)
+    answers.check_context(name, model, args.max_length)
     decoding = _decoding(args)
     records, capped = answers.generate_answers(model, tokenizer, questions, decoding,
                                                getattr(args, "model_id", None) or name, out_path, progress=True)
@@ -126,6 +129,8 @@ def run_accuracy(args):
     policy = load_model(args.model, tokenizer, dtype=DTYPES[args.dtype]).to(args.device)
     ref = policy if (ref_model, ref_seed) == (args.model, 0) else \
         load_model(ref_model, tokenizer, dtype=DTYPES[args.dtype], seed=ref_seed).to(args.device)
+    for name, model in ((args.model, policy), (ref_model, ref)):
+        answers.check_context(name, model, args.max_length)
     pairs = data.load_pairs(args.data, args.split, log=_stderr)
     examples = data.tokenize_pairs(pairs, tokenizer, args.max_length, REFINE_PROMPTS[args.refine_prompt],
                                    log=_stderr)
@@ -227,15 +232,58 @@ def run_exact(args):
     return 0
 
 
+SUMMARY_KEYS = ("benchmark", "model_a", "model_b", "games", "decided", "unparseable",
+                *(f"{k}_rate" for k in judge.OUTCOMES))  # what format_table reads of a summary
+
+
 def run_table(args):
     summaries = []
     for path in args.summaries:
         try:
-            summaries.append(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as e:
-            raise EvalError(f"{path}: cannot read a summary: {e}") from None
+            summary = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            raise EvalError(f"{path}: cannot read a summary: {' '.join(str(e).split())[:200]}") from None
+        lacking = [k for k in SUMMARY_KEYS if k not in summary] if isinstance(summary, dict) else None
+        if lacking != []:
+            raise EvalError(f"{path}: not a summary of judge or exact (" + (
+                f"no {', '.join(lacking)})" if lacking else f"a JSON {type(summary).__name__}, not an object)"))
+        summaries.append(summary)
     print(judge.format_table(summaries))
     return 0
+
+
+def _bounded(kind, low, strict=True, high=None):
+    """An argparse type: ``kind`` of a value > low (>= low unless strict), <= high where given."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low) or (high is not None and value > high):
+            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
+POSITIVE, COUNT = _bounded(int, 0), _bounded(int, 0, strict=False)
+OUTPUTS = ("out", "pairs_out", "summary", "fastchat_out")  # the commands' output files
+
+
+def prepare_outputs(args):
+    """Each output file flag: EvalError if it names a folder; its missing parent folders are created."""
+    for name in OUTPUTS:
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise EvalError(f"--{name} {path}: a folder; give a file path")
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise EvalError(f"--{name} {path}: cannot create its folder ({e.strerror or e})") from None
 
 
 def _device_args(p):
@@ -244,12 +292,13 @@ def _device_args(p):
 
 
 def _decoding_args(p):
-    p.add_argument("--max_new_tokens", type=int, default=defaults.MAX_NEW_TOKENS,
+    p.add_argument("--max_new_tokens", type=POSITIVE, default=defaults.MAX_NEW_TOKENS,
                    help="at most this many, and no more than the context leaves after the whole prompt")
-    p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0: greedy (default)")
-    p.add_argument("--top_p", type=float, default=defaults.TOP_P)
+    p.add_argument("--temperature", type=_bounded(float, 0, strict=False), default=defaults.TEMPERATURE,
+                   help="0: greedy (default)")
+    p.add_argument("--top_p", type=_bounded(float, 0, high=1), default=defaults.TOP_P)
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed repeats the answers")
-    p.add_argument("--max_length", type=int, default=None,
+    p.add_argument("--max_length", type=POSITIVE, default=None,
                    help="context limit in tokens (default: the model's); a prompt that fills it is refused")
 
 
@@ -273,11 +322,11 @@ def _accuracy_args(p):
     p.add_argument("--tokenizer", help="default: the policy's")
     p.add_argument("--data", default="embedded", help="a data.load_pairs source")
     p.add_argument("--split", default="test")
-    p.add_argument("--beta", type=float, default=defaults.BETA)
+    p.add_argument("--beta", type=_bounded(float, 0), default=defaults.BETA)
     p.add_argument("--refine_prompt", choices=sorted(REFINE_PROMPTS), default=defaults.REFINE_PROMPT)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_length", type=int, default=defaults.MAX_LENGTH)
-    p.add_argument("--limit", type=int, default=0, help="score only the first N kept pairs (0: all)")
+    p.add_argument("--batch_size", type=POSITIVE, default=8)
+    p.add_argument("--max_length", type=POSITIVE, default=defaults.MAX_LENGTH)
+    p.add_argument("--limit", type=COUNT, default=0, help="score only the first N kept pairs (0: all)")
     p.add_argument("--out", help="JSON file (default: stdout, the table then to stderr)")
     p.add_argument("--pairs_out", help="also a JSONL of per-pair Δ_naive, Δπ and true score gap")
     _device_args(p)
@@ -314,10 +363,11 @@ def _judge_args(p):
                                          "pair-math-v1 from a file)")
     p.add_argument("--fastchat_out", help="also the verdicts in FastChat's judgment layout (show_result.py "
                                           "--mode pairwise-all --input-file reads it); other comparisons kept")
-    p.add_argument("--max_retries", type=int, default=5)
-    p.add_argument("--retry_wait", type=float, default=2.0, help="first backoff in seconds, doubled each retry")
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--judge_max_tokens", type=int, default=defaults.JUDGE_MAX_TOKENS)
+    p.add_argument("--max_retries", type=COUNT, default=5)
+    p.add_argument("--retry_wait", type=_bounded(float, 0, strict=False), default=2.0,
+                   help="first backoff in seconds, doubled each retry")
+    p.add_argument("--timeout", type=_bounded(float, 0), default=120.0)
+    p.add_argument("--judge_max_tokens", type=POSITIVE, default=defaults.JUDGE_MAX_TOKENS)
     _device_args(p)
 
 
@@ -357,6 +407,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        prepare_outputs(args)
         return COMMANDS[args.command][1](args)
     except common.SrpoError as e:  # the project's own errors, in one line; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
