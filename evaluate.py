@@ -84,13 +84,19 @@ def _decoding(args):
     return answers.Decoding(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.max_length)
 
 
+def _chat(args):
+    """data.ChatOptions of --chat_template_kwargs and --system_prompt."""
+    return data.ChatOptions.of(data.parse_template_kwargs(args.chat_template_kwargs), args.system_prompt)
+
+
 def _answers_from_model(name, questions, args, out_path=None):
     """Generate answers with a model (appended to out_path, resuming it); notes capped turns on stderr."""
     model, tokenizer = load_lm(name, args.dtype, args.device)
     answers.check_context(name, model, args.max_length)
     decoding = _decoding(args)
     records, capped = answers.generate_answers(model, tokenizer, questions, decoding,
-                                               getattr(args, "model_id", None) or name, out_path, progress=True)
+                                               getattr(args, "model_id", None) or name, out_path, progress=True,
+                                               chat=_chat(args))
     if capped:
         _stderr(f"{name}: {capped} answer turn(s) had room for fewer than --max_new_tokens "
                 f"{decoding.max_new_tokens} new tokens after the whole prompt in the context")
@@ -133,7 +139,7 @@ def run_accuracy(args):
         answers.check_context(name, model, args.max_length)
     pairs = data.load_pairs(args.data, args.split, log=_stderr)
     examples = data.tokenize_pairs(pairs, tokenizer, args.max_length, REFINE_PROMPTS[args.refine_prompt],
-                                   log=_stderr)
+                                   log=_stderr, chat=_chat(args))
     if args.limit:
         examples = examples[:args.limit]
         _stderr(f"scoring the first {len(examples)} pairs (--limit)")
@@ -300,6 +306,13 @@ def _decoding_args(p):
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed repeats the answers")
     p.add_argument("--max_length", type=POSITIVE, default=None,
                    help="context limit in tokens (default: the model's); a prompt that fills it is refused")
+    _chat_args(p)
+
+
+def _chat_args(p):
+    p.add_argument("--chat_template_kwargs", default="",
+                   help='JSON object passed to every apply_chat_template, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--system_prompt", default="", help="a system message put first in chat prompts that have none")
 
 
 def _questions_args(p, default=None):
@@ -329,6 +342,7 @@ def _accuracy_args(p):
     p.add_argument("--limit", type=COUNT, default=0, help="score only the first N kept pairs (0: all)")
     p.add_argument("--out", help="JSON file (default: stdout, the table then to stderr)")
     p.add_argument("--pairs_out", help="also a JSONL of per-pair Δ_naive, Δπ and true score gap")
+    _chat_args(p)
     _device_args(p)
 
 
@@ -408,6 +422,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         prepare_outputs(args)
+        data.parse_template_kwargs(getattr(args, "chat_template_kwargs", ""))  # bad JSON: before any model loads
         return COMMANDS[args.command][1](args)
     except common.SrpoError as e:  # the project's own errors, in one line; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)

@@ -59,6 +59,14 @@ def kept_line(kept, dropped, what="pairs"):
     return line
 
 
+class Kept(list):
+    """The items kept (a list), with ``dropped``: a Counter of reasons -> how many were dropped."""
+
+    def __init__(self, items=(), dropped=()):
+        super().__init__(items)
+        self.dropped = Counter(dropped)
+
+
 def keep_all(items, convert):
     """([convert(item) for each item], Counter of reasons) without the items that raise Dropped."""
     kept, dropped = [], Counter()
