@@ -23,7 +23,7 @@ import defaults
 import embedded
 import formats
 from common import EvalError
-from models import model_device
+from models import model_device, position_limit
 
 # ----------------------------------------------------------------------------------------------
 # Questions and answers: JSONL in
@@ -143,7 +143,15 @@ class Decoding:
 
 
 def _context_limit(model, decoding):
-    return decoding.max_length or getattr(model.config, "max_position_embeddings", None)
+    return decoding.max_length or position_limit(model.config)
+
+
+def check_context(name, model, max_length, flag="--max_length"):
+    """EvalError when ``max_length`` (a flag's value) exceeds the positions the model has."""
+    limit = position_limit(model.config)
+    if max_length and limit and max_length > limit:
+        raise EvalError(f"{flag} {max_length}: more than the {limit} positions of {name} "
+                        f"(its config's max_position_embeddings / n_positions); use {limit} or less")
 
 
 def generate_reply(model, tokenizer, prompt_ids, decoding):
@@ -175,7 +183,7 @@ def question_seed(seed, question_id):
     return (seed * 1_000_003 + zlib.crc32(json.dumps(question_id).encode())) % (2 ** 31)
 
 
-def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None):
+def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None, chat=None):
     """Answers to a conversation, turn by turn, each given the earlier questions and answers.
 
     The prompt of each turn is ``data.encode_prompt`` of the chat so far, framed as in training (the
@@ -187,7 +195,8 @@ def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None):
     messages, answers, caps = (), [], []
     for turn, question in enumerate(turns, 1):
         messages += ({"role": "user", "content": question},)
-        ids = data.encode_prompt(prompt if prompt is not None and len(messages) == 1 else messages, tokenizer)
+        ids = data.encode_prompt(prompt if prompt is not None and len(messages) == 1 else messages, tokenizer,
+                                 chat=chat)
         try:
             reply, cap = generate_reply(model, tokenizer, ids, decoding)
         except EvalError as e:
@@ -233,13 +242,14 @@ def load_generated(path, model_id, decoding):
     return done
 
 
-def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=None, progress=False):
+def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=None, progress=False, chat=None):
     """FastChat-layout answer records for the questions, and how many turns had their new tokens capped.
 
     Each record: {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}],
     "tstamp", "decoding": {...}}. out_path: each record is appended to this JSONL as soon as its question
     is answered, and questions already answered there (``load_generated``) are not asked again, so a
-    rerun resumes where an interrupted one stopped. Returns (records in question order, capped turns).
+    rerun resumes where an interrupted one stopped. chat: data.ChatOptions of the prompts. Returns (records in
+    question order, capped turns).
     """
     done = load_generated(out_path, model_id, decoding) if out_path else {}
     if out_path:
@@ -251,7 +261,8 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=N
         for q in bar.iterate(todo):
             try:
                 answers, caps = answer_turns(model, tokenizer, q["turns"], decoding,
-                                             question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"))
+                                             question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"),
+                                             chat)
             except EvalError as e:
                 raise EvalError(f"question {json.dumps(q['question_id'])}: {e}") from None
             capped += sum(cap < decoding.max_new_tokens for cap in caps)

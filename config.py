@@ -9,6 +9,7 @@ import dataclasses
 import math
 import typing
 
+import common
 import data
 import defaults
 import lora
@@ -47,6 +48,9 @@ class Config:
     data: str = _flag("embedded", '"embedded", a .jsonl/.jsonl.gz/.json file, or a hub dataset name')
     eval_data: str = _flag("", "held-out pairs; unset: the test split of --data")
     max_pairs: int = _flag(0, "train on the first N pairs of --data only (0: all)")
+    chat_template_kwargs: str = _flag("", 'JSON object passed to every apply_chat_template, e.g. '
+                                          '\'{"enable_thinking": false}\' (chat prompts, a tokenizer with a template)')
+    system_prompt: str = _flag("", "a system message put first in chat prompts that have none (chat template only)")
     out_dir: str = _flag("out", "metrics.jsonl, checkpoint/, sft/, final/")
     sft_steps: int | None = _flag(None, f"SFT steps on the chosen responses before alignment; unset: "
                                         f"{defaults.TINY_SFT_STEPS} for tiny, else 0")
@@ -167,6 +171,10 @@ def validate(cfg, world=1):
             raise ConfigError(f"--{name} {value}: must be at least {low}")
     if not cfg.collective_timeout > 0:
         raise ConfigError(f"--collective_timeout {cfg.collective_timeout}: must be positive (seconds)")
+    try:
+        data.parse_template_kwargs(cfg.chat_template_kwargs)
+    except common.DataError as err:
+        raise ConfigError(str(err)) from None
     if cfg.lr is not None and not cfg.lr > 0:
         raise ConfigError(f"--lr {cfg.lr}: must be positive")
     if cfg.resume_force and not cfg.resume:

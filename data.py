@@ -33,6 +33,7 @@ Truncation to max_length (exact rule)
 """
 
 import itertools
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ import torch
 from common import DataError, Progress
 from defaults import MAX_LENGTH
 from embedded import embedded_pairs
-from formats import HH_ASSISTANT, Dropped, keep_all, record_to_pair, report_kept, source_records
+from formats import HH_ASSISTANT, Dropped, Kept, keep_all, record_to_pair, report_kept, source_records
 from packing import pack, sequence_piece, shared_piece
 from srpo import IGNORE_INDEX
 
@@ -58,7 +59,8 @@ def load_pairs(source="embedded", split="train", log=print):
     """Preference pairs of a source (docs/data.md, Sources), with one summary line of kept/dropped.
 
     source: "embedded", a local .jsonl/.jsonl.gz/.json path (split ignored), or a hub dataset name.
-    Returns list[Pair]. Raises DataError on bad input or when no pair is left.
+    Returns list[Pair] (a formats.Kept: .dropped counts the records dropped, by reason). Raises DataError on
+    bad input or when no pair is left.
     """
     if source == "embedded":
         pairs, dropped = embedded_pairs(split), Counter()
@@ -68,7 +70,7 @@ def load_pairs(source="embedded", split="train", log=print):
         pairs, dropped = keep_all(source_records(source, split), lambda item: record_to_pair(item[1], item[0]))
         label = source if os.path.isfile(source) else f"{source} [{split}]"
     report_kept(label, pairs, dropped, log)
-    return pairs
+    return Kept(pairs, dropped)
 
 
 
@@ -79,6 +81,41 @@ class _Tokens:
     eos: int
     template: bool     # has a chat template
     added: tuple       # the text of its added tokens (no token spans one)
+    chat: "ChatOptions | None" = None  # options of the chat template (None: none)
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """Options of chat-templated prompts (train.py's and evaluate.py's --chat_template_kwargs, --system_prompt).
+
+    template_kwargs: extra variables for every apply_chat_template call (e.g. {"enable_thinking": False}),
+    as (name, value) pairs. system: a system message put first in chat prompts that have none. Neither
+    touches plain-text prompts or the HH transcript of a tokenizer without a template.
+    """
+    template_kwargs: tuple = ()
+    system: "str | None" = None
+
+    @classmethod
+    def of(cls, template_kwargs=None, system=None):
+        """ChatOptions of a JSON object text (or dict) and a system text; None when both are empty."""
+        if isinstance(template_kwargs, str):
+            template_kwargs = parse_template_kwargs(template_kwargs)
+        if not template_kwargs and not system:
+            return None
+        return cls(tuple(sorted((template_kwargs or {}).items())), system or None)
+
+
+def parse_template_kwargs(text, flag="--chat_template_kwargs"):
+    """A JSON object of a flag's text ("" or None: {}); DataError in one line otherwise."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{flag} {text!r}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{flag} {text!r}: expected a JSON object such as '{{\"enable_thinking\": false}}'")
+    return value
 
 
 class _Query(NamedTuple):
@@ -97,7 +134,7 @@ def _encode(tokenizer, text, literal=True):
     return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=literal)) if text else []
 
 
-def _inspect(tokenizer):
+def _inspect(tokenizer, chat=None):
     """The _Tokens of a tokenizer: it uses BOS iff it prepends bos_token_id when asked for special tokens."""
     if tokenizer.eos_token_id is None:
         raise DataError(f"{type(tokenizer).__name__} has no EOS token; set tokenizer.eos_token")
@@ -106,7 +143,7 @@ def _inspect(tokenizer):
     uses_bos = bos is not None and with_special[:1] == [bos] and _encode(tokenizer, "a")[:1] != [bos]
     added = tuple(t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t)
     return _Tokens(bos if uses_bos else None, tokenizer.eos_token_id, bool(getattr(tokenizer, "chat_template", None)),
-                   added)
+                   added, chat)
 
 
 def _transcript(messages):
@@ -116,14 +153,20 @@ def _transcript(messages):
     return turns + HH_ASSISTANT
 
 
-def _template_halves(messages, tokenizer):
+def _template_halves(messages, tokenizer, chat=None):
     """The rendered chat (with generation prompt), split where the first user message's content begins.
 
     The split is found by rendering once more with a marker before that content; the text itself is
     the plain rendering, so templates that trim or otherwise touch the content render as they would.
     """
-    def render(chat):
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    kwargs = dict(chat.template_kwargs) if chat else {}
+
+    def render(messages):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - jinja2's TemplateError (raise_exception), or an error in the template
+            first = " ".join(str(e).split())[:200]
+            raise DataError(f"the chat template failed ({type(e).__name__}: {first})") from None
 
     first = next(i for i, m in enumerate(messages) if m["role"] == "user")
     marked = render([dict(m, content=_MARK + m["content"]) if i == first else dict(m)
@@ -156,7 +199,9 @@ def _query(prompt, tokenizer, tokens):
         text = prompt if isinstance(prompt, str) else _transcript(prompt)
         x = _encode(tokenizer, text)
         return _Query(_start(tokens, x), x, 0, False, text, x, "" if isinstance(prompt, str) else " ")
-    head_text, tail_text = _template_halves(prompt, tokenizer)
+    if tokens.chat and tokens.chat.system and not any(m["role"] == "system" for m in prompt):
+        prompt = ({"role": "system", "content": tokens.chat.system}, *prompt)
+    head_text, tail_text = _template_halves(prompt, tokenizer, tokens.chat)
     x = _encode(tokenizer, head_text + tail_text, literal=False)  # = apply_chat_template(tokenize=True)
     head = _encode(tokenizer, head_text, literal=False)
     at = len(os.path.commonprefix([head, x]))
@@ -190,15 +235,15 @@ def _continuation(tokenizer, context, context_ids, text):
     return _encode(tokenizer, text), True
 
 
-def encode_prompt(prompt, tokenizer, refine_prompt=None):
+def encode_prompt(prompt, tokenizer, refine_prompt=None, chat=None):
     """The query's token ids, as trained on and as given to generation (no truncation).
 
     prompt: text (encoded literally), or chat messages (the chat template with generation prompt
     where the tokenizer has one, else an HH transcript ending in "\\n\\nAssistant:").
     refine_prompt: p; its tokens go directly before the query's (for a chat: at the start of the first
-    user message). BOS, where used, exactly once and first. Returns list[int].
+    user message). BOS, where used, exactly once and first. chat: ChatOptions. Returns list[int].
     """
-    query = _query(prompt, tokenizer, _inspect(tokenizer))
+    query = _query(prompt, tokenizer, _inspect(tokenizer, chat))
     return _with_p(query, _encode(tokenizer, refine_prompt)) if refine_prompt else query.prefix + query.ids
 
 
@@ -257,7 +302,7 @@ def _tokenize_pair(pair, tokenizer, tokens, max_length, p, min_prompt, cut, note
 
 
 def tokenize_pairs(pairs, tokenizer, max_length=MAX_LENGTH, refine_prompt=None, log=print, min_prompt_length=None,
-                   p_view=True, progress=False):
+                   p_view=True, progress=False, chat=None):
     """One example per kept pair: the x view, and the p ⊕ x view when refine_prompt is given and p_view.
 
     Keys: "index" (position in the returned list), "pair_index" (position in `pairs`),
@@ -268,9 +313,10 @@ def tokenize_pairs(pairs, tokenizer, max_length=MAX_LENGTH, refine_prompt=None, 
     p equals a Sr run's), and only the x view is returned.
     min_prompt_length: a query is cut no shorter than this to make room for a response (default:
     half of max_length less BOS and p's tokens). Logs one summary line; DataError when no pair is left.
-    progress: a ``Progress`` line while it works (True: on stderr; or a text stream).
+    progress: a ``Progress`` line while it works (True: on stderr; or a text stream). chat: ChatOptions.
+    Returns a formats.Kept list: .dropped counts the pairs dropped, by reason.
     """
-    tokens = _inspect(tokenizer)
+    tokens = _inspect(tokenizer, chat)
     p = _encode(tokenizer, refine_prompt) if refine_prompt else None
     fixed = len(p or []) + (tokens.bos is not None)
     if max_length - fixed < 2:
@@ -280,7 +326,10 @@ def tokenize_pairs(pairs, tokenizer, max_length=MAX_LENGTH, refine_prompt=None, 
     cut, notes = Counter(), Counter()
 
     def convert(item):
-        example = _tokenize_pair(item[1], tokenizer, tokens, max_length, p, min_prompt, cut, notes, p_view)
+        try:
+            example = _tokenize_pair(item[1], tokenizer, tokens, max_length, p, min_prompt, cut, notes, p_view)
+        except DataError as e:
+            raise DataError(f"pair {item[0]} (0-based, of the loaded pairs): {e}") from None
         if example["chosen_labels"] == example["rejected_labels"]:  # e.g. a long shared opening cut at max_length
             raise Dropped("identical after truncation")
         example["pair_index"] = item[0]
@@ -295,7 +344,7 @@ def tokenize_pairs(pairs, tokenizer, max_length=MAX_LENGTH, refine_prompt=None, 
     view = "" if p is None else ", with p" if p_view else ", cut as with p"
     report_kept(f"tokenized (max_length={max_length}{view})", examples, dropped, log,
             (f"; truncated {truncated}" if truncated else "") + noted)
-    return examples
+    return Kept(examples, dropped)
 
 
 # ----------------------------------------------------------------------------- batches and order

@@ -20,6 +20,7 @@ Commands (``python evaluate.py COMMAND --help`` for every option):
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,6 @@ from models import (
     ModelError,
     check_compatible,
     check_model,
-    load_lm,
     load_model,
     load_tokenizer,
     recorded_reference,
@@ -49,6 +49,13 @@ from srpo import REFINE_PROMPTS
 # ----------------------------------------------------------------------------------------------
 # Tables for people
 # ----------------------------------------------------------------------------------------------
+
+
+def load_lm(name, dtype="float32", device="cpu"):
+    """(model, tokenizer) of a name, the model in DTYPES[dtype] on device."""
+    check_model(name)
+    tokenizer = load_tokenizer(name)
+    return load_model(name, tokenizer, dtype=DTYPES[dtype]).to(device), tokenizer
 
 def accuracy_table(m):
     """A few lines for people from ``pair_metrics``."""
@@ -84,12 +91,19 @@ def _decoding(args):
     return answers.Decoding(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.max_length)
 
 
+def _chat(args):
+    """data.ChatOptions of --chat_template_kwargs and --system_prompt."""
+    return data.ChatOptions.of(data.parse_template_kwargs(args.chat_template_kwargs), args.system_prompt)
+
+
 def _answers_from_model(name, questions, args, out_path=None):
     """Generate answers with a model (appended to out_path, resuming it); notes capped turns on stderr."""
     model, tokenizer = load_lm(name, args.dtype, args.device)
+    answers.check_context(name, model, args.max_length)
     decoding = _decoding(args)
     records, capped = answers.generate_answers(model, tokenizer, questions, decoding,
-                                               getattr(args, "model_id", None) or name, out_path, progress=True)
+                                               getattr(args, "model_id", None) or name, out_path, progress=True,
+                                               chat=_chat(args))
     if capped:
         _stderr(f"{name}: {capped} answer turn(s) had room for fewer than --max_new_tokens "
                 f"{decoding.max_new_tokens} new tokens after the whole prompt in the context")
@@ -130,9 +144,11 @@ def run_accuracy(args):
     policy = load_model(args.model, tokenizer, dtype=DTYPES[args.dtype]).to(args.device)
     ref = policy if (ref_model, ref_seed) == (args.model, 0) else \
         load_model(ref_model, tokenizer, dtype=DTYPES[args.dtype], seed=ref_seed).to(args.device)
+    for name, model in ((args.model, policy), (ref_model, ref)):
+        answers.check_context(name, model, args.max_length)
     pairs = data.load_pairs(args.data, args.split, log=_stderr)
     examples = data.tokenize_pairs(pairs, tokenizer, args.max_length, REFINE_PROMPTS[args.refine_prompt],
-                                   log=_stderr)
+                                   log=_stderr, chat=_chat(args))
     if args.limit:
         examples = examples[:args.limit]
         _stderr(f"scoring the first {len(examples)} pairs (--limit)")
@@ -231,15 +247,58 @@ def run_exact(args):
     return 0
 
 
+SUMMARY_KEYS = ("benchmark", "model_a", "model_b", "games", "decided", "unparseable",
+                *(f"{k}_rate" for k in judge.OUTCOMES))  # what format_table reads of a summary
+
+
 def run_table(args):
     summaries = []
     for path in args.summaries:
         try:
-            summaries.append(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as e:
-            raise EvalError(f"{path}: cannot read a summary: {e}") from None
+            summary = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            raise EvalError(f"{path}: cannot read a summary: {' '.join(str(e).split())[:200]}") from None
+        lacking = [k for k in SUMMARY_KEYS if k not in summary] if isinstance(summary, dict) else None
+        if lacking != []:
+            raise EvalError(f"{path}: not a summary of judge or exact (" + (
+                f"no {', '.join(lacking)})" if lacking else f"a JSON {type(summary).__name__}, not an object)"))
+        summaries.append(summary)
     print(judge.format_table(summaries))
     return 0
+
+
+def _bounded(kind, low, strict=True, high=None):
+    """An argparse type: ``kind`` of a value > low (>= low unless strict), <= high where given."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low) or (high is not None and value > high):
+            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
+POSITIVE, COUNT = _bounded(int, 0), _bounded(int, 0, strict=False)
+OUTPUTS = ("out", "pairs_out", "summary", "fastchat_out")  # the commands' output files
+
+
+def prepare_outputs(args):
+    """Each output file flag: EvalError if it names a folder; its missing parent folders are created."""
+    for name in OUTPUTS:
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise EvalError(f"--{name} {path}: a folder; give a file path")
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise EvalError(f"--{name} {path}: cannot create its folder ({e.strerror or e})") from None
 
 
 def _device_args(p):
@@ -248,13 +307,21 @@ def _device_args(p):
 
 
 def _decoding_args(p):
-    p.add_argument("--max_new_tokens", type=int, default=defaults.MAX_NEW_TOKENS,
+    p.add_argument("--max_new_tokens", type=POSITIVE, default=defaults.MAX_NEW_TOKENS,
                    help="at most this many, and no more than the context leaves after the whole prompt")
-    p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0: greedy (default)")
-    p.add_argument("--top_p", type=float, default=defaults.TOP_P)
+    p.add_argument("--temperature", type=_bounded(float, 0, strict=False), default=defaults.TEMPERATURE,
+                   help="0: greedy (default)")
+    p.add_argument("--top_p", type=_bounded(float, 0, high=1), default=defaults.TOP_P)
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed repeats the answers")
-    p.add_argument("--max_length", type=int, default=None,
+    p.add_argument("--max_length", type=POSITIVE, default=None,
                    help="context limit in tokens (default: the model's); a prompt that fills it is refused")
+    _chat_args(p)
+
+
+def _chat_args(p):
+    p.add_argument("--chat_template_kwargs", default="",
+                   help='JSON object passed to every apply_chat_template, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--system_prompt", default="", help="a system message put first in chat prompts that have none")
 
 
 def _questions_args(p, default=None):
@@ -277,13 +344,14 @@ def _accuracy_args(p):
     p.add_argument("--tokenizer", help="default: the policy's")
     p.add_argument("--data", default="embedded", help="a data.load_pairs source")
     p.add_argument("--split", default="test")
-    p.add_argument("--beta", type=float, default=defaults.BETA)
+    p.add_argument("--beta", type=_bounded(float, 0), default=defaults.BETA)
     p.add_argument("--refine_prompt", choices=sorted(REFINE_PROMPTS), default=defaults.REFINE_PROMPT)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_length", type=int, default=defaults.MAX_LENGTH)
-    p.add_argument("--limit", type=int, default=0, help="score only the first N kept pairs (0: all)")
+    p.add_argument("--batch_size", type=POSITIVE, default=8)
+    p.add_argument("--max_length", type=POSITIVE, default=defaults.MAX_LENGTH)
+    p.add_argument("--limit", type=COUNT, default=0, help="score only the first N kept pairs (0: all)")
     p.add_argument("--out", help="JSON file (default: stdout, the table then to stderr)")
     p.add_argument("--pairs_out", help="also a JSONL of per-pair Δ_naive, Δπ and true score gap")
+    _chat_args(p)
     _device_args(p)
 
 
@@ -318,10 +386,11 @@ def _judge_args(p):
                                          "pair-math-v1 from a file)")
     p.add_argument("--fastchat_out", help="also the verdicts in FastChat's judgment layout (show_result.py "
                                           "--mode pairwise-all --input-file reads it); other comparisons kept")
-    p.add_argument("--max_retries", type=int, default=5)
-    p.add_argument("--retry_wait", type=float, default=2.0, help="first backoff in seconds, doubled each retry")
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--judge_max_tokens", type=int, default=defaults.JUDGE_MAX_TOKENS)
+    p.add_argument("--max_retries", type=COUNT, default=5)
+    p.add_argument("--retry_wait", type=_bounded(float, 0, strict=False), default=2.0,
+                   help="first backoff in seconds, doubled each retry")
+    p.add_argument("--timeout", type=_bounded(float, 0), default=120.0)
+    p.add_argument("--judge_max_tokens", type=POSITIVE, default=defaults.JUDGE_MAX_TOKENS)
     _device_args(p)
 
 
@@ -379,6 +448,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_numbers(args)
+        prepare_outputs(args)
+        data.parse_template_kwargs(getattr(args, "chat_template_kwargs", ""))  # bad JSON: before any model loads
         return COMMANDS[args.command][1](args)
     except common.SrpoError as e:  # the project's own errors, in one line; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)

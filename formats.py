@@ -11,8 +11,10 @@ and Record formats.
 
 import gzip
 import json
+import math
 import os
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -55,6 +57,14 @@ def kept_line(kept, dropped, what="pairs"):
     if dropped:
         line += "; dropped " + ", ".join(f"{n:,} {reason}" for reason, n in dropped.items())
     return line
+
+
+class Kept(list):
+    """The items kept (a list), with ``dropped``: a Counter of reasons -> how many were dropped."""
+
+    def __init__(self, items=(), dropped=()):
+        super().__init__(items)
+        self.dropped = Counter(dropped)
 
 
 def keep_all(items, convert):
@@ -102,7 +112,13 @@ def _score(record, name, where):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(f"{where}: field '{name}' must be a number or null, got {value!r:.40}")
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise DataError(f"{where}: field '{name}' must be a finite number, got {value} (too large, or NaN)")
+    return value
 
 
 def _messages(value, name, where):
@@ -288,13 +304,41 @@ def _read_bytes(path):
                 return f.read()
         with open(path, "rb") as f:
             return f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut stream, EOFError
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
 def _json_error(path, e, first_line=1):
     """DataError for a json.JSONDecodeError in text that starts on first_line of the file."""
     return DataError(f"{path}:{e.lineno + first_line - 1}: malformed JSON ({e.msg} at column {e.colno})")
+
+
+def _parse_int(digits):
+    """An integer literal; past Python's int-str limit, a float (inf), which a field check then refuses."""
+    return int(digits) if len(digits) < 4000 else float(digits)
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
+
+
+def _raw_decode(text, path, index=0, first_line=1):
+    """json.JSONDecoder.raw_decode with its faults as DataError naming the file and line."""
+    try:
+        return _DECODER.raw_decode(text, index)
+    except json.JSONDecodeError as e:
+        raise _json_error(path, e, first_line) from None
+    except RecursionError:
+        line = first_line + text.count("\n", 0, index)
+        raise DataError(f"{path}:{line}: JSON nested too deeply to read") from None
+
+
+def _loads(text, path, first_line=1):
+    """One JSON value filling ``text`` (json.loads), faults as in ``_raw_decode``."""
+    start = len(text) - len(text.lstrip())
+    value, end = _raw_decode(text, path, start, first_line)
+    if text[end:].strip():
+        raise _json_error(path, json.JSONDecodeError("Extra data", text, end), first_line)
+    return value
 
 
 def _json_lines(data, path):
@@ -303,11 +347,7 @@ def _json_lines(data, path):
         text = _decode(raw, path, number).removeprefix("\ufeff" if number == 1 else "")
         if not text.strip():
             continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise _json_error(path, e, number) from None
-        yield f"{path}:{number}", record
+        yield f"{path}:{number}", _loads(text, path, number)
 
 
 def _json_array(text, path, start=0, closing=""):
@@ -315,13 +355,10 @@ def _json_array(text, path, start=0, closing=""):
 
     closing: the text that must follow the array's "]" ("}" for the array of {"data": [...]}).
     """
-    decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
+    ws = re.compile(r"\s*")
     i = ws.match(text, start + 1).end()
     while not text.startswith("]", i):
-        try:
-            record, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise _json_error(path, e) from None
+        record, end = _raw_decode(text, path, i)
         yield f"{path}:{text.count(chr(10), 0, i) + 1}", record
         i = ws.match(text, end).end()
         if text.startswith(",", i):
@@ -330,10 +367,25 @@ def _json_array(text, path, start=0, closing=""):
             raise _json_error(path, json.JSONDecodeError("expected ',' or ']'", text, i))
     i = ws.match(text, i + 1).end()
     if not text.startswith(closing, i) or text[i + len(closing):].strip():
+        if closing:
+            _not_records(text, path)  # an object with other keys beside "data"
         raise _json_error(path, json.JSONDecodeError(f"expected {closing or 'the end of the file'!r}", text, i))
 
 
 _DATA_KEY = re.compile(r'\{\s*"data"\s*:\s*\[')
+
+
+def _not_records(text, path):
+    """DataError for a .json file holding one object that is neither {"data": [...]} nor a JSON Lines
+    record (it spans lines, or has a "data" key); nothing when it is no single JSON value."""
+    try:
+        value = _loads(text, path)
+    except DataError:
+        return  # not one JSON value: read as JSON Lines, which names the line at fault
+    if isinstance(value, dict) and ("data" in value or "\n" in text.strip()):
+        keys = ", ".join(json.dumps(k) for k in list(value)[:5]) or "none"
+        raise DataError(f"{path}: a JSON object with keys {keys}; expected a list of records, an object whose "
+                        'only key is "data" holding that list, or JSON Lines (one record per line)')
 
 
 def read_records(path):
@@ -353,6 +405,8 @@ def read_records(path):
         if keyed:
             yield from _json_array(text, path, keyed.end() - 1, closing="}")
             return
+        if text.startswith("{", start) and ("\n" in text.strip() or '"data"' in text):
+            _not_records(text, path)
     yield from _json_lines(data, path)
 
 

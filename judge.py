@@ -8,6 +8,7 @@ preference accuracy and Δπ (metrics.py), or models.py.
 """
 
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -182,10 +183,22 @@ def _chat_endpoint(url):
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
+class _ContentError(Exception):
+    """A well-formed reply whose content is no text: asking again would not help."""
+
+
 def _reply_text(raw):
-    """choices[0].message.content of a chat-completions response body ("" when null)."""
-    reply = json.loads(raw)
-    return reply["choices"][0]["message"]["content"] or ""
+    """choices[0].message.content of a chat-completions response body ("" when null): a string, or
+    the concatenated "text" of a list of parts (OpenAI's multi-part form, other parts skipped)."""
+    content = json.loads(raw)["choices"][0]["message"]["content"]
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        texts = [part.get("text") for part in content if part.get("type", "text") == "text"]
+        if all(isinstance(text, str) for text in texts):
+            return "".join(texts)
+    raise _ContentError(f"the reply's content is {type(content).__name__} {json.dumps(content)[:80]}, "
+                        "not text or a list of text parts")
 
 
 def http_judge(url, model, api_key_env=None, max_retries=5, retry_wait=2.0, timeout=120.0,
@@ -195,7 +208,8 @@ def http_judge(url, model, api_key_env=None, max_retries=5, retry_wait=2.0, time
     url: the API base (".../v1") or the full ".../chat/completions" address. model: the
     request's "model". api_key_env: the name of the environment variable holding the key, read
     at each request and sent only as "Authorization: Bearer ..."; unset or empty sends none (a
-    local server). temperature 0. A connection fault, timeout, malformed body or HTTP status in
+    local server). temperature 0. A connection fault (also http.client's, e.g. a bad status line or
+    a cut body), timeout, malformed body or HTTP status in
     RETRY_STATUS is retried up to max_retries times, waiting retry_wait·2^k seconds (or the
     server's Retry-After, up to 60 s); other statuses fail at once. Faults raise JudgeError,
     whose message never holds the key.
@@ -219,8 +233,10 @@ def http_judge(url, model, api_key_env=None, max_retries=5, retry_wait=2.0, time
             except urllib.error.HTTPError as e:
                 detail = e.read(300).decode("utf-8", "replace")
                 fault, retry, wait = f"HTTP {e.code}: {detail}", e.code in RETRY_STATUS, e.headers.get("Retry-After")
-            except (urllib.error.URLError, OSError) as e:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # BadStatusLine, IncompleteRead
                 fault, retry, wait = f"{type(e).__name__}: {getattr(e, 'reason', e)}", True, None
+            except _ContentError as e:
+                fault, retry, wait = str(e), False, None
             except (ValueError, KeyError, IndexError, TypeError) as e:
                 fault, retry, wait = f"malformed response ({type(e).__name__}: {e})", True, None
             fault = " ".join(fault.replace(key, "***").split()) if key else " ".join(fault.split())
@@ -392,7 +408,10 @@ def judge_games(game_list, answers_a, answers_b, ask, prompts, out_path, identit
             first, second = answers_a[qid].turns, answers_b[qid].turns
             shown = (first, second) if order == "ab" else (second, first)
             system, user = render_prompt(prompt, prompt_fields(q, *shown, turn))
-            reply = ask(system, user)
+            try:
+                reply = ask(system, user)
+            except JudgeError as e:
+                raise JudgeError(f"{e}; question {qid}, turn {turn}, order {order}") from None
             verdict, error = parse_verdict(reply)
             record = {"question_id": q["question_id"], "turn": turn, "order": order, **identity,
                       "answers_sha256": digest[qid], "prompt": prompt.name, "verdict": verdict,

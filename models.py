@@ -11,6 +11,7 @@ batches (data.py), what is measured (metrics.py) or the training loop (train.py)
 
 import json
 import os
+import pickle
 import weakref
 
 import torch
@@ -61,7 +62,7 @@ def check_compatible(name, tokenizer, max_length, flag="--model", policy_name=No
     if rows < n:
         raise ModelError(f"{flag} {name}: its embedding has {rows} rows, the tokenizer {n} ids; use a model of "
                          f"the policy's tokenizer")
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = position_limit(config)
     if limit and max_length > limit:
         raise ModelError(f"--max_length {max_length}: {flag} {name} has {limit} positions "
                          f"(max_position_embeddings); use --max_length {limit} or less")
@@ -125,10 +126,62 @@ def load_tokenizer(name=TINY):
 
     if name == TINY:
         return tiny_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    folder = os.path.expanduser(name)
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise ModelError(f"{name}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the base "
+                         "model's tokenizer into the folder, or name one with --tokenizer where the command has it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        raise _load_error(name, "tokenizer", e) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# the files of which a tokenizer folder holds one (transformers otherwise builds an empty tokenizer from config.json)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model")
+
+
+def _load_error(name, what, e):
+    """A one-line ModelError for an exception raised by transformers loading a model or tokenizer."""
+    text = " ".join(str(e).split())
+    if "trust_remote_code" in text or "remote code" in text:
+        return ModelError(f"{name}: its {what} needs remote code (trust_remote_code), which srpo never runs; "
+                          "use a model whose architecture transformers has")
+    if "weights_only" in text or "Weights only load failed" in text:
+        return ModelError(f"{name}: refused its pickled weights (pytorch_model.bin holds code, not only tensors); "
+                          "srpo loads weights only: use the model's .safetensors files")
+    return ModelError(f"{name}: cannot load its {what} ({type(e).__name__}: {text[:200]})")
+
+
+def _check_safetensors(name):
+    """ModelError naming the first .safetensors file of a local model folder whose header or size is broken
+    (a half-written or truncated copy); nothing for hub names."""
+    folder = os.path.expanduser(name)
+    if not os.path.isdir(folder):
+        return
+    from safetensors import safe_open
+
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        path = os.path.join(folder, file)
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is no OSError subclass
+            raise ModelError(f"{path}: not a whole safetensors file ({' '.join(str(e).split())[:200]}); "
+                             "copy or export it again") from None
+
+
+def position_limit(config):
+    """The most positions the model was built for (max_position_embeddings, GPT-2's n_positions or n_ctx),
+    or None where its config names none."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def tiny_config(tokenizer):
@@ -166,7 +219,12 @@ def load_model(name=TINY, tokenizer=None, dtype=torch.float32, seed=0):
         torch.manual_seed(seed)
         model = GPTNeoXForCausalLM(source_config(TINY, tokenizer)).to(dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False)
+        _check_safetensors(name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype,
+                                                         trust_remote_code=False)
+        except (OSError, ValueError, pickle.UnpicklingError) as e:
+            raise _load_error(name, "model", e) from None
     _dropout_off(model)
     model.config.use_cache = False
     return model.eval()
@@ -539,10 +597,3 @@ def to_device(batch, device):
 def model_device(model):
     """The device of the model's first parameter (its local shard under FSDP2)."""
     return next(model.parameters()).device
-
-
-def load_lm(name, dtype="float32", device="cpu"):
-    """(model, tokenizer) of a name, the model in DTYPES[dtype] on device."""
-    check_model(name)
-    tokenizer = load_tokenizer(name)
-    return load_model(name, tokenizer, dtype=DTYPES[dtype]).to(device), tokenizer

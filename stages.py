@@ -41,16 +41,19 @@ def load_examples(cfg, tokenizer, say, progress=False):
     all losses see the same x-view tokens (unless --truncate_x_only).
     """
     refine_prompt = REFINE_PROMPTS[cfg.refine_prompt]
-    pairs = data.load_pairs(cfg.data, "train", log=say)[:cfg.max_pairs or None]
+    chat = data.ChatOptions.of(cfg.chat_template_kwargs, cfg.system_prompt)
+    loaded = data.load_pairs(cfg.data, "train", log=say)
+    pairs = loaded[:cfg.max_pairs or None]
     fit_p = uses_p_view(cfg) or not cfg.truncate_x_only
     try:
         examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if fit_p else None, log=say,
-                                       p_view=uses_p_view(cfg), progress=progress)
+                                       p_view=uses_p_view(cfg), progress=progress, chat=chat)
     except common.DataError as err:
         if uses_p_view(cfg):
             raise
         raise common.DataError(f"{err} (--loss {cfg.loss} is cut as if p ⊕ x were there, as the Sr losses are; "
                              f"--truncate_x_only fits x alone)") from None
+    examples.dropped.update(loaded.dropped)  # what the model card reports: dropped reading or tokenizing
     eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
     if eval_source is None:
         say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")
@@ -58,12 +61,12 @@ def load_examples(cfg, tokenizer, say, progress=False):
     eval_pairs = data.load_pairs(eval_source, "test", log=say)[:cfg.eval_pairs or None]
     try:
         return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say,
-                                             progress=progress)
+                                             progress=progress, chat=chat)
     except common.DataError as err:
         if uses_p_view(cfg):
             raise
         say(f"held-out pairs under x only: with p they do not fit ({err})")
-        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, None, log=say)
+        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, None, log=say, chat=chat)
 
 
 def plan(cfg, n_examples):

@@ -284,6 +284,7 @@ def prepare_run(cfg, rank, world, device, resume, say):
     first_step = [sum(n for _, n in stages[:i]) for i in range(len(stages))]  # global step = first_step + step
     config = source_config(cfg.model, tokenizer)  # what sft/ and final/ write as their config.json
     card = functools.partial(model_card.model_card, dataclasses.asdict(cfg), train_pairs=len(examples),
+                             dropped_pairs=sum(examples.dropped.values()),
                              refine_prompt=REFINE_PROMPTS[cfg.refine_prompt], command=model_card.command_line(
                                  dataclasses.asdict(cfg), dataclasses.asdict(resolved(Config(
                                      model=cfg.model, loss=cfg.loss, max_length=cfg.max_length)))))

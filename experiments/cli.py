@@ -52,6 +52,17 @@ def cpu_seconds():
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _count(text):
+    """An argparse type: an integer >= 0 (0: the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0 (0: the default)")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m experiments", description=DESCRIPTION)
     parser.add_argument("experiment", choices=EXPERIMENTS + ("all", PREMISE, "render"),
@@ -59,15 +70,15 @@ def build_parser():
                              "from its .json files (after installing matplotlib, say), and experiments/README.md")
     parser.add_argument("--size", choices=sorted(sizes.SIZES), default="default")
     parser.add_argument("--smoke", action="store_true", help="the smallest size: a few steps, for tests")
-    parser.add_argument("--seeds", type=int, default=0, help="seeds (default: the size's)")
+    parser.add_argument("--seeds", type=_count, default=0, help="seeds (default: the size's)")
     parser.add_argument("--work", help="training runs (default: runs/experiments/SIZE[-smoke])")
     parser.add_argument("--out", help="tables and plots (default: experiments/results/SIZE[-smoke])")
     parser.add_argument("--cache", help="where SmolLM2 is converted to (default: $SRPO_CACHE or ~/.cache/srpo)")
     parser.add_argument("--fresh", action="store_true", help="retrain every run instead of reusing it")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=_count, default=0,
                         help="torch CPU threads (default: 1 for the tiny model, whose small matrices gain "
                              "nothing from more; torch's default for smollm2)")
-    parser.add_argument("--jobs", type=int, default=0,
+    parser.add_argument("--jobs", type=_count, default=0,
                         help="premise: (q, seed) chains trained at once, in worker processes (default: 2 for the "
                              "tiny model where the machine has 2 cores, else 1)")
     return parser

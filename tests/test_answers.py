@@ -149,3 +149,21 @@ def test_bad_question_file_is_one_line_naming_file_and_line(tmp_path, capsys):
     path.write_text('{"question_id": 1, "turns": ["hi"]}\n{"question_id": 1, "turns": ["again"]}\n')
     with pytest.raises(common.EvalError, match=r"q.jsonl:2: question_id 1 repeats .*q.jsonl:1$"):
         answers.load_questions(str(path))
+
+
+def test_generation_prompts_carry_the_chat_template_options(monkeypatch):
+
+    tokenizer, model = models.load_tokenizer(), models.load_model()
+    tokenizer.chat_template = ("{% if enable_thinking is defined and not enable_thinking %}NOTHINK {% endif %}"
+                               "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    seen = []
+    monkeypatch.setattr(answers, "generate_reply", lambda m, t, ids, d: (seen.append(t.decode(ids)), ("ok", 1))[1])
+    questions = [{"question_id": 1, "turns": ["hi", "more"]}]
+    chat = data.ChatOptions.of('{"enable_thinking": false}', "Be brief.")
+    answers.generate_answers(model, tokenizer, questions, answers.Decoding(max_new_tokens=1), "m", chat=chat)
+    assert seen == ["NOTHINK [system] Be brief.\n[user] hi\n[assistant] ",
+                    "NOTHINK [system] Be brief.\n[user] hi\n[assistant] ok\n[user] more\n[assistant] "]
+    seen.clear()
+    answers.generate_answers(model, tokenizer, questions, answers.Decoding(max_new_tokens=1), "m")
+    assert seen[0] == "[user] hi\n[assistant] "

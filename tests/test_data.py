@@ -584,3 +584,52 @@ def test_tokenize_pairs_reports_progress(capsys):
     data.tokenize_pairs(embedded.embedded_pairs("test")[:5], tok, 64, log=None, progress=True)
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("tokenizing 1/5 pairs | ") and err[-1].startswith("tokenizing 5/5 pairs | ")
+
+
+# ----------------------------------------------------------------------------- chat template options (issue 26)
+
+THINK = "{% if enable_thinking is defined and not enable_thinking %}NOTHINK {% endif %}" + CHAT_PLAIN
+
+
+def test_chat_template_kwargs_reach_both_views_and_generation_prompts():
+    tok = byte_tokenizer(THINK)
+    pairs = [Pair(({"role": "user", "content": "hi"},), "yes", "no")]
+    off = data.ChatOptions.of('{"enable_thinking": false}')
+    for chat, present in ((None, False), (data.ChatOptions.of({"enable_thinking": True}), False), (off, True)):
+        example = data.tokenize_pairs(pairs, tok, 1024, REFINE_PROMPT, log=None, chat=chat)[0]
+        for key in ("chosen_ids", "rejected_ids", "p_chosen_ids", "p_rejected_ids"):
+            assert ("NOTHINK" in tok.decode(example[key])) is present, (chat, key)
+        assert ("NOTHINK" in tok.decode(data.encode_prompt(pairs[0].prompt, tok, chat=chat))) is present
+    assert data.ChatOptions.of("", "") is None and data.ChatOptions.of("{}") is None
+    ids = lambda examples: [{k: v for k, v in e.items() if "ids" in k or "labels" in k} for e in examples]  # noqa: E731
+    plain = ids(data.tokenize_pairs(pairs, tok, 1024, REFINE_PROMPT, log=None))
+    assert ids(data.tokenize_pairs(pairs, tok, 1024, REFINE_PROMPT, log=None, chat=data.ChatOptions.of("{}"))) == plain
+
+
+def test_system_prompt_goes_first_in_chats_without_one_only():
+    tok = byte_tokenizer(CHAT_PLAIN)
+    chat = data.ChatOptions.of(system="Be brief.")
+    bare = ({"role": "user", "content": "hi"},)
+    own = ({"role": "system", "content": "Mine."}, *bare)
+    assert tok.decode(data.encode_prompt(bare, tok, chat=chat)) == "[system] Be brief.\n[user] hi\n[assistant] "
+    assert tok.decode(data.encode_prompt(own, tok, chat=chat)) == tok.decode(data.encode_prompt(own, tok))
+    assert data.encode_prompt("plain text", tok, chat=chat) == data.encode_prompt("plain text", tok)
+    example = data.tokenize_pairs([Pair(bare, "yes", "no")], tok, 1024, REFINE_PROMPT, log=None, chat=chat)[0]
+    assert tok.decode(example["p_chosen_ids"]).startswith("[system] Be brief.\n[user] " + REFINE_PROMPT)
+
+
+def test_a_chat_template_that_raises_names_the_pair():
+    tok = byte_tokenizer("{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}"
+                         + CHAT_PLAIN)
+    pairs = [Pair(({"role": "user", "content": "hi"},), "yes", "no"),
+             Pair(({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}), "yes", "no")]
+    with pytest.raises(DataError, match=r"^pair 1 \(0-based, of the loaded pairs\): the chat template failed "
+                                        r"\(TemplateError: one message only\)$"):
+        data.tokenize_pairs(pairs, tok, 256, None, log=None)
+
+
+@pytest.mark.parametrize("text", ["{bad", "[1]"])
+def test_chat_template_kwargs_must_be_a_json_object(text):
+    with pytest.raises(DataError, match="^--chat_template_kwargs "):
+        data.parse_template_kwargs(text)

@@ -268,3 +268,11 @@ def test_readme_is_generated_from_reading_and_results(smoke, tmp_path):
     reading.write_text("<!-- result: out/nosuchexperiment -->\n")
     with pytest.raises(ExperimentError, match="nosuchexperiment"):
         render.write_readme(str(smoke.out.parent), str(reading), str(readme))
+
+
+@pytest.mark.parametrize("flag", ["--seeds", "--threads", "--jobs"])
+def test_negative_counts_are_refused_at_parsing(flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["methods", "--smoke", flag, "-1"])
+    assert info.value.code == 2
+    assert f"argument {flag}: -1 must be >= 0" in capsys.readouterr().err

@@ -81,6 +81,7 @@ class FakeJudgeServer:
     def __init__(self):
         self.requests, self.replies, self.auth = 0, 0, []
         self.fail_next, self.fail_after = 0, None
+        self.garble_next, self.content = 0, None  # garbled status lines to send; a content to send instead
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -95,9 +96,15 @@ class FakeJudgeServer:
                 if server.fail_next or failing:
                     server.fail_next = max(0, server.fail_next - 1)
                     return self._send(500, {"error": f"overloaded; you sent {self.headers.get('Authorization')}"})
+                if server.garble_next:
+                    server.garble_next -= 1
+                    self.wfile.write(b"garbage\r\n\r\n")  # http.client.BadStatusLine, no OSError
+                    self.close_connection = True
+                    return None
                 server.replies += 1
-                self._send(200, {"choices": [{"message": {"role": "assistant",
-                                                          "content": server.judge(body["messages"][-1]["content"])}}]})
+                content = server.judge(body["messages"][-1]["content"])
+                content = content if server.content is None else server.content(content)
+                self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
 
             def _send(self, code, payload):
                 raw = json.dumps(payload).encode()
@@ -337,3 +344,26 @@ def test_exact_on_the_embedded_dataset(tmp_path, capsys):
     assert ev.main(argv[:2] + [str(paths["chosen"]), "--answers_b", str(paths["chosen"]),
                                "--summary", str(summary)]) == 0
     assert json.loads(summary.read_text())["tie_rate"] == 1.0
+
+
+def test_http_judge_retries_transport_faults_that_are_not_oserror(judge_server):
+    judge_server.garble_next = 2
+    calls = []
+    ask = judge.http_judge(judge_server.url, "m", max_retries=2, sleep=calls.append, log=lambda m: None)
+    assert ask("s", "GOOD") == "A is better.\n[[A]]"
+    assert len(calls) == 2 and judge_server.requests == 3
+
+
+def test_http_judge_joins_a_multipart_content_and_refuses_other_types(tmp_path, judge_server, capsys):
+    judge_server.content = lambda text: [{"type": "text", "text": text[:5]}, {"type": "image_url"},
+                                         {"type": "text", "text": text[5:]}]
+    ask = judge.http_judge(judge_server.url, "m", max_retries=0)
+    assert ask("s", "GOOD") == "A is better.\n[[A]]"
+    judge_server.content = lambda text: 7
+    with pytest.raises(judge.JudgeError, match=r"content is int 7, not text"):
+        ask("s", "GOOD")
+    paths = _judge_files(tmp_path)
+    assert ev.main(_judge_argv(paths, judge_server.url, tmp_path / "v.jsonl", tmp_path / "s.json")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and judge_server.url in err and "content is int 7" in err
+    assert "; question " in err and "(after 1 tries)" in err and judge_server.requests == 3

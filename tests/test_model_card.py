@@ -102,3 +102,16 @@ def test_a_run_writes_the_card_into_final_and_sft(tmp_path):
         assert words in final, words
     sft = (tmp_path / train.SFT_DIR / "README.md").read_text(encoding="utf-8")
     assert front_matter(sft)["tags"] == ["srpo", "sft"] and "Sr-DPO, Eq." not in sft and "- steps: 2 of SFT" in sft
+
+
+def test_the_card_counts_the_pairs_dropped_reading_and_tokenizing(tmp_path):
+    import json
+
+    good = [{"prompt": f"Question {i}?", "chosen": f"good answer {i}", "rejected": f"bad {i}"} for i in range(16)]
+    dropped = [{"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": "", "rejected": "b"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good + dropped), encoding="utf-8")
+    code, _ = run(tmp_path / "run", "--data", path, "--loss", "dpo", "--max_steps", "1")
+    assert code == 0
+    card = (tmp_path / "run" / train.FINAL / "README.md").read_text(encoding="utf-8")
+    assert "- pairs kept: 16" in card and "- pairs dropped: 2" in card
