@@ -14,7 +14,7 @@ import torch
 
 import common
 from experiments import ROOT, ExperimentError, sizes
-from experiments.claims import CLAIMS, EXPERIMENTS, PREMISE, markdown
+from experiments.claims import CLAIMS, EXPERIMENTS, PREMISE, VERDICT, markdown
 from experiments.context import Context, write_json
 from experiments.render import README, RESULTS, render, write_readme, write_summary, write_views
 
@@ -54,7 +54,7 @@ def cpu_seconds():
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m experiments", description=DESCRIPTION)
-    parser.add_argument("experiment", choices=EXPERIMENTS + ("all", PREMISE, "render"),
+    parser.add_argument("experiment", choices=EXPERIMENTS + ("all", PREMISE, VERDICT, "render"),
                         help="a claim, all of them, or render: rewrite the .md and .png files of --out "
                              "from its .json files (after installing matplotlib, say), and experiments/README.md")
     parser.add_argument("--size", choices=sorted(sizes.SIZES), default="default")
@@ -68,8 +68,8 @@ def build_parser():
                         help="torch CPU threads (default: 1 for the tiny model, whose small matrices gain "
                              "nothing from more; torch's default for smollm2)")
     parser.add_argument("--jobs", type=int, default=0,
-                        help="premise: (q, seed) chains trained at once, in worker processes (default: 2 for the "
-                             "tiny model where the machine has 2 cores, else 1)")
+                        help="premise, verdict: (q, seed) chains trained at once, in worker processes (default: 2 "
+                             "for the tiny model where the machine has 2 cores, else 1)")
     return parser
 
 
