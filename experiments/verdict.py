@@ -161,9 +161,11 @@ def result_of(ctx):
 
 
 def run(ctx):
-    """Per seed: DPO and IPO over the β grid (answering validation and test prompts), Sr-DPO and Sr-IPO at the
-    paper's β, the prompt controls; then Sr at the β cross-fitting chose for its baseline. In waves of ctx.jobs
-    seeds, the results so far written after each (a cut-off run is resumed by running it again)."""
+    """size.verdict_seeds seeds. Per seed: DPO and IPO over the β grid (answering validation and test prompts),
+    Sr-DPO and Sr-IPO at the paper's β, the prompt controls; then Sr at the β cross-fitting chose for its
+    baseline. In waves of ctx.jobs seeds, the results so far written after each (a cut-off run is resumed by
+    running it again)."""
+    ctx = ctx.variant(0.0, range(ctx.size.verdict_seeds))
     done = []
     step = max(2, ctx.jobs)
     for start in range(0, len(ctx.seeds), step):
