@@ -64,6 +64,9 @@ def build_parser():
     parser.add_argument("--out", help="tables and plots (default: experiments/results/SIZE[-smoke])")
     parser.add_argument("--cache", help="where SmolLM2 is converted to (default: $SRPO_CACHE or ~/.cache/srpo)")
     parser.add_argument("--fresh", action="store_true", help="retrain every run instead of reusing it")
+    parser.add_argument("--finished", action="store_true",
+                        help="verdict: report from the runs trained so far (each comparison over the seeds that have "
+                             "both of its runs), training nothing")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: 1 for the tiny model, whose small matrices gain "
                              "nothing from more; torch's default for smollm2)")
@@ -96,6 +99,7 @@ def main(argv=None):
             print(f"--seeds {size.seeds}: no t-test across seeds (it needs at least 2)", flush=True)
         jobs = args.jobs or (min(2, os.cpu_count() or 1) if args.size == "default" else 1)
         ctx = Context(size, args.work or os.path.join(ROOT, "runs", "experiments", tag), out, args.fresh, jobs=jobs)
+        ctx.train_nothing = args.finished
         names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
         results = {name: run_experiment(name, ctx, args.smoke) for name in names}
         if args.experiment == "all":

@@ -36,6 +36,10 @@ VALIDATION_SEED = 1  # the validation prompts: embedded_pairs("test", seed=1), d
 RATED_MICRO_BATCH = 8  # SFT micro-batches with --sft_quality_q (the rated rows are ~14x longer)
 
 
+class NotTrained(ExperimentError):
+    """A run that --finished would have had to train."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One alignment run from the seed's SFT model: a folder name, a loss and its extra flags."""
@@ -74,6 +78,7 @@ class Context:
         self.interim = lambda result: None  # where a long experiment writes its results so far
         self.runs = {}  # out_dir -> "trained" or "reused": the runs the current experiment needed
         self.done = set()  # out_dirs trained or checked by this process (--fresh retrains each once)
+        self.train_nothing = False  # --finished: a run not trained yet raises NotTrained instead of training
         os.makedirs(work, exist_ok=True)
         os.makedirs(out, exist_ok=True)
         questions = answers.load_questions("embedded", "test")
@@ -145,6 +150,8 @@ class Context:
             self.runs.setdefault(out_dir, "reused")
             self.done.add(out_dir)
             return
+        if self.train_nothing:
+            raise NotTrained(f"{label}: not trained yet (--finished trains nothing)")
         shutil.rmtree(out_dir, ignore_errors=True)  # stale answers and metrics go with the old model
         os.makedirs(out_dir)
         t0, cpu0 = time.time(), time.process_time()

@@ -9,7 +9,7 @@ import math
 import defaults
 import embedded
 from common import num
-from experiments.context import Run, baseline_run, sr_run
+from experiments.context import NotTrained, Run, baseline_run, sr_run
 from experiments.jobs import prepare
 from experiments.markdown import markdown_table, pvalue
 from experiments.stats import paired_interval, seeds_for_halfwidth, spread, wilcoxon
@@ -44,6 +44,16 @@ def scores(ctx, seed, run, split="test"):
     return [embedded.embedded_score(q["turns"][0], found[json.dumps(q["question_id"])].turns[0]) for q in questions]
 
 
+def have(ctx, seed, runs, split="test"):
+    """Whether every run of the seed is trained (always, training it, unless ctx.train_nothing: --finished)."""
+    try:
+        for run in runs:
+            scores(ctx, seed, run, split)
+    except NotTrained:
+        return False
+    return True
+
+
 def mean(values):
     return sum(values) / len(values)
 
@@ -51,24 +61,28 @@ def mean(values):
 def choose_beta(ctx, loss):
     """loss's β chosen on the validation prompts by 2-fold cross-fitting over seeds: a seed gets the β with the
     highest mean validation score over the seeds of the other parity (all seeds when there are none); ties go to
-    the paper's β, then the smaller β. Also the validation score of each β and the β all seeds would pick."""
+    the paper's β, then the smaller β. Only seeds with the whole β sweep choose. Also the validation score of each
+    β and the β all seeds would pick; per_seed has None where no seed could choose."""
     betas = ctx.size.verdict_betas
-    valid = {b: [mean(scores(ctx, s, beta_run(loss, b, True), "valid")) for s in ctx.seeds] for b in betas}
+    sweep = [beta_run(loss, b, True) for b in betas]
+    choosers = [s for s in ctx.seeds if have(ctx, s, sweep, "valid")]
+    valid = {b: {s: mean(scores(ctx, s, beta_run(loss, b, True), "valid")) for s in choosers} for b in betas}
 
     def pick(seeds):
-        rows = [ctx.seeds.index(s) for s in seeds]
-        return max(betas, key=lambda b: (mean([valid[b][i] for i in rows]), b == BETA, -b))
+        if not seeds:
+            return None
+        return max(betas, key=lambda b: (mean([valid[b][s] for s in seeds]), b == BETA, -b))
 
-    folds = {parity: [s for s in ctx.seeds if s % 2 != parity] or ctx.seeds for parity in (0, 1)}
-    return {"validation": {f"{b:g}": {"mean": spread(v)[0], "std": spread(v)[1], "per_seed": v}
-                           for b, v in valid.items()},
-            "even_seeds_get": pick(folds[0]), "odd_seeds_get": pick(folds[1]), "all_seeds_pick": pick(ctx.seeds),
-            "per_seed": {str(s): pick(folds[s % 2]) for s in ctx.seeds}}
+    folds = {parity: [s for s in choosers if s % 2 != parity] or choosers for parity in (0, 1)}
+    return {"validation": {f"{b:g}": {"mean": spread(list(v.values()))[0], "std": spread(list(v.values()))[1],
+                                      "per_seed": v} for b, v in valid.items()},
+            "choosers": choosers, "even_seeds_get": pick(folds[0]), "odd_seeds_get": pick(folds[1]),
+            "all_seeds_pick": pick(choosers), "per_seed": {str(s): pick(folds[s % 2]) for s in ctx.seeds}}
 
 
 def summary(diffs):
     """A paired difference over seeds: the t-interval, Wilcoxon's p and the seeds won, tied and lost."""
-    iv = paired_interval(diffs) if len(diffs) > 0 else {}
+    iv = paired_interval(diffs) if diffs else {"n": 0, "mean": math.nan}
     return {**iv, "wilcoxon_p": wilcoxon(diffs)["p"], "won": sum(d > 0 for d in diffs),
             "tied": sum(d == 0 for d in diffs), "lost": sum(d < 0 for d in diffs), "per_seed": list(diffs)}
 
@@ -92,10 +106,13 @@ def verdict(iv, paper, direction):
 
 
 def paired(ctx, label, runs_a, runs_b, paper=(None, None), direction=1, note=""):
-    """runs_a against runs_b ({seed: Run}), seed by seed on the test prompts: the difference of mean true score
-    and win − lose in points (win: a's answer scores higher than b's to the same prompt), with the verdict."""
+    """runs_a against runs_b ({seed: Run}), seed by seed on the test prompts (over the seeds that have both): the
+    difference of mean true score and win − lose in points (win: a's answer scores higher than b's to the same
+    prompt), with the verdict."""
     per_seed = []
     for seed in ctx.seeds:
+        if runs_a.get(seed) is None or runs_b.get(seed) is None or not have(ctx, seed, [runs_a[seed], runs_b[seed]]):
+            continue
         a, b = scores(ctx, seed, runs_a[seed]), scores(ctx, seed, runs_b[seed])
         per_seed.append({"seed": seed, "run_a": runs_a[seed].name, "run_b": runs_b[seed].name,
                          "score_a": mean(a), "score_b": mean(b), "win": sum(x > y for x, y in zip(a, b)) / len(a),
@@ -103,37 +120,39 @@ def paired(ctx, label, runs_a, runs_b, paper=(None, None), direction=1, note="")
     score = summary([e["score_a"] - e["score_b"] for e in per_seed])
     winlose = summary([100 * (e["win"] - e["lose"]) for e in per_seed])
     return {"comparison": label, "paper_mt_bench": paper[0], "paper_vicuna_bench": paper[1], "direction": direction,
-            "note": note, "score": score, "winlose": winlose, "per_seed": per_seed,
-            "verdict": verdict(winlose, paper[0], direction)}
+            "note": note, "seeds": [e["seed"] for e in per_seed], "score": score, "winlose": winlose,
+            "per_seed": per_seed, "verdict": verdict(winlose, paper[0], direction)}
 
 
-def phase_one(ctx):
-    """Every seed's runs that do not depend on the choice of β: the baselines' β sweep (answering the validation
-    prompts too), Sr at the paper's β, the prompt controls."""
-    s = ctx.size
-    return ([beta_run(loss, b, True) for loss in ("dpo", "ipo") for b in s.verdict_betas]
-            + [beta_run(loss, BETA) for loss in ("sr-dpo", "sr-ipo")] + [control_run(c) for c in s.verdict_controls])
+def tiers(ctx):
+    """The runs of every seed, most wanted first: (1) the four methods at the paper's β; (2) the prompt controls
+    and DPO at β(1 − λ) (the Δ_naive identity); (3) the rest of the baselines' β sweep. Baselines answer the
+    validation prompts too."""
+    s, lam_beta = ctx.size, BETA * (1 - defaults.LAM)
+    first = [beta_run(loss, BETA, loss in ("dpo", "ipo")) for loss in ("dpo", "ipo", "sr-dpo", "sr-ipo")]
+    second = [control_run(c) for c in s.verdict_controls] + (
+        [beta_run("dpo", lam_beta, True)] if lam_beta in s.verdict_betas and "naive" in s.verdict_controls else [])
+    third = [beta_run(loss, b, True) for loss in ("dpo", "ipo") for b in s.verdict_betas
+             if beta_run(loss, b, True) not in first + second]
+    return [first, second, third]
 
 
-def tuned_runs(ctx):
-    """{seed: [Sr-DPO, Sr-IPO at the β cross-fitting chose for the seed's DPO, IPO]} and the choices."""
-    chosen = {loss: choose_beta(ctx, loss) for loss in ("dpo", "ipo")}
-    return {seed: [beta_run("sr-" + loss, chosen[loss]["per_seed"][str(seed)]) for loss in chosen]
-            for seed in ctx.seeds}, chosen
+def tuned_runs(ctx, chosen):
+    """{loss: {seed: loss at the β chosen for the seed's baseline}} for the baselines and Sr (None: no choice)."""
+    return {loss: {seed: None if chosen[base]["per_seed"][str(seed)] is None
+                   else beta_run(loss, chosen[base]["per_seed"][str(seed)]) for seed in ctx.seeds}
+            for base in ("dpo", "ipo") for loss in (base, "sr-" + base)}
 
 
 def result_of(ctx):
-    """The comparisons over ctx.seeds, every run trained."""
+    """The comparisons over ctx.seeds (each over the seeds that have its runs)."""
     s, seeds = ctx.size, ctx.seeds
-    _, chosen = tuned_runs(ctx)
+    chosen = {loss: choose_beta(ctx, loss) for loss in ("dpo", "ipo")}
+    tuned = tuned_runs(ctx, chosen)
     at = {loss: {seed: beta_run(loss, BETA) for seed in seeds} for loss in ("dpo", "ipo", "sr-dpo", "sr-ipo")}
-    tuned = {loss: {seed: beta_run(loss, chosen[loss]["per_seed"][str(seed)]) for seed in seeds}
-             for loss in ("dpo", "ipo")}
-    sr_tuned = {loss: {seed: beta_run("sr-" + loss, chosen[loss]["per_seed"][str(seed)]) for seed in seeds}
-                for loss in ("dpo", "ipo")}
-    rows = [paired(ctx, "Sr-DPO vs DPO, both at DPO's tuned β", sr_tuned["dpo"], tuned["dpo"], PAPER["sr-dpo"],
+    rows = [paired(ctx, "Sr-DPO vs DPO, both at DPO's tuned β", tuned["sr-dpo"], tuned["dpo"], PAPER["sr-dpo"],
                    note="β chosen for DPO on validation prompts (cross-fitted); Sr-DPO run at that β"),
-            paired(ctx, "Sr-IPO vs IPO, both at IPO's tuned β", sr_tuned["ipo"], tuned["ipo"], PAPER["sr-ipo"],
+            paired(ctx, "Sr-IPO vs IPO, both at IPO's tuned β", tuned["sr-ipo"], tuned["ipo"], PAPER["sr-ipo"],
                    note="β chosen for IPO on validation prompts (cross-fitted); Sr-IPO run at that β"),
             paired(ctx, f"Sr-DPO vs DPO, β {BETA:g}", at["sr-dpo"], at["dpo"], PAPER["sr-dpo"], note="the paper's β"),
             paired(ctx, f"Sr-IPO vs IPO, β {BETA:g}", at["sr-ipo"], at["ipo"], PAPER["sr-ipo"], note="the paper's β"),
@@ -157,29 +176,37 @@ def result_of(ctx):
                                    if math.isfinite(r["winlose"].get("sd", math.nan)) else None)
                         for w in POWER_HALFWIDTHS}} for r in rows[2:4]]
     return {"seeds": list(seeds), "betas": list(s.verdict_betas), "controls": list(s.verdict_controls),
-            "validation_prompts": len(ctx.validation_questions()), "chosen": chosen, "rows": rows, "power": power}
+            "validation_prompts": len(ctx.validation_questions()), "chosen": chosen, "rows": rows, "power": power,
+            "complete": all(len(r["seeds"]) == len(seeds) for r in rows)}
 
 
 def run(ctx):
-    """size.verdict_seeds seeds. Per seed: DPO and IPO over the β grid (answering validation and test prompts),
-    Sr-DPO and Sr-IPO at the paper's β, the prompt controls; then Sr at the β cross-fitting chose for its
-    baseline. In waves of ctx.jobs seeds, the results so far written after each (a cut-off run is resumed by
-    running it again)."""
+    """size.verdict_seeds seeds, in tiers (tiers()): each tier for every seed, then Sr at the β cross-fitting chose
+    for its baseline; the results so far written after each tier (a cut-off run resumes when run again; with
+    --finished it reports from the runs trained so far, each comparison over the seeds that have its runs)."""
     ctx = ctx.variant(0.0, range(ctx.size.verdict_seeds))
-    done = []
-    step = max(2, ctx.jobs)
-    for start in range(0, len(ctx.seeds), step):
-        some = ctx.seeds[start:start + step]
-        prepare(ctx, [(0.0, some, phase_one(ctx))])
-        done += some
-        so_far = ctx.variant(0.0, done)
-        extra, _ = tuned_runs(so_far)
-        prepare(ctx, [(0.0, [seed], extra[seed]) for seed in done])
-        if len(done) < len(ctx.seeds):
-            ctx.interim(dict(result_of(so_far), partial=f"{len(done)} of {len(ctx.seeds)} seeds trained so far"))
-    extra, _ = tuned_runs(ctx)
-    prepare(ctx, [(0.0, [seed], extra[seed]) for seed in ctx.seeds])
+    if not ctx.train_nothing:
+        step = max(2, ctx.jobs)
+        for i, tier in enumerate(tiers(ctx)):
+            waves = [ctx.seeds[k:k + step] for k in range(0, len(ctx.seeds), step)] if i == 0 else [ctx.seeds]
+            for wave in waves:  # tier 1 seeds a wave at a time: SFT models and their runs, so that seeds finish
+                prepare(ctx, [(0.0, wave, tier)])
+                ctx.interim(dict(finished(ctx), partial=f"tier {i + 1} of 3 trained up to seed {wave[-1]}; "
+                                                        "then the other tiers and Sr at the tuned β"))
+        chosen = {loss: choose_beta(ctx, loss) for loss in ("dpo", "ipo")}
+        tuned = tuned_runs(ctx, chosen)
+        prepare(ctx, [(0.0, [seed], [tuned[loss][seed] for loss in ("sr-dpo", "sr-ipo") if tuned[loss][seed]])
+                      for seed in ctx.seeds])
     return result_of(ctx)
+
+
+def finished(ctx):
+    """result_of from the runs trained so far, training nothing."""
+    before, ctx.train_nothing = ctx.train_nothing, True
+    try:
+        return result_of(ctx)
+    finally:
+        ctx.train_nothing = before
 
 
 def interval_cell(st, fmt="+.1f"):
@@ -201,25 +228,29 @@ def markdown(result):
     """The Markdown of a result between its title and its footer, as a list of paragraphs."""
     rows = result["rows"]
     table = markdown_table(
-        ["comparison (A vs B)", "paper: win − lose (MT-Bench / Vicuna)", "miniature: win − lose, points [95% CI]",
+        ["comparison (A vs B)", "seeds", "paper: win − lose (MT-Bench / Vicuna)",
+         "miniature: win − lose, points [95% CI]",
          "mean true score A − B [95% CI]", "Wilcoxon p", "seeds A won / tied / lost", "verdict"],
-        [[r["comparison"], paper_cell(r), interval_cell(r["winlose"]), interval_cell(r["score"], "+.3f"),
+        [[r["comparison"], len(r["seeds"]), paper_cell(r), interval_cell(r["winlose"]),
+          interval_cell(r["score"], "+.3f"),
           pvalue(r["winlose"]["wilcoxon_p"]),
           f"{r['winlose']['won']} / {r['winlose']['tied']} / {r['winlose']['lost']}",
           f"**{r['verdict']}**"] for r in rows])
     betas = result["betas"]
     choice = markdown_table(
-        ["baseline"] + [f"β {b:g}" for b in betas] + ["even seeds get", "odd seeds get", "all seeds pick"],
-        [[loss.upper()] + [num(c["validation"][f"{b:g}"]["mean"], std=c["validation"][f"{b:g}"]["std"])
-                           for b in betas] + [f"{c['even_seeds_get']:g}", f"{c['odd_seeds_get']:g}",
-                                              f"{c['all_seeds_pick']:g}"]
+        ["baseline", "seeds choosing"] + [f"β {b:g}" for b in betas] + ["even seeds get", "odd seeds get",
+                                                                        "all seeds pick"],
+        [[loss.upper(), len(c["choosers"])] + [num(c["validation"][f"{b:g}"]["mean"],
+                                                    std=c["validation"][f"{b:g}"]["std"]) for b in betas]
+         + ["-" if c[k] is None else f"{c[k]:g}" for k in ("even_seeds_get", "odd_seeds_get", "all_seeds_pick")]
          for loss, c in result["chosen"].items()])
     power = markdown_table(["comparison", "SD of win − lose per seed"] + [f"seeds for ±{w}" for w in POWER_HALFWIDTHS],
                            [[p["comparison"], num(p["sd"], ".1f")] + [p["seeds"][f"{w:g}"] for w in POWER_HALFWIDTHS]
                             for p in result["power"]])
     n = len(result["seeds"])
     parts = [
-        f"Paired over {n} seeds (a seed: one SFT model, data order and answer sampling shared by both sides). "
+        f"Paired over up to {n} seeds, each comparison over the seeds that have both its runs (a seed: one SFT "
+        "model, data order and answer sampling shared by both sides). "
         f"Each cell: the mean over seeds of the per-seed difference, with its 95% t-interval; win − lose in points of "
         f"the test prompts' answers judged by their true score. "
         "Verdict (on win − lose, against the paper's MT-Bench number): **reproduced** when the interval excludes 0 "
