@@ -255,7 +255,7 @@ def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
     valid = list((smoke.work / "seed0" / "dpo-b0.05").glob("answers-valid-q4-*.jsonl"))
     assert len(valid) == 1 and len(valid[0].read_text().splitlines()) == 4
     md = (smoke.out / "verdict.md").read_text()
-    assert "| Sr-DPO vs DPO, β 0.1 | +25.0 / +41.2 |" in md and "speaks for the miniature" in md
+    assert "| Sr-DPO vs DPO, β 0.1 | 2 | +25.0 / +41.2 |" in md and "speaks for the miniature" in md
 
 
 def test_verdict_rule():
