@@ -14,7 +14,7 @@ import torch
 
 import common
 from experiments import ROOT, ExperimentError, sizes
-from experiments.claims import CLAIMS, EXPERIMENTS, PREMISE, markdown
+from experiments.claims import CLAIMS, EXPERIMENTS, PREMISE, VERDICT, markdown
 from experiments.context import Context, write_json
 from experiments.render import README, RESULTS, render, write_readme, write_summary, write_views
 
@@ -65,7 +65,7 @@ def _count(text):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m experiments", description=DESCRIPTION)
-    parser.add_argument("experiment", choices=EXPERIMENTS + ("all", PREMISE, "render"),
+    parser.add_argument("experiment", choices=EXPERIMENTS + ("all", PREMISE, VERDICT, "render"),
                         help="a claim, all of them, or render: rewrite the .md and .png files of --out "
                              "from its .json files (after installing matplotlib, say), and experiments/README.md")
     parser.add_argument("--size", choices=sorted(sizes.SIZES), default="default")
@@ -75,12 +75,15 @@ def build_parser():
     parser.add_argument("--out", help="tables and plots (default: experiments/results/SIZE[-smoke])")
     parser.add_argument("--cache", help="where SmolLM2 is converted to (default: $SRPO_CACHE or ~/.cache/srpo)")
     parser.add_argument("--fresh", action="store_true", help="retrain every run instead of reusing it")
+    parser.add_argument("--finished", action="store_true",
+                        help="verdict: report from the runs trained so far (each comparison over the seeds that have "
+                             "both of its runs), training nothing")
     parser.add_argument("--threads", type=_count, default=0,
                         help="torch CPU threads (default: 1 for the tiny model, whose small matrices gain "
                              "nothing from more; torch's default for smollm2)")
     parser.add_argument("--jobs", type=_count, default=0,
-                        help="premise: (q, seed) chains trained at once, in worker processes (default: 2 for the "
-                             "tiny model where the machine has 2 cores, else 1)")
+                        help="premise, verdict: (q, seed) chains trained at once, in worker processes (default: 2 "
+                             "for the tiny model where the machine has 2 cores, else 1)")
     return parser
 
 
@@ -107,6 +110,7 @@ def main(argv=None):
             print(f"--seeds {size.seeds}: no t-test across seeds (it needs at least 2)", flush=True)
         jobs = args.jobs or (min(2, os.cpu_count() or 1) if args.size == "default" else 1)
         ctx = Context(size, args.work or os.path.join(ROOT, "runs", "experiments", tag), out, args.fresh, jobs=jobs)
+        ctx.train_nothing = args.finished
         names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
         results = {name: run_experiment(name, ctx, args.smoke) for name in names}
         if args.experiment == "all":

@@ -32,7 +32,12 @@ from metrics import heldout_metrics, pair_logps
 LABELS = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "sr-dpo": "Sr-DPO", "sr-ipo": "Sr-IPO"}
 LOSSES = ("dpo", "ipo", "sr-dpo", "sr-ipo")  # the four methods, baselines first
 BASELINE = {"sr-dpo": "dpo", "sr-ipo": "ipo"}
+VALIDATION_SEED = 1  # the validation prompts: embedded_pairs("test", seed=1), disjoint from test and train prompts
 RATED_MICRO_BATCH = 8  # SFT micro-batches with --sft_quality_q (the rated rows are ~14x longer)
+
+
+class NotTrained(ExperimentError):
+    """A run that --finished would have had to train."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Run:
     name: str
     loss: str
     flags: tuple = ()
+    validate: bool = False  # also answer the validation prompts (Context.validation_questions; choosing β)
 
 
 def baseline_run(loss):
@@ -72,6 +78,7 @@ class Context:
         self.interim = lambda result: None  # where a long experiment writes its results so far
         self.runs = {}  # out_dir -> "trained" or "reused": the runs the current experiment needed
         self.done = set()  # out_dirs trained or checked by this process (--fresh retrains each once)
+        self.train_nothing = False  # --finished: a run not trained yet raises NotTrained instead of training
         os.makedirs(work, exist_ok=True)
         os.makedirs(out, exist_ok=True)
         questions = answers.load_questions("embedded", "test")
@@ -143,6 +150,8 @@ class Context:
             self.runs.setdefault(out_dir, "reused")
             self.done.add(out_dir)
             return
+        if self.train_nothing:
+            raise NotTrained(f"{label}: not trained yet (--finished trains nothing)")
         shutil.rmtree(out_dir, ignore_errors=True)  # stale answers and metrics go with the old model
         os.makedirs(out_dir)
         t0, cpu0 = time.time(), time.process_time()
@@ -158,12 +167,28 @@ class Context:
         self.done.add(out_dir)
         self.log(f"  {label}: trained in {seconds:.1f}s (CPU {cpu:.1f}s)")
 
-    def answers(self, seed, run):
-        """The run's answers to the test prompts ({question key: answers.Answer}), generated once."""
+    def validation_questions(self):
+        """The validation prompts (size.validation_prompts of them, 0: all): the distinct prompts of
+        embedded_pairs("test", seed=VALIDATION_SEED), none of them a test or training prompt."""
+        pairs = embedded.embedded_pairs("test", seed=VALIDATION_SEED)
+        taken = {q["turns"][0] for q in answers.embedded_questions("test")} | {
+            p.prompt for p in embedded.embedded_pairs("train")}
+        seen = {}
+        for pair in pairs:
+            if pair.prompt in taken:
+                raise ExperimentError(f"validation prompt {pair.prompt!r} is also a test or training prompt")
+            seen.setdefault(pair.prompt, len(seen))
+        questions = [{"question_id": qid, "turns": [prompt], "data_prompt": prompt} for prompt, qid in seen.items()]
+        return questions[:self.size.validation_prompts or None]
+
+    def answers(self, seed, run, split="test"):
+        """The run's answers to the test prompts (split "valid": the validation prompts), {question key:
+        answers.Answer}, generated once, with the same decoding for both splits."""
         folder = self.align(seed, run) if isinstance(run, Run) else os.path.dirname(self.sft(seed))
         s = self.size
-        path = os.path.join(folder, f"answers-q{len(self.questions)}-n{s.max_new_tokens}-t{s.temperature:g}"
-                                    ".jsonl")
+        questions = self.questions if split == "test" else self.validation_questions()
+        path = os.path.join(folder, f"answers{'' if split == 'test' else '-' + split}-q{len(questions)}"
+                                    f"-n{s.max_new_tokens}-t{s.temperature:g}.jsonl")
         if not os.path.exists(path):
             device = "cuda" if torch.cuda.is_available() else "cpu"
             model_dir = os.path.join(folder, checkpoint.FINAL)
@@ -171,7 +196,7 @@ class Context:
             model = models.load_model(model_dir, tokenizer).to(device)
             name = run.name if isinstance(run, Run) else "sft"
             decoding = answers.Decoding(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
-            records, capped = answers.generate_answers(model, tokenizer, self.questions, decoding, name)
+            records, capped = answers.generate_answers(model, tokenizer, questions, decoding, name)
             if capped:
                 self.log(f"  {self.label(seed)} {name}: {capped} answer turn(s) had fewer new tokens than asked, "
                          f"to fit the context")

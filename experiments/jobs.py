@@ -47,6 +47,8 @@ def run_job(ctx, q, seed, run):
         variant.sft_margins(seed)
     else:
         variant.answers(seed, run)
+        if run.validate:
+            variant.answers(seed, run, split="valid")
     return variant.runs
 
 

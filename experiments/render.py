@@ -11,7 +11,7 @@ import re
 
 import common
 from experiments import ROOT, ExperimentError
-from experiments.claims import CLAIMS, EXPERIMENTS, PREMISE, markdown
+from experiments.claims import CLAIMS, EXPERIMENTS, PREMISE, VERDICT, markdown
 from experiments.context import read_json
 from experiments.markdown import markdown_table
 from experiments.plots import pyplot
@@ -90,7 +90,7 @@ def write_readme(results_dir=RESULTS, reading=READING, path=README):
 
 def render(out):
     """Rewrite every NAME.md and NAME.png (and summary.md) in `out` from its NAME.json."""
-    results = {name: read_json(os.path.join(out, name + ".json")) for name in EXPERIMENTS + (PREMISE,)}
+    results = {name: read_json(os.path.join(out, name + ".json")) for name in EXPERIMENTS + (PREMISE, VERDICT)}
     results = {name: r for name, r in results.items() if r is not None}
     if not results:
         raise ExperimentError(f"{out}: no experiment results (NAME.json) to render")

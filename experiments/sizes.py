@@ -42,6 +42,10 @@ class Size:
     micro_batch_size: int = 0
     premise_seeds: int = 5  # the premise experiment's seeds (it needs a paired test)
     premise_qs: tuple = (0.0, 0.1, 0.3, 1.0)  # its grid of quality-aware SFT shares (train.py --sft_quality_q)
+    verdict_seeds: int = 16  # the verdict's seeds (paired intervals: ~±23 points of win − lose at 16, planned)
+    verdict_betas: tuple = (0.025, 0.05, 0.1, 0.2, 0.5)  # the verdict's β grid for DPO and IPO (tuned on validation)
+    verdict_controls: tuple = ("neutral", "opposite", "naive")  # its prompt controls of Sr-DPO at β 0.1
+    validation_prompts: int = 0  # validation prompts answered by the baselines' β sweep (0: all 200)
 
 
 SIZES = {
@@ -50,11 +54,14 @@ SIZES = {
                     eval_pairs=100, test_prompts=0, max_new_tokens=8),
     "smollm2": Size("smollm2", "", sft_steps=100, sft_lr=1e-5, sft_batch_size=64, steps=60, lr=1e-6,
                     batch_size=64, seeds=3, eval_every=10, eval_pairs=200, test_prompts=0, max_new_tokens=12,
-                    chat=True, micro_batch_size=16),
+                    chat=True, micro_batch_size=16, verdict_seeds=2, verdict_betas=(0.1,),
+                    verdict_controls=("neutral",)),
 }
 SMOKE = dict(sft_steps=2, sft_batch_size=4, steps=2, batch_size=4, seeds=2, eval_every=1, eval_pairs=6, test_prompts=4,
-             micro_batch_size=0, train_pairs=16, premise_seeds=2, premise_qs=(0.0, 1.0))
-SMOKE_SMOLLM2 = dict(SMOKE, sft_steps=1, sft_batch_size=2, steps=1, batch_size=2, eval_pairs=2, test_prompts=2,
+             micro_batch_size=0, train_pairs=16, premise_seeds=2, premise_qs=(0.0, 1.0), verdict_seeds=2,
+             verdict_betas=(0.05, 0.1), verdict_controls=("neutral", "naive"), validation_prompts=4)
+SMOKE_SMOLLM2 = dict(SMOKE, verdict_betas=(0.1,), verdict_controls=("neutral",), sft_steps=1,
+                     sft_batch_size=2, steps=1, batch_size=2, eval_pairs=2, test_prompts=2,
                      max_new_tokens=6)  # a 135M model on a CPU
 
 
@@ -66,7 +73,7 @@ def size_for(name, smoke=False, seeds=None, cache_dir=None):
     if smoke:
         size = dataclasses.replace(size, **(SMOKE_SMOLLM2 if name == "smollm2" else SMOKE))
     if seeds:
-        size = dataclasses.replace(size, seeds=seeds, premise_seeds=seeds)
+        size = dataclasses.replace(size, seeds=seeds, premise_seeds=seeds, verdict_seeds=seeds)
     return size
 
 

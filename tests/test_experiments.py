@@ -11,7 +11,7 @@ import statistics
 import pytest
 
 import train
-from experiments import ExperimentError, cli, context, corollary, lambdas, premise, render, sizes, table4
+from experiments import ExperimentError, cli, context, corollary, lambdas, premise, render, sizes, table4, verdict
 from experiments.stats import betainc, t_test, t_two_sided_p
 
 # ----------------------------------------------------------------------------- statistics
@@ -221,6 +221,63 @@ def test_premise_has_every_q_both_pairs_the_lambda_curve_and_the_side_by_side(sm
     assert sft_argv[sft_argv.index("--sft_quality_q") + 1] == "1"
     assert (smoke.out / "premise.md").read_text().count("q = 1") >= 3
     assert "Does a more informative Δπ pay?" in (smoke.out / "premise.md").read_text()
+
+
+def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
+    """The verdict at its smallest (2 seeds, β in {0.05, 0.1}, the neutral and naive controls): every paired
+    comparison has a computed 95% interval in both units, each interval matches its per-seed differences, and
+    the verdicts come from the rule; the validation answers are on their own prompts."""
+    result = smoke("verdict", "--jobs", "2")
+    seeds = result["config"]["seeds"]
+    assert seeds == [0, 1] and result["betas"] == [0.05, 0.1] and result["controls"] == ["neutral", "naive"]
+    assert [r["comparison"] for r in result["rows"]] == [
+        "Sr-DPO vs DPO, both at DPO's tuned β", "Sr-IPO vs IPO, both at IPO's tuned β", "Sr-DPO vs DPO, β 0.1",
+        "Sr-IPO vs IPO, β 0.1", "Sr-DPO (β 0.1) vs DPO at its tuned β", "Sr-DPO, neutral text vs p (β 0.1)",
+        "Sr-DPO, Δ_naive (no text) vs p (β 0.1)", "Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.1",
+        "Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.05"]
+    for row in result["rows"]:
+        assert [e["seed"] for e in row["per_seed"]] == seeds
+        for key, diffs in (("score", [e["score_a"] - e["score_b"] for e in row["per_seed"]]),
+                           ("winlose", [100 * (e["win"] - e["lose"]) for e in row["per_seed"]])):
+            st = row[key]
+            assert st["n"] == 2 and st["per_seed"] == pytest.approx(diffs)
+            assert st["mean"] == pytest.approx(statistics.mean(diffs))
+            assert math.isfinite(st["low"]) and st["low"] <= st["mean"] <= st["high"]
+            assert st["high"] - st["low"] == pytest.approx(2 * 12.706204736 * statistics.stdev(diffs) / math.sqrt(2))
+            assert st["won"] + st["tied"] + st["lost"] == 2
+        assert row["verdict"] == verdict.verdict(row["winlose"], row["paper_mt_bench"], row["direction"])
+    assert result["rows"][0]["paper_mt_bench"] == pytest.approx(25.0)
+    assert result["rows"][-1]["verdict"].startswith(("consistent", "not consistent"))
+    for loss in ("dpo", "ipo"):
+        chosen = result["chosen"][loss]
+        assert set(chosen["validation"]) == {"0.05", "0.1"} and set(chosen["per_seed"]) == {"0", "1"}
+        assert (chosen["per_seed"]["0"], chosen["per_seed"]["1"]) == (chosen["even_seeds_get"], chosen["odd_seeds_get"])
+    valid = list((smoke.work / "seed0" / "dpo-b0.05").glob("answers-valid-q4-*.jsonl"))
+    assert len(valid) == 1 and len(valid[0].read_text().splitlines()) == 4
+    md = (smoke.out / "verdict.md").read_text()
+    assert "| Sr-DPO vs DPO, β 0.1 | 2 | +25.0 / +41.2 |" in md and "speaks for the miniature" in md
+
+
+def test_verdict_rule():
+    assert verdict.verdict({"low": 2.0, "high": 30.0}, 25.0, 1) == "reproduced"
+    assert verdict.verdict({"low": 2.0, "high": 20.0}, 25.0, 1) == "reproduced (smaller than the paper's)"
+    assert verdict.verdict({"low": -10.0, "high": 20.0}, 25.0, 1) == "contradicted"  # excludes the paper's +25
+    assert verdict.verdict({"low": -30.0, "high": -2.0}, None, 1) == "contradicted"
+    assert verdict.verdict({"low": -10.0, "high": 30.0}, 25.0, 1) == "inconclusive"
+    assert verdict.verdict({"low": -30.0, "high": -2.0}, None, -1) == "reproduced"
+    assert verdict.verdict({"low": -3.0, "high": 9.0}, None, -1) == "inconclusive"
+    assert verdict.verdict({"low": -3.0, "high": 9.0}, None, 0).startswith("consistent")
+    assert verdict.verdict({"low": math.nan, "high": math.nan}, 25.0, 1).startswith("inconclusive")
+
+
+def test_validation_prompts_are_disjoint_from_test_and_training_prompts(tmp_path):
+    ctx = context.Context(sizes.size_for("default", smoke=True), str(tmp_path / "w"), str(tmp_path / "o"))
+    assert len(ctx.validation_questions()) == 4
+    ctx.size = dataclasses.replace(ctx.size, validation_prompts=0)
+    valid = {q["turns"][0] for q in ctx.validation_questions()}
+    assert len(valid) == 200
+    assert not valid & {q["turns"][0] for q in context.answers.embedded_questions("test")}
+    assert not valid & {p.prompt for p in context.embedded.embedded_pairs("train")}
 
 
 def test_render_rewrites_the_views_from_the_json(smoke):

@@ -1,23 +1,36 @@
-"""experiments/_verdict_stats_draft.py against scipy.stats: paired t-intervals and the seeds a half-width needs."""
+"""experiments/stats.py's paired t-intervals, seeds for a half-width and Wilcoxon's signed-rank test, against
+scipy.stats (skipped without scipy) and closed forms."""
 
-import importlib.util
 import math
-import os
 
 import pytest
-from scipy import stats
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("_verdict_stats_draft",
-                                               os.path.join(ROOT, "experiments", "_verdict_stats_draft.py"))
-vs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vs)
+from experiments import stats as vs
 
 DIFFS = [0.2355, 0.0054, -0.055, -0.0291, -0.0484, 0.0357, -0.1894, -0.2619]  # Sr-DPO − DPO, seeds8 (committed)
 
 
+@pytest.fixture(scope="module")
+def scipy_stats():
+    return pytest.importorskip("scipy.stats")
+
+
+def test_t_quantile_closed_forms():
+    assert vs.t_quantile(0.75, 1) == pytest.approx(1.0, rel=1e-10)  # Cauchy: tan(π/4)
+    assert vs.t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.025 * 0.975), rel=1e-10)  # df 2
+    assert vs.t_quantile(0.025, 2) == -vs.t_quantile(0.975, 2) and vs.t_quantile(0.5, 7) == 0.0
+    with pytest.raises(ValueError):
+        vs.t_quantile(1.0, 3)
+
+
+@pytest.mark.parametrize("q,df", [(0.975, 1), (0.975, 7), (0.95, 15), (0.995, 3), (0.6, 40), (0.975, 1e6)])
+def test_t_quantile_is_scipys(scipy_stats, q, df):
+    assert vs.t_quantile(q, df) == pytest.approx(scipy_stats.t.ppf(q, df), rel=1e-9)
+
+
 @pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
-def test_paired_interval_is_scipys_t_interval_and_paired_t_test(confidence):
+def test_paired_interval_is_scipys_t_interval_and_paired_t_test(scipy_stats, confidence):
+    stats = scipy_stats
     got = vs.paired_interval(DIFFS, confidence)
     n = len(DIFFS)
     low, high = stats.t.interval(confidence, n - 1, loc=stats.tmean(DIFFS), scale=stats.sem(DIFFS))
@@ -47,7 +60,8 @@ def test_paired_interval_edge_cases():
 @pytest.mark.parametrize("sd", [0.01, 0.15, 0.45, 2.0])
 @pytest.mark.parametrize("w", [0.01, 0.05, 0.25])
 @pytest.mark.parametrize("confidence", [0.9, 0.95])
-def test_seeds_for_halfwidth_is_the_smallest_n_by_scipy(sd, w, confidence):
+def test_seeds_for_halfwidth_is_the_smallest_n_by_scipy(scipy_stats, sd, w, confidence):
+    stats = scipy_stats
     n = vs.seeds_for_halfwidth(sd, w, confidence)
 
     def scipy_half(k):
@@ -67,8 +81,31 @@ def test_seeds_for_halfwidth_limits():
             vs.seeds_for_halfwidth(sd, w)
 
 
-def test_power_table_plans_from_the_sample_sd():
+def test_power_table_plans_from_the_sample_sd(scipy_stats):
+    stats = scipy_stats
     table = vs.power_table(DIFFS, [0.02, 0.05])
     sd = stats.tstd(DIFFS)
     assert [row["seeds"] for row in table] == [vs.seeds_for_halfwidth(sd, 0.02), vs.seeds_for_halfwidth(sd, 0.05)]
     assert table[0]["seeds"] > table[1]["seeds"]
+
+
+@pytest.mark.parametrize("diffs", [DIFFS, [1, 2, 3, 4, 5], [-0.3, 0.1, 0.25, -0.05, 0.7, 0.45],
+                                   [(-1) ** i * i ** 1.3 for i in range(1, 24)]])
+def test_wilcoxon_exact_is_scipys(scipy_stats, diffs):
+    got = vs.wilcoxon(diffs)
+    want = scipy_stats.wilcoxon(diffs, method="exact")
+    assert got["exact"] and got["p"] == pytest.approx(want.pvalue, rel=1e-12)
+    assert min(got["w"], got["n"] * (got["n"] + 1) / 2 - got["w"]) == want.statistic
+
+
+def test_wilcoxon_with_ties_and_zeros_is_scipys_normal_approximation(scipy_stats):
+    diffs = [1, 1, -2, 3, 0, 4, -1, 2, 2, 5]
+    got = vs.wilcoxon(diffs)
+    want = scipy_stats.wilcoxon(diffs, zero_method="wilcox", correction=False, method="approx")
+    assert not got["exact"] and got["n"] == 9 and got["p"] == pytest.approx(want.pvalue, rel=1e-9)
+
+
+def test_wilcoxon_closed_forms():
+    assert vs.wilcoxon([1, 2, 3])["p"] == pytest.approx(2 / 8)  # all positive: 1 of 2^3 patterns per tail
+    assert vs.wilcoxon([-1, 2])["p"] == 1.0
+    assert math.isnan(vs.wilcoxon([0, 0])["p"])

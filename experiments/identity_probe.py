@@ -1,4 +1,5 @@
-"""How near Sr-DPO with Δ_naive at (β, λ) trains to DPO at β(1 − λ), step by step (issue 25; docs/verdict.md §1).
+"""experiments/identity_probe.py: how near Sr-DPO with Δ_naive at (β, λ) trains to DPO at β(1 − λ), step by step
+(issue 25; docs/verdict.md §1).
 
 Compares two train.py runs' metrics.jsonl from the same SFT model, seed and batches, on β-free quantities:
 the mean log π(y±|x) of the batch, h = margin / β, the loss (equal in value by the identity), the accuracy,
@@ -12,7 +13,7 @@ the gradient-norm ratio (1/(1 − λ) by the identity, before clipping); and the
         --eval_every 5 --eval_pairs 100 --batch_size 32 --seed 0 --warmup_steps 9 --epochs 1000 --save_every 0"
     python train.py --loss sr-dpo --refine naive --lam 0.5 --beta 0.1 $A --out_dir /tmp/vp/a
     python train.py --loss dpo --beta 0.05 $A --out_dir /tmp/vp/b
-    python experiments/_verdict_identity_probe_draft.py /tmp/vp/a 0.1 /tmp/vp/b 0.05 [/tmp/vp/d 0.1]
+    python -m experiments.identity_probe /tmp/vp/a 0.1 /tmp/vp/b 0.05 [/tmp/vp/d 0.1]
 
 The optional third run (DPO at β) shows how far apart two β's of the grid are, for scale.
 """
