@@ -140,8 +140,8 @@ def load_tokenizer(name=TINY):
 
 
 # the files of which a tokenizer folder holds one (transformers otherwise builds an empty tokenizer from config.json)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model", "tiktoken.model")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")  # byte-level ones: the config alone
 
 
 def _load_error(name, what, e):

@@ -270,7 +270,7 @@ def test_model_folders_that_cannot_load_fail_in_one_line(tmp_path, capsys):
     notok = tmp_path / "notok"
     models.load_model("tiny", tok, seed=1).save_pretrained(notok)
     assert ev.main([*argv, "--model", str(notok)]) == 2
-    _one_error(capsys, f"{notok}: no tokenizer files (none of tokenizer.json")
+    _one_error(capsys, f"{notok}: no tokenizer files (none of tokenizer_config.json")
     half = tmp_path / "half"
     _saved_tiny(half)
     weights = (half / "model.safetensors").read_bytes()
