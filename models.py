@@ -64,7 +64,7 @@ def check_compatible(name, tokenizer, max_length, flag="--model", policy_name=No
                          f"the policy's tokenizer")
     limit = position_limit(config)
     if limit and max_length > limit:
-        raise ModelError(f"--max_length {max_length}: {flag} {name} has {limit} positions "
+        raise ModelError(f"--max_length {max_length}: more than the {limit} positions of {flag} {name} "
                          f"(max_position_embeddings); use --max_length {limit} or less")
     if policy_name is not None and policy_name != name:
         own = load_tokenizer(name)

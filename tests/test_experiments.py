@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 
+import models
 import train
 from experiments import ExperimentError, cli, context, corollary, lambdas, premise, render, sizes, table4, verdict
 from experiments.stats import betainc, t_test, t_two_sided_p
@@ -107,7 +108,7 @@ def test_t_test_edge_cases():
 def test_every_run_spends_most_of_its_steps_at_its_peak_learning_rate(name, tmp_path, monkeypatch):
     """The SFT and alignment runs of each size, as train.py resolves their flags: a warm-up longer than the run
     (train.py's default of 150 steps, against 20 alignment steps) would leave the methods barely trained."""
-    size = dataclasses.replace(sizes.SIZES[name], model=train.TINY)  # flags only: smollm2's folder is not needed
+    size = dataclasses.replace(sizes.SIZES[name], model=models.TINY)  # flags only: smollm2's folder is not needed
     seen = []
     monkeypatch.setattr(context.Context, "train", lambda self, out_dir, argv, label: seen.append(argv))
     context.Context(size, str(tmp_path / "work"), str(tmp_path / "out")).align(0, context.method_run("sr-dpo"))
