@@ -80,10 +80,10 @@ def test_bf16_source_exports_bf16_with_its_config_and_generates_alike(tmp_path, 
     expected = {}
     export = train.export
 
-    def export_and_generate(policy, *args):  # the in-memory policy's greedy answer, just before it is written
+    def export_and_generate(policy, *args, **kwargs):  # the in-memory policy's greedy answer, just before it is written
         with torch.no_grad():
             expected[os.path.basename(args[1])] = policy.generate(prompt, max_new_tokens=8, do_sample=False)
-        return export(policy, *args)
+        return export(policy, *args, **kwargs)
 
     monkeypatch.setattr(train, "export", export_and_generate)
     code, _ = run(tmp_path / "out", "--model", source, "--loss", "dpo", "--sft_steps", "2", "--max_steps", "2",
