@@ -5,13 +5,10 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from test_train import FAST, ROOT, env, metrics, run
+from test_train import metrics, run, signalled_run
 
 import checkpoint
 import config
@@ -86,16 +83,8 @@ def test_overwrite_starts_over(tmp_path, capsys):
 
 
 def test_sigusr1_checkpoints_and_exits_with_the_requeue_code(tmp_path):
-    flags = ["--loss", "dpo", "--max_steps", "200", "--epochs", "100"]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path), *FAST, *flags, "--resume",
-           "auto"]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while len(metrics(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == distributed.REQUEUE_EXIT == 3, out[-2000:]
+    returncode, out = signalled_run(tmp_path, signal.SIGUSR1, "--resume", "auto")
+    assert returncode == distributed.REQUEUE_EXIT == 3, out[-2000:]
     assert "SIGUSR1: checkpoint written at dpo step" in out and "exiting with status 3" in out
     extra = torch.load(tmp_path / checkpoint.CHECKPOINT / "extra_rank0.pt", weights_only=True)
     assert extra["step"] == len(metrics(tmp_path)) >= 2

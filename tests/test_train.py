@@ -186,16 +186,22 @@ def test_only_project_errors_become_one_line(tmp_path, monkeypatch):
         run(tmp_path, "--loss", "dpo", "--max_steps", "1")
 
 
-def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path), *FAST,
-           "--loss", "dpo", "--max_steps", "200", "--epochs", "100"]
+def signalled_run(out_dir, sig, *flags):
+    """(exit status, output) of a long DPO run of train.py sent `sig` once it has logged 2 steps."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(out_dir), *FAST,
+           "--loss", "dpo", "--max_steps", "200", "--epochs", "100", *flags]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while len(metrics(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
+    while len(metrics(out_dir)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-2000:]
+    return proc.returncode, out
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
+    returncode, out = signalled_run(tmp_path, signal.SIGTERM)
+    assert returncode == 0, out[-2000:]
     assert "SIGTERM" in out
     extra = torch.load(tmp_path / checkpoint.CHECKPOINT / "extra_rank0.pt", weights_only=True)
     assert extra["step"] == len(metrics(tmp_path)) >= 2
