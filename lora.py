@@ -178,7 +178,7 @@ class Reference(torch.nn.Module):
     """π_ref as a module: the LoRA policy with its adapters disabled (``reference_view``) on every call.
 
     It holds no weights of its own: the policy's base is the reference, so it costs no memory. What the
-    loop asks of a reference (``view_logps``, ``metrics.pair_logps``, ``models.choose_packing``) works on it:
+    loop asks of a reference (``view_logps``, ``metrics.pair_logps``, ``scoring.choose_packing``) works on it:
     calls, .config, .get_output_embeddings() (the fused head), .parameters() (for the device) and .modules()
     (for resharding). Never call
     requires_grad_(False) on it: that would freeze the policy's adapters.
@@ -193,7 +193,7 @@ class Reference(torch.nn.Module):
         return self.policy.config
 
     def get_output_embeddings(self):
-        """The policy's head (not a LoRA target by default), which models.fused_logps scores through."""
+        """The policy's head (not a LoRA target by default), which scoring.fused_logps scores through."""
         return self.policy.get_output_embeddings()
 
     def forward(self, *args, **kwargs):

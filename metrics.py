@@ -16,7 +16,8 @@ import torch.distributed as dist
 import common
 import data
 from common import EvalError
-from models import model_device, to_device, view_logps
+from models import model_device, to_device
+from scoring import view_logps
 from srpo import implicit_reward
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0
     examples: ``data.tokenize_pairs`` output; with_p: also score the p ⊕ x view (the examples must have
     it: tokenize_pairs with a refine_prompt). batch_size: pairs per forward pass (2·batch_size rows).
     average: per-token mean log-probs instead of sums. packing, pack_length: ``data.collate``'s batch layout
-    (the same log-probs in each; see ``models.choose_packing``). Each rank scores an equal-sized share (FSDP's
+    (the same log-probs in each; see ``scoring.choose_packing``). Each rank scores an equal-sized share (FSDP's
     collectives need equal counts; the last share repeats the last pair), then the shares are summed
     over ranks. The model's train/eval mode is left as it is; batches go to its first parameter's device.
     progress: a ``common.Progress`` line on rank 0 (True: on stderr; or a text stream).

@@ -134,13 +134,19 @@ class _TokenLogps(torch.autograd.Function):
 
 
 def _softmax_grad_into(out, logits, targets, g, acc):
-    """out = g·(onehot(targets) - softmax(logits)), with one chunk of scratch in `acc`, freed on return.
+    """out = g·(onehot(targets) - softmax(logits)), with one chunk of scratch in `acc`, freed on return
+    (none when out is logits and already in `acc`: then the softmax is taken in place).
 
     Shape: out [n, V] (written), logits [n, V] any float dtype, targets [n] int64 >= 0, g [n] acc.
     """
-    scratch = torch.softmax(logits, dim=1, dtype=acc)
+    if out is logits and logits.dtype == acc:
+        scratch = logits.sub_(logits.amax(1, keepdim=True)).exp_()
+        scratch.div_(scratch.sum(1, keepdim=True))
+    else:
+        scratch = torch.softmax(logits, dim=1, dtype=acc)
     scratch.mul_(-g[:, None]).scatter_add_(1, targets[:, None], g[:, None])
-    out.copy_(scratch)  # converts to out's dtype without a second temporary
+    if scratch is not out:
+        out.copy_(scratch)  # converts to out's dtype without a second temporary
 
 
 def token_logps(logits, labels):
@@ -238,9 +244,9 @@ def packed_sequence_logps(logits, labels, segment_ids, n_sequences, average=Fals
 class _HeadTokenLogps(torch.autograd.Function):
     """log softmax(h·Wᵀ + b)[target] of scored rows, one chunk of logits at a time (Appendix C, step ii).
 
-    Forward and backward each hold one chunk of logits (and its float32 softmax): backward recomputes
-    the chunk's logits from h and W instead of keeping them. The chunk's logits are made as the head
-    makes them (F.linear in the inputs' dtype), then scored in float32.
+    Forward and backward each hold one chunk of logits: backward recomputes the chunk's logits from h
+    and W instead of keeping them. The chunk's logits are made as the head makes them (F.linear in the
+    inputs' dtype), then scored in float32, in place where they are float32 already.
     """
 
     @staticmethod
@@ -249,8 +255,11 @@ class _HeadTokenLogps(torch.autograd.Function):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = torch.empty(targets.shape, dtype=acc, device=hidden.device)
         for a, b in _chunks(hidden.shape[0], weight.shape[0]):
-            logits = F.linear(hidden[a:b], weight, bias)
-            out[a:b] = torch.log_softmax(logits, dim=1, dtype=acc).gather(1, targets[a:b, None]).squeeze(1)
+            # log softmax in place on the chunk (x - max - log Σ exp(x - max)): one chunk of scratch, not two.
+            logits = F.linear(hidden[a:b], weight, bias).to(acc)
+            top = logits.amax(1, keepdim=True)
+            picked = logits.gather(1, targets[a:b, None]).sub_(top).squeeze(1)
+            out[a:b] = picked - logits.sub_(top).exp_().sum(1).log_()
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets)
         return out

@@ -20,7 +20,8 @@ import data
 import lora
 from checkpoint import SFT_DIR, load_checkpoint
 from common import ConfigError
-from models import choose_packing, frozen_copy, load_sharded, mixed_precision
+from models import frozen_copy, load_sharded, mixed_precision
+from scoring import choose_packing
 from srpo import REFINE_PROMPTS, SELF_REFINED
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -90,7 +91,7 @@ def stage_steps(cfg, n_examples):
 class Stage:
     """What one stage trains with: the FSDP2 policy, π_ref (None when cached or SFT), the reference cache
     and the held-out reference scores (``metrics.pair_logps``), the optimizer, the step to start at, and the batch
-    layout (``models.choose_packing``)."""
+    layout (``scoring.choose_packing``)."""
     policy: torch.nn.Module
     ref: torch.nn.Module | None
     cache: dict | None

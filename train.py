@@ -57,8 +57,8 @@ from models import (
     source_config,
     source_dtype,
     to_device,
-    view_logps,
 )
+from scoring import view_logps
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 from stages import load_examples, plan, setup_stage, step_batches, uses_p_view
 from tracking import Tracker, progress_line, stage_line, step_metrics, summary, tracker_backend

@@ -1,4 +1,4 @@
-"""A large vocabulary's cost in one Sr-DPO step: fused log-probs (models.FUSED_LOGPS, never the [B, T, V] logits)
+"""A large vocabulary's cost in one Sr-DPO step: fused log-probs (scoring.FUSED_LOGPS, never the [B, T, V] logits)
 against the full logits, on a Qwen2-shaped random model (d 128, 2 layers) with vocabulary 151,936 and with 512.
 
     python benchmarks/vocab_step.py [--json benchmarks/results/vocab_step.json]   # about 3 minutes on 2 CPU cores
@@ -29,6 +29,7 @@ from step_cost import machine, peak, reset_peak, synthetic_examples  # noqa: E40
 import data  # noqa: E402
 import distributed  # noqa: E402
 import models  # noqa: E402
+import scoring  # noqa: E402
 import stages  # noqa: E402
 import train  # noqa: E402
 
@@ -76,7 +77,7 @@ def setup(args, vocab):
 
 
 def measure_memory(args, vocab, path):
-    models.FUSED_LOGPS, models.FUSED_MIN_VOCAB = path == "fused", 0
+    scoring.FUSED_LOGPS, scoring.FUSED_MIN_VOCAB = path == "fused", 0
     step, device = setup(args, vocab)
     step(0)
     base = reset_peak(device)
@@ -90,7 +91,7 @@ def measure_time(args):
     seconds = {"fused": [], "full": []}
     for i in range(1 + args.steps):
         for path in seconds:
-            models.FUSED_LOGPS = path == "fused"
+            scoring.FUSED_LOGPS = path == "fused"
             t0 = time.perf_counter()
             step(2 * i + (path == "full"))
             if i:

@@ -1,5 +1,5 @@
 """The architecture, read from the source with ast: every module under 600 lines, imports that go one way
-(common, defaults <- srpo <- formats, embedded, packing <- data <- models <- metrics <- checkpoint, tracking
+(common, defaults <- srpo <- formats, embedded, packing <- data <- models <- scoring <- metrics <- checkpoint, tracking
 <- stages <- train; metrics <- judge* / answers <- evaluate <- experiments, benchmarks; common <- lora <- models),
 no cycle, srpo.py on torch and the standard library alone, and every shared default written once, in defaults.py."""
 import ast
@@ -17,7 +17,8 @@ MAX_LINES = 600
 BASE = {"common", "defaults"}
 DATA = BASE | {"srpo", "formats", "embedded", "packing", "data"}
 MODELS = DATA | {"distributed", "lora", "models"}
-MEASURE = MODELS | {"metrics"}
+SCORING = MODELS | {"scoring"}
+MEASURE = SCORING | {"metrics"}
 JUDGE = MEASURE  # judge.py and the modules it splits into (judge_*.py, answers.py)
 ALLOWED = {
     "common": set(),
@@ -30,7 +31,8 @@ ALLOWED = {
     "distributed": set(),
     "lora": BASE,  # LoRA (Issue 23): peft adapters; models.py loads and exports through it
     "models": MODELS - {"models", "distributed"},
-    "metrics": MODELS - {"distributed"},
+    "scoring": MODELS - {"distributed"},
+    "metrics": SCORING - {"distributed"},
     "checkpoint": MEASURE,
     "tracking": MEASURE,
     "stages": MEASURE | {"checkpoint"},

@@ -15,6 +15,7 @@ import evaluate as ev
 import formats
 import metrics
 import models
+import scoring
 from srpo import REFINE_PROMPTS
 
 # ------------------------------------------------------------------ accuracy and margins
@@ -165,7 +166,7 @@ def test_pair_logps_matches_forward_logps_one_pair_at_a_time():
         batch = data.collate([example], tok.pad_token_id)
         for prefix in ("", "p_"):
             with torch.no_grad():
-                rows = models.forward_logps(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                rows = scoring.forward_logps(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
                                             batch[prefix + "labels"])
             assert out[prefix + "chosen"][i] == pytest.approx(float(rows[0]), abs=1e-4)
             assert out[prefix + "rejected"][i] == pytest.approx(float(rows[1]), abs=1e-4)

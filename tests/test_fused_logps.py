@@ -14,6 +14,7 @@ import torch
 import data
 import metrics
 import models
+import scoring
 from srpo import IGNORE_INDEX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,7 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attentio
 @pytest.fixture(autouse=True)
 def fused_for_small_vocabularies(monkeypatch):
     """The tiny models here have small vocabularies, which models.py leaves to the full logits by default."""
-    monkeypatch.setattr(models, "FUSED_MIN_VOCAB", 0)
+    monkeypatch.setattr(scoring, "FUSED_MIN_VOCAB", 0)
 
 
 def build(family, dtype=torch.float32, **extra):
@@ -101,7 +102,7 @@ def assert_grads_close(ours, ref, rel=1e-5, what=""):
 
 
 def fused_on(model):
-    assert models.fused_logps(model), "expected the fused path"
+    assert scoring.fused_logps(model), "expected the fused path"
 
 
 FAMILIES = ["gpt_neox", "llama", "llama_tied", "qwen2", "gemma", "gpt2", "opt"]
@@ -112,7 +113,7 @@ def test_fused_equals_full_logits_fp32_values_and_grads(family):
     model = build(family)
     fused_on(model)
     batch = data.collate(examples(), 0)
-    fused, g_fused = values_and_grads(model, lambda: models.view_logps(model, batch, 6, "p_"))
+    fused, g_fused = values_and_grads(model, lambda: scoring.view_logps(model, batch, 6, "p_"))
     ref, g_ref = values_and_grads(model, lambda: reference_logps(model, batch, "p_"))
     torch.testing.assert_close(fused, ref, rtol=0, atol=2e-5)
     head = [k for k, p in model.named_parameters() if p is model.get_output_embeddings().weight]
@@ -126,12 +127,12 @@ def test_fused_equals_full_logits_bf16(family, monkeypatch):
     model = build(family, torch.bfloat16)
     fused_on(model)
     batch = data.collate(examples(), 0)
-    fused, g_fused = values_and_grads(model, lambda: models.view_logps(model, batch, 6))
+    fused, g_fused = values_and_grads(model, lambda: scoring.view_logps(model, batch, 6))
     ref, g_ref = values_and_grads(model, lambda: reference_logps(model, batch))
     torch.testing.assert_close(fused, ref, rtol=0, atol=1e-4)
     assert_grads_close(g_fused, g_ref, rel=2e-2)
-    monkeypatch.setattr(models, "FUSED_LOGPS", False)
-    full, g_full = values_and_grads(model, lambda: models.view_logps(model, batch, 6))
+    monkeypatch.setattr(scoring, "FUSED_LOGPS", False)
+    full, g_full = values_and_grads(model, lambda: scoring.view_logps(model, batch, 6))
     torch.testing.assert_close(fused, full, rtol=0, atol=1e-4)
 
 
@@ -139,15 +140,15 @@ def test_fused_equals_full_logits_bf16(family, monkeypatch):
 @pytest.mark.parametrize("average", [False, True])
 def test_every_layout_fused_equals_full(family, average, monkeypatch):
     model = build(family)
-    supported = models.supported_packings(model, torch.device("cpu"))
+    supported = scoring.supported_packings(model, torch.device("cpu"))
     assert supported[0] == "padded"
     padded = data.collate(examples(), 0)
     for packing in supported:
         batch = data.collate(examples(), 0, packing, 64)
-        monkeypatch.setattr(models, "FUSED_LOGPS", True)
-        fused, g_fused = values_and_grads(model, lambda: models.view_logps(model, batch, 6, "", average))
-        monkeypatch.setattr(models, "FUSED_LOGPS", False)
-        full, g_full = values_and_grads(model, lambda: models.view_logps(model, batch, 6, "", average))
+        monkeypatch.setattr(scoring, "FUSED_LOGPS", True)
+        fused, g_fused = values_and_grads(model, lambda: scoring.view_logps(model, batch, 6, "", average))
+        monkeypatch.setattr(scoring, "FUSED_LOGPS", False)
+        full, g_full = values_and_grads(model, lambda: scoring.view_logps(model, batch, 6, "", average))
         torch.testing.assert_close(fused, full, rtol=0, atol=2e-5, msg=packing)
         assert_grads_close(g_fused, g_full, what=packing)
         if not average:
@@ -160,7 +161,7 @@ def test_heldout_metrics_unchanged(monkeypatch):
     pairs = examples(n=5)
     scores = {}
     for fused in (True, False):
-        monkeypatch.setattr(models, "FUSED_LOGPS", fused)
+        monkeypatch.setattr(scoring, "FUSED_LOGPS", fused)
         pol = metrics.pair_logps(policy, pairs, 0, batch_size=2, with_p=True)
         ref_ = metrics.pair_logps(ref, pairs, 0, batch_size=2, with_p=True)
         scores[fused] = (pol, metrics.heldout_metrics(pol, ref_, pairs, beta=0.1))
@@ -184,25 +185,25 @@ def test_post_head_changes_fall_back_with_a_log_line(family, field, probe_only, 
     """Named by its config field, or (probe_only: the field list emptied) caught by the probe, whose check is
     that the model returns its head's output unchanged. Either way the log-probs are the full logits'."""
     if probe_only:
-        monkeypatch.setattr(models, "POST_HEAD_FIELDS", {})
-    monkeypatch.setattr(models, "_SAID", set())
+        monkeypatch.setattr(scoring, "POST_HEAD_FIELDS", {})
+    monkeypatch.setattr(scoring, "_SAID", set())
     model = build(family, **field)
     key, value = next(iter(field.items()))
     batch = data.collate(examples(), 0)
     with torch.no_grad():
-        ours = models.view_logps(model, batch, 6)
+        ours = scoring.view_logps(model, batch, 6)
         ref = reference_logps(model, batch)
     out = capsys.readouterr().out
     torch.testing.assert_close(ours.double(), ref, rtol=0, atol=2e-5)
     applied = family in ("gemma2", "granite", "cohere")  # the others' forward ignores the planted field
     if probe_only and not applied:
-        assert models.fused_logps(model) and out == ""  # nothing changes the logits: fused is exact
+        assert scoring.fused_logps(model) and out == ""  # nothing changes the logits: fused is exact
         return
-    assert not models.fused_logps(model)
+    assert not scoring.fused_logps(model)
     lines = [line for line in out.splitlines() if "full [rows, tokens, vocab] logits" in line]
     assert len(lines) == 1, out
     assert (f"config.{key} = {value}" if not probe_only else "changes its head's logits") in lines[0]
-    models.view_logps(model, batch, 6)
+    scoring.view_logps(model, batch, 6)
     assert "full [rows" not in capsys.readouterr().out  # named once
 
 
@@ -212,7 +213,7 @@ def test_neutral_post_head_fields_stay_fused_and_exact(family, field):
     model = build(family, **field)
     fused_on(model)
     batch = data.collate(examples(), 0)
-    fused, g_fused = values_and_grads(model, lambda: models.view_logps(model, batch, 6))
+    fused, g_fused = values_and_grads(model, lambda: scoring.view_logps(model, batch, 6))
     ref, g_ref = values_and_grads(model, lambda: reference_logps(model, batch))
     torch.testing.assert_close(fused, ref, rtol=0, atol=2e-5)
     assert_grads_close(g_fused, g_ref)
@@ -235,23 +236,23 @@ def test_readme_three_lines(family):
 @pytest.mark.parametrize("switch", ["FUSED_LOGPS", "FUSED_MIN_VOCAB"])
 def test_switch_off_uses_full_logits(monkeypatch, switch):
     model = build("gpt_neox")
-    monkeypatch.setattr(models, switch, False if switch == "FUSED_LOGPS" else model.config.vocab_size + 1)
+    monkeypatch.setattr(scoring, switch, False if switch == "FUSED_LOGPS" else model.config.vocab_size + 1)
     calls = []
-    monkeypatch.setattr(models, "hidden_token_logps", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(scoring, "hidden_token_logps", lambda *a, **k: calls.append(1))
     with torch.no_grad():
-        models.view_logps(model, data.collate(examples(), 0), 6)
+        scoring.view_logps(model, data.collate(examples(), 0), 6)
     assert not calls
 
 
 DIST_HARNESS = """
 import json, os, sys
 sys.path.insert(0, {root!r})
-import torch, data, distributed, models
+import torch, data, distributed, models, scoring
 from test_fused_logps import examples
 
-calls, fused_head = [], models.hidden_token_logps
-models.hidden_token_logps = lambda *a, **k: calls.append(1) or fused_head(*a, **k)
-models.FUSED_MIN_VOCAB = 0
+calls, fused_head = [], scoring.hidden_token_logps
+scoring.hidden_token_logps = lambda *a, **k: calls.append(1) or fused_head(*a, **k)
+scoring.FUSED_MIN_VOCAB = 0
 rank, world, device = distributed.setup_distributed("cpu")
 tokenizer = models.load_tokenizer("tiny")
 out = {{}}
@@ -261,18 +262,18 @@ for mode in ("fp32", "bf16"):
     for packing in ("padded", "packed", "shared"):
         batch = models.to_device(data.collate(examples(tokenizer.vocab_size), 0, packing, 64), device)
         for fused in (True, False):
-            models.FUSED_LOGPS = fused
+            scoring.FUSED_LOGPS = fused
             calls.clear()
             for module in model.modules():  # after a no-grad forward FSDP2 leaves modules unsharded: the sharded
                 if hasattr(module, "reshard"):  # parameters (and their .grad) are the ones to clear
                     module.reshard()
             model.zero_grad(set_to_none=True)
-            logps = models.view_logps(model, batch, 6, "p_")
+            logps = scoring.view_logps(model, batch, 6, "p_")
             (logps * torch.linspace(-1.0, 2.0, 6)).sum().backward()
             grads = {{k: p.grad.full_tensor().tolist() for k, p in model.named_parameters()
                       if "embed_out" in k or "layers.1.mlp" in k}}
             with torch.no_grad():
-                ref = models.view_logps(model, batch, 6)  # a no-grad pass too
+                ref = scoring.view_logps(model, batch, 6)  # a no-grad pass too
             out[f"{{mode}} {{packing}} {{fused}}"] = {{"logps": logps.tolist(), "grads": grads,
                                                      "ref": ref.tolist(), "calls": len(calls)}}
 if rank == 0:

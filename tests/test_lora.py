@@ -19,6 +19,7 @@ import checkpoint
 import data
 import lora
 import models
+import scoring
 import train
 from srpo import REFINE_PROMPTS
 
@@ -35,7 +36,7 @@ def examples(n=4):
 
 def logps(model, batch):
     with torch.no_grad():
-        return models.view_logps(model, batch, 2 * batch["index"].numel())
+        return scoring.view_logps(model, batch, 2 * batch["index"].numel())
 
 
 def nonzero_adapters(model, seed=1):
@@ -50,13 +51,13 @@ def nonzero_adapters(model, seed=1):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_adapters_start_at_zero_and_the_reference_view_is_the_base(fused, monkeypatch):
-    monkeypatch.setattr(models, "FUSED_MIN_VOCAB", 0 if fused else models.FUSED_MIN_VOCAB)
+    monkeypatch.setattr(scoring, "FUSED_MIN_VOCAB", 0 if fused else scoring.FUSED_MIN_VOCAB)
     batch = data.collate(examples(), 0)
     base = models.load_model()
     policy = lora.add_adapters(models.load_model(), 8, targets=list(TARGETS))
     ref = lora.Reference(policy)
     # the head is found through the peft wrapper and the reference view: both scored as the base model is
-    assert models.fused_logps(policy) == models.fused_logps(ref) == models.fused_logps(base) == fused
+    assert scoring.fused_logps(policy) == scoring.fused_logps(ref) == scoring.fused_logps(base) == fused
     expected = logps(base, batch)
     assert torch.equal(logps(policy, batch), expected)  # B = 0
     nonzero_adapters(policy)
@@ -106,7 +107,7 @@ def test_fused_step_one_equals_full_fine_tuning_only_adapters_change_and_the_exp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(models, "FUSED_MIN_VOCAB", 0)
+    monkeypatch.setattr(scoring, "FUSED_MIN_VOCAB", 0)
     flags = ["--loss", "sr-dpo", "--max_steps", "2", *SGD]
     assert run(tmp_path / "full", *flags)[0] == 0
     code, ms = run(tmp_path / "lora", *flags, *LORA)

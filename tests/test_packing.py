@@ -7,6 +7,7 @@ import torch
 
 import data
 import models
+import scoring
 from srpo import IGNORE_INDEX
 
 VOCAB = 97
@@ -59,7 +60,7 @@ def model(request):
 def logps_and_grads(model, batch, n, prefix, weights, average=False):
     """Per-sequence log-probs, and d(weights · logps)/d(parameter) for every parameter."""
     model.zero_grad(set_to_none=True)
-    logps = models.view_logps(model, batch, n, prefix, average)
+    logps = scoring.view_logps(model, batch, n, prefix, average)
     (logps * weights).sum().backward()
     return logps.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -116,7 +117,7 @@ def test_chosen_only_mean_matches_padded(model):
 
 
 def test_support_check_passes_transformers_models(model):
-    assert models.supported_packings(model, torch.device("cpu")) == data.PACKINGS
+    assert scoring.supported_packings(model, torch.device("cpu")) == data.PACKINGS
 
 
 class IgnoresPositions(torch.nn.Module):
@@ -131,7 +132,7 @@ class IgnoresPositions(torch.nn.Module):
 
 
 def test_support_check_rejects_a_model_that_mixes_sequences():
-    assert models.supported_packings(IgnoresPositions(tiny("gpt-neox", "sdpa")), torch.device("cpu")) == ("padded",)
+    assert scoring.supported_packings(IgnoresPositions(tiny("gpt-neox", "sdpa")), torch.device("cpu")) == ("padded",)
 
 
 def test_shared_mask_keeps_the_responses_apart():

@@ -16,6 +16,7 @@ import data
 import distributed
 import embedded
 import models
+import scoring
 import stages
 import tracking
 import train
@@ -300,16 +301,16 @@ def test_delta_is_deterministic_with_dropout_in_the_config(tmp_path, arch):
 
     def delta(policy, ref):
         with torch.no_grad():
-            pol, rf = models.forward_logps(policy, *view), models.forward_logps(ref, *view)
+            pol, rf = scoring.forward_logps(policy, *view), scoring.forward_logps(ref, *view)
         return refinement(pol[:4], pol[4:], rf[:4], rf[4:], 0.1)
 
     raw = AutoModelForCausalLM.from_pretrained(tmp_path).train()
     with torch.no_grad():
-        assert not torch.equal(models.forward_logps(raw, *view), models.forward_logps(raw, *view))  # dropout is live
+        assert not torch.equal(scoring.forward_logps(raw, *view), scoring.forward_logps(raw, *view))  # dropout is live
     policy, ref = models.load_model(str(tmp_path)).train(), models.load_model(str(tmp_path))
     first = delta(policy, ref)
     assert torch.equal(first, delta(policy, ref))
-    assert torch.equal(models.forward_logps(policy, *view), models.forward_logps(policy, *view))  # the grad pass too
+    assert torch.equal(scoring.forward_logps(policy, *view), scoring.forward_logps(policy, *view))  # the grad pass too
     assert torch.equal(first, delta(policy.eval(), ref.eval()))
 
 

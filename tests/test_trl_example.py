@@ -3,7 +3,7 @@
 Two steps of the tiny model on 8 embedded pairs (one batch: the step sees all of them, in any order). The
 reference model is a differently seeded tiny model, so that at step 1 Δπ ≠ 0 and the loss is not ln 2.
 TRL's tokens are checked to be srpo's data.py tokens (x and p ⊕ x views); TRL's logged step-1 loss and mean Δπ
-are checked against srpo's pipeline (data.collate, models.view_logps, srpo.refinement and the loss) and against a
+are checked against srpo's pipeline (data.collate, scoring.view_logps, srpo.refinement and the loss) and against a
 full-logits log_softmax computation per sequence, without padding.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 import data
 import models
+import scoring
 import srpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +62,8 @@ def test_trl_step_one_matches_srpo(tmp_path, loss):
     beta, lam = args.beta, args.lam
     batch = data.collate(examples, tokenizer.pad_token_id, "padded")
     with torch.no_grad():
-        pol_x, ref_x = (models.view_logps(m, batch, 16, "") for m in (policy, ref))
-        pol_p, ref_p = (models.view_logps(m, batch, 16, "p_") for m in (policy, ref))
+        pol_x, ref_x = (scoring.view_logps(m, batch, 16, "") for m in (policy, ref))
+        pol_p, ref_p = (scoring.view_logps(m, batch, 16, "p_") for m in (policy, ref))
     delta = srpo.refinement(pol_p[:8], pol_p[8:], ref_p[:8], ref_p[8:], beta)
     want_loss = srpo.LOSSES[loss](pol_x[:8], pol_x[8:], ref_x[:8], ref_x[8:], delta, beta, lam).mean().item()
     want_delta = delta.mean().item()
