@@ -87,8 +87,9 @@ def _shifted_targets(labels):
 
 
 def _chunks(n_rows, vocab):
-    """Row ranges of a [n_rows, vocab] matrix, each at most _CHUNK_ELEMENTS elements."""
-    step = max(1, _CHUNK_ELEMENTS // vocab)
+    """Row ranges of a [n_rows, vocab] matrix, each at most _CHUNK_ELEMENTS elements (or one row); with the
+    arguments swapped, the column ranges."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, vocab))
     return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
@@ -134,19 +135,13 @@ class _TokenLogps(torch.autograd.Function):
 
 
 def _softmax_grad_into(out, logits, targets, g, acc):
-    """out = g·(onehot(targets) - softmax(logits)), with one chunk of scratch in `acc`, freed on return
-    (none when out is logits and already in `acc`: then the softmax is taken in place).
+    """out = g·(onehot(targets) - softmax(logits)), with one chunk of scratch in `acc`, freed on return.
 
     Shape: out [n, V] (written), logits [n, V] any float dtype, targets [n] int64 >= 0, g [n] acc.
     """
-    if out is logits and logits.dtype == acc:
-        scratch = logits.sub_(logits.amax(1, keepdim=True)).exp_()
-        scratch.div_(scratch.sum(1, keepdim=True))
-    else:
-        scratch = torch.softmax(logits, dim=1, dtype=acc)
+    scratch = torch.softmax(logits, dim=1, dtype=acc)
     scratch.mul_(-g[:, None]).scatter_add_(1, targets[:, None], g[:, None])
-    if scratch is not out:
-        out.copy_(scratch)  # converts to out's dtype without a second temporary
+    out.copy_(scratch)  # converts to out's dtype without a second temporary
 
 
 def token_logps(logits, labels):
@@ -242,11 +237,14 @@ def packed_sequence_logps(logits, labels, segment_ids, n_sequences, average=Fals
 
 
 class _HeadTokenLogps(torch.autograd.Function):
-    """log softmax(h·Wᵀ + b)[target] of scored rows, one chunk of logits at a time (Appendix C, step ii).
+    """log softmax(h·Wᵀ + b)[target] of scored rows, never more than one chunk of logits (Appendix C, step ii).
 
-    Forward and backward each hold one chunk of logits: backward recomputes the chunk's logits from h
-    and W instead of keeping them. The chunk's logits are made as the head makes them (F.linear in the
-    inputs' dtype), then scored in float32, in place where they are float32 already.
+    Forward goes a chunk of rows at a time and keeps only each row's log Σ exp (lse). Backward recomputes the
+    logits a block of vocabulary at a time, over all rows: d/dlogits = g·(onehot(target) − exp(logits − lse)),
+    then d/dW and d/db of the block's rows of W and b at once, and d/dh summed over the blocks. So no gradient
+    accumulator of W's size is needed (a float32 one would be 2× a bf16 head's weight). The logits are made as
+    the head makes them (F.linear in the inputs' dtype), scored in float32, and d/dlogits is rounded to the
+    logits' dtype before the products, as autograd's full path does.
     """
 
     @staticmethod
@@ -254,40 +252,44 @@ class _HeadTokenLogps(torch.autograd.Function):
         # hidden [N, D], weight [V, D], bias [V] or None, all in one float dtype; targets [N] int64 >= 0.
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = torch.empty(targets.shape, dtype=acc, device=hidden.device)
+        lse = torch.empty(targets.shape, dtype=acc, device=hidden.device)
         for a, b in _chunks(hidden.shape[0], weight.shape[0]):
-            # log softmax in place on the chunk (x - max - log Σ exp(x - max)): one chunk of scratch, not two.
+            # log softmax in place on the chunk (x − max − log Σ exp(x − max)): one chunk of scratch, not two.
             logits = F.linear(hidden[a:b], weight, bias).to(acc)
             top = logits.amax(1, keepdim=True)
-            picked = logits.gather(1, targets[a:b, None]).sub_(top).squeeze(1)
-            out[a:b] = picked - logits.sub_(top).exp_().sum(1).log_()
+            picked = logits.gather(1, targets[a:b, None]).squeeze(1)
+            lse[a:b] = logits.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))
+            out[a:b] = picked - lse[a:b]
             del logits
-        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        # d/dlogits = g·(onehot(target) - softmax), in the logits' dtype as autograd's full path makes it;
-        # then d/dh = dlogits·W and d/dW = dlogitsᵀ·h per chunk, d/dW and d/db summed in float32.
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
         acc = torch.promote_types(hidden.dtype, torch.float32)
         g = grad_out.to(acc)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None \
-            else None
-        for a, b in _chunks(hidden.shape[0], weight.shape[0]):
-            logits = F.linear(hidden[a:b], weight, bias)
-            _softmax_grad_into(logits, logits, targets[a:b], g[a:b], acc)  # logits now hold their gradient
-            if need_h:
-                torch.mm(logits, weight, out=grad_h[a:b])
-            if need_w:
-                grad_w.addmm_(logits.t().to(acc), hidden[a:b].to(acc))
-            if grad_b is not None:
-                grad_b += logits.sum(0, dtype=acc)
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None  # [N, D]
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b and bias is not None else None
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        for v, z in _chunks(weight.shape[0], hidden.shape[0]):  # blocks of vocabulary: [N, z − v] logits each
+            logits = F.linear(hidden, weight[v:z], None if bias is None else bias[v:z])
+            d = logits.to(acc)  # the same tensor where the logits are float32 already
+            d.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # −g·softmax
+            hit = (targets >= v) & (targets < z)
+            d.index_put_((rows[hit], targets[hit] - v), g[hit], accumulate=True)  # + g·onehot(target)
+            d = d.to(logits.dtype)
             del logits
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None)
+            if grad_w is not None:
+                torch.mm(d.t(), hidden, out=grad_w[v:z])
+            if grad_b is not None:
+                grad_b[v:z] = d.sum(0, dtype=acc)
+            if grad_h is not None:
+                grad_h.add_(torch.mm(d, weight[v:z]))
+            del d
+        return None if grad_h is None else grad_h.to(hidden.dtype), grad_w, grad_b, None
 
 
 def hidden_token_logps(hidden, weight, labels, bias=None, segment_ids=None):

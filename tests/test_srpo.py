@@ -465,7 +465,12 @@ def test_hidden_token_logps_holds_one_chunk_of_logits(monkeypatch):
     monkeypatch.setattr(srpo, "_CHUNK_ELEMENTS", 5 * 61)
     hidden, weight, _, labels = head_inputs(torch.float32, False)
     shapes, linear = [], F.linear
-    monkeypatch.setattr(srpo.F, "linear", lambda x, w, b=None: shapes.append(x.shape[0]) or linear(x, w, b))
+    monkeypatch.setattr(srpo.F, "linear",
+                        lambda x, w, b=None: shapes.append((x.shape[0], w.shape[0])) or linear(x, w, b))
     srpo.hidden_sequence_logps(hidden, weight, labels).sum().backward()
     n_scored = int((labels[:, 1:] != srpo.IGNORE_INDEX).sum())
-    assert max(shapes) <= 5 and sum(shapes) == 2 * n_scored  # only scored rows, once forward, once backward
+    assert max(r * v for r, v in shapes) <= 5 * 61  # never more logits at once than one chunk, forward or backward
+    forward = [(r, v) for r, v in shapes if v == weight.shape[0]]  # forward: chunks of rows, the whole vocabulary
+    backward = [(r, v) for r, v in shapes if v < weight.shape[0]]  # backward: blocks of vocabulary, every row
+    assert sum(r for r, _ in forward) == n_scored and sum(v for _, v in backward) == weight.shape[0]
+    assert {r for r, _ in backward} == {n_scored}  # only scored rows, once forward, once backward
