@@ -53,8 +53,10 @@ def test_vocab_step_benchmark_measures_both_paths(tmp_path):
     result = json.loads(out.read_text())
     assert sorted((r["vocab"], r["path"]) for r in result["memory"]) == [
         (512, "full"), (512, "fused"), (1024, "full"), (1024, "fused")]
-    assert set(result["ratios"]) == {"large/small step memory, fused", "large/small step memory, full logits",
-                                     "fused/full step time, large vocab"}
+    assert set(result["ratios"]) == {f"large/small {m}, {p}" for m in ("peak", "step memory")
+                                     for p in ("fused", "full logits")} | {"fused/full step time, large vocab"}
+    memory = {(r["vocab"], r["path"]): r["peak_bytes"] for r in result["memory"]}
+    assert result["ratios"]["large/small peak, fused"] == memory[1024, "fused"] / memory[512, "fused"]
     assert all(s > 0 for s in result["time"]["seconds"]["fused"] + result["time"]["seconds"]["full"])
 
 
