@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from step_cost import machine, peak, reset_peak, sync, synthetic_examples  # noqa: E402
+from step_cost import child, machine, peak, reset_peak, sync, synthetic_examples  # noqa: E402
 
 import config  # noqa: E402
 import data  # noqa: E402
@@ -143,14 +142,6 @@ def measure_memory(args, case):
             "trainable": sum(p.numel() for p in lora.trainable(kit.policy))}
 
 
-def child(argv, one, env):
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--one", one]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"lora.py: {one} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -170,9 +161,9 @@ def main(argv=None):
         sub = [*argv, "--device", args.device, "--model_dir", folder]
         print(f"  {n_params / 1e6:.1f}M-parameter Pythia-shaped model; timing {args.warmup} + {args.steps} rounds",
               flush=True)
-        timing = child(sub, "time", env)
+        timing = child(sub, "time", env, __file__)
         mem_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536") if args.device == "cpu" else env
-        memory = {case: child(sub, case, mem_env) for case in CASES}
+        memory = {case: child(sub, case, mem_env, __file__) for case in CASES}
     result = {"machine": machine(args.device), "params": n_params, "args": vars(args), **timing,
               "memory": memory, "memory_ratio": memory["lora"]["bytes"] / memory["full"]["bytes"]}
     result["goals_met"] = {k: result[k] <= v for k, v in GOALS.items()}

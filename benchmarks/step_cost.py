@@ -301,12 +301,13 @@ def mib(n):
     return "-" if n is None else f"{n / MiB:.1f}"
 
 
-def child(argv, one, env):
-    """run_child in a fresh process: its result."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--one", one]
+def child(argv, one, env, script=__file__):
+    """`script --one ONE` (run_child here; each benchmark's own measurement) in a fresh process: the JSON it
+    prints last."""
+    cmd = [sys.executable, os.path.abspath(script), *argv, "--one", one]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"step_cost.py: {one} failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{os.path.basename(script)}: {one} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

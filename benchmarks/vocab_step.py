@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cost import machine, peak, reset_peak, synthetic_examples  # noqa: E402
+from step_cost import child, machine, peak, reset_peak, synthetic_examples  # noqa: E402
 
 import data  # noqa: E402
 import distributed  # noqa: E402
@@ -111,14 +110,6 @@ def memory_ratios(rows, large):
     return out
 
 
-def child(argv, one, env):
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--one", one]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"vocab_step.py: {one} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -135,11 +126,11 @@ def main(argv=None):
     rows = []
     for vocab in (args.vocab, SMALL):
         for path in ("fused", "full"):
-            rows.append(child(argv, f"mem:{vocab}:{path}", mem_env))
+            rows.append(child(argv, f"mem:{vocab}:{path}", mem_env, __file__))
             r = rows[-1]
             print(f"  vocab {vocab:>6} {path:<5} step {r['step_bytes'] / MiB:8.1f} MiB, peak RSS "
                   f"{r['peak_bytes'] / MiB:8.1f} MiB", flush=True)
-    timing = child(argv, "time", env)
+    timing = child(argv, "time", env, __file__)
     ratios = memory_ratios(rows, args.vocab)
     ratios["fused/full step time, large vocab"] = timing["ratio"]
     tokens = args.prompt_tokens + args.response_tokens
