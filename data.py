@@ -42,11 +42,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from common import DataError, Progress
-from defaults import MAX_LENGTH
-from embedded import embedded_pairs
-from formats import HH_ASSISTANT, Dropped, Kept, keep_all, record_to_pair, report_kept, source_records
-from packing import pack, sequence_piece, shared_piece
+from base.common import DataError, Progress
+from base.defaults import MAX_LENGTH
+from base.embedded import embedded_pairs
+from base.formats import HH_ASSISTANT, Dropped, Kept, keep_all, record_to_pair, report_kept, source_records
+from base.packing import pack, sequence_piece, shared_piece
 from srpo import IGNORE_INDEX
 
 _TRANSCRIPT_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}

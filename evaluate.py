@@ -26,15 +26,13 @@ from pathlib import Path
 
 import torch
 
-import answers
-import common
 import data
-import defaults
-import embedded
-import judge
-import metrics
-from common import EvalError, num
-from models import (
+from base import common, defaults, embedded
+from base.common import EvalError, num
+from mtbench import answers, judge
+from srpo import REFINE_PROMPTS
+from training import metrics
+from training.models import (
     DTYPES,
     TINY,
     ModelError,
@@ -44,7 +42,6 @@ from models import (
     load_tokenizer,
     recorded_reference,
 )
-from srpo import REFINE_PROMPTS
 
 # ----------------------------------------------------------------------------------------------
 # Tables for people

@@ -22,11 +22,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
-import checkpoint
-import lora
-import models
-from common import SrpoError, atomic_path, disk_full, disk_full_message
-from models import MODEL_RECORD, ModelError
+from base.common import SrpoError, atomic_path, disk_full, disk_full_message
+from training import checkpoint, lora, models
+from training.models import MODEL_RECORD, ModelError
 
 
 def export(policy, tokenizer, path, rank, config, dtype, record, card=None, adapter_base=None):

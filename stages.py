@@ -1,10 +1,10 @@
 """stages.py: what each stage of a training run trains on and with.
 
 Owns: the run's tokenized pairs (load_examples), its stages (plan, stage_steps), each stage's policy,
-reference, reference cache, held-out reference scores and optimizer (Stage, setup_stage), the optimizers
-(OPTIMIZERS) and each step's micro-batches on this rank (step_batches).
+reference, reference cache, held-out reference scores and optimizer (Stage, setup_stage)
+and each step's micro-batches on this rank (step_batches).
 Does not own: the flags (train.Config), the step (train.train_step), the loop (train.train_stages), models
-(models.py) or batches' layout and order (data.py).
+(models.py), the optimizers (config.OPTIMIZERS) or batches' layout and order (data.py).
 """
 
 import dataclasses
@@ -15,16 +15,15 @@ import time
 
 import torch
 
-import common
 import data
-import lora
-from checkpoint import SFT_DIR, load_checkpoint
-from common import ConfigError
-from models import frozen_copy, load_sharded, mixed_precision
-from scoring import choose_packing
+from base import common
+from base.common import ConfigError
 from srpo import REFINE_PROMPTS, SELF_REFINED
-
-OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+from training import lora
+from training.checkpoint import SFT_DIR, load_checkpoint
+from training.config import OPTIMIZERS
+from training.models import frozen_copy, load_sharded, mixed_precision
+from training.scoring import choose_packing
 
 
 def uses_p_view(cfg):

@@ -35,20 +35,19 @@ import typing
 import torch
 import torch.distributed as dist
 
-import checkpoint
-import common
 import data
-import lora
-import metrics
-import model_card
-from checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
-from common import ConfigError
-from config import LR_SCHEDULERS, Config, parse_config, resolved, validate
-from distributed import REQUEUE_EXIT, SIGNALS, Failures, Stop, all_sum, log, setup_distributed
-from embedded import embedded_sft_pairs
+from base import common
+from base.common import ConfigError
+from base.embedded import embedded_sft_pairs
+from base.formats import source_records
 from export import export
-from formats import source_records
-from models import (
+from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
+from stages import load_examples, plan, setup_stage, step_batches, uses_p_view
+from training import checkpoint, lora, metrics, model_card
+from training.checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
+from training.config import LR_SCHEDULERS, Config, parse_config, resolved, validate
+from training.distributed import REQUEUE_EXIT, SIGNALS, Failures, Stop, all_sum, log, setup_distributed
+from training.models import (
     DTYPES,
     check_compatible,
     check_model,
@@ -58,10 +57,8 @@ from models import (
     source_dtype,
     to_device,
 )
-from scoring import view_logps
-from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
-from stages import load_examples, plan, setup_stage, step_batches, uses_p_view
-from tracking import Tracker, progress_line, stage_line, step_metrics, summary, tracker_backend
+from training.scoring import view_logps
+from training.tracking import Tracker, progress_line, stage_line, step_metrics, summary, tracker_backend
 
 
 class NonFiniteError(common.SrpoError):

@@ -61,7 +61,7 @@ def load(path, which, tokenizer, device):
     """The model at `path`, loaded for training as the policy, by the old or the new path."""
     import torch
 
-    import models
+    from training import models
 
     mp, _ = models.mixed_precision("fp32", device)
     if which == "old":
@@ -73,8 +73,7 @@ def worker(path, which):
     """One rank: load the model by the old or the new path; rank 0 prints every rank's peak as JSON."""
     import torch.distributed as dist
 
-    import distributed
-    import models
+    from training import distributed, models
 
     rank, world, device = distributed.setup_distributed("cpu")
     tokenizer = models.load_tokenizer(path)

@@ -30,13 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from step_cost import child, machine, peak, reset_peak, sync, synthetic_examples  # noqa: E402
 
-import config  # noqa: E402
 import data  # noqa: E402
-import distributed  # noqa: E402
-import lora  # noqa: E402
-import models  # noqa: E402
-import stages  # noqa: E402
 import train  # noqa: E402
+from training import config, distributed, lora, models  # noqa: E402
 
 CASES = ("full", "lora")
 GOALS = {"memory_ratio": 0.5, "time_ratio": 0.9}
@@ -104,7 +100,7 @@ def setup(args, case):
     else:
         kit.policy = models.load_sharded(args.model_dir, dtype=torch.float32, **load).train()
         kit.ref = models.load_sharded(args.model_dir, dtype=ref_dtype, **load).requires_grad_(False)
-    kit.optimizer = stages.OPTIMIZERS[kit.cfg.optimizer](lora.trainable(kit.policy), lr=kit.cfg.lr)
+    kit.optimizer = config.OPTIMIZERS[kit.cfg.optimizer](lora.trainable(kit.policy), lr=kit.cfg.lr)
     examples = synthetic_examples(args.pairs, min(len(tokenizer), args.vocab), args.prompt_tokens,
                                   args.response_tokens, args.p_tokens)
     kit.batch = data.collate(examples, tokenizer.pad_token_id)

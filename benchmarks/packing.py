@@ -37,12 +37,10 @@ sys.path.insert(0, HERE)
 import step_cost  # noqa: E402  (peak memory and device helpers)
 
 import data  # noqa: E402
-import defaults  # noqa: E402
-import distributed  # noqa: E402
-import formats  # noqa: E402
-import models  # noqa: E402
 import train  # noqa: E402
+from base import defaults, formats  # noqa: E402
 from srpo import REFINE_PROMPT  # noqa: E402
+from training import distributed, models  # noqa: E402
 
 # issue 14: HH-RLHF harmless-base test split, tokens (~4 characters a token)
 QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90, 0.99)

@@ -45,12 +45,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import distributed  # noqa: E402
-import metrics  # noqa: E402
-import models  # noqa: E402
-import stages  # noqa: E402
 import train  # noqa: E402
 from srpo import IGNORE_INDEX, LOSSES, SELF_REFINED, refinement  # noqa: E402
+from training import config, distributed, metrics, models  # noqa: E402
 
 # name: (loss, precompute_ref)
 CASES = {"dpo": ("dpo", False), "sr-dpo": ("sr-dpo", False), "sr-dpo cached": ("sr-dpo", True)}
@@ -166,7 +163,7 @@ def setup(args, cached):
     kit.cache = metrics.pair_logps(kit.ref, examples, tokenizer.pad_token_id, args.pairs,
                                    with_p=True) if cached else None
     cfg = train.resolved(train.Config(model=args.model))  # the optimizer and learning rate of train.run
-    kit.optimizer = stages.OPTIMIZERS[cfg.optimizer](kit.policy.parameters(), lr=cfg.lr)
+    kit.optimizer = config.OPTIMIZERS[cfg.optimizer](kit.policy.parameters(), lr=cfg.lr)
     return kit
 
 

@@ -27,11 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_cost import child, machine, peak, reset_peak, synthetic_examples  # noqa: E402
 
 import data  # noqa: E402
-import distributed  # noqa: E402
-import models  # noqa: E402
-import scoring  # noqa: E402
-import stages  # noqa: E402
 import train  # noqa: E402
+from training import distributed, models, scoring  # noqa: E402
+from training.config import OPTIMIZERS  # noqa: E402
 
 LARGE, SMALL = 151936, 512
 GOAL_MEMORY, GOAL_TIME = 3.0, 1.0  # large/small process peak with fused log-probs; fused/full step time
@@ -70,7 +68,7 @@ def setup(args, vocab):
     policy, ref = pair[0].train(), pair[1].eval().requires_grad_(False)
     cfg = train.resolved(train.Config(loss="sr-dpo", model="tiny", batch_size=args.pairs,
                                       micro_batch_size=args.micro, warmup_steps=0))
-    optimizer = stages.OPTIMIZERS[cfg.optimizer](policy.parameters(), lr=cfg.lr)
+    optimizer = OPTIMIZERS[cfg.optimizer](policy.parameters(), lr=cfg.lr)
     examples = synthetic_examples(args.pairs, vocab, args.prompt_tokens, args.response_tokens, args.p_tokens)
     batches = [data.collate(examples[a:a + args.micro], 0) for a in range(0, args.pairs, args.micro)]
     return lambda i: train.train_step(policy, ref, None, optimizer, batches, cfg, "sr-dpo", i, world, device), device

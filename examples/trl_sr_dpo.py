@@ -148,7 +148,7 @@ def build_trainer(args, model=None, ref_model=None):
     from trl import DPOConfig
 
     import data
-    from models import load_model, load_tokenizer
+    from training.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     model = model if model is not None else load_model(args.model, tokenizer, seed=args.seed)

@@ -35,7 +35,7 @@ cli.py, the command line.
 
 import os
 
-import common
+from base import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-import common
+from base import common
 from experiments import ROOT, ExperimentError, sizes
 from experiments.claims import CLAIMS, EXPERIMENTS, PREMISE, VERDICT, markdown
 from experiments.context import Context, write_json

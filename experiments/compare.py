@@ -5,11 +5,11 @@ Markdown cells of such a comparison.
 Does not own: the judging itself (judge.exact_records / exact_summary), the runs (context.py).
 """
 
-import embedded
-import judge
-from common import num, pct
+from base import embedded
+from base.common import num, pct
 from experiments.markdown import pvalue
 from experiments.stats import spread, t_test
+from mtbench import judge
 
 RATES = tuple(k + "_rate" for k in judge.OUTCOMES)  # win_rate, tie_rate, lose_rate
 

@@ -17,17 +17,14 @@ import time
 
 import torch
 
-import answers
-import checkpoint
-import common
 import data
-import defaults
-import embedded
-import models
 import srpo
 import train
+from base import common, defaults, embedded
 from experiments import ExperimentError
-from metrics import heldout_metrics, pair_logps
+from mtbench import answers
+from training import checkpoint, models
+from training.metrics import heldout_metrics, pair_logps
 
 LABELS = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "sr-dpo": "Sr-DPO", "sr-ipo": "Sr-IPO"}
 LOSSES = ("dpo", "ipo", "sr-dpo", "sr-ipo")  # the four methods, baselines first

@@ -8,9 +8,9 @@ Does not own: any claim's table (its own file), the cells of a comparison (compa
 import math
 import os
 
-import defaults
-import models
-from common import num, pct
+from base import defaults
+from base.common import num, pct
+from training import models
 
 
 def pvalue(p):

@@ -2,8 +2,8 @@
 
 import json
 
-import embedded
-from common import num, pct
+from base import embedded
+from base.common import num, pct
 from experiments.compare import COMPARE_HEADERS, compare, compare_cells
 from experiments.context import BASELINE, LABELS, LOSSES, method_run
 from experiments.markdown import markdown_table, pvalue

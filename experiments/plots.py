@@ -7,7 +7,7 @@ Does not own: any claim's figure (its own file).
 
 import math
 
-import judge
+from mtbench import judge
 
 
 def pyplot():

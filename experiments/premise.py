@@ -4,8 +4,7 @@ corollary beside q = 0 (`python -m experiments premise`)."""
 
 import math
 
-import judge
-from common import num, pct
+from base.common import num, pct
 from experiments import ExperimentError
 from experiments.compare import COMPARE_HEADERS, compare, compare_cells
 from experiments.context import BASELINE, LABELS, LOSSES, baseline_run, method_run, sr_run
@@ -14,7 +13,8 @@ from experiments.markdown import markdown_table, mean_std, pct_std, pvalue
 from experiments.plots import finite, label_axes
 from experiments.stats import spread, stat, t_test, t_two_sided_p
 from experiments.table4 import TABLE4
-from metrics import spearman
+from mtbench import judge
+from training.metrics import spearman
 
 TITLE = "The premise: when does self-refinement help?"
 PREMISE_LAMBDAS = (0.1, 0.5, 1.0)  # the premise's λ curve, Sr-DPO's (λ = 0 is the baseline itself)

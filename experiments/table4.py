@@ -1,6 +1,6 @@
 """experiments/table4.py: Table 4: Δ_naive against Δπ, and the rating scale (`python -m experiments table4`)."""
 
-import defaults
+from base import defaults
 from experiments.compare import COMPARE_HEADERS, compare, compare_cells
 from experiments.context import baseline_run, sr_run
 from experiments.markdown import markdown_table

@@ -6,9 +6,8 @@ import dataclasses
 import json
 import math
 
-import defaults
-import embedded
-from common import num
+from base import defaults, embedded
+from base.common import num
 from experiments.context import NotTrained, Run, baseline_run, sr_run
 from experiments.jobs import prepare
 from experiments.markdown import markdown_table, pvalue

@@ -5,13 +5,11 @@ import json
 import pytest
 import torch
 
-import answers
-import common
 import data
-import embedded
 import evaluate as ev
-import formats
-import models
+from base import common, embedded, formats
+from mtbench import answers
+from training import models
 
 # ------------------------------------------------------------------ generate
 

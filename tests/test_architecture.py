@@ -1,52 +1,28 @@
-"""The architecture, read from the source with ast: every module under 600 lines, imports that go one way
-(common, defaults <- srpo <- formats, embedded, packing <- data <- models <- scoring <- metrics <- checkpoint, tracking
-<- stages <- train; metrics <- judge* / answers <- evaluate <- experiments, benchmarks; common <- lora <- models),
-no cycle, srpo.py on torch and the standard library alone, and every shared default written once, in defaults.py."""
+"""The architecture, read from the source with ast: imports between the layers go one way, no cycle,
+srpo.py on torch and the standard library alone, and every shared default written once, in base/defaults.py.
+
+The layers, lowest first (a module may import its own layer and those below it, never one above):
+    srpo.py  <-  base/  <-  data.py  <-  training/  <-  mtbench/  <-  train.py, evaluate.py, export.py
+    <-  experiments/, benchmarks/, examples/
+Length is not checked here: long modules are mentioned (a warning), never split by a test.
+"""
 import ast
 import glob
 import os
 import sys
+import warnings
 
 import pytest
 
-import defaults
+from base import defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_LINES = 600
-# What each top-level module may import from the project: only what lies below it.
-BASE = {"common", "defaults"}
-DATA = BASE | {"srpo", "formats", "embedded", "packing", "data"}
-MODELS = DATA | {"distributed", "lora", "models"}
-SCORING = MODELS | {"scoring"}
-MEASURE = SCORING | {"metrics"}
-JUDGE = MEASURE  # judge.py and the modules it splits into (judge_*.py, answers.py)
-ALLOWED = {
-    "common": set(),
-    "defaults": set(),
-    "srpo": set(),
-    "formats": {"common"},
-    "packing": {"srpo"},
-    "embedded": {"common", "srpo", "formats"},
-    "data": DATA - {"data"},
-    "distributed": set(),
-    "lora": BASE,  # LoRA (Issue 23): peft adapters; models.py loads and exports through it
-    "models": MODELS - {"models", "distributed"},
-    "scoring": MODELS - {"distributed"},
-    "metrics": SCORING - {"distributed"},
-    "checkpoint": MEASURE,
-    "tracking": MEASURE,
-    "stages": MEASURE | {"checkpoint"},
-    "model_card": BASE,
-    "config": MEASURE | {"stages"},
-    "train": MEASURE | {"checkpoint", "tracking", "stages", "model_card", "config", "export"},
-    "export": MEASURE | {"checkpoint"},
-    "evaluate": JUDGE,  # and the judge modules: the CLI dispatches into them (``allowed``)
-}
-TOP = {"experiments", "benchmarks"}  # may import any module above; nothing imports them
-
-
-def is_judge(module):
-    return module.startswith("judge") or module == "answers"
+# Each layer: its top-level names (a module srpo.py is "srpo"; a folder's modules go by the folder's name).
+LAYERS = [{"srpo"}, {"base"}, {"data"}, {"training"}, {"mtbench"}, {"train", "evaluate", "export", "stages"},
+          {"experiments", "benchmarks", "examples"}]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+FOLDERS = ("base", "training", "mtbench", "experiments", "benchmarks", "examples")
+LONG = 800  # lines: a module past this is mentioned (a warning), not failed
 
 
 def project():
@@ -57,61 +33,56 @@ def project():
 def project_files():
     """Every .py file of the project but the tests, relative to ROOT."""
     files = [p + ".py" for p in project()]
-    for folder in sorted(TOP):
+    for folder in FOLDERS:
         files += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, folder, "*.py")))
     return files
 
 
-def allowed(module):
-    """The project modules `module` may import; None for a module this file does not place yet."""
-    judges = {m for m in project() + ["judge", "answers"] if is_judge(m)}
-    if module == "evaluate":
-        return ALLOWED[module] | judges
-    if module in ALLOWED:
-        return ALLOWED[module]
-    if is_judge(module):
-        return JUDGE | (judges - {module})
-    return None
+def top_name(path):
+    """The layer name of a file relative to ROOT: its folder, or its module name at the top."""
+    return path.split("/")[0] if "/" in path else path[:-3]
 
 
 def imported(path):
-    """Top-level names of every module that a file imports (at any depth of its code)."""
+    """Dotted names of every module that a file imports (at any depth of its code); ``from base import common``
+    gives base.common and base."""
     with open(path, encoding="utf-8") as fh:
         tree = ast.parse(fh.read(), path)
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
     return names
 
 
 def graph():
-    """{module: project modules it imports} of the top-level modules, experiments/ and benchmarks/."""
-    names = set(project()) | TOP
-    edges = {name: imported(os.path.join(ROOT, name + ".py")) & names for name in project()}
-    for folder in sorted(TOP):
-        for path in glob.glob(os.path.join(ROOT, folder, "*.py")):
-            edges[os.path.relpath(path, ROOT)] = imported(path) & names
-    return edges
+    """{file relative to ROOT: top-level project names it imports}."""
+    names = set(LAYER)
+    return {path: {n.split(".")[0] for n in imported(os.path.join(ROOT, path))} & names for path in project_files()}
 
 
-def test_every_module_has_a_place():
-    unplaced = [m for m in project() if allowed(m) is None]
-    assert not unplaced, f"{unplaced}: new modules; add each to ALLOWED (what it may import) in this file"
+def upward(edges):
+    """[(file, name)] of each import of a layer above the file's own."""
+    return [(path, dep) for path, deps in edges.items() for dep in sorted(deps) if LAYER[dep] > LAYER[top_name(path)]]
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in project() if m not in LAYER]
+    top = sorted(LAYERS[0] | LAYERS[2] | LAYERS[5])
+    assert not unplaced, f"{unplaced}: new top-level modules; the top holds {top}: put each in the folder it fits"
 
 
 def test_imports_go_one_way_only():
-    for module, deps in graph().items():
-        # experiments/, benchmarks/: any project module, and their own package
-        ok = set(project()) | {module.split("/")[0]} if "/" in module else (allowed(module) or set())
-        assert deps <= ok, f"{module} imports {sorted(deps - ok)}, which lie above it or beside it"
+    found = upward(graph())
+    assert not found, "; ".join(f"{path} imports {dep}, which lies above it" for path, dep in found)
 
 
 def test_common_and_defaults_import_nothing_of_the_project():
-    for module in ("common", "defaults"):
-        assert not graph()[module], f"{module}.py imports {sorted(graph()[module])}"
+    for path in ("base/common.py", "base/defaults.py"):
+        assert not graph()[path], f"{path} imports {sorted(graph()[path])}"
 
 
 def find_cycle(edges):
@@ -138,42 +109,59 @@ def find_cycle(edges):
     return None
 
 
+def module_graph():
+    """{dotted module: dotted project modules it imports} (base.common, data, training.models, ...)."""
+    def dotted(path):
+        return path[:-3].replace("/", ".").removesuffix(".__init__")
+    modules = {dotted(p) for p in project_files()}
+    return {dotted(p): {n for n in imported(os.path.join(ROOT, p)) if n in modules} - {dotted(p)}
+            for p in project_files()}
+
+
 def test_no_import_cycle():
-    cycle = find_cycle(graph())
+    cycle = find_cycle(module_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_the_checks_can_fail(tmp_path):
     """The cycle finder and the one-way rule catch a planted upward import."""
     path = tmp_path / "metrics.py"
-    path.write_text("import train\nfrom evaluate import main\nimport experiments.paper\n")
-    assert imported(path) == {"train", "evaluate", "experiments"}
-    assert not imported(path) <= ALLOWED["metrics"]
+    path.write_text("import train\nfrom evaluate import main\nfrom mtbench import judge\n")
+    assert imported(path) == {"train", "evaluate", "evaluate.main", "mtbench", "mtbench.judge"}
+    assert upward({"training/metrics.py": {"train", "mtbench", "data"}, "base/formats.py": {"srpo"}}) == [
+        ("training/metrics.py", "mtbench"), ("training/metrics.py", "train")]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
-    assert allowed("judge_prompts") >= {"common", "data", "models", "metrics", "judge"}
-    assert "train" not in allowed("answers")
+    assert long_modules({"a.py": LONG + 1, "b.py": LONG}) == ["a.py: 801 lines"]
 
 
 def test_srpo_imports_torch_and_the_standard_library_only():
     stdlib = set(sys.stdlib_module_names)
-    outside = {name for name in imported(os.path.join(ROOT, "srpo.py")) if name not in stdlib}
+    outside = {name.split(".")[0] for name in imported(os.path.join(ROOT, "srpo.py"))} - stdlib
     assert outside == {"torch"}
 
 
-# ----------------------------------------------------------------------------- size
+def test_every_folder_is_a_package_without_side_effects():
+    for folder in ("base", "training", "mtbench"):
+        with open(os.path.join(ROOT, folder, "__init__.py"), encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+        assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in tree.body), folder
 
-# TODO(merge): judge.py is being split by another branch; empty this set when it lands.
-OVER_LIMIT_FOR_NOW = set()
+
+# ----------------------------------------------------------------------------- size: a budget, not a rule
+
+def long_modules(lines):
+    """["path: n lines"] of each file of {path: lines} past LONG."""
+    return [f"{path}: {n} lines" for path, n in lines.items() if n > LONG]
 
 
-@pytest.mark.parametrize("path", project_files())
-def test_no_module_over_600_lines(path):
-    with open(os.path.join(ROOT, path), encoding="utf-8") as fh:
-        n = sum(1 for _ in fh)
-    if path in OVER_LIMIT_FOR_NOW:
-        pytest.xfail(f"{path}: {n} lines, being split elsewhere")
-    assert n <= MAX_LINES, f"{path}: {n} lines; split it by job (at most {MAX_LINES})"
+def test_long_modules_are_mentioned():
+    lines = {}
+    for path in project_files():
+        with open(os.path.join(ROOT, path), encoding="utf-8") as fh:
+            lines[path] = sum(1 for _ in fh)
+    for line in long_modules(lines):
+        warnings.warn(f"{line}: long; read it through before adding more", stacklevel=1)
 
 
 # ----------------------------------------------------------------------------- defaults written once
@@ -232,7 +220,9 @@ def defaults_written_again(source, path="<source>"):
     return found
 
 
-@pytest.mark.parametrize("path", [p for p in project_files() if p != "defaults.py"])
+# examples/ spell their values out: each is read (and copied) alone.
+@pytest.mark.parametrize("path", [p for p in project_files()
+                                  if p != "base/defaults.py" and not p.startswith("examples/")])
 def test_every_default_is_defined_once_in_defaults_py(path):
     with open(os.path.join(ROOT, path), encoding="utf-8") as fh:
         found = defaults_written_again(fh.read(), path)
@@ -241,7 +231,7 @@ def test_every_default_is_defined_once_in_defaults_py(path):
             pytest.xfail(f"{path}: {found}")
         return
     assert not found, (f"{path}: " + "; ".join(f"line {line}: {name}={value!r}" for line, name, value in found)
-                       + ": read these defaults from defaults.py")
+                       + ": read these defaults from base/defaults.py")
 
 
 def test_the_defaults_check_can_fail():

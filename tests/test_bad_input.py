@@ -12,16 +12,14 @@ import sys
 import pytest
 import torch
 
-import answers
-import checkpoint
-import common
 import data
 import evaluate
-import judge
-import models
 import train
-from formats import Pair
+from base import common
+from base.formats import Pair
+from mtbench import answers, judge
 from srpo import IGNORE_INDEX, REFINE_PROMPT
+from training import checkpoint, models
 
 FAST = ["--device", "cpu", "--batch_size", "8", "--max_pairs", "32", "--sft_steps", "0", "--eval_every", "0",
         "--eval_pairs", "8", "--save_every", "0", "--lr", "3e-3", "--warmup_steps", "1"]

@@ -13,11 +13,9 @@ import pytest
 import torch
 from test_train import FAST, ROOT, env, metrics, run
 
-import checkpoint
-import common
-import distributed
 import export
-import models
+from base import common
+from training import checkpoint, distributed, models
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-import common
+from base import common
 
 
 def test_atomic_writes_keep_the_old_file_or_folder_whole(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import data
-import embedded
-from common import DataError
-from formats import Pair
+from base import embedded
+from base.common import DataError
+from base.formats import Pair
 from srpo import IGNORE_INDEX, REFINE_PROMPT, sequence_logps
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

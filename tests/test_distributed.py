@@ -13,10 +13,8 @@ import pytest
 import torch
 from test_train import FAST, ROOT, env, metrics, run
 
-import checkpoint
-import distributed
-import models
 import train
+from training import checkpoint, distributed, models
 
 LAUNCH = [sys.executable, "-m", "torch.distributed.run"]
 ALIGN = ["--loss", "sr-dpo", "--sft_steps", "2", "--max_steps", "2", "--optimizer", "sgd", "--lr", "0.5"]
@@ -131,7 +129,8 @@ def test_two_nodes_without_a_shared_folder_match_one_process(tmp_path):
 FAULT_HARNESS = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-import torch, common, data, train
+import torch, data, train
+from base import common
 
 fault, rank = sys.argv[1], int(os.environ["RANK"])
 def mark():  # when the fault happened

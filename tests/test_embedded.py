@@ -5,9 +5,9 @@ import pytest
 from test_data import P
 
 import data
-import embedded
-from common import DataError
-from formats import Pair
+from base import embedded
+from base.common import DataError
+from base.formats import Pair
 from srpo import REFINE_PROMPTS, rating_prompt
 
 # ----------------------------------------------------------------------------- embedded dataset

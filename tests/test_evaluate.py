@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import data
-import embedded
 import evaluate as ev
-import formats
-import metrics
-import models
-import scoring
+from base import common, embedded, formats
 from srpo import REFINE_PROMPTS
+from training import metrics, models, scoring
 
 # ------------------------------------------------------------------ accuracy and margins
 

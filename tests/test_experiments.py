@@ -10,10 +10,10 @@ import statistics
 
 import pytest
 
-import models
 import train
 from experiments import ExperimentError, cli, context, corollary, lambdas, premise, render, sizes, table4, verdict
 from experiments.stats import betainc, t_test, t_two_sided_p
+from training import models
 
 # ----------------------------------------------------------------------------- statistics
 

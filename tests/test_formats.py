@@ -8,9 +8,9 @@ import pytest
 from test_data import fixture
 
 import data
-import formats
-from common import DataError
-from formats import Pair
+from base import formats
+from base.common import DataError
+from base.formats import Pair
 
 # ----------------------------------------------------------------------------- formats
 

@@ -12,10 +12,8 @@ import pytest
 import torch
 
 import data
-import metrics
-import models
-import scoring
 from srpo import IGNORE_INDEX
+from training import metrics, models, scoring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 96
@@ -247,7 +245,8 @@ def test_switch_off_uses_full_logits(monkeypatch, switch):
 DIST_HARNESS = """
 import json, os, sys
 sys.path.insert(0, {root!r})
-import torch, data, distributed, models, scoring
+import torch, data
+from training import distributed, models, scoring
 from test_fused_logps import examples
 
 calls, fused_head = [], scoring.hidden_token_logps

@@ -8,12 +8,10 @@ import uuid
 
 import pytest
 
-import common
-import embedded
 import evaluate as ev
-import judge
-import judge_prompts
-from answers import Answer, _prompt_text, embedded_questions, index_answers
+from base import common, embedded
+from mtbench import judge, judge_prompts
+from mtbench.answers import Answer, _prompt_text, embedded_questions, index_answers
 
 # ------------------------------------------------------------------ verdicts
 

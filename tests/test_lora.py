@@ -15,13 +15,10 @@ import pytest
 import torch
 from test_train import FAST, ROOT, assert_close_weights, env, final_weights, metrics, run
 
-import checkpoint
 import data
-import lora
-import models
-import scoring
 import train
 from srpo import REFINE_PROMPTS
+from training import checkpoint, lora, models, scoring
 
 LORA = ["--lora_r", "8"]
 TARGETS = lora.FAMILY_TARGETS["gpt_neox"]

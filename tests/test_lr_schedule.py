@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_train import assert_close_weights, final_weights, run
 
-import checkpoint
 import train
+from training import checkpoint
 
 
 def expected_lr(step, peak, warmup, total, kind):

@@ -6,9 +6,9 @@ import os
 
 from test_train import run
 
-import model_card
 import srpo
 import train
+from training import model_card
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +83,7 @@ def test_command_line_repeats_only_what_differs():
 
 
 def test_model_card_imports_the_standard_library_only():
-    with open(os.path.join(ROOT, "model_card.py"), encoding="utf-8") as fh:
+    with open(os.path.join(ROOT, "training", "model_card.py"), encoding="utf-8") as fh:
         tree = ast.parse(fh.read())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import data
-import models
-import scoring
 from srpo import IGNORE_INDEX
+from training import models, scoring
 
 VOCAB = 97
 P = [7, 3, 9, 11, 2]  # the refinement prompt's tokens in these tests
@@ -199,7 +198,7 @@ def test_a_model_that_rejects_position_ids_trains_every_parameter(tmp_path, monk
     from test_train import final_weights, run
     from torch.distributed.fsdp import FSDPModule
 
-    import checkpoint
+    from training import checkpoint
 
     forward = transformers.GPTNeoXForCausalLM.forward
 

@@ -66,10 +66,10 @@ def test_readme_srpo_example_runs_and_matches_train_step():
     import torch
 
     import data
-    import embedded
-    import models
     import train
+    from base import embedded
     from srpo import REFINE_PROMPT
+    from training import models
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         code = re.search(r"```python\n(.*?)```", fh.read(), re.S).group(1)

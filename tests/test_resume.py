@@ -10,9 +10,7 @@ import pytest
 import torch
 from test_train import metrics, run, signalled_run
 
-import checkpoint
-import config
-import distributed
+from training import checkpoint, config, distributed
 
 STEPS = ("--loss", "dpo", "--max_steps", "2")
 

@@ -12,7 +12,7 @@ import time
 from test_distributed import free_port
 from test_train import FAST, ROOT, env, metrics
 
-import distributed
+from training import distributed
 
 SRUN = r"""#!/bin/bash
 # fake srun: the command once per node, in the background, with SLURM_NODEID and SLURM_PROCID; SIGUSR1 passed

@@ -203,7 +203,7 @@ def test_delta_naive_sr_ipo_is_ipo_at_beta_times_one_minus_lambda_beta(beta, lam
 
 def test_prompt_controls_match_p_in_length_and_differ_in_content():
     """neutral: as many tiny tokens, characters and words as p, no instruction; opposite: p's words, rating 1."""
-    import models
+    from training import models
 
     tok = models.tiny_tokenizer()
     p, neutral, opposite = srpo.REFINE_PROMPT, srpo.REFINE_PROMPT_NEUTRAL, srpo.REFINE_PROMPT_OPPOSITE

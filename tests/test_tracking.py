@@ -8,10 +8,9 @@ import torch
 from test_train import run
 
 import data
-import embedded
-import models
-import tracking
 import train
+from base import embedded
+from training import models, tracking
 
 
 class StandInWriter:

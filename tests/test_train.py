@@ -11,15 +11,11 @@ import time
 import pytest
 import torch
 
-import checkpoint
 import data
-import distributed
-import embedded
-import models
-import scoring
 import stages
-import tracking
 import train
+from base import embedded
+from training import checkpoint, distributed, models, scoring, tracking
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small and fast: 8 pairs a step, no SFT stage, no held-out evaluation until the end.
@@ -361,7 +357,7 @@ def test_train_and_heldout_delta_std_are_one_definition():
     delta_std (metrics.pair_metrics) are the same number: the population std (numpy's ddof=0)."""
     import numpy as np
 
-    import metrics
+    from training import metrics
 
     delta = torch.tensor([0.3, -1.2, 2.5, 0.0, 0.7, 1.1, -0.4], dtype=torch.float64)
     beta, zeros = 0.1, torch.zeros_like(delta)

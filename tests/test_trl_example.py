@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import data
-import models
-import scoring
 import srpo
+from training import models, scoring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from models import model_device, to_device
 from srpo import IGNORE_INDEX, hidden_token_logps, packed_sequence_logps, sequence_logps, sum_token_logps
+from training.models import model_device, to_device
 
 # Score through srpo.hidden_token_logps (never the [R, T, V] logits) where a model passes its checks; False: always
 # the full logits (benchmarks and tests compare the two).

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import torch
 
-import common
 import data
-import defaults
-import embedded
-import formats
-from common import EvalError
-from models import model_device, position_limit
+from base import common, defaults, embedded, formats
+from base.common import EvalError
+from training.models import model_device, position_limit
 
 # ----------------------------------------------------------------------------------------------
 # Questions and answers: JSONL in

@@ -18,7 +18,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from common import DataError
+from base.common import DataError
 
 FORMATS = ("HH-RLHF {chosen, rejected} transcripts; "
            "{prompt, chosen, rejected[, score_chosen, score_rejected]} with text or message lists; "

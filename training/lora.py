@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from common import SrpoError
+from base.common import SrpoError
 
 ADAPTER_DIR = "adapter"  # beside final/'s merged weights: final/adapter
 ADAPTER_NAME = "default"  # peft's name of the one adapter

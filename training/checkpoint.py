@@ -40,8 +40,8 @@ import time
 import torch
 import torch.distributed as dist
 
-import common
-from common import SrpoError
+from base import common
+from base.common import SrpoError
 
 CHECKPOINT, CHECKSUMS, RECORD, LOCK = "checkpoint", "SHA256SUMS", "run.json", "run.lock"
 FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"  # out_dir's other entries: models and the metrics log

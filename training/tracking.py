@@ -11,9 +11,9 @@ import dataclasses
 import json
 import os
 
-import metrics
-from common import ConfigError
+from base.common import ConfigError
 from srpo import SELF_REFINED
+from training import metrics
 
 
 def stage_line(cfg, run, stage, n_steps, packing):

@@ -9,8 +9,8 @@ import random
 import re
 import zlib
 
-from common import DataError
-from formats import Pair
+from base.common import DataError
+from base.formats import Pair
 from srpo import rating_prompt
 
 EMBEDDED_TEMPLATE = "Copy: {}\n"

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import answers
-import common
 import data
-import defaults
-import judge_prompts
-from common import EvalError
+from base import common, defaults
+from base.common import EvalError
+from mtbench import answers, judge_prompts
 
 # ----------------------------------------------------------------------------------------------
 # judge: verdicts, the both-orders rule, rates

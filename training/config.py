@@ -9,17 +9,18 @@ import dataclasses
 import math
 import typing
 
-import common
+import torch
+
 import data
-import defaults
-import lora
-from common import ConfigError
-from models import DTYPES, TINY
+from base import common, defaults
+from base.common import ConfigError
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED
-from stages import OPTIMIZERS
+from training import lora
+from training.models import DTYPES, TINY
 
 PACKINGS = ("auto", *data.PACKINGS)  # --packing (a Config field named data hides the module there)
 LR_SCHEDULERS = ("constant", "linear", "cosine")  # --lr_scheduler, get_lr's kind
+OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # --optimizer
 RESUMES = ("", "yes", "auto")  # --resume: "" not given, "yes" bare --resume (must resume), "auto" (--resume auto)
 
 def _sci(x):

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import common
 import data
-from common import EvalError
-from models import model_device, to_device
-from scoring import view_logps
+from base import common
+from base.common import EvalError
 from srpo import implicit_reward
+from training.models import model_device, to_device
+from training.scoring import view_logps
 
 # ----------------------------------------------------------------------------------------------
 # Rank statistics (numpy, float64). Pure functions of two equally long 1-D sequences.

@@ -14,7 +14,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from common import SrpoError
+from base.common import SrpoError
 
 TINY = "tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

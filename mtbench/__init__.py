@@ -1,0 +1,1 @@
+"""MT-Bench: answers to its questions and the pairwise judge (its prompts apart), above training/."""
