@@ -427,6 +427,11 @@ def collate(examples, pad_token_id, packing="padded", pack_length=None, chosen_o
     return batch
 
 
+def to_device(batch, device):
+    """A collated batch's tensors moved to device."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def steps_per_epoch(n, global_batch, log=None):
     """n // global_batch; the n % global_batch pairs left over are not used that epoch (logged if log)."""
     if global_batch < 1:

@@ -31,7 +31,7 @@ from base import common, defaults, embedded
 from base.common import EvalError, num
 from mtbench import answers, judge
 from srpo import REFINE_PROMPTS
-from training import metrics
+from training import metrics, scoring
 from training.models import (
     DTYPES,
     TINY,
@@ -149,7 +149,7 @@ def run_accuracy(args):
     if args.limit:
         examples = examples[:args.limit]
         _stderr(f"scoring the first {len(examples)} pairs (--limit)")
-    score = lambda model: metrics.pair_logps(model, examples, tokenizer.pad_token_id, args.batch_size,  # noqa: E731
+    score = lambda model: scoring.pair_logps(model, examples, tokenizer.pad_token_id, args.batch_size,  # noqa: E731
                                              with_p=True, progress=True)
     policy_logps = score(policy)
     ref_logps = policy_logps if ref is policy else score(ref)

@@ -5,14 +5,15 @@
 
 One process or many, the loop is the same: the model is sharded with FSDP2's ``fully_shard``
 (each transformer block, then the root), over a process group of one when not under torchrun.
-Owns: main, the loop over the stages (train_stages and the named parts of a step's bookkeeping), the step
-(train_step, get_lr) and metrics.jsonl. Does not own: the flags (config.py), the math (srpo.py), the data
-(data.py), each stage's models, optimizer and batches (stages.py), model loading, sharding and export
-(models.py), the process group and failures (distributed.py), checkpoints (checkpoint.py), the logged lines
-and TensorBoard/W&B (tracking.py), or what is measured on held-out pairs (metrics.py). The functions below
-come in the order they are called:
+Owns: main, the run from top to bottom (``train``: set-up, each stage, each step, held-out evaluation, logging,
+checkpoints, export), what each stage trains on and with, the step (train_step, get_lr) and metrics.jsonl.
+Does not own: the flags (training/config.py), the math (srpo.py), the data (data.py), model loading and sharding
+(training/models.py), scoring passes (training/scoring.py), the metrics a step logs (training/metrics.py), the
+process group and failures (training/distributed.py), checkpoints (training/checkpoint.py), the logged lines and
+TensorBoard/W&B (training/tracking.py), or writing a model folder (export.py). From ``main`` to the loss is four
+calls: main -> train -> train_step -> preference_terms -> srpo.LOSSES[...]. A step:
 
-    per step: for each micro-batch of this rank's share of the global batch
+    for each micro-batch of this rank's share of the global batch
         policy log π(y±|x)            one forward of chosen and rejected together, with grad
         reference log π_ref(y±|x)     no grad (or read from the --precompute_ref cache)
         Sr losses only: Δπ            policy and reference on p ⊕ x, no grad (Eq. 11)
@@ -22,6 +23,7 @@ come in the order they are called:
 
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
@@ -30,7 +32,6 @@ import signal
 import sys
 import time
 import traceback
-import typing
 
 import torch
 import torch.distributed as dist
@@ -42,23 +43,24 @@ from base.embedded import embedded_sft_pairs
 from base.formats import source_records
 from export import export
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
-from stages import load_examples, plan, setup_stage, step_batches, uses_p_view
 from training import checkpoint, lora, metrics, model_card
-from training.checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
-from training.config import LR_SCHEDULERS, Config, parse_config, resolved, validate
-from training.distributed import REQUEUE_EXIT, SIGNALS, Failures, Stop, all_sum, log, setup_distributed
+from training.checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, load_checkpoint, save_checkpoint
+from training.config import LR_SCHEDULERS, OPTIMIZERS, Config, parse_config, resolved, validate
+from training.distributed import REQUEUE_EXIT, SIGNALS, Failures, Preemption, all_sum, log, setup_distributed
 from training.models import (
     DTYPES,
     check_compatible,
     check_model,
+    frozen_copy,
+    load_sharded,
     load_tokenizer,
+    mixed_precision,
     model_record,
     source_config,
     source_dtype,
-    to_device,
 )
-from training.scoring import view_logps
-from training.tracking import Tracker, progress_line, stage_line, step_metrics, summary, tracker_backend
+from training.scoring import choose_packing, pair_logps, view_logps
+from training.tracking import Tracker, progress_line, stage_line, summary, tracker_backend
 
 
 class NonFiniteError(common.SrpoError):
@@ -84,7 +86,7 @@ def main(argv=None):
     failures = Failures(rank, world)
     try:
         validate(cfg, world)
-        return run(resolved(cfg), rank, world, device)
+        return train(resolved(cfg), rank, world, device)
     except (common.SrpoError, torch.OutOfMemoryError) as err:
         return failures.fail(str(err).strip().splitlines()[0], 2)
     except Exception as err:  # a bug: its traceback here; under torchrun also the one line, and every rank stopped
@@ -102,14 +104,18 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the run, top to bottom
 
 
-def run(cfg, rank, world, device):
-    """Check every path and model (``check_start``), hold out_dir's lock, and train (``train_stages``).
+def train(cfg, rank, world, device):
+    """Train cfg's stages (an optional SFT stage, then the alignment loss) and export out_dir/final.
 
-    cfg: a ``resolved`` Config. Returns 0; raises common.SrpoError subclasses for bad input, a checkpoint that
-    cannot be resumed, another run on out_dir, and a non-finite loss.
+    cfg: a ``resolved`` Config. Checks every path and model first (``check_start``) and holds out_dir's lock.
+    Rank 0 writes metrics.jsonl (a line per step, the held-out eval_* keys every --eval_every steps) and the
+    progress lines. Every --save_every steps, at each stage's end and on SIGTERM or SIGUSR1 a checkpoint is
+    written; on either the run then returns early (rerun with --resume): 0 after SIGTERM, REQUEUE_EXIT after SIGUSR1.
+    Returns 0; raises common.SrpoError subclasses for bad input, a checkpoint that cannot be resumed, another run
+    on out_dir, and a non-finite loss.
     """
     from transformers.utils import logging as hf_logging
 
@@ -121,9 +127,143 @@ def run(cfg, rank, world, device):
     try:
         if cfg.overwrite:
             start_over(cfg.out_dir, rank, world, say)
-        return train_stages(cfg, rank, world, device, resume, backend, say)
+
+        # ---- set-up: the pairs, the stages, what sft/ and final/ are written with
+        preemption = Preemption()  # SIGTERM, SIGUSR1: checkpoint at the step's end and return
+        tokenizer = load_tokenizer(cfg.model)
+        examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
+        sft_examples = examples if not cfg.sft_quality_q else data.tokenize_pairs(
+            embedded_sft_pairs(cfg.sft_quality_q)[:cfg.max_pairs or None], tokenizer, cfg.max_length, log=say)
+        if resume and not cfg.resume_force:
+            checkpoint.check_record(checkpoint.read_record(resume), {"train_pairs": len(examples)}, resume)
+        micro = cfg.micro_batch_size or cfg.batch_size // world
+        # log π of every pair under a frozen model: the reference cache and the held-out scores
+        score = functools.partial(pair_logps, pad_token_id=tokenizer.pad_token_id, batch_size=micro, rank=rank,
+                                  world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
+                                  progress=sys.stdout)  # rank 0
+        stages = plan(cfg, len(examples))
+        data.steps_per_epoch(len(examples), cfg.batch_size, log=say)  # the pairs each epoch leaves out, said once
+        record = checkpoint.run_record(cfg, train_pairs=len(examples))
+        if cfg.lr_scheduler != "constant":  # the decay's length is run-defining too
+            record["stage_steps"] = [n for _, n in stages]
+            if resume and not cfg.resume_force:
+                checkpoint.check_record(checkpoint.read_record(resume), {"stage_steps": record["stage_steps"]}, resume)
+        first_step = [sum(n for _, n in stages[:i]) for i in range(len(stages))]  # global step = first_step + step
+        config = source_config(cfg.model, tokenizer)  # what sft/ and final/ write as their config.json
+        card = functools.partial(model_card.model_card, dataclasses.asdict(cfg), train_pairs=len(examples),
+                                 dropped_pairs=sum(examples.dropped.values()),
+                                 refine_prompt=REFINE_PROMPTS[cfg.refine_prompt], command=model_card.command_line(
+                                     dataclasses.asdict(cfg), dataclasses.asdict(resolved(Config(
+                                         model=cfg.model, loss=cfg.loss, max_length=cfg.max_length)))))
+        save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else source_dtype(config)
+        if cfg.resume == "auto" and finished(cfg, stages, resume, rank, device):
+            say(f"--resume auto: the run in {cfg.out_dir} has finished ({os.path.join(cfg.out_dir, FINAL)} is "
+                f"written); nothing to do")
+            return 0
+        start_stage, logged, last_saved = resume_point(cfg, stages, first_step, resume, rank, world, say)
+        tracker = Tracker(cfg, backend, logged + 1) if backend else None
+
+        policy, last = None, None
+        for stage_index in range(start_stage, len(stages)):
+            # ---- each stage: its policy, reference, reference cache, held-out reference scores, optimizer
+            stage, n_steps = stages[stage_index]
+            if cfg.lora_r:  # LoRA: the SFT policy and what holds it freed; sft/ reloaded
+                policy = ref = cache = eval_ref = optimizer = None
+            policy, ref, packing = stage_models(cfg, stage, stage_index, policy, tokenizer, device, save_dtype, say)
+            cache, eval_ref = None, None  # the reference cache (--precompute_ref), the held-out reference scores
+            if ref is not None:
+                if eval_examples:  # π_ref is frozen: score the held-out pairs once
+                    eval_ref = score(ref, eval_examples, with_p=data.with_p_view(eval_examples), packing=packing)
+                if cfg.precompute_ref:
+                    t0 = time.time()
+                    cache = score(ref, examples, with_p=uses_p_view(cfg), packing=packing)
+                    ref = None
+                    gc.collect()
+                    say(f"precomputed reference log-probs of {len(examples):,} pairs in {time.time() - t0:.1f}s; "
+                        f"reference model freed")
+            policy.train()
+            lora.reshard(policy)  # the reference passes above may have been the policy's own forwards (LoRA)
+            optimizer = OPTIMIZERS[cfg.optimizer](lora.trainable(policy), lr=cfg.lr)  # with LoRA, the adapters only
+            step = 0
+            if resume and stage_index == start_stage:
+                step = load_checkpoint(resume, policy, optimizer, rank)["step"]
+                say(f"resumed {stage} at step {step} from {resume}")
+            say(stage_line(cfg, world, micro, stage, n_steps, packing))
+            batches = step_batches(sft_examples if stage == "sft" else examples, cfg, micro, tokenizer.pad_token_id,
+                                   rank, world, step, n_steps, packing, chosen_only=stage == "sft")
+            for micro_batches in batches:
+                # ---- each step: the update, its metrics (metrics.step_metrics) at their global step
+                t0 = time.time()
+                try:
+                    summed = train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, world, device,
+                                        n_steps)
+                except (NonFiniteError, RuntimeError) as err:
+                    failure = step_failure(err, cfg, stage, step, last_saved)
+                    if failure is None:
+                        raise
+                    raise failure from None
+                step += 1
+                m = metrics.step_metrics(summed, stage, step, time.time() - t0)
+                m["global_step"] = first_step[stage_index] + step
+
+                # ---- held-out metrics every --eval_every steps and at the stage's end, as eval_* keys
+                if eval_ref is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
+                    policy.eval()
+                    scores = score(policy, eval_examples, with_p=data.with_p_view(eval_examples), packing=packing)
+                    last = metrics.heldout_metrics(scores, eval_ref, eval_examples, cfg.beta)
+                    policy.train()
+                    m.update({f"eval_{k}": v for k, v in last.items() if isinstance(v, (int, float))})
+
+                # ---- rank 0 logs: metrics.jsonl, the progress line every --log_every steps, the tracker
+                if rank == 0:
+                    with open(os.path.join(cfg.out_dir, METRICS), "a") as fh:
+                        fh.write(json.dumps(m) + "\n")
+                    if m["step"] % cfg.log_every == 0 or m["step"] == n_steps:
+                        print(progress_line(m, n_steps), flush=True)
+                    if tracker:
+                        tracker.log(m)
+
+                # ---- a checkpoint every --save_every steps, and after SIGTERM or SIGUSR1 on any rank
+                got = all_sum([float(sig in preemption.received) for sig in SIGNALS], device)
+                preempted = next((sig.name for sig, n in reversed(list(zip(SIGNALS, got))) if n > 0), "")
+                if preempted or (cfg.save_every and step % cfg.save_every == 0):
+                    last_saved = save_checkpoint(cfg.out_dir, policy, optimizer, stage, stage_index, step, record,
+                                                 rank, world)
+                if preempted:  # SIGUSR1 on any rank asks for a requeue
+                    requeue = preempted == "SIGUSR1"
+                    say(f"{preempted}: checkpoint written at {stage} step {step}; " + (
+                        f"exiting with status {REQUEUE_EXIT} (requeue me); --resume auto continues" if requeue else
+                        "rerun with --resume to continue"))
+                    if tracker:
+                        tracker.close()
+                    return REQUEUE_EXIT if requeue else 0
+
+            # ---- the stage's end: its last checkpoint; after an SFT stage that another follows, out_dir/sft
+            last_saved = save_checkpoint(cfg.out_dir, policy, optimizer, stage, stage_index, step, record, rank,
+                                         world)
+            if stage == "sft" and stage_index < len(stages) - 1:
+                export(policy, tokenizer, os.path.join(cfg.out_dir, SFT_DIR), rank, config, save_dtype,
+                       model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)), card(stages=stages[:1]),
+                       adapter_base=cfg.model)
+                say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
+
+        # ---- the run's end: final/, the summary
+        final = os.path.join(cfg.out_dir, FINAL)
+        if policy is not None:
+            lora_base = os.path.join(cfg.out_dir, SFT_DIR) if len(stages) > 1 else cfg.model  # final/adapter's base
+            export(policy, tokenizer, final, rank, config, save_dtype,
+                   model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)), card(stages=stages,
+                                                                                            heldout=last),
+                   adapter_base=lora_base)
+        if tracker:
+            tracker.close()
+        say(summary(cfg, stages, last, final, reference_name(cfg), len(examples)))
+        return 0
     finally:
         lock.release()
+
+
+# ----------------------------------------------------------------------------- set-up
 
 
 def check_start(cfg, rank, world, device, say):
@@ -179,131 +319,81 @@ def start_over(out_dir, rank, world, say):
         dist.barrier()
 
 
-def train_stages(cfg, rank, world, device, resume, backend, say):
-    """Train cfg's stages (an optional SFT stage, then the alignment loss) and export out_dir/final.
+def uses_p_view(cfg):
+    """Whether the loss needs log-probs under p ⊕ x: the Sr losses with --refine prompt (Eq. 11)."""
+    return cfg.loss in SELF_REFINED and cfg.refine == "prompt"
 
-    Rank 0 writes metrics.jsonl (a line per step, the held-out eval_* keys every --eval_every steps) and the
-    progress lines. Every --save_every steps, at each stage's end and on SIGTERM or SIGUSR1 a checkpoint is
-    written; on either the run then returns early (rerun with --resume): 0 after SIGTERM, REQUEUE_EXIT after SIGUSR1.
+
+def load_examples(cfg, tokenizer, say, progress=False):
+    """(training examples, held-out examples) tokenized. The held-out ones have the p ⊕ x view (its metrics)
+    where p fits in --max_length, as the Sr losses need anyway; a run that does not need p otherwise
+    evaluates under x only.
+
+    The training examples have the p ⊕ x view only where the loss uses it, but every loss is cut to
+    --max_length as the Sr losses are (``data.tokenize_pairs``' p_view=False), so that at the same --max_length
+    all losses see the same x-view tokens (unless --truncate_x_only).
     """
-    run = prepare_run(cfg, rank, world, device, resume, say)
-    if cfg.resume == "auto" and finished(cfg, run, resume):
-        say(f"--resume auto: the run in {cfg.out_dir} has finished ({os.path.join(cfg.out_dir, FINAL)} is written); "
-            f"nothing to do")
-        return 0
-    start_stage, logged = resume_bookkeeping(cfg, run, resume)
-    tracker = Tracker(cfg, backend, logged + 1) if backend else None
-    policy, last, s = None, None, None
-    for stage_index in range(start_stage, len(run.stages)):
-        stage, n_steps = run.stages[stage_index]
-        policy, s = (None, None) if cfg.lora_r else (policy, s)  # LoRA: the SFT policy freed; sft/ reloaded
-        s = setup_stage(cfg, run, stage_index, policy, resume if stage_index == start_stage else None)
-        policy, step = s.policy, s.step
-        say(stage_line(cfg, run, stage, n_steps, s.packing))
-        batches = step_batches(run.sft_examples if stage == "sft" else run.examples, cfg, run.micro,
-                               run.tokenizer.pad_token_id, rank, world, step, n_steps, s.packing,
-                               chosen_only=stage == "sft")
-        for micro_batches in batches:
-            m = timed_step(cfg, run, s, micro_batches, stage_index, step)
-            step += 1
-            last = heldout_eval(cfg, run, s, m, n_steps) or last
-            log_step(cfg, run, m, n_steps, tracker)
-            preempted = save_if_due(cfg, run, s, stage_index, step)
-            if preempted:  # SIGTERM or SIGUSR1: checkpoint written, stop here
-                requeue = preempted == "SIGUSR1"
-                say(f"{preempted}: checkpoint written at {stage} step {step}; " + (
-                    f"exiting with status {REQUEUE_EXIT} (requeue me); --resume auto continues" if requeue else
-                    "rerun with --resume to continue"))
-                if tracker:
-                    tracker.close()
-                return REQUEUE_EXIT if requeue else 0
-        end_stage(cfg, run, s, stage_index, step)
-    final = os.path.join(cfg.out_dir, FINAL)
-    if policy is not None:
-        export(policy, run.tokenizer, final, rank, run.config, run.save_dtype,
-               model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)), run.card(stages=run.stages,
-                                                                                            heldout=last),
-               adapter_base=lora_base(cfg, run))
-    if tracker:
-        tracker.close()
-    say(summary(cfg, run.stages, last, final, reference_name(cfg), len(run.examples)))
-    return 0
+    refine_prompt = REFINE_PROMPTS[cfg.refine_prompt]
+    chat = data.ChatOptions.of(cfg.chat_template_kwargs, cfg.system_prompt)
+    loaded = data.load_pairs(cfg.data, "train", log=say)
+    pairs = loaded[:cfg.max_pairs or None]
+    fit_p = uses_p_view(cfg) or not cfg.truncate_x_only
+    try:
+        examples = data.tokenize_pairs(pairs, tokenizer, cfg.max_length, refine_prompt if fit_p else None, log=say,
+                                       p_view=uses_p_view(cfg), progress=progress, chat=chat)
+    except common.DataError as err:
+        if uses_p_view(cfg):
+            raise
+        raise common.DataError(f"{err} (--loss {cfg.loss} is cut as if p ⊕ x were there, as the Sr losses are; "
+                             f"--truncate_x_only fits x alone)") from None
+    examples.dropped.update(loaded.dropped)  # what the model card reports: dropped reading or tokenizing
+    eval_source = cfg.eval_data or (None if os.path.isfile(cfg.data) else cfg.data)  # a file has one split
+    if eval_source is None:
+        say(f"no --eval_data for the file {cfg.data}: held-out evaluation is skipped")
+        return examples, []
+    eval_pairs = data.load_pairs(eval_source, "test", log=say)[:cfg.eval_pairs or None]
+    try:
+        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, refine_prompt, log=say,
+                                             progress=progress, chat=chat)
+    except common.DataError as err:
+        if uses_p_view(cfg):
+            raise
+        say(f"held-out pairs under x only: with p they do not fit ({err})")
+        return examples, data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, None, log=say, chat=chat)
 
 
-@dataclasses.dataclass
-class Run:
-    """What every stage of one run shares: the process (rank, world, device, say), the tokenized pairs, the
-    stages as (name, steps) with the global step each starts at, the micro-batch size, the run's record for
-    checkpoints, ``score`` (``metrics.pair_logps`` bound once to this run's batches), where sft/ and final/ get
-    their config and dtype, the SIGTERM/SIGUSR1 flag, the model card's text, and what the last checkpoint holds
-    ("STAGE step N", or None)."""
-    rank: int
-    world: int
-    device: torch.device
-    say: typing.Callable
-    tokenizer: typing.Any
-    examples: list
-    sft_examples: list
-    eval_examples: list
-    stages: list
-    first_step: list
-    micro: int
-    record: dict
-    score: typing.Callable
-    config: typing.Any
-    save_dtype: torch.dtype
-    preemption: Stop
-    card: typing.Callable  # model_card.model_card with what the run knows; its stages and held-out metrics to come
-    last_saved: str | None = None
+def plan(cfg, n_examples):
+    """The run's stages as (name, steps): an optional SFT stage, then the alignment loss."""
+    if cfg.loss == "sft":
+        return [("sft", stage_steps(cfg, n_examples))]
+    return ([("sft", cfg.sft_steps)] if cfg.sft_steps else []) + [(cfg.loss, stage_steps(cfg, n_examples))]
 
 
-def prepare_run(cfg, rank, world, device, resume, say):
-    """The Run: the SIGTERM and SIGUSR1 handlers set, the tokenizer loaded, the pairs tokenized (their count
-    checked against the checkpoint `resume`'s record), the stages planned."""
-    preemption = Stop()
-    tokenizer = load_tokenizer(cfg.model)
-    examples, eval_examples = load_examples(cfg, tokenizer, say, progress=rank == 0 and sys.stdout)
-    sft_examples = examples if not cfg.sft_quality_q else data.tokenize_pairs(
-        embedded_sft_pairs(cfg.sft_quality_q)[:cfg.max_pairs or None], tokenizer, cfg.max_length, log=say)
-    if resume and not cfg.resume_force:
-        checkpoint.check_record(checkpoint.read_record(resume), {"train_pairs": len(examples)}, resume)
-    micro = cfg.micro_batch_size or cfg.batch_size // world
-    score = functools.partial(metrics.pair_logps, pad_token_id=tokenizer.pad_token_id, batch_size=micro, rank=rank,
-                              world=world, average=cfg.average_logps, pack_length=cfg.pack_length,
-                              progress=sys.stdout)  # rank 0
-    stages = plan(cfg, len(examples))
-    data.steps_per_epoch(len(examples), cfg.batch_size, log=say)  # the pairs each epoch leaves out, said once
-    record = checkpoint.run_record(cfg, train_pairs=len(examples))
-    if cfg.lr_scheduler != "constant":  # the decay's length is run-defining too
-        record["stage_steps"] = [n for _, n in stages]
-        if resume and not cfg.resume_force:
-            checkpoint.check_record(checkpoint.read_record(resume), {"stage_steps": record["stage_steps"]}, resume)
-    first_step = [sum(n for _, n in stages[:i]) for i in range(len(stages))]  # global step = first_step + step
-    config = source_config(cfg.model, tokenizer)  # what sft/ and final/ write as their config.json
-    card = functools.partial(model_card.model_card, dataclasses.asdict(cfg), train_pairs=len(examples),
-                             dropped_pairs=sum(examples.dropped.values()),
-                             refine_prompt=REFINE_PROMPTS[cfg.refine_prompt], command=model_card.command_line(
-                                 dataclasses.asdict(cfg), dataclasses.asdict(resolved(Config(
-                                     model=cfg.model, loss=cfg.loss, max_length=cfg.max_length)))))
-    save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else source_dtype(config)
-    return Run(rank, world, device, say, tokenizer, examples, sft_examples, eval_examples, stages, first_step, micro,
-               record, score, config, save_dtype, preemption, card)
+def stage_steps(cfg, n_examples):
+    """Steps of the main stage (--loss): --epochs or --max_steps, whichever ends first (an SFT stage before an
+    alignment loss runs --sft_steps)."""
+    per_epoch = data.steps_per_epoch(n_examples, cfg.batch_size)
+    if per_epoch == 0:
+        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {n_examples} training pairs")
+    steps = int(cfg.epochs * per_epoch)
+    return steps if cfg.max_steps < 0 else min(steps, cfg.max_steps)
 
 
-def finished(cfg, run, resume):
+def finished(cfg, stages, resume, rank, device):
     """Whether the checkpoint `resume` is at the last step of the last stage and final/ is written (rank 0's
     answer, which every rank takes: final/ is on rank 0's node)."""
-    saved = checkpoint.read_extra(resume, run.rank) if resume else None
-    done = bool(saved) and (saved["stage_index"], saved["step"]) == (len(run.stages) - 1, run.stages[-1][1]) and \
+    saved = checkpoint.read_extra(resume, rank) if resume else None
+    done = bool(saved) and (saved["stage_index"], saved["step"]) == (len(stages) - 1, stages[-1][1]) and \
         os.path.exists(os.path.join(cfg.out_dir, FINAL, "config.json"))
-    return all_sum([float(done and run.rank == 0)], run.device)[0] > 0
+    return all_sum([float(done and rank == 0)], device)[0] > 0
 
 
-def resume_bookkeeping(cfg, run, resume):
-    """(the stage to start at, the global steps already logged): from the checkpoint `resume` (None: 0, 0).
-    Cuts metrics.jsonl back to it and, past the SFT stage, checks the SFT model."""
-    saved = checkpoint.read_extra(resume, run.rank) if resume else None
-    names = before = [name for name, _ in run.stages]
+def resume_point(cfg, stages, first_step, resume, rank, world, say):
+    """(the stage to start at, the global steps already logged, what the checkpoint holds: "STAGE step N" or None)
+    from the checkpoint `resume` (None: 0, 0, None). Cuts metrics.jsonl back to it and, past the SFT stage, checks
+    the SFT model."""
+    saved = checkpoint.read_extra(resume, rank) if resume else None
+    names = before = [name for name, _ in stages]
     if saved and cfg.resume_force:  # the checkpoint's run may have had other stages (another --loss, --sft_steps)
         try:
             before = checkpoint.stage_names(checkpoint.read_record(resume))
@@ -313,85 +403,64 @@ def resume_bookkeeping(cfg, run, resume):
     position = {**{n: i for i, n in enumerate(names)}, **{n: i for i, n in enumerate(before)}}
     checkpoint.on_rank0(lambda: checkpoint.trim_metrics(
         os.path.join(cfg.out_dir, METRICS), lambda m: saved is not None and (position[m["stage"]], m["step"]) <= (
-            saved["stage_index"], saved["step"]), run.say), run.rank, run.world)
+            saved["stage_index"], saved["step"]), say), rank, world)
     if not saved:
-        return 0, 0
-    run.last_saved = f"{names[saved['stage_index']]} step {saved['step']}"
+        return 0, 0, None
     if saved["stage_index"] > 0:  # the alignment stage starts from the SFT model that the first stage exported
         check_model(os.path.join(cfg.out_dir, SFT_DIR), "--resume: the SFT model")
-    return saved["stage_index"], run.first_step[saved["stage_index"]] + saved["step"]
+    return (saved["stage_index"], first_step[saved["stage_index"]] + saved["step"],
+            f"{names[saved['stage_index']]} step {saved['step']}")
 
 
-def timed_step(cfg, run, s, micro_batches, stage_index, step):
-    """``train_step`` of stage step `step` (from 0), as the metrics it logs (``step_metrics``) with its global
-    step; a NonFiniteError also says which checkpoint --resume would continue from."""
-    stage = run.stages[stage_index][0]
-    t0 = time.time()
-    try:
-        summed = train_step(s.policy, s.ref, s.cache, s.optimizer, micro_batches, cfg, stage, step, run.world,
-                            run.device, run.stages[stage_index][1])
-    except (NonFiniteError, RuntimeError) as err:
-        kept = (f"the last checkpoint ({run.last_saved}) is kept: --resume continues from it" if run.last_saved
-                else "no checkpoint has been written (--save_every)")
-        if isinstance(err, NonFiniteError):
-            raise NonFiniteError(f"{err}; {kept}") from None
-        if not timed_out(err):
-            raise
-        raise CollectiveTimeoutError(f"no reply from every rank within --collective_timeout "
-                                     f"{cfg.collective_timeout:g}s at {stage} step {step + 1} (a rank hung or "
-                                     f"stopped); {kept}") from None
-    m = step_metrics(summed, stage, step + 1, time.time() - t0)
-    m["global_step"] = run.first_step[stage_index] + step + 1
-    return m
+def stage_models(cfg, stage, stage_index, policy, tokenizer, device, save_dtype, say):
+    """(policy, π_ref, batch layout) of one stage: π_ref is None for SFT; the layout is ``scoring.choose_packing``'s.
+
+    `policy`: the previous stage's (the SFT model, in memory), which this stage continues from and, unless
+    --ref_model, takes as π_ref (rounded through --save_dtype, as sft/ holds it and a resumed run loads it); None
+    for the run's first stage, which loads it (models.load_sharded).
+    """
+    start = os.path.join(cfg.out_dir, SFT_DIR) if stage_index > 0 else cfg.model
+    mp, ref_dtype = mixed_precision(cfg.mixed_precision, device)
+    load = functools.partial(load_sharded, tokenizer=tokenizer, device=device, mp_policy=mp, seed=cfg.seed)
+    in_memory = policy is not None  # LoRA: train passes None; alignment reloads sft/ (merged), fresh adapters
+    if not in_memory:
+        gc.collect()  # LoRA: the SFT policy, dropped by train, freed before sft/ is loaded
+        policy = load(start, dtype=torch.float32, activation_checkpointing=cfg.activation_checkpointing,
+                      adapt=lora.adapter(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed))
+        if cfg.lora_r:
+            say(lora.describe(policy))
+    ref = None
+    if stage != "sft" and cfg.lora_r and not cfg.ref_model:  # LoRA: π_ref is the base, adapters off
+        ref = lora.Reference(policy)
+    elif stage != "sft":  # π_ref is never updated
+        ref = frozen_copy(policy, ref_dtype, mp, via=save_dtype) if in_memory and not cfg.ref_model \
+            else load(cfg.ref_model or start, dtype=ref_dtype)
+        ref.requires_grad_(False)
+    packing = choose_packing(cfg.packing, [m for m in (policy, ref) if m is not None], device, say)
+    return policy, ref, packing
 
 
-def heldout_eval(cfg, run, s, m, n_steps):
-    """The held-out metrics (``metrics.heldout_metrics``) every --eval_every steps and at the stage's end, also
-    added to m as eval_* keys; None at other steps and without held-out pairs or π_ref."""
-    step = m["step"]
-    if s.eval_ref is None or not ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
+def step_batches(examples, cfg, micro, pad_id, rank, world, start, end, packing="padded", chosen_only=False):
+    """This rank's share of each step from `start` to `end` (stage-relative, from 0), collated into
+    micro-batches of `micro` pairs in the `packing` layout (chosen_only: SFT's). The order is ``data.schedule``'s
+    (reshuffled each epoch by --seed), so a resumed run takes exactly the batches of the uninterrupted run."""
+    order = data.schedule(len(examples), cfg.batch_size, cfg.seed, rank=rank, world=world, start_step=start)
+    for _, (_, _, indices) in zip(range(start, end), order):
+        yield [data.collate([examples[i] for i in indices[a:a + micro]], pad_id, packing, cfg.pack_length, chosen_only)
+               for a in range(0, len(indices), micro)]
+
+
+def step_failure(err, cfg, stage, step, last_saved):
+    """The error that a failed step (stage step `step`, from 0) ends the run with, saying which checkpoint --resume
+    would continue from: a NonFiniteError, a CollectiveTimeoutError, or None for another error (re-raised)."""
+    kept = (f"the last checkpoint ({last_saved}) is kept: --resume continues from it" if last_saved
+            else "no checkpoint has been written (--save_every)")
+    if isinstance(err, NonFiniteError):
+        return NonFiniteError(f"{err}; {kept}")
+    if not timed_out(err):
         return None
-    s.policy.eval()
-    scores = run.score(s.policy, run.eval_examples, with_p=data.with_p_view(run.eval_examples), packing=s.packing)
-    last = metrics.heldout_metrics(scores, s.eval_ref, run.eval_examples, cfg.beta)
-    s.policy.train()
-    m.update({f"eval_{k}": v for k, v in last.items() if isinstance(v, (int, float))})
-    return last
-
-
-def log_step(cfg, run, m, n_steps, tracker):
-    """Rank 0: m as a metrics.jsonl line, the progress line every --log_every steps, and to the tracker."""
-    if run.rank != 0:
-        return
-    with open(os.path.join(cfg.out_dir, METRICS), "a") as fh:
-        fh.write(json.dumps(m) + "\n")
-    if m["step"] % cfg.log_every == 0 or m["step"] == n_steps:
-        print(progress_line(m, n_steps), flush=True)
-    if tracker:
-        tracker.log(m)
-
-
-def save_if_due(cfg, run, s, stage_index, step):
-    """A checkpoint every --save_every steps and after SIGTERM or SIGUSR1 on any rank; returns the signal's name
-    ("SIGUSR1" where any rank had it, which asks for a requeue), or "" where none came."""
-    got = all_sum([float(sig in run.preemption.received) for sig in SIGNALS], run.device)
-    preempted = next((sig.name for sig, n in reversed(list(zip(SIGNALS, got))) if n > 0), "")
-    if preempted or (cfg.save_every and step % cfg.save_every == 0):
-        run.last_saved = save_checkpoint(cfg.out_dir, s.policy, s.optimizer, run.stages[stage_index][0], stage_index,
-                                         step, run.record, run.rank, run.world)
-    return preempted
-
-
-def end_stage(cfg, run, s, stage_index, step):
-    """The stage's last checkpoint; after an SFT stage that another follows, the SFT model in out_dir/sft."""
-    stage = run.stages[stage_index][0]
-    run.last_saved = save_checkpoint(cfg.out_dir, s.policy, s.optimizer, stage, stage_index, step, run.record,
-                                     run.rank, run.world)
-    if stage == "sft" and stage_index < len(run.stages) - 1:
-        export(s.policy, run.tokenizer, os.path.join(cfg.out_dir, SFT_DIR), run.rank, run.config, run.save_dtype,
-               model_record(cfg.model, cfg.seed, dataclasses.asdict(cfg)), run.card(stages=run.stages[:1]),
-               adapter_base=cfg.model)
-        run.say(f"SFT model written to {os.path.join(cfg.out_dir, SFT_DIR)}")
+    return CollectiveTimeoutError(f"no reply from every rank within --collective_timeout {cfg.collective_timeout:g}s "
+                                  f"at {stage} step {step + 1} (a rank hung or stopped); {kept}")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -412,7 +481,7 @@ def train_step(policy, ref, cache, optimizer, micro_batches, cfg, stage, step, w
     for i, batch in enumerate(micro_batches):
         pairs += batch["index"].numel()
         tokens += int(batch["n_tokens"])  # still on the CPU: no device sync
-        batch = to_device(batch, device)
+        batch = data.to_device(batch, device)
         policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
         losses, stats = sft_terms(policy, batch, cfg) if stage == "sft" else \
             preference_terms(policy, ref, cache, batch, cfg)
@@ -497,7 +566,7 @@ def sft_terms(policy, batch, cfg):
 
 def no_grad_logps(model, cache, batch, need_p, average=False):
     """log π_ref under x, and under p ⊕ x when need_p, without grad: rows of the --precompute_ref cache
-    (``metrics.pair_logps`` of π_ref) when there is one, else a live pass of `model`.
+    (``scoring.pair_logps`` of π_ref) when there is one, else a live pass of `model`.
 
     Shape: batch as ``data.collate`` makes it, B pairs, any layout. Returns ([2B], [2B] or None), chosen first.
     """
@@ -513,11 +582,6 @@ def no_grad_logps(model, cache, batch, need_p, average=False):
         x = view_logps(model, batch, n, "", average)
         px = view_logps(model, batch, n, "p_", average) if need_p else None
     return x, px
-
-
-def lora_base(cfg, run):
-    """LoRA: the model final/adapter was added to (sft/ after an SFT stage, else --model)."""
-    return os.path.join(cfg.out_dir, SFT_DIR) if len(run.stages) > 1 else cfg.model
 
 
 def reference_name(cfg):

@@ -5,7 +5,7 @@
         --memory loop --profile profile.txt
 
 Three cases, on the same model and the same batch: DPO; Sr-DPO with the live reference; Sr-DPO with the
-reference cache of --precompute_ref (built by metrics.pair_logps). Each runs two variants:
+reference cache of --precompute_ref (built by scoring.pair_logps). Each runs two variants:
     loop   train.train_step, as train.py runs it;
     floor  the same passes written plainly: model(...).logits, a cross-entropy gather, the loss, backward,
            clip, RMSprop step, and nothing else.
@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
 from srpo import IGNORE_INDEX, LOSSES, SELF_REFINED, refinement  # noqa: E402
-from training import config, distributed, metrics, models  # noqa: E402
+from training import config, distributed, models, scoring  # noqa: E402
 
 # name: (loss, precompute_ref)
 CASES = {"dpo": ("dpo", False), "sr-dpo": ("sr-dpo", False), "sr-dpo cached": ("sr-dpo", True)}
@@ -149,7 +149,7 @@ def peak(device):
 
 def setup(args, cached):
     """This process's run: process group of one, FSDP2 policy and reference, batch, optimizer, and with
-    `cached` the reference cache (metrics.pair_logps, as --precompute_ref builds it)."""
+    `cached` the reference cache (scoring.pair_logps, as --precompute_ref builds it)."""
     kit = types.SimpleNamespace()
     kit.rank, kit.world, kit.device = distributed.setup_distributed()
     tokenizer = models.load_tokenizer(args.model)
@@ -159,8 +159,8 @@ def setup(args, cached):
     examples = synthetic_examples(args.pairs, min(len(tokenizer), kit.policy.config.vocab_size),
                                   args.prompt_tokens, args.response_tokens, args.p_tokens)
     kit.batch = data.collate(examples, tokenizer.pad_token_id)
-    kit.on_device = models.to_device(kit.batch, kit.device)
-    kit.cache = metrics.pair_logps(kit.ref, examples, tokenizer.pad_token_id, args.pairs,
+    kit.on_device = data.to_device(kit.batch, kit.device)
+    kit.cache = scoring.pair_logps(kit.ref, examples, tokenizer.pad_token_id, args.pairs,
                                    with_p=True) if cached else None
     cfg = train.resolved(train.Config(model=args.model))  # the optimizer and learning rate of train.run
     kit.optimizer = config.OPTIMIZERS[cfg.optimizer](kit.policy.parameters(), lr=cfg.lr)

@@ -24,7 +24,8 @@ from base import common, defaults, embedded
 from experiments import ExperimentError
 from mtbench import answers
 from training import checkpoint, models
-from training.metrics import heldout_metrics, pair_logps
+from training.metrics import heldout_metrics
+from training.scoring import pair_logps
 
 LABELS = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "sr-dpo": "Sr-DPO", "sr-ipo": "Sr-IPO"}
 LOSSES = ("dpo", "ipo", "sr-dpo", "sr-ipo")  # the four methods, baselines first

@@ -18,7 +18,7 @@ from base import defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each layer: its top-level names (a module srpo.py is "srpo"; a folder's modules go by the folder's name).
-LAYERS = [{"srpo"}, {"base"}, {"data"}, {"training"}, {"mtbench"}, {"train", "evaluate", "export", "stages"},
+LAYERS = [{"srpo"}, {"base"}, {"data"}, {"training"}, {"mtbench"}, {"train", "evaluate", "export"},
           {"experiments", "benchmarks", "examples"}]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 FOLDERS = ("base", "training", "mtbench", "experiments", "benchmarks", "examples")

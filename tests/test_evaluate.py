@@ -156,7 +156,7 @@ def test_pair_logps_matches_forward_logps_one_pair_at_a_time():
     pairs = [formats.Pair("Copy: ABDEF\n", "ABDEF", "AB"), formats.Pair("Say hi\n", "hi there, friend", "no"),
              formats.Pair("Q\n", "x", "yyyyyyyy", 1.0, 0.5)]  # unequal lengths: padding in every batch
     examples = data.tokenize_pairs(pairs, tok, 300, REFINE_PROMPTS["100"], log=None)
-    out = metrics.pair_logps(model, examples, tok.pad_token_id, batch_size=2, with_p=True)
+    out = scoring.pair_logps(model, examples, tok.pad_token_id, batch_size=2, with_p=True)
     assert sorted(out) == ["chosen", "p_chosen", "p_rejected", "rejected"]
     for i, example in enumerate(examples):
         batch = data.collate([example], tok.pad_token_id)
@@ -166,13 +166,13 @@ def test_pair_logps_matches_forward_logps_one_pair_at_a_time():
                                             batch[prefix + "labels"])
             assert out[prefix + "chosen"][i] == pytest.approx(float(rows[0]), abs=1e-4)
             assert out[prefix + "rejected"][i] == pytest.approx(float(rows[1]), abs=1e-4)
-    x_only = metrics.pair_logps(model, examples, tok.pad_token_id, batch_size=5)
+    x_only = scoring.pair_logps(model, examples, tok.pad_token_id, batch_size=5)
     assert sorted(x_only) == ["chosen", "rejected"] and torch.equal(x_only["chosen"], out["chosen"])
     score_chosen, _ = metrics.true_scores(examples)
     assert torch.isnan(score_chosen[:2]).all() and score_chosen[2] == 1.0
     no_p = data.tokenize_pairs(pairs, tok, 300, None, log=None)
     with pytest.raises(common.EvalError, match="no p ⊕ x view"):
-        metrics.pair_logps(model, no_p, tok.pad_token_id, with_p=True)
+        scoring.pair_logps(model, no_p, tok.pad_token_id, with_p=True)
 
 
 def test_accuracy_command_matches_the_functions(tmp_path, capsys):
@@ -187,7 +187,7 @@ def test_accuracy_command_matches_the_functions(tmp_path, capsys):
     doc = json.loads(out.read_text())
     examples = data.tokenize_pairs(embedded.embedded_pairs("test"), tok, 300, REFINE_PROMPTS["100"], log=None)[:4]
     expected = metrics.heldout_metrics(
-        *(metrics.pair_logps(m, examples, tok.pad_token_id, with_p=True)
+        *(scoring.pair_logps(m, examples, tok.pad_token_id, with_p=True)
           for m in (models.load_model(str(policy_dir)), models.load_model("tiny", tok))), examples, 0.2)
     assert doc["metrics"].keys() == expected.keys() and doc["metrics"]["n_pairs"] == 4
     for key, value in expected.items():

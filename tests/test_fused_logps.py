@@ -160,8 +160,8 @@ def test_heldout_metrics_unchanged(monkeypatch):
     scores = {}
     for fused in (True, False):
         monkeypatch.setattr(scoring, "FUSED_LOGPS", fused)
-        pol = metrics.pair_logps(policy, pairs, 0, batch_size=2, with_p=True)
-        ref_ = metrics.pair_logps(ref, pairs, 0, batch_size=2, with_p=True)
+        pol = scoring.pair_logps(policy, pairs, 0, batch_size=2, with_p=True)
+        ref_ = scoring.pair_logps(ref, pairs, 0, batch_size=2, with_p=True)
         scores[fused] = (pol, metrics.heldout_metrics(pol, ref_, pairs, beta=0.1))
     for key in scores[True][0]:
         torch.testing.assert_close(scores[True][0][key], scores[False][0][key], rtol=0, atol=2e-5)
@@ -259,7 +259,7 @@ for mode in ("fp32", "bf16"):
     mp, _ = models.mixed_precision(mode, device)
     model = models.load_sharded("tiny", tokenizer, device, torch.float32, mp, activation_checkpointing=True).train()
     for packing in ("padded", "packed", "shared"):
-        batch = models.to_device(data.collate(examples(tokenizer.vocab_size), 0, packing, 64), device)
+        batch = data.to_device(data.collate(examples(tokenizer.vocab_size), 0, packing, 64), device)
         for fused in (True, False):
             scoring.FUSED_LOGPS = fused
             calls.clear()

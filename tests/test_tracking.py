@@ -10,7 +10,7 @@ from test_train import run
 import data
 import train
 from base import embedded
-from training import models, tracking
+from training import metrics, models, tracking
 
 
 class StandInWriter:
@@ -70,7 +70,7 @@ def test_logps_are_the_policys_mean_log_probs():
     batch = data.collate(examples, tokenizer.pad_token_id)
     cfg = train.resolved(train.Config(loss="dpo"))
     _, sums = train.preference_terms(policy, ref, None, batch, cfg)
-    m = tracking.step_metrics({**{k: float(v) for k, v in sums.items()}, "loss": 0.0, "pairs": 4, "tokens": 1,
+    m = metrics.step_metrics({**{k: float(v) for k, v in sums.items()}, "loss": 0.0, "pairs": 4, "tokens": 1,
                             "grad_norm": 0.0, "lr": 0.0, "denominator": 4}, "dpo", 1, 1.0)
     with torch.no_grad():
         logits = policy(batch["input_ids"]).logits[:, :-1]

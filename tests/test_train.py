@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import data
-import stages
 import train
 from base import embedded
-from training import checkpoint, distributed, models, scoring, tracking
+from training import checkpoint, distributed, models, scoring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small and fast: 8 pairs a step, no SFT stage, no held-out evaluation until the end.
@@ -257,8 +256,8 @@ def test_every_loss_sees_the_same_x_view_batches(tmp_path):
     def batches(loss, *flags):
         cfg = train.resolved(train.parse_config(["--loss", loss, "--max_length", "400", "--batch_size", "8",
                                                  "--data", str(path), *flags]))
-        examples, _ = stages.load_examples(cfg, tokenizer, lambda line: None)
-        return list(stages.step_batches(examples, cfg, 4, 0, 0, 1, 0, 2))
+        examples, _ = train.load_examples(cfg, tokenizer, lambda line: None)
+        return list(train.step_batches(examples, cfg, 4, 0, 0, 1, 0, 2))
 
     def x_view(steps):
         return [[{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in step] for step in steps]
@@ -353,7 +352,7 @@ def test_sft_loss_is_the_mean_over_the_global_batch_tokens(tmp_path):
 
 
 def test_train_and_heldout_delta_std_are_one_definition():
-    """metrics.jsonl's delta_std (sums over micro-batches, tracking.step_metrics) and eval_delta_std / evaluate's
+    """metrics.jsonl's delta_std (sums over micro-batches, metrics.step_metrics) and eval_delta_std / evaluate's
     delta_std (metrics.pair_metrics) are the same number: the population std (numpy's ddof=0)."""
     import numpy as np
 
@@ -365,7 +364,7 @@ def test_train_and_heldout_delta_std_are_one_definition():
     for part in (delta[:3], delta[3:]):  # two micro-batches (or ranks), added as train_step adds them
         for key, value in metrics.preference_sums(part, part * 0, part, part, part * 0, part * 0).items():
             summed[key] = summed.get(key, 0.0) + float(value)
-    logged = tracking.step_metrics(summed, "sr-dpo", 1, 1.0)["delta_std"]
+    logged = metrics.step_metrics(summed, "sr-dpo", 1, 1.0)["delta_std"]
     logps = {"policy_chosen": zeros, "policy_rejected": zeros, "ref_chosen": zeros, "ref_rejected": zeros,
              "p_policy_chosen": delta / beta, "p_policy_rejected": zeros, "p_ref_chosen": zeros,
              "p_ref_rejected": zeros}

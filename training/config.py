@@ -2,7 +2,7 @@
 
 Owns: Config, parse_config (flags -> Config), validate (one-line ConfigErrors for values and combinations that
 would fail later) and resolved (the defaults that depend on the model, filled in). Every default value shared
-with another command comes from defaults.py. Does not own: what the flags do (train.py, stages.py).
+with another command comes from defaults.py. Does not own: what the flags do (train.py).
 """
 
 import dataclasses

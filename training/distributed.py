@@ -1,9 +1,9 @@
 """distributed.py: the process group and what every rank must agree on.
 
 Owns: starting the process group (one process, or torchrun's), summing values over ranks (all_sum), printing
-on rank 0 (log), Failures: one rank's failure stops every rank, its one-line error printed once, and Stop: the
-preemption signals (SIGTERM, SIGUSR1) as a flag the loop reads at each step's end; REQUEUE_EXIT, the status
-after SIGUSR1 that asks a launcher (scripts/slurm.sbatch) to requeue the job.
+on rank 0 (log), Failures: one rank's failure stops every rank, its one-line error printed once, and Preemption:
+the preemption signals (SIGTERM, SIGUSR1) received, which the loop reads at each step's end; REQUEUE_EXIT, the
+status after SIGUSR1 that asks a launcher (scripts/slurm.sbatch) to requeue the job.
 Does not own: sharding models (models.py), the training loop (train.py) or checkpoints (checkpoint.py).
 See docs/distributed.md.
 """
@@ -108,18 +108,14 @@ REQUEUE_EXIT = 3  # exit status after SIGUSR1: checkpoint written, requeue me (0
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGTERM: stop and exit 0, as before; SIGUSR1: stop and exit REQUEUE_EXIT
 
 
-class Stop:
-    """SIGTERM or SIGUSR1 (how preemption arrives) sets a flag; the loop checkpoints and exits at the step's end.
+class Preemption:
+    """SIGTERM or SIGUSR1 (how preemption arrives) recorded; the loop checkpoints and exits at the step's end.
     `received`: the signals seen, as their numbers."""
 
     def __init__(self):
         self.received = set()
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
-
-    @property
-    def requested(self):
-        return bool(self.received)
 
     def _handle(self, signum, frame):
         self.received.add(signum)

@@ -8,7 +8,7 @@ adapters and adapter dropout off; ``adapters_off`` skips them by peft's flag alo
 deterministic no-grad passes (``eval_mode``), the trainable parameters (``trainable``, ``reshard``), and
 turning a gathered full state dict into a plain merged transformers state dict and a peft adapter folder
 (``merged_state``, ``adapter_state``, ``save_adapter``; ``merge`` for an unsharded model). Does not own:
-loading, sharding and export (models.py), each stage's models (stages.py), the loop (train.py), checkpoints
+loading, sharding and export (models.py), each stage's models or the loop (train.py), checkpoints
 (checkpoint.py). peft is imported
 only inside functions: without --lora_r it is never needed.
 
@@ -178,7 +178,7 @@ class Reference(torch.nn.Module):
     """π_ref as a module: the LoRA policy with its adapters disabled (``reference_view``) on every call.
 
     It holds no weights of its own: the policy's base is the reference, so it costs no memory. What the
-    loop asks of a reference (``view_logps``, ``metrics.pair_logps``, ``scoring.choose_packing``) works on it:
+    loop asks of a reference (``view_logps``, ``scoring.pair_logps``, ``scoring.choose_packing``) works on it:
     calls, .config, .get_output_embeddings() (the fused head), .parameters() (for the device) and .modules()
     (for resharding). Never call
     requires_grad_(False) on it: that would freeze the policy's adapters.

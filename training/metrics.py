@@ -1,24 +1,20 @@
-"""metrics.py: what the paper measures, from per-pair log-probs; and the one pass that scores pairs.
+"""metrics.py: what the paper measures, from per-pair log-probs. Pure: no model, no pass over data.
 
 Owns: rank statistics (Spearman, Kendall τ_b, concordance), implicit rewards, accuracy and Δ statistics
-(one definition each, used by train.py's per-step metrics and by held-out evaluation), ``pair_metrics``,
-and ``pair_logps``: log π of both responses of every pair under one model, in both views, rank-sharded
-(the reference cache, held-out evaluation, ``evaluate.py accuracy``). Does not own: the losses (srpo.py),
-model loading (models.py), the training loop (train.py) or MT-Bench judging (judge.py).
+(one definition each, used by a training step's metrics and by held-out evaluation), one training step's logged
+metrics (``preference_sums`` per micro-batch, ``step_metrics`` of the sums over ranks), and ``pair_metrics``.
+Does not own: the losses (srpo.py), the scoring pass (scoring.pair_logps), the training loop (train.py) or
+MT-Bench judging (mtbench/judge.py).
 """
 
 import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-import data
 from base import common
 from base.common import EvalError
 from srpo import implicit_reward
-from training.models import model_device, to_device
-from training.scoring import view_logps
 
 # ----------------------------------------------------------------------------------------------
 # Rank statistics (numpy, float64). Pure functions of two equally long 1-D sequences.
@@ -102,7 +98,7 @@ def concordance(x, y):
 
 
 # ----------------------------------------------------------------------------------------------
-# Preference accuracy, margins and Δπ (Sections 3.2 and 4.1)
+# Preference accuracy, margins and Δπ (Sections 3.2 and 4.1); one training step's metrics
 # ----------------------------------------------------------------------------------------------
 
 LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
@@ -161,7 +157,19 @@ def preference_means(sums, n):
             "logps_chosen": sums["logps_chosen"] / n, "logps_rejected": sums["logps_rejected"] / n}
 
 
-def _rewards(logps, beta, prefix):
+def step_metrics(summed, stage, step, seconds):
+    """The logged metrics of one step (one metrics.jsonl line), from ``train.train_step``'s stats summed over
+    micro-batches and ranks: the loss over its denominator, grad_norm, lr, throughput and, past SFT,
+    ``preference_means``."""
+    n = summed["pairs"]
+    m = {"stage": stage, "step": step, "loss": summed["loss"] / summed["denominator"], "grad_norm": summed["grad_norm"],
+         "lr": summed["lr"], "examples_per_s": n / seconds, "tokens_per_s": summed["tokens"] / seconds}
+    if stage != "sft":
+        m.update(preference_means(summed, n))
+    return m
+
+
+def _view_rewards(logps, beta, prefix):
     """Implicit rewards of one view (x, or p ⊕ x with prefix "p_"), float64 on the CPU.
 
     Shape: logps[prefix + key] [B] float for key in LOGP_KEYS.
@@ -177,7 +185,7 @@ def _view_metrics(logps, beta, prefix):
     Shape: logps[prefix + key] [B] float for key in LOGP_KEYS.
     Returns (metrics dict with keys prefixed, margin [B] float64).
     """
-    chosen, rejected, margin = _rewards(logps, beta, prefix)
+    chosen, rejected, margin = _view_rewards(logps, beta, prefix)
     metrics = {
         "accuracy": _mean((margin > 0).double()),
         "tie_rate": _mean((margin == 0).double()),
@@ -259,54 +267,6 @@ def _has_p_view(logps):
     return all(P_PREFIX + k in logps for k in LOGP_KEYS)
 
 
-# ----------------------------------------------------------------------------------------------
-# Scoring pairs with a model
-# ----------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0, world=1, average=False,
-               progress=False, packing="padded", pack_length=None):
-    """log π of the chosen and rejected response of every pair under one model, without grad.
-
-    examples: ``data.tokenize_pairs`` output; with_p: also score the p ⊕ x view (the examples must have
-    it: tokenize_pairs with a refine_prompt). batch_size: pairs per forward pass (2·batch_size rows).
-    average: per-token mean log-probs instead of sums. packing, pack_length: ``data.collate``'s batch layout
-    (the same log-probs in each; see ``scoring.choose_packing``). Each rank scores an equal-sized share (FSDP's
-    collectives need equal counts; the last share repeats the last pair), then the shares are summed
-    over ranks. The model's train/eval mode is left as it is; batches go to its first parameter's device.
-    progress: a ``common.Progress`` line on rank 0 (True: on stderr; or a text stream).
-
-    Returns dict of float32 CPU tensors [N] in the order of ``examples``: "chosen", "rejected" (under x)
-    and, with_p, "p_chosen", "p_rejected" (under p ⊕ x).
-    """
-    if not examples:
-        raise EvalError("pair_logps: no examples to score")
-    if with_p and not data.with_p_view(examples):
-        raise EvalError("pair_logps: with_p, but the examples have no p ⊕ x view (tokenize_pairs without "
-                        "a refine_prompt)")
-    n, device = len(examples), model_device(model)
-    views = ("", P_PREFIX) if with_p else ("",)
-    share = math.ceil(n / world)
-    table = torch.zeros(2 * len(views), n, dtype=torch.float32, device=device)
-    bar = common.Progress(min(share, n), "scoring", "pairs", enabled=progress if rank == 0 else False)
-    for a in range(rank * share, (rank + 1) * share, batch_size):
-        idx = [min(i, n - 1) for i in range(a, min(a + batch_size, (rank + 1) * share))]
-        batch = to_device(data.collate([examples[i] for i in idx], pad_token_id, packing, pack_length), device)
-        B = len(idx)
-        owned = torch.tensor([a + j < n for j in range(B)], device=device)
-        at = torch.tensor(idx, device=device)[owned]
-        for v, prefix in enumerate(views):
-            rows = view_logps(model, batch, 2 * B, prefix, average).float()
-            table[2 * v, at] = rows[:B][owned]
-            table[2 * v + 1, at] = rows[B:][owned]
-        bar.update(int(owned.sum()))
-    bar.close()
-    if world > 1:
-        dist.all_reduce(table)
-    keys = [prefix + side for prefix in views for side in ("chosen", "rejected")]
-    return dict(zip(keys, table.cpu()))
-
-
 def preference_logps(policy, ref):
     """The ``pair_metrics`` input from ``pair_logps`` of the policy and of the reference.
 
@@ -331,8 +291,8 @@ def heldout_metrics(policy_logps, ref_logps, examples, beta):
 def per_pair_rows(logps, beta, examples):
     """One row per pair for plots: index, Δ_naive (margin under x), Δπ, true score gap."""
     score_chosen, score_rejected = true_scores(examples)
-    rows = {"index": [e["index"] for e in examples], "delta_naive": _rewards(logps, beta, "")[2].tolist(),
+    rows = {"index": [e["index"] for e in examples], "delta_naive": _view_rewards(logps, beta, "")[2].tolist(),
             "score_gap": (_as_float64(score_chosen) - _as_float64(score_rejected)).tolist()}
     if _has_p_view(logps):
-        rows["delta"] = _rewards(logps, beta, P_PREFIX)[2].tolist()
+        rows["delta"] = _view_rewards(logps, beta, P_PREFIX)[2].tolist()
     return [common.jsonable(dict(zip(rows, values))) for values in zip(*rows.values())]

@@ -350,11 +350,6 @@ def mixed_precision(mode, device):
     return MixedPrecisionPolicy(), torch.float32
 
 
-def to_device(batch, device):
-    """A collated batch's tensors moved to device."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def model_device(model):
     """The device of the model's first parameter (its local shard under FSDP2)."""
     return next(model.parameters()).device

@@ -2,20 +2,24 @@
 
 Owns: ``forward_logps`` (log π of each row) and ``view_logps`` (of each sequence of one view of a batch), scored
 from the hidden states through srpo.hidden_token_logps, never the [rows, tokens, vocab] logits, where the model
-allows it (``fused_logps``, which checks and says why not), and which layouts a model supports
-(``supported_packings``, ``choose_packing``), with ``reset_fsdp`` for a probe that raised.
-Does not own: loading and sharding models (models.py), the losses (srpo.py), batches (data.py), or what is measured
-(metrics.py).
+allows it (``fused_logps``, which checks and says why not), which layouts a model supports
+(``supported_packings``, ``choose_packing``), with ``reset_fsdp`` for a probe that raised, and ``pair_logps``: the
+one pass that scores every pair of a dataset under one model, in both views, rank-sharded (the reference cache,
+held-out evaluation, ``evaluate.py accuracy``). Does not own: loading and sharding models (models.py), the losses
+(srpo.py), batches (data.py), or what is measured (metrics.py).
 """
 
+import math
 import weakref
 
 import torch
 import torch.distributed as dist
 
 import data
+from base import common
+from base.common import EvalError
 from srpo import IGNORE_INDEX, hidden_token_logps, packed_sequence_logps, sequence_logps, sum_token_logps
-from training.models import model_device, to_device
+from training.models import model_device
 
 # Score through srpo.hidden_token_logps (never the [R, T, V] logits) where a model passes its checks; False: always
 # the full logits (benchmarks and tests compare the two).
@@ -194,10 +198,10 @@ def supported_packings(model, device):
     that leak. Returns a tuple of layout names, "padded" always first.
     """
     examples = _probe_examples(model.config.vocab_size)
-    padded = view_logps(model, to_device(data.collate(examples, 0), device), 4)
+    padded = view_logps(model, data.to_device(data.collate(examples, 0), device), 4)
     ok = ["padded"]
     for packing in data.PACKINGS[1:]:
-        batch = to_device(data.collate(examples, 0, packing, 64), device)
+        batch = data.to_device(data.collate(examples, 0, packing, 64), device)
         leaky = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
         try:
             err = (view_logps(model, batch, 4) - padded).abs().max()
@@ -249,3 +253,47 @@ def choose_packing(requested, models, device, say=None):
         say(f"--packing {requested}: this model does not give the padded log-probs with "
             f"{data.PACKINGS[wanted]} rows (checked on a probe batch); using {chosen}")
     return chosen
+
+
+@torch.no_grad()
+def pair_logps(model, examples, pad_token_id, batch_size=8, with_p=False, rank=0, world=1, average=False,
+               progress=False, packing="padded", pack_length=None):
+    """log π of the chosen and rejected response of every pair under one model, without grad.
+
+    examples: ``data.tokenize_pairs`` output; with_p: also score the p ⊕ x view (the examples must have
+    it: tokenize_pairs with a refine_prompt). batch_size: pairs per forward pass (2·batch_size rows).
+    average: per-token mean log-probs instead of sums. packing, pack_length: ``data.collate``'s batch layout
+    (the same log-probs in each; see ``scoring.choose_packing``). Each rank scores an equal-sized share (FSDP's
+    collectives need equal counts; the last share repeats the last pair), then the shares are summed
+    over ranks. The model's train/eval mode is left as it is; batches go to its first parameter's device.
+    progress: a ``common.Progress`` line on rank 0 (True: on stderr; or a text stream).
+
+    Returns dict of float32 CPU tensors [N] in the order of ``examples``: "chosen", "rejected" (under x)
+    and, with_p, "p_chosen", "p_rejected" (under p ⊕ x).
+    """
+    if not examples:
+        raise EvalError("pair_logps: no examples to score")
+    if with_p and not data.with_p_view(examples):
+        raise EvalError("pair_logps: with_p, but the examples have no p ⊕ x view (tokenize_pairs without "
+                        "a refine_prompt)")
+    n, device = len(examples), model_device(model)
+    views = ("", "p_") if with_p else ("",)
+    share = math.ceil(n / world)
+    table = torch.zeros(2 * len(views), n, dtype=torch.float32, device=device)
+    bar = common.Progress(min(share, n), "scoring", "pairs", enabled=progress if rank == 0 else False)
+    for a in range(rank * share, (rank + 1) * share, batch_size):
+        idx = [min(i, n - 1) for i in range(a, min(a + batch_size, (rank + 1) * share))]
+        batch = data.to_device(data.collate([examples[i] for i in idx], pad_token_id, packing, pack_length), device)
+        B = len(idx)
+        owned = torch.tensor([a + j < n for j in range(B)], device=device)
+        at = torch.tensor(idx, device=device)[owned]
+        for v, prefix in enumerate(views):
+            rows = view_logps(model, batch, 2 * B, prefix, average).float()
+            table[2 * v, at] = rows[:B][owned]
+            table[2 * v + 1, at] = rows[B:][owned]
+        bar.update(int(owned.sum()))
+    bar.close()
+    if world > 1:
+        dist.all_reduce(table)
+    keys = [prefix + side for prefix in views for side in ("chosen", "rejected")]
+    return dict(zip(keys, table.cpu()))

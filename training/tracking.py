@@ -1,10 +1,10 @@
-"""tracking.py: what a training run tells: its step metrics, progress lines and closing summary, and the same
-values sent to TensorBoard or W&B (--report_to; docs/tracking.md).
+"""tracking.py: what a training run tells: its progress lines and closing summary, and each step's metrics sent
+to TensorBoard or W&B (--report_to; docs/tracking.md).
 
-Owns: a step's logged metrics (step_metrics: one metrics.jsonl line), the stage and progress lines, the
-closing summary, the tracking backend (tracker_backend), the names each metrics.jsonl key is logged under
-(TRL_NAMES, tracker_name: TRL's DPOTrainer names) and the Tracker that logs a step at its global step.
-Does not own: writing metrics.jsonl or when a step logs (train.py), or the measurements (metrics.py).
+Owns: the stage and progress lines, the closing summary, the tracking backend (tracker_backend), the names each
+metrics.jsonl key is logged under (TRL_NAMES, tracker_name: TRL's DPOTrainer names) and the Tracker that logs a
+step at its global step.
+Does not own: writing metrics.jsonl or when a step logs (train.py), or a step's metrics (metrics.step_metrics).
 """
 
 import dataclasses
@@ -13,26 +13,15 @@ import os
 
 from base.common import ConfigError
 from srpo import SELF_REFINED
-from training import metrics
 
 
-def stage_line(cfg, run, stage, n_steps, packing):
+def stage_line(cfg, world, micro, stage, n_steps, packing):
     """The line that opens a stage: its steps, batch split, learning rate, loss constants and batch layout."""
-    return (f"stage {stage}: {n_steps} steps of {cfg.batch_size} pairs ({run.world} rank(s) x "
-            f"{cfg.batch_size // run.world // run.micro} micro-batch(es) of {run.micro}), lr {cfg.lr:g}"
+    return (f"stage {stage}: {n_steps} steps of {cfg.batch_size} pairs ({world} rank(s) x "
+            f"{cfg.batch_size // world // micro} micro-batch(es) of {micro}), lr {cfg.lr:g}"
             + (f", beta {cfg.beta}, lambda {cfg.lam}, refine {cfg.refine}" if stage in SELF_REFINED else "")
             + f"; {packing} batches"
             + (f" (rows of up to {cfg.pack_length} tokens)" if packing != "padded" else ""))
-
-
-def step_metrics(summed, stage, step, seconds):
-    """The logged metrics of one step, from the stats summed over ranks (``metrics.preference_means``)."""
-    n = summed["pairs"]
-    m = {"stage": stage, "step": step, "loss": summed["loss"] / summed["denominator"], "grad_norm": summed["grad_norm"],
-         "lr": summed["lr"], "examples_per_s": n / seconds, "tokens_per_s": summed["tokens"] / seconds}
-    if stage != "sft":
-        m.update(metrics.preference_means(summed, n))
-    return m
 
 
 def progress_line(m, n_steps):
