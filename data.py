@@ -4,10 +4,11 @@ prompt-augmented query p ⊕ x (paper, Section 3.2.2 and Appendix C).
     load_pairs(source, split) -> [Pair] -> tokenize_pairs(...) -> [example] -> collate(...) -> tensors
     schedule(n, global_batch, seed, ...) -> which examples each step takes, on each rank
 
-Owns: the pipeline: load_pairs (from formats.py's readers or embedded.py), tokenization of both views,
-collate (packing.py packs the rows) and the batch order (steps_per_epoch, batch_indices, schedule).
-Does not own: record formats and file or hub readers (formats.py), the embedded task (embedded.py), row
-packing (packing.py), models (models.py), losses (srpo.py) or any metric (metrics.py).
+Owns: the pipeline: load_pairs (from base/formats.py's readers or base/embedded.py), what it keeps and drops,
+counted and reported (Kept, keep_all, report_kept), tokenization of both views, collate (base/packing.py packs
+the rows), moving a batch to a device (to_device) and the batch order (steps_per_epoch, batch_indices, schedule).
+Does not own: record formats and file or hub readers (base/formats.py), the embedded task (base/embedded.py),
+row packing (base/packing.py), models (training/models.py), losses (srpo.py) or any metric (training/metrics.py).
 
 Sources, record formats, tokenisation of the two views, the embedded dataset and the batch order: see
 docs/data.md (one place; tests/test_data.py, test_formats.py and test_embedded.py check each rule).
@@ -45,7 +46,7 @@ import torch
 from base.common import DataError, Progress
 from base.defaults import MAX_LENGTH
 from base.embedded import embedded_pairs
-from base.formats import HH_ASSISTANT, Dropped, Kept, keep_all, record_to_pair, report_kept, source_records
+from base.formats import HH_ASSISTANT, Dropped, record_to_pair, source_records
 from base.packing import pack, sequence_piece, shared_piece
 from srpo import IGNORE_INDEX
 
@@ -55,11 +56,50 @@ _MARK = "\ue000srpo-p\ue000"  # placed where p goes in a chat; never left in any
 PACKINGS = ("padded", "packed", "shared")  # batch layouts of collate
 
 
+# ----------------------------------------------------------------------------- kept and dropped, counted
+
+
+def kept_line(kept, dropped, what="pairs"):
+    """'kept 2,304 of 2,312 pairs; dropped 4 empty response, 4 prompt mismatch' (dropped: reason -> count)."""
+    line = f"kept {kept:,} of {kept + sum(dropped.values()):,} {what}"
+    if dropped:
+        line += "; dropped " + ", ".join(f"{n:,} {reason}" for reason, n in dropped.items())
+    return line
+
+
+class Kept(list):
+    """The items kept (a list), with ``dropped``: a Counter of reasons -> how many were dropped."""
+
+    def __init__(self, items=(), dropped=()):
+        super().__init__(items)
+        self.dropped = Counter(dropped)
+
+
+def keep_all(items, convert):
+    """([convert(item) for each item], Counter of reasons) without the items that raise Dropped."""
+    kept, dropped = [], Counter()
+    for item in items:
+        try:
+            kept.append(convert(item))
+        except Dropped as d:
+            dropped[d.args[0]] += 1
+    return kept, dropped
+
+
+def report_kept(label, kept, dropped, log, extra=""):
+    """Log the one summary line; DataError (with that line) when nothing was kept."""
+    line = f"{label}: {kept_line(len(kept), dropped)}{extra}"
+    if not kept:
+        raise DataError(f"{line}; nothing left")
+    if log:
+        log(line)
+
+
 def load_pairs(source="embedded", split="train", log=print):
     """Preference pairs of a source (docs/data.md, Sources), with one summary line of kept/dropped.
 
     source: "embedded", a local .jsonl/.jsonl.gz/.json path (split ignored), or a hub dataset name.
-    Returns list[Pair] (a formats.Kept: .dropped counts the records dropped, by reason). Raises DataError on
+    Returns list[Pair] (a Kept: .dropped counts the records dropped, by reason). Raises DataError on
     bad input or when no pair is left.
     """
     if source == "embedded":
@@ -71,7 +111,6 @@ def load_pairs(source="embedded", split="train", log=print):
         label = source if os.path.isfile(source) else f"{source} [{split}]"
     report_kept(label, pairs, dropped, log)
     return Kept(pairs, dropped)
-
 
 
 @dataclass(frozen=True)
@@ -314,7 +353,7 @@ def tokenize_pairs(pairs, tokenizer, max_length=MAX_LENGTH, refine_prompt=None, 
     min_prompt_length: a query is cut no shorter than this to make room for a response (default:
     half of max_length less BOS and p's tokens). Logs one summary line; DataError when no pair is left.
     progress: a ``Progress`` line while it works (True: on stderr; or a text stream). chat: ChatOptions.
-    Returns a formats.Kept list: .dropped counts the pairs dropped, by reason.
+    Returns a Kept list: .dropped counts the pairs dropped, by reason.
     """
     tokens = _inspect(tokenizer, chat)
     p = _encode(tokenizer, refine_prompt) if refine_prompt else None
@@ -354,8 +393,6 @@ def _pad(rows, value):
     """Right-padded [len(rows), max length] int64 tensor of lists of ints."""
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.int64)
-
-
 
 
 def _view_sequences(examples, key, chosen_only):

@@ -1,8 +1,9 @@
 """evaluate.py: the paper's measurements as commands.
 
 Owns: the command line. ``accuracy`` is the paper's own measurement (metrics.py does the work);
-``generate``, ``judge``, ``exact`` and ``table`` run the MT-Bench machinery of judge.py.
-Does not own: any statistic (metrics.py), model loading (models.py) or judging logic (judge.py).
+``generate``, ``judge``, ``exact`` and ``table`` run the MT-Bench machinery of mtbench/.
+Does not own: any statistic (training/metrics.py), model loading (training/models.py) or judging logic
+(mtbench/judge.py).
 
 Commands (``python evaluate.py COMMAND --help`` for every option):
     accuracy  preference accuracy and reward margins under x and p ⊕ x, Δπ, and, where the data
@@ -53,6 +54,7 @@ def load_lm(name, dtype="float32", device="cpu"):
     check_model(name)
     tokenizer = load_tokenizer(name)
     return load_model(name, tokenizer, dtype=DTYPES[dtype]).to(device), tokenizer
+
 
 def accuracy_table(m):
     """A few lines for people from ``pair_metrics``."""

@@ -3,8 +3,8 @@ Quality-Aware Self-Refinement", as pure functions of log-probabilities.
 
 Copy this file alone into another trainer: it needs torch and nothing else, holds no
 state, and does nothing at import.
-Owns the math only: data, models, training and measurements live in data.py, models.py,
-train.py and metrics.py.
+Owns the math only: data, models, training and measurements live in data.py, training/models.py,
+train.py and training/metrics.py.
 
 Notation (paper, Sections 2-3):
     x       the query;  p ⊕ x  the prompt-augmented query (p = REFINE_PROMPT, prepended)
@@ -63,7 +63,7 @@ REFINE_PROMPT_10 = rating_prompt(10, scale=10)
 REFINE_PROMPT_OPPOSITE = rating_prompt(1)
 # A neutral text about the weather, no instruction and no rating, ending like p in "Query:": as many
 # characters as p (so as many tokens under the byte-level tiny tokenizer) and as many words. Its
-# capitals are only those absent from data.EMBEDDED_ALPHABET, like p's.
+# capitals are only those absent from base/embedded.py's EMBEDDED_ALPHABET, like p's.
 REFINE_PROMPT_NEUTRAL = (
     "The weather this morning is calm and mild, with a gentle breeze from the west and some thin clouds "
     "drifting over the hills. The forecast calls for clear skies in the afternoon, a cooler evening, "

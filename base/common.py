@@ -2,8 +2,9 @@
 
 Owns: the project's base error SrpoError and the error kinds that several modules raise (ConfigError,
 DataError, EvalError), atomic writes (atomic_path, atomic_open, replace_path), JSON/JSONL output (write_jsonl,
-jsonable, emit), number formatting for tables (num, pct) and the progress bar (Progress).
-Does not own: any data format (data.py), model (models.py) or metric (metrics.py).
+jsonable, emit; cut_unfinished_line for a file an interrupted write left), number formatting for tables
+(num, pct) and the progress bar (Progress).
+Does not own: any data format (data.py), model (training/models.py) or metric (training/metrics.py).
 """
 
 import contextlib
@@ -99,6 +100,14 @@ def _remove(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
+
+
+def cut_unfinished_line(raw):
+    """(raw up to its last newline, whether an unfinished last line was cut): the bytes of a JSONL file that a
+    run appends to, without the line an interrupted write left (the one place this rule is written)."""
+    if not raw or raw.endswith(b"\n"):
+        return raw, False
+    return raw[:raw.rfind(b"\n") + 1], True
 
 
 def write_jsonl(path, records):

@@ -4,8 +4,9 @@
 
 Owns: Pair, the record formats (HH-RLHF transcripts, {prompt, chosen, rejected}, shared-prefix texts,
 ShareGPT, UltraFeedback) and their checks, reading .jsonl/.json(.gz) files and hub datasets, the rules that
-drop a pair (Dropped) and the one kept/dropped line (kept_line).
-Does not own: the embedded task (embedded.py), tokenisation or batches (data.py). Rules: docs/data.md, Sources
+drop a pair (Dropped).
+Does not own: the embedded task (embedded.py), tokenisation or batches, or counting and reporting what was
+dropped (data.py: Kept, report_kept). Rules: docs/data.md, Sources
 and Record formats.
 """
 
@@ -15,7 +16,6 @@ import math
 import os
 import re
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 
 from base.common import DataError
@@ -46,45 +46,6 @@ class Pair:
 
 class Dropped(Exception):
     """A pair dropped by a documented rule; the argument is the reason counted in the summary."""
-
-
-# ----------------------------------------------------------------------------- summaries
-
-
-def kept_line(kept, dropped, what="pairs"):
-    """'kept 2,304 of 2,312 pairs; dropped 4 empty response, 4 prompt mismatch' (dropped: reason -> count)."""
-    line = f"kept {kept:,} of {kept + sum(dropped.values()):,} {what}"
-    if dropped:
-        line += "; dropped " + ", ".join(f"{n:,} {reason}" for reason, n in dropped.items())
-    return line
-
-
-class Kept(list):
-    """The items kept (a list), with ``dropped``: a Counter of reasons -> how many were dropped."""
-
-    def __init__(self, items=(), dropped=()):
-        super().__init__(items)
-        self.dropped = Counter(dropped)
-
-
-def keep_all(items, convert):
-    """([convert(item) for each item], Counter of reasons) without the items that raise Dropped."""
-    kept, dropped = [], Counter()
-    for item in items:
-        try:
-            kept.append(convert(item))
-        except Dropped as d:
-            dropped[d.args[0]] += 1
-    return kept, dropped
-
-
-def report_kept(label, kept, dropped, log, extra=""):
-    """Log the one summary line; DataError (with that line) when nothing was kept."""
-    line = f"{label}: {kept_line(len(kept), dropped)}{extra}"
-    if not kept:
-        raise DataError(f"{line}; nothing left")
-    if log:
-        log(line)
 
 
 # ----------------------------------------------------------------------------- records -> Pair

@@ -3,7 +3,8 @@
 Owns: a Piece (tokens that stay together in one row, with positions, segments and branches), the pieces of
 one sequence (sequence_piece) or of one pair with its prompt once (shared_piece), their first-fit decreasing
 rows (pack) and the shared layout's attention mask (shared_attention_mask).
-Does not own: which layout a batch takes or its keys (data.collate), or scoring packed rows (models.py, srpo.py).
+Does not own: which layout a batch takes or its keys (data.collate), or scoring packed rows (training/scoring.py,
+srpo.py).
 """
 
 import itertools

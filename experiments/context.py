@@ -3,7 +3,7 @@
 Owns: Run (a folder name, a loss, its flags) and the methods' runs, the labels of the losses, Context (where
 runs and results go: SFT once per seed, alignment runs from it, their answers, held-out metrics and curves,
 the SFT models' own margins), reading a run's metrics.jsonl and JSON files.
-Does not own: training (train.py), generation (answers.py), judging (judge.py, compare.py), the claims.
+Does not own: training (train.py), generation (mtbench/answers.py), judging (mtbench/judge.py, compare.py), the claims.
 """
 
 import contextlib

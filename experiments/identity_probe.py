@@ -6,7 +6,8 @@ the mean log π(y±|x) of the batch, h = margin / β, the loss (equal in value b
 the gradient-norm ratio (1/(1 − λ) by the identity, before clipping); and the held-out eval_* rows
 (margins and rewards divided by β: h and log-ratios).
 
-    # default-size settings (experiments/paper.py SIZES["default"]); OMP_NUM_THREADS=1 as paper.py uses one thread
+    # default-size settings (experiments/sizes.py SIZES["default"]); OMP_NUM_THREADS=1 as experiments/cli.py
+    # runs the tiny model on one thread
     python train.py --loss sft --model tiny --max_steps 300 --lr 1e-3 --eval_every 0 --batch_size 64 \\
         --seed 0 --warmup_steps 9 --epochs 1000 --save_every 0 --out_dir /tmp/vp/sft
     A="--model /tmp/vp/sft/final --ref_model /tmp/vp/sft/final --sft_steps 0 --max_steps 20 --lr 1e-3 \\

@@ -2,7 +2,7 @@
 
 Owns: question and answer files (FastChat layout), reading them with errors naming file, line and field, the
 decoding settings (``Decoding``) and ``generate_answers``, resumable, one JSONL line per question.
-Does not own: judging (judge.py), the command line (evaluate.py), model loading (models.py).
+Does not own: judging (judge.py), the command line (evaluate.py), model loading (training/models.py).
 """
 
 import contextlib
@@ -25,6 +25,7 @@ from training.models import model_device, position_limit
 # ----------------------------------------------------------------------------------------------
 # Questions and answers: JSONL in
 # ----------------------------------------------------------------------------------------------
+
 
 def read_jsonl(path):
     """[(where "FILE:LINE", record dict)] of a JSONL file (``formats.read_records``: also .json, .gz)."""
@@ -205,12 +206,12 @@ def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None, chat=None
 
 
 def _drop_unfinished_line(path):
-    """Cut an unfinished last line (an interrupted write) from a JSONL file; True if cut."""
-    raw = Path(path).read_bytes()
-    if not raw or raw.endswith(b"\n"):
-        return False
-    Path(path).write_bytes(raw[:raw.rfind(b"\n") + 1])
-    return True
+    """Cut an unfinished last line (an interrupted write) from a JSONL file (``common.cut_unfinished_line``);
+    True if cut."""
+    kept, cut = common.cut_unfinished_line(Path(path).read_bytes())
+    if cut:
+        Path(path).write_bytes(kept)
+    return cut
 
 
 def appended_rows(path, what):

@@ -292,7 +292,6 @@ def _verdict_key(question_id, turn, order, digest):
     return json.dumps(question_id), int(turn), order, digest
 
 
-
 def load_verdicts(path, identity):
     """{(question_id json, turn, order, answers_sha256): record} already in a verdict file (none if absent).
 

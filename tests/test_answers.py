@@ -13,6 +13,7 @@ from training import models
 
 # ------------------------------------------------------------------ generate
 
+
 def _answers(path):
     return {r["question_id"]: r["choices"][0]["turns"] for r in map(json.loads, path.read_text().splitlines())}
 

@@ -109,7 +109,7 @@ def test_export_merges_lora_adapters_as_peft_does(tmp_path):
     record = {"model": models.TINY, "loss": "dpo", "sft_steps": 0, "seed": 0, "lora_r": 2, "lora_alpha": 8}
     distributed.setup_distributed("cpu")
     try:
-        checkpoint.save(str(tmp_path), {"model": model.state_dict()}, {"stage_index": 0, "step": 3}, record)
+        checkpoint.save_state(str(tmp_path), {"model": model.state_dict()}, {"stage_index": 0, "step": 3}, record)
     finally:
         torch.distributed.destroy_process_group()
     assert export.main([str(tmp_path / checkpoint.CHECKPOINT), str(tmp_path / "exp")]) == 0
@@ -215,7 +215,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
     state = {"model": {"w": torch.arange(1000.0)}}
     distributed.setup_distributed("cpu")
     try:
-        checkpoint.save(str(tmp_path), state, {"step": 1}, {"loss": "dpo"})
+        checkpoint.save_state(str(tmp_path), state, {"step": 1}, {"loss": "dpo"})
         before = {p.name: p.read_bytes() for p in (tmp_path / checkpoint.CHECKPOINT).iterdir()}
 
         def full(*args, **kwargs):
@@ -223,7 +223,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
 
         monkeypatch.setattr(filesystem, "_write_item", full)
         with pytest.raises(checkpoint.CheckpointError) as e:
-            checkpoint.save(str(tmp_path), {"model": {"w": torch.zeros(1000)}}, {"step": 2}, {"loss": "dpo"})
+            checkpoint.save_state(str(tmp_path), {"model": {"w": torch.zeros(1000)}}, {"step": 2}, {"loss": "dpo"})
     finally:
         torch.distributed.destroy_process_group()
     message = str(e.value)

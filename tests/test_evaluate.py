@@ -16,6 +16,7 @@ from training import metrics, models, scoring
 
 # ------------------------------------------------------------------ accuracy and margins
 
+
 def test_pair_metrics_hand_built_case():
     # β = 0.5. Rewards β·(log π - log π_ref):
     #   chosen   0.5·([-10, -12, -8] - [-11, -11, -9]) = [ 0.5, -0.5, 0.5]

@@ -126,6 +126,7 @@ def test_every_run_spends_most_of_its_steps_at_its_peak_learning_rate(name, tmp_
 def smoke(tmp_path_factory):
     """Runs and results of --smoke, shared by the experiments (each reuses the runs it shares)."""
     root = tmp_path_factory.mktemp("experiments")
+
     def run(name, *flags):
         code = cli.main([name, "--smoke", "--work", str(root / "work"), "--out", str(root / "out"), *flags])
         assert code == 0

@@ -15,6 +15,7 @@ from mtbench.answers import Answer, _prompt_text, embedded_questions, index_answ
 
 # ------------------------------------------------------------------ verdicts
 
+
 def test_parse_verdict_needs_one_explicit_marker():
     assert judge.parse_verdict("A is clearer.\n[[A]]") == ("A", None)
     assert judge.parse_verdict("[[B]] ... as said, [[B]]") == ("B", None)

@@ -1,4 +1,4 @@
-"""model_card.py: the README.md of final/ and sft/; pure, standard library only, nothing invented."""
+"""model_card.py: the README.md of final/ and sft/; pure, standard library and srpo.py only, nothing invented."""
 
 import ast
 import dataclasses
@@ -82,12 +82,12 @@ def test_command_line_repeats_only_what_differs():
     assert model_card.command_line(dpo, flags(loss="dpo")) == "python train.py"
 
 
-def test_model_card_imports_the_standard_library_only():
+def test_model_card_imports_the_standard_library_and_srpo_only():
     with open(os.path.join(ROOT, "training", "model_card.py"), encoding="utf-8") as fh:
         tree = ast.parse(fh.read())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert names <= {"os", "re", "shlex", "common", "defaults"}, names
+    assert names <= {"os", "re", "shlex", "srpo"}, names
 
 
 def test_a_run_writes_the_card_into_final_and_sft(tmp_path):

@@ -6,10 +6,12 @@ checkpoint, the one-run-per-out_dir lock, the names of out_dir's entries, and a 
 (save_checkpoint, load_checkpoint: the policy's and optimizer's DCP state dicts). Does not own: when to
 save (train.py), models (models.py) or the exported model folders (export.py, models.MODEL_RECORD).
 
-    save(out_dir, state, extra, record, rank, world)   out_dir/checkpoint, written atomically
+    save_state(out_dir, state, extra, record, rank, world)   out_dir/checkpoint, written atomically
     find(out_dir) -> folder | None                      the checkpoint to resume from
     verify(folder, rank, world)                         every file against SHA256SUMS
-    load(folder, state, rank) -> extra                  restores `state` in place (DCP), the rank's extra dict
+    load_state(folder, state, rank) -> extra            restores `state` in place (DCP), the rank's extra dict
+    save_checkpoint(out_dir, policy, optimizer, ...)    save_state of a training run: policy, optimizer, stage, step
+    load_checkpoint(path, policy, optimizer, rank)      load_state of it -> extra (its stage and step)
     read_record(folder), check_record(saved, now)       the flags that define the run, checked on --resume
     trim_metrics(path, keep, log)                       metrics.jsonl cut back to the checkpoint's step
     Lock(out_dir, rank)                                 one run per out_dir (run.lock: PID, host, start time, boot id)
@@ -209,7 +211,7 @@ def _reader_and_planner(folder):
 # ----------------------------------------------------------------------------- save and load
 
 
-def save(out_dir, state, extra, record, rank=0, world=1):
+def save_state(out_dir, state, extra, record, rank=0, world=1):
     """Write out_dir/checkpoint atomically: a temporary folder, checksummed, renamed once every rank has written.
 
     state: DCP state dict (e.g. {"model": ..., "optim": ...}); extra: this rank's small dict (the RNG
@@ -301,7 +303,7 @@ def check_shapes(folder, model, prefix="model."):
                                   f"this run's --model; resume with the checkpoint's --model")
 
 
-def load(folder, state, rank=0):
+def load_state(folder, state, rank=0):
     """Restore the DCP `state` dict in place from a verified folder; set the RNG; return this rank's extra."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -349,7 +351,7 @@ def check_record(saved, now, where):
 
 
 def stage_names(record):
-    """The stages of the run a record describes, as stages.plan names them: "sft" where it had an SFT stage,
+    """The stages of the run a record describes, as train.plan names them: "sft" where it had an SFT stage,
     then its --loss."""
     loss = record.get("loss")
     return ["sft"] if loss == "sft" else (["sft"] if record.get("sft_steps") else []) + [loss]
@@ -377,12 +379,11 @@ def trim_metrics(path, keep, log=print):
     """
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.readlines()
-    if lines and not lines[-1].endswith("\n"):
-        if log:
-            log(f"{path}: dropped an unfinished last line (an interrupted write)")
-        lines.pop()
+    with open(path, "rb") as fh:
+        raw, cut = common.cut_unfinished_line(fh.read())
+    if cut and log:
+        log(f"{path}: dropped an unfinished last line (an interrupted write)")
+    lines = io.StringIO(raw.decode("utf-8"), newline=None).readlines()
     kept = []
     for number, line in enumerate(lines, 1):
         try:
@@ -545,7 +546,6 @@ class Lock:
 # ----------------------------------------------------------------------------- a training run's state
 
 
-
 def _state(policy, optimizer):
     """The DCP state dict of policy and optimizer (sharded as they are)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -556,7 +556,7 @@ def _state(policy, optimizer):
 def save_checkpoint(out_dir, policy, optimizer, stage, stage_index, step, record, rank, world):
     """out_dir/checkpoint, written atomically with its checksums and the run's record (save).
     Returns what it holds, "STAGE step N", for messages."""
-    save(out_dir, _state(policy, optimizer), {"stage_index": stage_index, "step": step}, record, rank,
+    save_state(out_dir, _state(policy, optimizer), {"stage_index": stage_index, "step": step}, record, rank,
                     world)
     return f"{stage} step {step}"
 
@@ -566,7 +566,7 @@ def load_checkpoint(path, policy, optimizer, rank):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = _state(policy, optimizer)
-    extra = load(path, state, rank)
+    extra = load_state(path, state, rank)
     set_model_state_dict(policy, state["model"])
     set_optimizer_state_dict(policy, optimizer, state["optim"])
     return extra

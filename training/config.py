@@ -18,10 +18,11 @@ from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED
 from training import lora
 from training.models import DTYPES, TINY
 
-PACKINGS = ("auto", *data.PACKINGS)  # --packing (a Config field named data hides the module there)
+PACKING_CHOICES = ("auto", *data.PACKINGS)  # --packing: data.PACKINGS or "auto" (scoring.choose_packing)
 LR_SCHEDULERS = ("constant", "linear", "cosine")  # --lr_scheduler, get_lr's kind
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # --optimizer
 RESUMES = ("", "yes", "auto")  # --resume: "" not given, "yes" bare --resume (must resume), "auto" (--resume auto)
+
 
 def _sci(x):
     """5e-07 as 5e-7, for --help."""
@@ -72,7 +73,7 @@ class Config:
                                          "do (then the losses see different x-view tokens)")
     packing: str = _flag("auto", "batch layout: padded; packed (sequences back to back, no padding); shared (also "
                                  "each pair's prompt once); auto: the fastest that gives this model the padded "
-                                 "log-probs (checked at start)", PACKINGS)
+                                 "log-probs (checked at start)", PACKING_CHOICES)
     pack_length: int = _flag(0, "tokens per packed row; 0: --max_length")
     epochs: float = _flag(1.0, "alignment epochs over --data ...")
     max_steps: int = _flag(-1, "... or this many alignment steps, whichever ends first (-1: no limit)")

@@ -52,7 +52,6 @@ def log(rank, *args):
         print(*args, flush=True)
 
 
-
 class Failures:
     """One rank's failure stops every rank within a second, its one-line error printed once, by rank 0.
 

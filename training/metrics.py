@@ -20,6 +20,7 @@ from srpo import implicit_reward
 # Rank statistics (numpy, float64). Pure functions of two equally long 1-D sequences.
 # ----------------------------------------------------------------------------------------------
 
+
 def _vector(x):
     """A float64 numpy copy of a 1-D tensor, array or list."""
     if isinstance(x, torch.Tensor):
@@ -268,7 +269,7 @@ def _has_p_view(logps):
 
 
 def preference_logps(policy, ref):
-    """The ``pair_metrics`` input from ``pair_logps`` of the policy and of the reference.
+    """The ``pair_metrics`` input from ``scoring.pair_logps`` of the policy and of the reference.
 
     Returns LOGP_KEYS, and the same four with the "p_" prefix when both were scored with_p.
     """
@@ -284,7 +285,7 @@ def true_scores(examples):
 
 
 def heldout_metrics(policy_logps, ref_logps, examples, beta):
-    """``pair_metrics`` of the examples from the ``pair_logps`` of policy and reference, with true scores."""
+    """``pair_metrics`` of the examples from the ``scoring.pair_logps`` of policy and reference, with true scores."""
     return pair_metrics(preference_logps(policy_logps, ref_logps), beta, *true_scores(examples))
 
 

@@ -4,12 +4,14 @@ A pure function of what the run knows: its flags, its stages, the pairs kept (an
 held-out metrics and the command line. YAML front matter (base_model and datasets only where they are hub names,
 tags, library_name), then the loss and its hyperparameters, the data, the steps, the metrics, the command and
 the paper. Nothing is invented: a value the run does not know is left out.
-Imports the standard library only (no torch, no project module but the constants written here).
+Imports the standard library and srpo.py's SELF_REFINED only (no model, no other project module).
 """
 
 import os
 import re
 import shlex
+
+from srpo import SELF_REFINED
 
 PAPER = "Direct Alignment of Language Models via Quality-Aware Self-Refinement"
 LOSS_NAMES = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "sr-dpo": "Sr-DPO", "sr-ipo": "Sr-IPO"}
@@ -20,7 +22,6 @@ LOSS_TEXT = {
     "sr-dpo": "Sr-DPO, Eq. (12) and Algorithm 1: -log σ(β·h - λ·⊥[Δπ])",
     "sr-ipo": "Sr-IPO, Algorithm 2: (h - λ·⊥[Δπ] - 1/(2β))²",
 }
-SELF_REFINED = ("sr-dpo", "sr-ipo")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -54,7 +55,7 @@ def model_card(flags, stages=(), train_pairs=None, dropped_pairs=None, heldout=N
                refine_prompt=None):
     """README.md text of a model folder.
 
-    flags: the run's resolved flags (train.Config as a dict: loss, beta, lam, refine, refine_prompt, model,
+    flags: the run's resolved flags (config.Config as a dict: loss, beta, lam, refine, refine_prompt, model,
     ref_model, data, eval_data, lr, warmup_steps, lr_scheduler, batch_size, max_length, optimizer, seed, ...);
     a missing key is left out of the card. stages: [(name, steps)] that this folder was trained with.
     train_pairs / dropped_pairs: the training pairs kept / dropped (None: unknown). heldout: the last held-out
