@@ -248,7 +248,7 @@ import json, os, sys
 sys.path.insert(0, {root!r})
 import torch, data
 from training import distributed, models, scoring
-from test_fused_logps import examples
+from test_scoring import examples
 
 calls, fused_head = [], scoring.hidden_token_logps
 scoring.hidden_token_logps = lambda *a, **k: calls.append(1) or fused_head(*a, **k)
