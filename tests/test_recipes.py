@@ -65,10 +65,13 @@ def test_the_cpu_recipe_runs_here_and_the_command_line_overrides_it(tmp_path, ca
     assert code == 0
     assert "trained: sft (2 steps) -> sr-dpo (2 steps)" in capsys.readouterr().out
     with open(out / "final" / "srpo_run.json") as fh:  # the resolved config, saved beside the model as before
-        saved = json.load(fh)["flags"]
+        saved = json.load(fh)["run"]
     recipe = config.read_recipe(CPU_RECIPE)
     assert saved["seed"] == 3 and saved["sft_steps"] == 2 and saved["out_dir"] == str(out)  # the command line's
     assert all(saved[k] == v for k, v in recipe.items() if k not in ("sft_steps", "out_dir"))  # the file's
+    with open(out / "checkpoint" / "run.json") as fh:  # and the run-defining ones beside the checkpoint
+        record = json.load(fh)
+    assert record["seed"] == 3 and record["lr"] == recipe["lr"] and record["loss"] == recipe["loss"]
 
 
 def test_command_line_flags_override_the_file(tmp_path):
