@@ -1,5 +1,7 @@
 """export.py: a model as a plain transformers folder: the training policy (export, train.py's sft/ and final/),
-or any checkpoint, on one process, no GPU (the command):
+or any checkpoint, on one process, no GPU.
+
+The command:
 
     python export.py out/checkpoint out/step-900 [--dtype bfloat16]
 

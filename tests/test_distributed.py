@@ -217,3 +217,48 @@ def test_a_hung_rank_ends_the_run_after_the_collective_timeout(tmp_path):
     assert len(errors) == 1 and "--collective_timeout 5s at dpo step 2" in errors[0], stderr[-3000:]
     assert "dpo step 1) is kept" in errors[0]
     assert waited < 5 + 15 and proc.returncode != 0
+
+
+# ----------------------------------------------------------------------------- train.py --env
+
+
+def test_env_prints_one_block_for_a_bug_report():
+    """`python train.py --env`: the versions (a package that is missing says so), the commit, devices and backends,
+    each as this process sees them, and exit 0 without training."""
+    import importlib.metadata
+    import platform
+
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--env"], capture_output=True, text=True,
+                          timeout=300, env=env(), cwd="/")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "srpo environment (train.py --env)" and all(line.startswith("- ") for line in lines[1:])
+    report = dict(line[2:].split(": ", 1) for line in lines[1:])
+    assert report["python"].startswith(platform.python_version() + " ")
+    assert report["torch"] == torch.__version__
+    for package in ("transformers", "numpy", "peft", "trl"):
+        try:
+            assert report[package] == importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            assert report[package] == "not installed"
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:
+        assert report["srpo"].split()[0] == commit.stdout.strip()
+    cuda = torch.cuda.is_available()
+    assert ("no GPU" in report["cuda"]) != cuda and f"CUDA {torch.version.cuda or 'none'}" in report["cuda"]
+    assert report["--device auto"].startswith("cuda, backend nccl" if cuda else "cpu, backend gloo")
+    assert report["--device auto"].endswith("fp32") != cuda
+
+
+def test_env_names_a_missing_package(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "trl":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert "- trl: not installed" in distributed.environment_report().splitlines()

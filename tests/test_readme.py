@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -93,3 +95,46 @@ def test_readme_is_a_ten_minute_read_and_its_links_resolve():
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
     local = [link for link in links if "://" not in link]
     assert local and all(os.path.exists(os.path.join(ROOT, link)) for link in local), local
+
+
+# ----------------------------------------------------------------------------- the first run's figures (slow tier)
+
+SUMMARY_RULE = "=" * 72
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory):
+    """`python train.py` as the README has it (no flags, in a fresh folder), with OMP_NUM_THREADS 1 and 2: the
+    summary block each prints, {threads: [lines]}."""
+    blocks = {}
+    for threads in (1, 2):
+        folder = tmp_path_factory.mktemp(f"threads{threads}")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")], env=env, capture_output=True,
+                              text=True, timeout=1800, cwd=folder)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = done.stdout.splitlines()
+        first = lines.index(SUMMARY_RULE)
+        blocks[threads] = lines[first + 1:lines.index(SUMMARY_RULE, first + 1)]
+    return blocks
+
+
+def figures(lines):
+    return re.findall(r"[+-]?\d+\.\d+", "\n".join(lines))
+
+
+@pytest.mark.slow
+def test_the_default_run_prints_the_same_figures_on_1_and_2_threads(default_runs):
+    """Every figure of the summary to its printed precision: a float-level difference of reduction order (thread
+    count, CPU, library patch versions) does not move them (the default's settings: defaults.py, TINY_*)."""
+    assert len(figures(default_runs[1])) >= 5
+    assert figures(default_runs[1]) == figures(default_runs[2])
+    assert default_runs[1] == default_runs[2]
+
+
+@pytest.mark.slow
+def test_the_readme_block_is_what_the_default_run_prints(default_runs):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        block = re.search(r"ends with:\n\n```\n(.*?)```", fh.read(), re.S).group(1).splitlines()
+    assert block == default_runs[2]
+    assert block == default_runs[1]

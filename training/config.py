@@ -8,6 +8,7 @@ with another command comes from defaults.py. Does not own: what the flags do (tr
 
 import dataclasses
 import math
+import os
 import typing
 
 import torch
@@ -17,6 +18,7 @@ from base import common, defaults
 from base.common import ConfigError
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED
 from training import lora
+from training.distributed import environment_report
 from training.models import DTYPES, TINY
 
 PACKING_CHOICES = ("auto", *data.PACKINGS)  # --packing: data.PACKINGS or "auto" (scoring.choose_packing)
@@ -111,14 +113,90 @@ class Config:
                                    "docs/tracking.md)", ("none", "tensorboard", "wandb"))
 
 
+def _field_kind(f):
+    """A Config field's value type: `float | None` -> float."""
+    return f.type if isinstance(f.type, type) else typing.get_args(f.type)[0]
+
+
+def read_recipe(path):
+    """The flags of a recipe file (YAML: `flag: value` per line, the flags' names without --) as {field: value}.
+
+    Each value is checked against its field's type here (YAML reads 5e-7 as a string, `yes` as true); the choices
+    and combinations are checked by ``validate`` with the command line's flags. Raises ConfigError in one line
+    naming the file, line and key: an unknown key, a value of the wrong type, a file that is no mapping.
+    """
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"--config {path}: reading a recipe needs PyYAML (pip install pyyaml)") from None
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            text = fh.read()
+        root, values = yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)  # lines, then values
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read the file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"--config {path}{f', line {mark.line + 1}' if mark else ''}: not YAML "
+                          f"({getattr(e, 'problem', None) or e})") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode) or not isinstance(values, dict):
+        raise ConfigError(f"--config {path}, line {root.start_mark.line + 1}: expected `flag: value` lines")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    flags = {}
+    for key_node, value_node in root.value:
+        key, line = key_node.value, key_node.start_mark.line + 1
+        where = f"--config {path}, line {line}, {key}"
+        if key not in fields:
+            raise ConfigError(f"--config {path}, line {line}: unknown key '{key}' (the keys are train.py's flags "
+                              f"without --; python train.py --help lists them)")
+        if key in flags:
+            raise ConfigError(f"{where}: given twice")
+        if not isinstance(value_node, yaml.ScalarNode):
+            raise ConfigError(f"{where}: expected one value, not a list or mapping")
+        flags[key] = _recipe_value(fields[key], values[key], where)
+    return flags
+
+
+def _recipe_value(f, value, where):
+    """A recipe's value as its field's type: null for the fields that may be unset, numbers for str fields
+    (refine_prompt: 100), `resume: true` as bare --resume; ConfigError naming `where` for anything else."""
+    kind = _field_kind(f)
+    if value is None and f.default is None:
+        return None
+    if f.name == "resume" and isinstance(value, bool):
+        return "yes" if value else ""
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            pass
+        else:
+            if kind is float or number == value:  # 2.5 is no int
+                return number
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    raise ConfigError(f"{where}: {value!r} is not {expected}")
+
+
 def parse_config(argv=None):
-    """Config from --flags: one flag per field, its metadata as help and choices. Raises SystemExit on bad flags."""
+    """Config from --flags, and from a recipe file where --config FILE is given (``read_recipe``; the command
+    line's flags override the file's): one flag per field, its metadata as help and choices. Raises SystemExit on
+    bad flags and recipes."""
     import argparse
 
     parser = argparse.ArgumentParser(description="train.py: SFT, DPO, IPO, Sr-DPO and Sr-IPO in one hand-written FSDP2 "
                                                  "loop.")
+    parser.add_argument("--env", action="store_true", help="print the versions, devices and backends (for a bug "
+                                                           "report) and exit")
+    parser.add_argument("--config", default="", help="a recipe: a YAML file of these flags, `flag: value` per line "
+                                                      "(recipes/); flags given on the command line override it")
     for f in dataclasses.fields(Config):
-        kind = f.type if isinstance(f.type, type) else typing.get_args(f.type)[0]  # `float | None` -> float
+        kind = _field_kind(f)
         help_text = f.metadata["help"].replace("%", "%%")
         if kind is bool:
             parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
@@ -127,7 +205,18 @@ def parse_config(argv=None):
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"],
                                 help=help_text)
-    cfg = Config(**vars(parser.parse_args(argv)))
+    known = parser.parse_known_args(argv)[0]
+    if known.env:
+        print(environment_report(), flush=True)
+        parser.exit(0)
+    recipe = known.config
+    try:
+        parser.set_defaults(**read_recipe(recipe) if recipe else {})
+    except ConfigError as err:
+        parser.exit(2, f"train.py: error: {err}\n")
+    flags = vars(parser.parse_args(argv))
+    del flags["env"], flags["config"]
+    cfg = Config(**flags)
     try:
         validate(cfg)
     except ConfigError as err:

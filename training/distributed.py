@@ -3,14 +3,17 @@
 Owns: starting the process group (one process, or torchrun's), summing values over ranks (all_sum), printing
 on rank 0 (log), Failures: one rank's failure stops every rank, its one-line error printed once, and Preemption:
 the preemption signals (SIGTERM, SIGUSR1) received, which the loop reads at each step's end; REQUEUE_EXIT, the
-status after SIGUSR1 that asks a launcher (scripts/slurm.sbatch) to requeue the job.
+status after SIGUSR1 that asks a launcher (scripts/slurm.sbatch) to requeue the job; environment_report,
+train.py --env: the versions, devices and backends a run would use, for bug reports.
 Does not own: sharding models (models.py), the training loop (train.py) or checkpoints (checkpoint.py).
 See docs/distributed.md.
 """
 
 import datetime
 import os
+import platform
 import signal
+import subprocess
 import sys
 import threading
 
@@ -37,6 +40,49 @@ def setup_distributed(device="auto", timeout=None):
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def environment_report():
+    """train.py --env: one block to paste into a bug report. The versions of Python and the packages a run uses
+    (or "not installed"), srpo's git commit, the devices --device auto picks from, CUDA and NCCL, the backend and
+    the dtype path --mixed_precision auto takes there."""
+    from importlib import metadata
+
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    cuda = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda and dist.is_nccl_available() else "not available"
+    lines = [
+        f"python: {platform.python_version()} ({platform.python_implementation()}, {platform.platform()})",
+        f"srpo: {commit + (' (dirty: uncommitted changes)' if dirty else '') if commit else 'not a git checkout'}",
+        *(f"{package}: {version(package)}" for package in
+          ("torch", "transformers", "numpy", "peft", "trl", "pyyaml", "tensorboard", "wandb")),
+        f"cpu: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        f"cuda: {'; '.join(f'{len(gpus)} x {name}' for name in sorted(set(gpus))) if gpus else 'no GPU'} "
+        f"(torch built with CUDA {torch.version.cuda or 'none'}), NCCL {nccl}",
+        f"--device auto: {'cuda, backend nccl' if cuda else 'cpu, backend gloo'}; --mixed_precision auto: " + (
+            f"bf16 compute, fp32 gradient reduction and master weights (bf16 "
+            f"{'supported' if torch.cuda.is_bf16_supported() else 'NOT supported by this GPU'})" if cuda
+            else "fp32"),
+    ]
+    return "\n".join(["srpo environment (train.py --env)", *("- " + line for line in lines)])
 
 
 def all_sum(values, device):
