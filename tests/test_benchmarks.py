@@ -6,6 +6,7 @@ A change in models.py or train.py that breaks a script fails here, not on the ne
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,13 +16,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(argv, tmp_path, timeout=300, **env):
-    """Run argv from the project root, on the CPU with one thread; fail with its output's tail."""
+    """Run argv from the project root, on the CPU with one thread; fail with its output's tail. Past the timeout
+    its whole process group is killed (a script's children too, not left running after the test)."""
     full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env)
-    done = subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
-    assert done.returncode == 0, f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}\n" \
-                                 f"{done.stderr[-3000:]}"
-    return done.stdout
+    with subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"{' '.join(argv)} ran past {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"{' '.join(argv)} exited {proc.returncode}:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return stdout
 
 
 def test_packing_benchmark_writes_every_layout(tmp_path):
