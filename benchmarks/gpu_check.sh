@@ -36,7 +36,7 @@ PARTS=${PARTS:-train step_cost logps pytest}
 if [ "${SMALL:-0}" = 1 ]; then
   BUDGET_S=${BUDGET_S:-900}
   STEPS=${STEPS:-3}; BATCH=8; MICRO=4; LENGTHS="--prompt_tokens 64 --response_tokens 64 --p_tokens 40"
-  STEP_COST_ARGS=${STEP_COST_ARGS:---pairs 2 --steps 2 --warmup 1}; LOGITS=4,64,512
+  STEP_COST_ARGS=${STEP_COST_ARGS:---pairs 2 --steps 1 --warmup 1}; LOGITS=2,16,64
   PYTEST_ARGS=${PYTEST_ARGS:--x -rfE tests/test_srpo.py}; TIMEOUT_SCALE=5  # pytest.ini already says -q
 else
   BUDGET_S=${BUDGET_S:-330}
@@ -85,7 +85,7 @@ tok.save_pretrained(f"{work}/model")
 rng = random.Random(0)
 text = lambda n_chars: "".join(rng.choice("abcdefghij klmnop") for _ in range(n_chars))  # noqa: E731
 with open(f"{work}/pairs.jsonl", "w") as fh:
-    for _ in range(1344):  # 21 steps of 64 pairs
+    for _ in range(32 if small else 1344):  # 21 steps of 64 pairs (SMALL: 4 steps of 8)
         fh.write(json.dumps({"prompt": text(240), "chosen": text(240), "rejected": text(240)}) + "\n")
 # the token count of each view, as train.py tokenizes them (every pair has the same lengths)
 examples = data.tokenize_pairs(data.load_pairs(f"{work}/pairs.jsonl", "train", log=lambda *a: None), tok, 1024,

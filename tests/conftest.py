@@ -1,6 +1,15 @@
-"""Test configuration: no test may reach the network or a model hub."""
+"""Test configuration: no test may reach the network or a model hub; the suite's two tiers and its time.
+
+- `python -m pytest` runs the default tier on two pytest-xdist workers where pytest-xdist is installed and no
+  -n was given (`-n 0` or `-p no:xdist`: one process, the same tests and results).
+- Tests marked `slow` (those that cannot be made cheap) run only with `-m slow` (CI's second command) or when
+  named on the command line (`path::test`); any other -m expression decides by itself.
+- Each test's seconds (setup, call and teardown; wall and CPU of this process and its children) are kept, and
+  the summary warns, without failing, about a default-tier test past SLOW_TEST_S (the machine may be loaded).
+"""
 import os
 import sys
+import time
 
 import pytest
 
@@ -12,6 +21,81 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+WORKERS = 2        # pytest-xdist workers when none were asked for: the 2 cores the suite is sized for
+SLOW_TEST_S = 30   # a default-tier test longer than this (on 2 idle cores) belongs in `slow` or must get cheaper
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """-n WORKERS where pytest-xdist is installed and neither -n, --pdb nor --collect-only was given; tests of
+    one xdist_group (runs shared through a module-scoped fixture) then go to one worker (--dist loadgroup)."""
+    if (config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", 0) is None
+            and not hasattr(config, "workerinput") and not config.option.usepdb and not config.option.collectonly):
+        config.option.numprocesses = WORKERS
+        if config.option.dist == "no":
+            config.option.dist = "loadgroup"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without -m, and unless tests were named by node id, the `slow` tier is left out (deselected)."""
+    if config.option.markexpr or any("::" in arg for arg in config.args):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+
+
+def cpu_seconds():
+    """CPU seconds of this process and of its children that have ended (theirs only once reaped)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows: this process only
+        return time.process_time()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+CPU_AT_START = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    item.stash[CPU_AT_START] = cpu_seconds()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The teardown report carries the test's CPU seconds (setup to teardown) to the controller."""
+    outcome = yield
+    if call.when == "teardown" and CPU_AT_START in item.stash:
+        outcome.get_result().user_properties.append(("cpu_s", cpu_seconds() - item.stash[CPU_AT_START]))
+
+
+_seconds = {}  # nodeid -> {"wall": seconds of its phases so far, "cpu": seconds, "slow": marked slow}
+
+
+def pytest_runtest_logreport(report):
+    seen = _seconds.setdefault(report.nodeid, {"wall": 0.0, "cpu": None, "slow": "slow" in report.keywords})
+    seen["wall"] += report.duration
+    if report.when == "teardown":
+        seen["cpu"] = dict(report.user_properties).get("cpu_s")
+
+
+def pytest_terminal_summary(terminalreporter):
+    over = sorted((s["wall"], s["cpu"], nodeid) for nodeid, s in _seconds.items()
+                  if s["wall"] > SLOW_TEST_S and not s["slow"])
+    if not over:
+        return
+    terminalreporter.write_sep("=", f"warning: {len(over)} default-tier test(s) over {SLOW_TEST_S} s", yellow=True)
+    for wall, cpu, nodeid in reversed(over):
+        terminalreporter.write_line(f"{wall:6.1f} s wall" + (f", {cpu:6.1f} s CPU" if cpu is not None else "")
+                                    + f"  {nodeid}")
+    terminalreporter.write_line(f"On 2 idle cores no default-tier test may take over {SLOW_TEST_S} s: make it "
+                                "cheaper, or mark it slow if it cannot be. A loaded machine inflates wall time; CPU "
+                                "time counts every thread and finished child process.")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ A change in models.py or train.py that breaks a script fails here, not on the ne
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,14 +15,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(argv, tmp_path, timeout=300, **env):
-    """Run argv from the project root, on the CPU with one thread; fail with its output's tail."""
+def run(argv, tmp_path, timeout=900, **env):
+    """Run argv from the project root, on the CPU with one thread; fail with its output's tail. Past the timeout
+    (a hang guard, wide: a loaded machine runs these ten times slower) its whole process group is killed, a
+    script's children too."""
     full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env)
-    done = subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
-    assert done.returncode == 0, f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}\n" \
-                                 f"{done.stderr[-3000:]}"
-    return done.stdout
+    with subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"{' '.join(argv)} ran past {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"{' '.join(argv)} exited {proc.returncode}:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return stdout
 
 
 def test_packing_benchmark_writes_every_layout(tmp_path):
@@ -46,6 +54,7 @@ def test_logps_memory_benchmark_measures_every_method(tmp_path):
     assert all(math.isfinite(r[f"{m}_bytes"]) for r in result["rows"] for m in ("naive", "srpo", "fused"))
 
 
+@pytest.mark.slow  # six processes (each case alone), ~35 CPU-s
 def test_vocab_step_benchmark_measures_both_paths(tmp_path):
     out = tmp_path / "vocab.json"
     run([sys.executable, "benchmarks/vocab_step.py", "--pairs", "2", "--micro", "1", "--prompt_tokens", "8",
@@ -64,17 +73,18 @@ def test_vocab_step_benchmark_measures_both_paths(tmp_path):
 def test_load_memory_benchmark_loads_both_ways(tmp_path):
     out = tmp_path / "load.json"
     run([sys.executable, "benchmarks/load_memory.py", "--ranks", "1", "--layers", "1", "--saved_dtypes", "float32",
-         "--out", str(out)], tmp_path, timeout=600)
+         "--out", str(out)], tmp_path, timeout=900)
     runs = json.loads(out.read_text())["runs"]
     assert sorted(r["path"] for r in runs) == ["new", "old"]
     assert all(r["results"][0]["peak_bytes"] > 0 for r in runs)
 
 
+@pytest.mark.slow  # about a dozen Python processes, ~50 CPU-s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bash, timeout and /proc")
 def test_gpu_check_script_runs_small_on_cpu(tmp_path):
     """SMALL=1 gpu_check.sh: the toy model through train.py, step_cost.py and logps_memory.py, then the
     summary with every goal (met or not: a CPU says nothing about a GPU's figures)."""
-    run(["bash", "benchmarks/gpu_check.sh"], tmp_path, timeout=600, SMALL="1", PARTS="train step_cost logps",
+    run(["bash", "benchmarks/gpu_check.sh"], tmp_path, timeout=900, SMALL="1", PARTS="train step_cost logps",
         OUT=str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     names = {c["name"] for c in summary["checks"]}

@@ -124,6 +124,7 @@ def figures(lines):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("default_runs")  # one worker: the two runs are shared
 def test_the_default_run_prints_the_same_figures_on_1_and_2_threads(default_runs):
     """Every figure of the summary to its printed precision: a float-level difference of reduction order (thread
     count, CPU, library patch versions) does not move them (the default's settings: defaults.py, TINY_*)."""
@@ -133,6 +134,7 @@ def test_the_default_run_prints_the_same_figures_on_1_and_2_threads(default_runs
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("default_runs")
 def test_the_readme_block_is_what_the_default_run_prints(default_runs):
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         block = re.search(r"ends with:\n\n```\n(.*?)```", fh.read(), re.S).group(1).splitlines()

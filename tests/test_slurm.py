@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import FAST, ROOT, env, read_metrics
 from test_distributed import free_port
 
@@ -87,6 +88,7 @@ def final_bytes(out_dir):
         return fh.read()
 
 
+@pytest.mark.slow  # three launches of two nodes
 def test_preempted_job_requeues_and_ends_on_the_uninterrupted_weights(tmp_path):
     log = tmp_path / "scontrol.log"
     code, out = launch(tmp_path, tmp_path / "cut", signal_after=1)
