@@ -1,7 +1,8 @@
 """common.py: what every other module of srpo shares, and nothing else; it imports nothing of the project.
 
 Owns: the project's base error SrpoError and the error kinds that several modules raise (ConfigError,
-DataError, EvalError), atomic writes (atomic_path, atomic_open, replace_path), JSON/JSONL output (write_jsonl,
+DataError, EvalError), atomic writes (atomic_path, atomic_open, replace_path), where a command may write
+(check_writable, inside), JSON/JSONL output (write_jsonl,
 jsonable, emit), number formatting for tables (num, pct) and the progress bar (Progress).
 Does not own: any data format (data.py), model (models.py) or metric (metrics.py).
 """
@@ -67,10 +68,32 @@ def replace_path(tmp, path):
         os.replace(tmp, path)
 
 
+def check_writable(path, flag, inside=False):
+    """SrpoError in one line unless a command can create or replace `path` (a folder or file; inside: write in the
+    folder path): it is not "", nothing above it is a file, and the nearest folder that exists is writable (not a
+    read-only mount)."""
+    if not str(path).strip():
+        raise SrpoError(f"{flag} is empty: give the path to write")
+    parent = os.path.abspath(path) if inside and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SrpoError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise SrpoError(f"{flag} {path}: cannot write in {parent} (read-only or not yours)")
+
+
+def inside(a, b):
+    """Whether path a is b or lies inside it (links resolved)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
 def disk_full(error, folder, nbytes):
     """True if `error` came of a full disk: ENOSPC in it, its causes or (DCP's CheckpointException) any rank's
-    failure, or less free space in folder than the nbytes being written (torch.save's "unexpected pos")."""
-    errors, seen = [error], set()
+    failure, or, where none of them is an OSError of another cause, less free space in folder than the nbytes
+    being written (torch.save's "unexpected pos")."""
+    errors, seen, other = [error], set(), False
     while errors:
         e = errors.pop()
         if e is None or id(e) in seen:
@@ -78,10 +101,13 @@ def disk_full(error, folder, nbytes):
         seen.add(id(e))
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "StorageFull" in str(e):
             return True
+        other = other or isinstance(e, OSError) and e.errno is not None
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):
             errors += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
         errors += [e.__cause__, e.__context__]
+    if other:  # e.g. ENOENT under /proc, EROFS: the disk's free space is not the cause
+        return False
     try:
         return shutil.disk_usage(folder).free < nbytes
     except OSError:

@@ -43,15 +43,15 @@ import metrics
 import model_card
 from checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
 from common import ConfigError
-from config import LR_SCHEDULERS, Config, parse_config, resolved, validate
+from config import LR_SCHEDULERS, command_flags, parse_config, resolved, validate
 from distributed import REQUEUE_EXIT, SIGNALS, Failures, Stop, all_sum, log, setup_distributed
 from embedded import embedded_sft_pairs
 from export import export
 from formats import source_records
 from models import (
     DTYPES,
-    check_compatible,
     check_model,
+    check_models,
     load_tokenizer,
     model_record,
     source_config,
@@ -61,7 +61,7 @@ from models import (
 from scoring import view_logps
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 from stages import load_examples, plan, setup_stage, step_batches, uses_p_view
-from tracking import Tracker, progress_line, stage_line, step_metrics, summary, tracker_backend
+from tracking import Tracker, logged_heldout, progress_line, stage_line, step_metrics, summary, tracker_backend
 
 
 class NonFiniteError(common.SrpoError):
@@ -122,8 +122,6 @@ def run(cfg, rank, world, device):
     resume = check_start(cfg, rank, world, device, say)
     lock = checkpoint.Lock(cfg.out_dir, rank, world, log=say)
     try:
-        if cfg.overwrite:
-            start_over(cfg.out_dir, rank, world, say)
         return train_stages(cfg, rank, world, device, resume, backend, say)
     finally:
         lock.release()
@@ -136,21 +134,13 @@ def check_start(cfg, rank, world, device, say):
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out_dir {cfg.out_dir}: cannot create the folder ({e.strerror})") from None
-    check_model(cfg.model, "--model")
-    tokenizer = load_tokenizer(cfg.model)
-    check_compatible(cfg.model, tokenizer, cfg.max_length)
-    if cfg.ref_model:
-        check_model(cfg.ref_model, "--ref_model")
-        check_compatible(cfg.ref_model, tokenizer, cfg.max_length, "--ref_model", cfg.model)
+    check_models(cfg.model, cfg.ref_model, cfg.max_length)
     for source in (cfg.data, cfg.eval_data):
         if source and source != "embedded":
             source_records(os.path.expanduser(source))  # a local path that is no data file fails here
     found = checkpoint.find(cfg.out_dir)
     resume = found if cfg.resume else None
-    held = found is not None or all(os.path.exists(os.path.join(cfg.out_dir, n)) for n in (FINAL, METRICS))
-    if not cfg.resume and not cfg.overwrite and all_sum([float(held)], device)[0] > 0:
-        raise ConfigError(f"--out_dir {cfg.out_dir} holds a run ({'checkpoint/' if found else 'final/'}); "
-                          f"--resume or --resume auto continues it, --overwrite starts over, or give another --out_dir")
+    checkpoint.check_out_dir(cfg, found, all_sum([float(bool(checkpoint.run_entries(cfg.out_dir)))], device)[0] > 0)
     if cfg.resume and all_sum([float(resume is not None)], device)[0] not in (0, world):
         raise ConfigError(f"--resume: {os.path.join(cfg.out_dir, CHECKPOINT)} is not seen by every rank; to "
                           f"resume on several nodes, --out_dir must be a folder that all of them share")
@@ -165,11 +155,10 @@ def check_start(cfg, rank, world, device, say):
 
 
 def start_over(out_dir, rank, world, say):
-    """--overwrite: the previous run's checkpoint, sft/, final/ and metrics.jsonl removed (one process per node, as
-    each node may have its own out_dir), under the lock."""
+    """--overwrite: the previous run's entries (checkpoint.run_entries) removed (one process per node, as each node
+    may have its own out_dir), under the lock, once every flag, model and adapter is checked (train_stages)."""
     if int(os.environ.get("LOCAL_RANK", rank)) == 0:
-        gone = [n for n in (CHECKPOINT, CHECKPOINT + ".old", SFT_DIR, FINAL, METRICS)
-                if os.path.lexists(os.path.join(out_dir, n))]
+        gone = checkpoint.run_entries(out_dir)
         for name in gone:
             path = os.path.join(out_dir, name)
             try:  # another node's process may remove a shared out_dir's entries at the same time
@@ -201,6 +190,8 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
         stage, n_steps = run.stages[stage_index]
         policy, s = (None, None) if cfg.lora_r else (policy, s)  # LoRA: the SFT policy freed; sft/ reloaded
         s = setup_stage(cfg, run, stage_index, policy, resume if stage_index == start_stage else None)
+        if cfg.overwrite and stage_index == start_stage:  # every flag, model and adapter checked: then remove
+            start_over(cfg.out_dir, rank, world, say)
         policy, step = s.policy, s.step
         say(stage_line(cfg, run, stage, n_steps, s.packing))
         batches = step_batches(run.sft_examples if stage == "sft" else run.examples, cfg, run.micro,
@@ -222,6 +213,7 @@ def train_stages(cfg, rank, world, device, resume, backend, say):
                 return REQUEUE_EXIT if requeue else 0
         end_stage(cfg, run, s, stage_index, step)
     final = os.path.join(cfg.out_dir, FINAL)
+    last = last or logged_heldout(os.path.join(cfg.out_dir, METRICS), run.stages[-1][0])  # resumed at the end
     if policy is not None:
         export(policy, run.tokenizer, final, rank, run.config, run.save_dtype,
                model_record(reference_name(cfg), cfg.seed, dataclasses.asdict(cfg)), run.card(stages=run.stages,
@@ -285,9 +277,8 @@ def prepare_run(cfg, rank, world, device, resume, say):
     config = source_config(cfg.model, tokenizer)  # what sft/ and final/ write as their config.json
     card = functools.partial(model_card.model_card, dataclasses.asdict(cfg), train_pairs=len(examples),
                              dropped_pairs=sum(examples.dropped.values()),
-                             refine_prompt=REFINE_PROMPTS[cfg.refine_prompt], command=model_card.command_line(
-                                 dataclasses.asdict(cfg), dataclasses.asdict(resolved(Config(
-                                     model=cfg.model, loss=cfg.loss, max_length=cfg.max_length)))))
+                             refine_prompt=REFINE_PROMPTS[cfg.refine_prompt],
+                             command=model_card.command_line(command_flags(cfg)))  # the flags that give cfg
     save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else source_dtype(config)
     return Run(rank, world, device, say, tokenizer, examples, sft_examples, eval_examples, stages, first_step, micro,
                record, score, config, save_dtype, preemption, card)
@@ -313,12 +304,12 @@ def resume_bookkeeping(cfg, run, resume):
         except checkpoint.CheckpointError:
             pass
         checkpoint.check_stage(resume, before, names, saved["stage_index"], saved["step"])
+    if not saved:  # a new run: nothing to cut back (--overwrite removes metrics.jsonl once all is checked)
+        return 0, 0
     position = {**{n: i for i, n in enumerate(names)}, **{n: i for i, n in enumerate(before)}}
     checkpoint.on_rank0(lambda: checkpoint.trim_metrics(
         os.path.join(cfg.out_dir, METRICS), lambda m: saved is not None and (position[m["stage"]], m["step"]) <= (
             saved["stage_index"], saved["step"]), run.say), run.rank, run.world)
-    if not saved:
-        return 0, 0
     run.last_saved = f"{names[saved['stage_index']]} step {saved['step']}"
     if saved["stage_index"] > 0:  # the alignment stage starts from the SFT model that the first stage exported
         check_model(os.path.join(cfg.out_dir, SFT_DIR), "--resume: the SFT model")
