@@ -133,6 +133,9 @@ def export_checkpoint(folder, out, dtype=None, log=print):
     state = model_state(folder)
     if record.get("lora_r"):
         state = merged(folder, state, config, record)
+    elif any(key.endswith(".base_layer.weight") for key in state):
+        raise checkpoint.CheckpointError(f"{folder}: holds LoRA adapters but its run.json has no lora_r; "
+                                         f"cannot merge them")
     dtype = models.DTYPES[dtype] if dtype else models.source_dtype(config)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     expected = set(model.state_dict())
