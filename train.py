@@ -43,7 +43,7 @@ import metrics
 import model_card
 from checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, save_checkpoint
 from common import ConfigError
-from config import LR_SCHEDULERS, command_flags, parse_config, resolved, validate
+from config import LR_SCHEDULERS, Config, command_flags, parse_config, resolved, validate  # noqa: F401 - train.Config
 from distributed import REQUEUE_EXIT, SIGNALS, Failures, Stop, all_sum, log, setup_distributed
 from embedded import embedded_sft_pairs
 from export import export
