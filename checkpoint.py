@@ -13,7 +13,7 @@ save (train.py), models (models.py) or the exported model folders (export.py, mo
     read_record(folder), check_record(saved, now)       the flags that define the run, checked on --resume
     trim_metrics(path, keep, log)                       metrics.jsonl cut back to the checkpoint's step
     Lock(out_dir, rank)                                 one run per out_dir (run.lock: PID, host, start time, boot id)
-    run_entries(folder), check_output(path, flag, ...)  what a run wrote there; where a command may write
+    run_entries(folder), check_out_dir(cfg, ...)         what a run wrote there; where train.py may write
     check_shapes(folder, model), check_stage(...)      what --resume_force cannot continue, in one line
 
 A checkpoint folder holds torch.distributed.checkpoint's files (.metadata and __R_I.distcp), one
@@ -49,8 +49,7 @@ FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"  # out_dir's other ent
 METADATA = ".metadata"
 # What a run writes in out_dir (each folder also as NAME.old and NAME.tmp while it is replaced): any of them is a run.
 RUN_ENTRIES = tuple(n + s for n in (CHECKPOINT, SFT_DIR, FINAL) for s in ("", ".old", ".tmp")) + (METRICS,)
-# The flags that define a run: a resumed run must have the same, or it would mix two runs' data order, math or
-# prompt framing.
+# The flags that define a run: a resumed run must have the same, or it would mix two runs' data, math or framing.
 RUN_FLAGS = ("loss", "beta", "lam", "refine", "refine_prompt", "model", "ref_model", "data", "max_pairs",
              "sft_steps", "lr", "warmup_steps", "lr_scheduler", "batch_size", "max_length", "max_grad_norm",
              "optimizer", "average_logps", "seed", "truncate_x_only", "sft_quality_q", "mixed_precision",
@@ -327,11 +326,10 @@ def load(folder, state, rank=0):
 
 
 def run_record(cfg, **derived):
-    """The run-defining values of a config (RUN_FLAGS: what is trained and how prompts are framed), and derived
-    ones (e.g. the number of training pairs). --chat_template_kwargs as its JSON object, keys sorted."""
-    record = {name: getattr(cfg, name) for name in RUN_FLAGS}
-    record["chat_template_kwargs"] = json.dumps(json.loads(cfg.chat_template_kwargs or "{}"), sort_keys=True)
-    return {**record, **derived}
+    """The run-defining values of a config (RUN_FLAGS; --chat_template_kwargs as JSON, keys sorted), and derived
+    ones (e.g. the number of training pairs)."""
+    kwargs = json.dumps(json.loads(cfg.chat_template_kwargs or "{}"), sort_keys=True)
+    return {**{name: getattr(cfg, name) for name in RUN_FLAGS}, "chat_template_kwargs": kwargs, **derived}
 
 
 def read_record(folder):
@@ -403,55 +401,22 @@ def trim_metrics(path, keep, log=print):
         fh.writelines(kept)
 
 
-# ----------------------------------------------------------------------------- where a command may write
-
+# ----------------------------------------------------------------------------- what a run wrote in out_dir
 
 def run_entries(folder):
     """The entries of `folder` that a run wrote (RUN_ENTRIES, in that order): a folder with any of them is a run."""
     return [n for n in RUN_ENTRIES if os.path.lexists(os.path.join(folder, n))]
 
 
-def check_output(path, flag, reads=(), ours=None, entries=None):
-    """CheckpointError in one line unless a command may write the folder `path` (export.py's OUT; train.py's
-    out_dir, where it writes `entries` only): it can be written (common.check_writable); what it writes (path, or
-    its entries) is not the same as, inside or around anything the command reads (`reads`: paths; a run is all
-    its run_entries); and, without entries, where path exists and is not empty, ours(path) says this command
-    wrote it (None: never), so that nothing else is ever replaced. Checked before anything is removed."""
-    try:
-        common.check_writable(path, flag, inside=entries is not None)
-    except SrpoError as err:
-        raise CheckpointError(str(err)) from None
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise CheckpointError(f"{flag} {path}: is a file, not a folder; give a new or empty folder")
-    for written in [path] if entries is None else [os.path.join(path, name) for name in entries]:
-        for read in reads:
-            if common.inside(written, read) or common.inside(read, written):
-                where = "holds" if not common.inside(written, read) else "is" if common.inside(read, written) \
-                    else "lies inside"
-                raise CheckpointError(f"{flag} {path}: {'' if written == path else written + ' '}{where} {read}, "
-                                      f"which this command reads; give a folder apart from it")
-    held = sorted(os.listdir(path)) if entries is None and os.path.isdir(path) else []
-    if held and not (ours and ours(path)):
-        raise CheckpointError(f"{flag} {path}: holds files this command did not write ({', '.join(held[:3])}"
-                              f"{', ...' if len(held) > 3 else ''}); give a new or empty folder")
-
-
 def check_out_dir(cfg, found, held):
-    """train.py's --out_dir, before anything is written or removed: check_output (no --model, --ref_model, --data
-    or --eval_data inside what the run writes), and a folder holding any trace of a run (held: on any rank) only
-    with --resume and a checkpoint to continue from, or with --overwrite. found: the checkpoint (find) or None."""
-    reads = [os.path.expanduser(p) for p in (cfg.model, cfg.ref_model, cfg.data, cfg.eval_data)
-             if p and os.path.exists(os.path.expanduser(p))]
-    check_output(cfg.out_dir, "--out_dir", reads, entries=RUN_ENTRIES)
-    if not held or cfg.overwrite or (cfg.resume and found):
-        return
-    names = ", ".join(run_entries(cfg.out_dir)) or "on another node"
-    if found:
-        raise CheckpointError(f"--out_dir {cfg.out_dir} holds a run ({names}); --resume continues it from "
-                              f"{found}, or give another --out_dir (--overwrite deletes it and starts over)")
-    raise CheckpointError(f"{'--resume: ' if cfg.resume else ''}--out_dir {cfg.out_dir} holds a run ({names}) but no "
-                          f"checkpoint to continue from; give another --out_dir (--overwrite deletes it and starts "
-                          f"over)")
+    """--out_dir before anything is removed: common.check_output; a run (held) only to --resume found or --overwrite."""
+    reads = [p for p in (cfg.model, cfg.ref_model, cfg.data, cfg.eval_data) if p and os.path.exists(p)]
+    common.check_output(cfg.out_dir, "--out_dir", reads, entries=RUN_ENTRIES)
+    if held and not cfg.overwrite and not (cfg.resume and found):
+        what = f"--out_dir {cfg.out_dir} holds a run ({', '.join(run_entries(cfg.out_dir)) or 'on another node'})"
+        what = f"{what}; --resume continues it from {found}, or" if found else \
+            f"{'--resume: ' if cfg.resume else ''}{what} but no checkpoint to continue from;"
+        raise CheckpointError(f"{what} give another --out_dir (--overwrite deletes it and starts over)")
 
 
 # ----------------------------------------------------------------------------- one run per out_dir

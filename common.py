@@ -2,7 +2,7 @@
 
 Owns: the project's base error SrpoError and the error kinds that several modules raise (ConfigError,
 DataError, EvalError), atomic writes (atomic_path, atomic_open, replace_path), where a command may write
-(check_writable, inside), JSON/JSONL output (write_jsonl,
+(check_output, inside), JSON/JSONL output (write_jsonl,
 jsonable, emit), number formatting for tables (num, pct) and the progress bar (Progress).
 Does not own: any data format (data.py), model (models.py) or metric (metrics.py).
 """
@@ -68,19 +68,31 @@ def replace_path(tmp, path):
         os.replace(tmp, path)
 
 
-def check_writable(path, flag, inside=False):
-    """SrpoError in one line unless a command can create or replace `path` (a folder or file; inside: write in the
-    folder path): it is not "", nothing above it is a file, and the nearest folder that exists is writable (not a
-    read-only mount)."""
+def check_output(path, flag, reads=(), ours=None, entries=None):
+    """SrpoError in one line unless a command may write the folder `path` (export.py's OUT; train.py's out_dir,
+    where it writes `entries` only): it is not "", nothing above it is a file, the folder it writes in is writable
+    (not a read-only mount); what it writes (path, or its entries) is not the same as, inside or around anything
+    it reads (`reads`: paths); and, without entries, a path that exists and is not empty is one that ours(path)
+    says this command wrote (None: never), so that nothing else is ever replaced. Checked before anything is
+    removed."""
     if not str(path).strip():
-        raise SrpoError(f"{flag} is empty: give the path to write")
-    parent = os.path.abspath(path) if inside and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        raise SrpoError(f"{flag} is empty: give the folder to write")
+    parent = os.path.abspath(path) if entries and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise SrpoError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.path.isdir(parent) or (os.path.lexists(path) and not os.path.isdir(path)):
+        raise SrpoError(f"{flag} {path}: {parent if not os.path.isdir(parent) else path} is a file, not a folder")
     if not os.access(parent, os.W_OK):
         raise SrpoError(f"{flag} {path}: cannot write in {parent} (read-only or not yours)")
+    for written in [path] if entries is None else [os.path.join(path, name) for name in entries]:
+        for read in (r for r in reads if inside(written, r) or inside(r, written)):
+            where = "holds" if not inside(written, read) else "is" if inside(read, written) else "lies inside"
+            raise SrpoError(f"{flag} {path}: {'' if written == path else written + ' '}{where} {read}, which this "
+                            f"command reads; give a folder apart from it")
+    held = sorted(os.listdir(path)) if entries is None and os.path.isdir(path) else []
+    if held and not (ours and ours(path)):
+        raise SrpoError(f"{flag} {path}: holds files this command did not write ({', '.join(held[:3])}"
+                        f"{', ...' if len(held) > 3 else ''}); give a new or empty folder")
 
 
 def inside(a, b):

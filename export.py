@@ -25,7 +25,7 @@ import torch.distributed as dist
 import checkpoint
 import lora
 import models
-from common import SrpoError, atomic_path, disk_full, disk_full_message
+from common import SrpoError, atomic_path, check_output, disk_full, disk_full_message
 from models import MODEL_RECORD, ModelError
 
 
@@ -119,7 +119,7 @@ def export_checkpoint(folder, out, dtype=None, log=print):
         raise checkpoint.CheckpointError(f"{folder}: {why}; export the run's {checkpoint.CHECKPOINT}/ (or "
                                          f"{checkpoint.CHECKPOINT}.old/) instead")
     run = os.path.dirname(os.path.abspath(folder))
-    checkpoint.check_output(out, "OUT", reads=[folder, *(os.path.join(run, n) for n in checkpoint.run_entries(run))],
+    check_output(out, "OUT", reads=[folder, *(os.path.join(run, n) for n in checkpoint.run_entries(run))],
                             ours=exported)
     checkpoint.verify(folder)
     record = checkpoint.read_record(folder)
