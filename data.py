@@ -43,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from base.common import DataError, Progress
+from base.common import ConfigError, DataError, Progress
 from base.defaults import MAX_LENGTH
 from base.embedded import embedded_pairs
 from base.formats import HH_ASSISTANT, Dropped, record_to_pair, source_records
@@ -238,9 +238,17 @@ def _query(prompt, tokenizer, tokens):
         text = prompt if isinstance(prompt, str) else _transcript(prompt)
         x = _encode(tokenizer, text)
         return _Query(_start(tokens, x), x, 0, False, text, x, "" if isinstance(prompt, str) else " ")
-    if tokens.chat and tokens.chat.system and not any(m["role"] == "system" for m in prompt):
+    system = bool(tokens.chat and tokens.chat.system and not any(m["role"] == "system" for m in prompt))
+    if system:
         prompt = ({"role": "system", "content": tokens.chat.system}, *prompt)
-    head_text, tail_text = _template_halves(prompt, tokenizer, tokens.chat)
+    try:
+        head_text, tail_text = _template_halves(prompt, tokenizer, tokens.chat)
+    except DataError as err:
+        if not system:
+            raise
+        _template_halves(prompt[1:], tokenizer, tokens.chat)  # fails too: the chat itself, not the system role
+        raise ConfigError(f"--system_prompt: the tokenizer's chat template refuses a system message ({err}); "
+                          f"give no --system_prompt") from None
     x = _encode(tokenizer, head_text + tail_text, literal=False)  # = apply_chat_template(tokenize=True)
     head = _encode(tokenizer, head_text, literal=False)
     at = len(os.path.commonprefix([head, x]))

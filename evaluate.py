@@ -286,13 +286,19 @@ OUTPUTS = ("out", "pairs_out", "summary", "fastchat_out")  # the commands' outpu
 
 
 def prepare_outputs(args):
-    """Each output file flag: EvalError if it names a folder; its missing parent folders are created."""
+    """Each output file flag: EvalError if it names a folder, or is (or lies inside) a path that another flag
+    reads (--questions, a --model folder, ...); its missing parent folders are created."""
+    reads = {n: v for n, v in vars(args).items() if n not in OUTPUTS and isinstance(v, str) and v and os.path.exists(v)}
     for name in OUTPUTS:
         path = getattr(args, name, None)
         if not path:
             continue
         if os.path.isdir(path):
             raise EvalError(f"--{name} {path}: a folder; give a file path")
+        for flag, read in reads.items():
+            if common.inside(path, read):
+                raise EvalError(f"--{name} {path}: {'is' if common.inside(read, path) else 'lies inside'} --{flag} "
+                                f"{read}, which this command reads; give a path apart from it")
         parent = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(parent, exist_ok=True)

@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from base.common import SrpoError, atomic_path, disk_full, disk_full_message
+from base.common import SrpoError, atomic_path, check_output, disk_full, disk_full_message
 from training import checkpoint, lora, models
 from training.models import MODEL_RECORD, ModelError
 
@@ -73,12 +73,15 @@ def write_folder(model, state, tokenizer, path, config, dtype, record, card=None
             if card:
                 with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
                     fh.write(card)
-    except Exception as e:  # noqa: BLE001 - a full disk is one line; anything else is a bug
+    except Exception as e:  # noqa: BLE001 - a full disk or an unwritable place is one line; anything else is a bug
+        shutil.rmtree(path + ".tmp", ignore_errors=True)  # nothing half-written is left behind
         size = sum(v.numel() * v.element_size() for v in state.values())
-        if not disk_full(e, os.path.dirname(os.path.abspath(path)), size):
-            raise
-        shutil.rmtree(path + ".tmp", ignore_errors=True)
-        raise ModelError(disk_full_message(path, size, "model folder")) from None
+        if disk_full(e, os.path.dirname(os.path.abspath(path)), size):
+            raise ModelError(disk_full_message(path, size, "model folder")) from None
+        if isinstance(e, OSError):
+            raise ModelError(f"{path}: cannot write the model folder ({e.strerror or e}"
+                             f"{': ' + e.filename if e.filename else ''}); nothing was written") from None
+        raise
 
 
 def model_state(folder):
@@ -103,24 +106,6 @@ def model_state(folder):
     return state["model"]
 
 
-def merge_lora(state, alpha, r, transpose=False):
-    """A peft model's state dict as the base model's, the adapters merged: W + (alpha / r) · B·A, in W's dtype
-    (computed in float32); B·A transposed for fan-in-fan-out layers (GPT-2's Conv1D)."""
-    out = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            continue
-        if key.endswith(".base_layer.weight"):
-            prefix = key[:-len("base_layer.weight")]
-            a = [v for k, v in state.items() if k.startswith(prefix + "lora_A.")]
-            b = [v for k, v in state.items() if k.startswith(prefix + "lora_B.")]
-            if a and b:
-                delta = (b[0].float() @ a[0].float()) * (alpha / r)
-                value = (value.float() + (delta.T if transpose else delta)).to(value.dtype)
-        out[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value
-    return out
-
-
 def export_checkpoint(folder, out, dtype=None, log=print):
     """Write checkpoint `folder` as the transformers folder `out` (atomically); returns out."""
     from transformers import AutoModelForCausalLM
@@ -128,6 +113,14 @@ def export_checkpoint(folder, out, dtype=None, log=print):
     folder = os.path.normpath(folder)
     if not os.path.isdir(folder):
         raise checkpoint.CheckpointError(f"{folder}: no such checkpoint folder")
+    if not os.path.exists(os.path.join(folder, checkpoint.CHECKSUMS)):
+        why = "an unfinished checkpoint (a save was interrupted)" if folder.endswith(".tmp") else \
+            "not a finished checkpoint (no SHA256SUMS; a save was interrupted, or an older version wrote it)"
+        raise checkpoint.CheckpointError(f"{folder}: {why}; export the run's {checkpoint.CHECKPOINT}/ (or "
+                                         f"{checkpoint.CHECKPOINT}.old/) instead")
+    run = os.path.dirname(os.path.abspath(folder))
+    check_output(out, "OUT", reads=[folder, *(os.path.join(run, n) for n in checkpoint.run_entries(run))],
+                            ours=exported)
     checkpoint.verify(folder)
     record = checkpoint.read_record(folder)
     extra = checkpoint.read_extra(folder)
@@ -138,12 +131,11 @@ def export_checkpoint(folder, out, dtype=None, log=print):
     tokenizer = models.load_tokenizer(name)
     config = models.source_config(name, tokenizer)
     state = model_state(folder)
-    if any(".lora_A." in key for key in state):
-        r, alpha = record.get("lora_r") or 0, record.get("lora_alpha") or 0
-        if not r:
-            raise checkpoint.CheckpointError(f"{folder}: holds LoRA adapters but its run.json has no lora_r; "
-                                             f"cannot merge them")
-        state = merge_lora(state, alpha or 2 * r, r, transpose=config.model_type == "gpt2")
+    if record.get("lora_r"):
+        state = merged(folder, state, config, record)
+    elif any(key.endswith(".base_layer.weight") for key in state):
+        raise checkpoint.CheckpointError(f"{folder}: holds LoRA adapters but its run.json has no lora_r; "
+                                         f"cannot merge them")
     dtype = models.DTYPES[dtype] if dtype else models.source_dtype(config)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     expected = set(model.state_dict())
@@ -167,6 +159,37 @@ def export_checkpoint(folder, out, dtype=None, log=print):
                         dict(models.model_record(reference, record.get("seed", 0), record), checkpoint=made))
     log(f"{out}: the model of {folder} (stage {stage}, step {extra.get('step')}), {str(dtype).split('.')[-1]}")
     return out
+
+
+def merged(folder, state, config, record):
+    """A LoRA checkpoint's state with its adapters merged (lora.merged_state): peft adds adapters to the modules
+    that had them (those with a base_layer) with the run's r and alpha, loads the state, and says what it added."""
+    from transformers import AutoModelForCausalLM
+
+    targets = sorted({key.removeprefix("base_model.model.").removesuffix(".base_layer.weight") for key in state
+                      if key.endswith(".base_layer.weight")})
+    if not targets:
+        raise checkpoint.CheckpointError(f"{folder}: its run.json has lora_r {record['lora_r']} but it holds no "
+                                         f"LoRA adapters")
+    model = lora.add_adapters(AutoModelForCausalLM.from_config(config, dtype=torch.float32), record["lora_r"],
+                              record.get("lora_alpha"), targets=targets)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        why = " ".join(str(e).split())[:300]
+        raise checkpoint.CheckpointError(f"{folder}: its LoRA weights do not fit {record.get('model')} with "
+                                         f"lora_r {record['lora_r']} ({why})") from None
+    return lora.merged_state(state, model)
+
+
+def exported(folder):
+    """Whether `folder` is a model folder that export.py wrote (its MODEL_RECORD names a checkpoint): the only
+    non-empty folder it replaces."""
+    try:
+        with open(os.path.join(folder, MODEL_RECORD), encoding="utf-8") as fh:
+            return "checkpoint" in json.load(fh)
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _tied(model):

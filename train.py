@@ -45,12 +45,19 @@ from export import export
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 from training import checkpoint, lora, metrics, model_card
 from training.checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, load_checkpoint, save_checkpoint
-from training.config import LR_SCHEDULERS, OPTIMIZERS, Config, parse_config, resolved, validate
+from training.config import (  # Config and resolved: train.Config for the benchmarks and tests that name it
+    LR_SCHEDULERS,  # noqa: F401
+    OPTIMIZERS,
+    command_flags,
+    parse_config,
+    resolved,
+    validate,
+)
 from training.distributed import REQUEUE_EXIT, SIGNALS, Failures, Preemption, all_sum, log, setup_distributed
 from training.models import (
     DTYPES,
-    check_compatible,
     check_model,
+    check_models,
     frozen_copy,
     load_sharded,
     load_tokenizer,
@@ -60,7 +67,7 @@ from training.models import (
     source_dtype,
 )
 from training.scoring import choose_packing, pair_logps, view_logps
-from training.tracking import Tracker, progress_line, stage_line, summary, tracker_backend
+from training.tracking import Tracker, logged_heldout, progress_line, stage_line, summary, tracker_backend
 
 
 class NonFiniteError(common.SrpoError):
@@ -125,9 +132,6 @@ def train(cfg, rank, world, device):
     resume = check_start(cfg, rank, world, device, say)
     lock = checkpoint.Lock(cfg.out_dir, rank, world, log=say)
     try:
-        if cfg.overwrite:
-            start_over(cfg.out_dir, rank, world, say)
-
         # ---- set-up: the pairs, the stages, what sft/ and final/ are written with
         preemption = Preemption()  # SIGTERM, SIGUSR1: checkpoint at the step's end and return
         tokenizer = load_tokenizer(cfg.model)
@@ -152,9 +156,8 @@ def train(cfg, rank, world, device):
         config = source_config(cfg.model, tokenizer)  # what sft/ and final/ write as their config.json
         card = functools.partial(model_card.model_card, dataclasses.asdict(cfg), train_pairs=len(examples),
                                  dropped_pairs=sum(examples.dropped.values()),
-                                 refine_prompt=REFINE_PROMPTS[cfg.refine_prompt], command=model_card.command_line(
-                                     dataclasses.asdict(cfg), dataclasses.asdict(resolved(Config(
-                                         model=cfg.model, loss=cfg.loss, max_length=cfg.max_length)))))
+                                 refine_prompt=REFINE_PROMPTS[cfg.refine_prompt],
+                                 command=model_card.command_line(command_flags(cfg)))  # the flags that give cfg
         save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else source_dtype(config)
         if cfg.resume == "auto" and finished(cfg, stages, resume, rank, device):
             say(f"--resume auto: the run in {cfg.out_dir} has finished ({os.path.join(cfg.out_dir, FINAL)} is "
@@ -170,6 +173,8 @@ def train(cfg, rank, world, device):
             if cfg.lora_r:  # LoRA: the SFT policy and what holds it freed; sft/ reloaded
                 policy = ref = cache = eval_ref = optimizer = None
             policy, ref, packing = stage_models(cfg, stage, stage_index, policy, tokenizer, device, save_dtype, say)
+            if cfg.overwrite and stage_index == start_stage:  # every flag, model and adapter checked: then remove
+                start_over(cfg.out_dir, rank, world, say)
             cache, eval_ref = None, None  # the reference cache (--precompute_ref), the held-out reference scores
             if ref is not None:
                 if eval_examples:  # π_ref is frozen: score the held-out pairs once
@@ -249,6 +254,7 @@ def train(cfg, rank, world, device):
 
         # ---- the run's end: final/, the summary
         final = os.path.join(cfg.out_dir, FINAL)
+        last = last or logged_heldout(os.path.join(cfg.out_dir, METRICS), stages[-1][0])  # resumed at the end
         if policy is not None:
             lora_base = os.path.join(cfg.out_dir, SFT_DIR) if len(stages) > 1 else cfg.model  # final/adapter's base
             export(policy, tokenizer, final, rank, config, save_dtype,
@@ -273,21 +279,13 @@ def check_start(cfg, rank, world, device, say):
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out_dir {cfg.out_dir}: cannot create the folder ({e.strerror})") from None
-    check_model(cfg.model, "--model")
-    tokenizer = load_tokenizer(cfg.model)
-    check_compatible(cfg.model, tokenizer, cfg.max_length)
-    if cfg.ref_model:
-        check_model(cfg.ref_model, "--ref_model")
-        check_compatible(cfg.ref_model, tokenizer, cfg.max_length, "--ref_model", cfg.model)
+    check_models(cfg.model, cfg.ref_model, cfg.max_length)
     for source in (cfg.data, cfg.eval_data):
         if source and source != "embedded":
             source_records(os.path.expanduser(source))  # a local path that is no data file fails here
     found = checkpoint.find(cfg.out_dir)
     resume = found if cfg.resume else None
-    held = found is not None or all(os.path.exists(os.path.join(cfg.out_dir, n)) for n in (FINAL, METRICS))
-    if not cfg.resume and not cfg.overwrite and all_sum([float(held)], device)[0] > 0:
-        raise ConfigError(f"--out_dir {cfg.out_dir} holds a run ({'checkpoint/' if found else 'final/'}); "
-                          f"--resume or --resume auto continues it, --overwrite starts over, or give another --out_dir")
+    checkpoint.check_out_dir(cfg, found, all_sum([float(bool(checkpoint.run_entries(cfg.out_dir)))], device)[0] > 0)
     if cfg.resume and all_sum([float(resume is not None)], device)[0] not in (0, world):
         raise ConfigError(f"--resume: {os.path.join(cfg.out_dir, CHECKPOINT)} is not seen by every rank; to "
                           f"resume on several nodes, --out_dir must be a folder that all of them share")
@@ -302,11 +300,10 @@ def check_start(cfg, rank, world, device, say):
 
 
 def start_over(out_dir, rank, world, say):
-    """--overwrite: the previous run's checkpoint, sft/, final/ and metrics.jsonl removed (one process per node, as
-    each node may have its own out_dir), under the lock."""
+    """--overwrite: the previous run's entries (checkpoint.run_entries) removed (one process per node, as each node
+    may have its own out_dir), under the lock, once every flag, model and adapter is checked (train)."""
     if int(os.environ.get("LOCAL_RANK", rank)) == 0:
-        gone = [n for n in (CHECKPOINT, CHECKPOINT + ".old", SFT_DIR, FINAL, METRICS)
-                if os.path.lexists(os.path.join(out_dir, n))]
+        gone = checkpoint.run_entries(out_dir)
         for name in gone:
             path = os.path.join(out_dir, name)
             try:  # another node's process may remove a shared out_dir's entries at the same time
@@ -400,12 +397,12 @@ def resume_point(cfg, stages, first_step, resume, rank, world, say):
         except checkpoint.CheckpointError:
             pass
         checkpoint.check_stage(resume, before, names, saved["stage_index"], saved["step"])
+    if not saved:  # a new run: nothing to cut back (--overwrite removes metrics.jsonl once all is checked)
+        return 0, 0, None
     position = {**{n: i for i, n in enumerate(names)}, **{n: i for i, n in enumerate(before)}}
     checkpoint.on_rank0(lambda: checkpoint.trim_metrics(
         os.path.join(cfg.out_dir, METRICS), lambda m: saved is not None and (position[m["stage"]], m["step"]) <= (
             saved["stage_index"], saved["step"]), say), rank, world)
-    if not saved:
-        return 0, 0, None
     if saved["stage_index"] > 0:  # the alignment stage starts from the SFT model that the first stage exported
         check_model(os.path.join(cfg.out_dir, SFT_DIR), "--resume: the SFT model")
     return (saved["stage_index"], first_step[saved["stage_index"]] + saved["step"],

@@ -1,7 +1,8 @@
 """base/common.py: what every other module of srpo shares, and nothing else; it imports nothing of the project.
 
 Owns: the project's base error SrpoError and the error kinds that several modules raise (ConfigError,
-DataError, EvalError), atomic writes (atomic_path, atomic_open, replace_path), JSON/JSONL output (write_jsonl,
+DataError, EvalError), atomic writes (atomic_path, atomic_open, replace_path), where a command may write
+(check_output, inside), JSON/JSONL output (write_jsonl,
 jsonable, emit), records read from files (field: a checked field; cut_unfinished_line: a file an interrupted
 write left), number formatting for tables (num, pct) and the progress bar (Progress).
 Does not own: any data format (data.py), model (training/models.py) or metric (training/metrics.py).
@@ -68,10 +69,44 @@ def replace_path(tmp, path):
         os.replace(tmp, path)
 
 
+def check_output(path, flag, reads=(), ours=None, entries=None):
+    """SrpoError in one line unless a command may write the folder `path` (export.py's OUT; train.py's out_dir,
+    where it writes `entries` only): it is not "", nothing above it is a file, the folder it writes in is writable
+    (not a read-only mount); what it writes (path, or its entries) is not the same as, inside or around anything
+    it reads (`reads`: paths); and, without entries, a path that exists and is not empty is one that ours(path)
+    says this command wrote (None: never), so that nothing else is ever replaced. Checked before anything is
+    removed."""
+    if not str(path).strip():
+        raise SrpoError(f"{flag} is empty: give the folder to write")
+    parent = os.path.abspath(path) if entries and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or (os.path.lexists(path) and not os.path.isdir(path)):
+        raise SrpoError(f"{flag} {path}: {parent if not os.path.isdir(parent) else path} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise SrpoError(f"{flag} {path}: cannot write in {parent} (read-only or not yours)")
+    for written in [path] if entries is None else [os.path.join(path, name) for name in entries]:
+        for read in (r for r in reads if inside(written, r) or inside(r, written)):
+            where = "holds" if not inside(written, read) else "is" if inside(read, written) else "lies inside"
+            raise SrpoError(f"{flag} {path}: {'' if written == path else written + ' '}{where} {read}, which this "
+                            f"command reads; give a folder apart from it")
+    held = sorted(os.listdir(path)) if entries is None and os.path.isdir(path) else []
+    if held and not (ours and ours(path)):
+        raise SrpoError(f"{flag} {path}: holds files this command did not write ({', '.join(held[:3])}"
+                        f"{', ...' if len(held) > 3 else ''}); give a new or empty folder")
+
+
+def inside(a, b):
+    """Whether path a is b or lies inside it (links resolved)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
 def disk_full(error, folder, nbytes):
     """True if `error` came of a full disk: ENOSPC in it, its causes or (DCP's CheckpointException) any rank's
-    failure, or less free space in folder than the nbytes being written (torch.save's "unexpected pos")."""
-    errors, seen = [error], set()
+    failure, or, where none of them is an OSError of another cause, less free space in folder than the nbytes
+    being written (torch.save's "unexpected pos")."""
+    errors, seen, other = [error], set(), False
     while errors:
         e = errors.pop()
         if e is None or id(e) in seen:
@@ -79,10 +114,13 @@ def disk_full(error, folder, nbytes):
         seen.add(id(e))
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "StorageFull" in str(e):
             return True
+        other = other or isinstance(e, OSError) and e.errno is not None
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):
             errors += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
         errors += [e.__cause__, e.__context__]
+    if other:  # e.g. ENOENT under /proc, EROFS: the disk's free space is not the cause
+        return False
     try:
         return shutil.disk_usage(folder).free < nbytes
     except OSError:

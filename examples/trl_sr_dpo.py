@@ -29,6 +29,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # srpo.py, data.py, models.py
 
 import srpo  # noqa: E402
+from base import defaults  # noqa: E402
+from base.common import ConfigError  # noqa: E402
+from training.config import Config, validate  # noqa: E402
 
 TESTED_WITH = {"trl": "1.16.0", "transformers": "5.24.0"}
 
@@ -131,47 +134,77 @@ def parse_args(argv=None):
     parser.add_argument("--max_pairs", type=int, default=256)
     parser.add_argument("--loss", default="sr-dpo", choices=tuple(srpo.LOSSES))
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--lam", type=float, default=0.5)
-    parser.add_argument("--refine_prompt", default="100", choices=tuple(srpo.REFINE_PROMPTS))
+    parser.add_argument("--lam", type=float, default=None, help="λ, Sr losses only; unset: 0.5")
+    parser.add_argument("--refine_prompt", default="100", choices=tuple(srpo.REFINE_PROMPTS), help="Sr losses only")
     parser.add_argument("--max_steps", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="unset: 1e-3 for tiny, else 5e-7")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--output_dir", default="out-trl")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:  # the flags checked as train.py checks them: λ >= 0 and λ, p only with an Sr loss, sizes, β, lr
+        validate(Config(loss=args.loss, beta=args.beta, lam=args.lam, refine_prompt=args.refine_prompt,
+                        model=args.model, ref_model=args.ref_model, data=args.data, max_pairs=args.max_pairs,
+                        max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+                        seed=args.seed))
+    except ConfigError as e:
+        parser.exit(2, f"examples/trl_sr_dpo.py: error: {e}\n")
+    args.lam = args.lam if args.lam is not None else defaults.LAM
+    return args
 
 
 def build_trainer(args, model=None, ref_model=None):
-    """The SrDPOTrainer of args on CPU in float32 (models / tokenizer loaded unless given)."""
+    """The SrDPOTrainer of args on CPU in float32 (models / tokenizer loaded unless given). The pairs are those
+    that data.tokenize_pairs keeps at --max_length (a DataError when none is)."""
     from datasets import Dataset
     from trl import DPOConfig
 
     import data
+    from base.common import DataError
     from training.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
+    pairs = data.load_pairs(args.data)[:args.max_pairs or None]
+    if any(not isinstance(p.prompt, str) for p in pairs):
+        raise DataError("this example feeds plain-text prompts to TRL; chat pairs are not converted here")
+    refine_prompt = srpo.REFINE_PROMPTS[args.refine_prompt] if args.loss in srpo.SELF_REFINED else None
+    try:
+        kept = data.tokenize_pairs(pairs, tokenizer, args.max_length, refine_prompt, log=None)
+    except DataError as e:
+        raise DataError(f"--max_length {args.max_length}: {e}") from None
+    pairs = [pairs[e["pair_index"]] for e in kept]
     model = model if model is not None else load_model(args.model, tokenizer, seed=args.seed)
     if ref_model is None:
         ref_model = load_model(args.ref_model or args.model, tokenizer, seed=args.seed)
-    pairs = data.load_pairs(args.data)[:args.max_pairs or None]
-    if any(not isinstance(p.prompt, str) for p in pairs):
-        raise SystemExit("examples/trl_sr_dpo.py: this example feeds plain-text prompts to TRL; chat pairs are "
-                         "not converted here")
     dataset = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
     config = DPOConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr if args.lr is not None else (1e-3 if args.model == "tiny" else 5e-7),
         beta=args.beta, max_length=args.max_length, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, seed=args.seed, dataset_num_proc=None)
-    return make_trainer_class()(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
-                                processing_class=tokenizer, srpo_loss=args.loss, lam=args.lam,
-                                refine_prompt=srpo.REFINE_PROMPTS[args.refine_prompt])
+    trainer = make_trainer_class()(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
+                                   processing_class=tokenizer, srpo_loss=args.loss,
+                                   lam=args.lam,
+                                   refine_prompt=srpo.REFINE_PROMPTS[args.refine_prompt])
+    if len(trainer.train_dataset) == 0:
+        raise DataError(f"--max_length {args.max_length}: TRL kept none of the {len(pairs)} pairs; give a larger "
+                        f"--max_length")
+    return trainer
 
 
 def main(argv=None):
+    """Train; a user error (common.SrpoError: a flag, a model, the data) is one line on stderr and exit status 2."""
+    from base.common import SrpoError
+    from training.models import check_models
+
     args = parse_args(argv)
-    trainer = build_trainer(args)
+    try:
+        check_models(args.model, args.ref_model, args.max_length)  # as train.py checks them
+        trainer = build_trainer(args)
+    except SrpoError as e:
+        print(f"examples/trl_sr_dpo.py: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
     trainer.train()
     for entry in trainer.state.log_history:
         print(entry)

@@ -220,15 +220,21 @@ def appended_rows(path, what):
     return read_jsonl(path)
 
 
-def load_generated(path, model_id, decoding):
+def chat_record(chat):
+    """The prompts' framing as an answer records it (data.ChatOptions: system prompt, template variables), or None
+    for none."""
+    return None if chat is None else {"system_prompt": chat.system, "chat_template_kwargs": dict(chat.template_kwargs)}
+
+
+def load_generated(path, model_id, decoding, chat=None):
     """{json.dumps(question_id): record} of the answers already in ``generate``'s output file.
 
-    An answer made by another model_id or with other decoding settings is an error (naming file and
-    line), so that one file never mixes two runs.
+    An answer made by another model_id, with other decoding settings or another prompt framing (chat: the
+    ChatOptions) is an error (naming file and line), so that one file never mixes two runs.
     """
     done, settings = {}, asdict(decoding)
     for key, (where, record) in _unique_ids(appended_rows(path, "that question is answered again")).items():
-        for field, expected in (("model_id", model_id), ("decoding", settings)):
+        for field, expected in (("model_id", model_id), ("decoding", settings), ("chat", chat_record(chat))):
             if record.get(field) != expected:
                 raise EvalError(f"{where}: answer made with {field} {record.get(field)!r}, not {expected!r}; "
                                 f"use another --out")
@@ -240,12 +246,13 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=N
     """FastChat-layout answer records for the questions, and how many turns had their new tokens capped.
 
     Each record: {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}],
-    "tstamp", "decoding": {...}}. out_path: each record is appended to this JSONL as soon as its question
+    "tstamp", "decoding": {...}[, "chat": chat_record(chat)]}. out_path: each record is appended to this JSONL as
+    soon as its question
     is answered, and questions already answered there (``load_generated``) are not asked again, so a
     rerun resumes where an interrupted one stopped. chat: data.ChatOptions of the prompts. Returns (records in
     question order, capped turns).
     """
-    done = load_generated(out_path, model_id, decoding) if out_path else {}
+    done = load_generated(out_path, model_id, decoding, chat) if out_path else {}
     if out_path:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)  # FastChat's model_answer/
     todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
@@ -262,7 +269,7 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=N
             capped += sum(cap < decoding.max_new_tokens for cap in caps)
             record = {"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
                       "choices": [{"index": 0, "turns": answers}], "tstamp": time.time(),
-                      "decoding": asdict(decoding)}
+                      "decoding": asdict(decoding), **({"chat": chat_record(chat)} if chat else {})}
             if out is not None:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()

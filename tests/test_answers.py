@@ -166,3 +166,22 @@ def test_generation_prompts_carry_the_chat_template_options(monkeypatch):
     seen.clear()
     answers.generate_answers(model, tokenizer, questions, answers.Decoding(max_new_tokens=1), "m")
     assert seen[0] == "[user] hi\n[assistant] "
+
+
+def test_a_resumed_answers_file_keeps_one_prompt_framing(tmp_path, monkeypatch):
+    """Case 8: generate resuming into an answers file made under another --system_prompt or
+    --chat_template_kwargs is refused (naming file and line), as a changed decoding is; the same framing resumes."""
+    tokenizer, model = models.load_tokenizer(), models.load_model()
+    monkeypatch.setattr(answers, "generate_reply", lambda m, t, ids, d: ("ok", 1))
+    out = tmp_path / "a.jsonl"
+    first = data.ChatOptions.of('{"enable_thinking": false}', "Be brief.")
+    decoding = answers.Decoding(max_new_tokens=1)
+    two = [{"question_id": 1, "turns": ["hi"]}, {"question_id": 2, "turns": ["more"]}]
+    answers.generate_answers(model, tokenizer, two[:1], decoding, "m", str(out), chat=first)
+    for other in (None, data.ChatOptions.of('{"enable_thinking": false}', "Be long."),
+                  data.ChatOptions.of("", "Be brief.")):
+        with pytest.raises(common.EvalError, match=f"{out}:1: answer made with chat"):
+            answers.generate_answers(model, tokenizer, two, decoding, "m", str(out), chat=other)
+    records, _ = answers.generate_answers(model, tokenizer, two, decoding, "m", str(out), chat=first)
+    assert [r["chat"] for r in records] == [{"system_prompt": "Be brief.", "chat_template_kwargs": {
+        "enable_thinking": False}}] * 2

@@ -86,26 +86,79 @@ def test_export_refuses_a_truncated_shard_in_one_line(one_run, tmp_path, capsys)
     assert not (tmp_path / "exp").exists()
 
 
-def test_merge_lora_adds_the_scaled_product():
-    torch.manual_seed(0)
-    w, a, b = torch.randn(6, 4), torch.randn(2, 4), torch.randn(6, 2)
-    state = {"base_model.model.layer.q.base_layer.weight": w, "base_model.model.layer.q.lora_A.default.weight": a,
-             "base_model.model.layer.q.lora_B.default.weight": b, "base_model.model.layer.q.bias": torch.ones(6)}
-    merged = export.merge_lora(state, alpha=8, r=2)
-    assert set(merged) == {"layer.q.weight", "layer.q.bias"}
-    torch.testing.assert_close(merged["layer.q.weight"], w + 4 * b @ a)
-    conv = export.merge_lora({k: (v.T if k.endswith("base_layer.weight") else v) for k, v in state.items()},
-                             alpha=8, r=2, transpose=True)
-    torch.testing.assert_close(conv["layer.q.weight"], (w + 4 * b @ a).T)
+def tree(folder):
+    """{relative path: bytes} of every file under folder: what must stay as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_export_merges_lora_adapters_as_peft_does(tmp_path):
+def one_line_error(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("export.py: error: "), err
+    assert all(w in err for w in words), err
+    return err
+
+
+def test_export_replaces_only_a_folder_it_wrote(one_run, tmp_path, capsys):
+    """Case 1: a non-empty OUT that export.py did not write is refused and kept; an exported one is replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert export.main([str(one_run / checkpoint.CHECKPOINT), str(mine)]) == 2
+    one_line_error(capsys, str(mine), "did not write", "notes.txt")
+    assert tree(mine) == {"notes.txt": b"my notes"} and not (tmp_path / "mine.tmp").exists()
+    exp = tmp_path / "exp"
+    assert export.main([str(one_run / checkpoint.CHECKPOINT), str(exp)]) == 0
+    assert export.main([str(one_run / checkpoint.CHECKPOINT), str(exp)]) == 0  # its own folder: replaced
+    (tmp_path / "empty").mkdir()
+    assert export.main([str(one_run / checkpoint.CHECKPOINT), str(tmp_path / "empty")]) == 0
+
+
+def test_export_never_writes_into_the_run_it_reads(one_run, tmp_path, capsys):
+    """Case 2: OUT the checkpoint itself, the whole run, or the run's final/: refused, the run kept byte for byte."""
+    out = copy_run(one_run, tmp_path / "out")
+    before = tree(out)
+    for target, where in ((out / checkpoint.CHECKPOINT, "is"), (out, "holds"), (out / checkpoint.FINAL, "is"),
+                          (out / checkpoint.CHECKPOINT / "x", "lies inside")):
+        assert export.main([str(out / checkpoint.CHECKPOINT), str(target)]) == 2
+        one_line_error(capsys, f"OUT {target}: ", f" {where} ", "which this command reads")
+    assert tree(out) == before
+    assert export.main([str(out / checkpoint.CHECKPOINT), str(out / "step-2")]) == 0  # beside the run: fine
+
+
+@pytest.mark.parametrize("kind", ["file", "under a file", "empty", "read-only", "proc"])
+def test_export_to_an_unwritable_out_is_one_line_and_leaves_nothing(one_run, tmp_path, capsys, monkeypatch, kind):
+    """Case 14 and 16: OUT a file, under a file, "", on a read-only mount, under /proc: one line (never "No space
+    left" where space is not the cause), and no OUT.tmp left behind."""
+    (tmp_path / "f").write_text("keep")
+    out = {"file": tmp_path / "f", "under a file": tmp_path / "f" / "exp", "empty": "", "read-only": tmp_path / "ro",
+           "proc": "/proc/srpo-export-test/exp"}[kind]
+    if kind == "read-only":
+        monkeypatch.setattr(common.os, "access", lambda path, mode: False)
+    assert export.main([str(one_run / checkpoint.CHECKPOINT), str(out)]) == 2
+    err = one_line_error(capsys, {"file": "is a file", "under a file": f"{tmp_path / 'f'} is a file",
+                                  "empty": "OUT is empty", "read-only": "cannot write in",
+                                  "proc": "cannot write the model folder"}[kind])
+    assert "No space left" not in err and (tmp_path / "f").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_export_of_an_unfinished_checkpoint_says_so(one_run, tmp_path, capsys):
+    """Case 16: checkpoint.tmp (an interrupted save) is named as such, without --resume advice."""
+    tmp = copy_run(one_run / checkpoint.CHECKPOINT, tmp_path / "run" / (checkpoint.CHECKPOINT + ".tmp"))
+    (tmp / checkpoint.CHECKSUMS).unlink()
+    assert export.main([str(tmp), str(tmp_path / "exp")]) == 2
+    err = one_line_error(capsys, "an unfinished checkpoint", "export the run's checkpoint/")
+    assert "--resume" not in err
+
+
+@pytest.mark.parametrize("targets", [["query_key_value", "dense_h_to_4h"], ["embed_in", "dense"]])
+def test_export_merges_lora_adapters_as_peft_does(tmp_path, targets):
     """A checkpoint of a peft model (as a --lora_r run writes it): exported with W + alpha/r · B·A merged, it
-    gives the logits of peft's own merge_and_unload."""
+    gives the logits of peft's own merge_and_unload; also an Embedding's lora_embedding_A/B (case 6)."""
     peft = pytest.importorskip("peft")
     tokenizer = models.load_tokenizer()
     model = peft.get_peft_model(models.load_model(models.TINY, tokenizer), peft.LoraConfig(
-        r=2, lora_alpha=8, target_modules=["query_key_value", "dense_h_to_4h"], init_lora_weights=False))
+        r=2, lora_alpha=8, target_modules=targets, init_lora_weights=False))
     record = {"model": models.TINY, "loss": "dpo", "sft_steps": 0, "seed": 0, "lora_r": 2, "lora_alpha": 8}
     distributed.setup_distributed("cpu")
     try:
@@ -132,6 +185,18 @@ def test_a_lock_whose_pid_is_now_another_process_is_stale(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LOCK]  # its temporary file is gone
     lock.release()
     assert not (tmp_path / checkpoint.LOCK).exists()
+
+
+def test_an_old_lock_naming_this_process_is_stale(tmp_path):
+    """Case 16: an old-format lock ("PID" alone) naming this process's own PID, which holds no lock there, is
+    stale (a container restart gives PIDs again), while a lock this process holds is another run's."""
+    (tmp_path / checkpoint.LOCK).write_text(f"{os.getpid()}\n")
+    notes = []
+    lock = checkpoint.Lock(str(tmp_path), log=notes.append)
+    assert lock.held and "is this process" in notes[0]
+    with pytest.raises(checkpoint.CheckpointError, match="wait for it to end"):
+        checkpoint.Lock(str(tmp_path))
+    lock.release()
 
 
 def test_a_lock_from_before_the_last_reboot_is_stale(tmp_path):
@@ -173,6 +238,76 @@ def test_a_lock_without_hard_links_is_created_exclusively(tmp_path, monkeypatch)
     with pytest.raises(checkpoint.CheckpointError, match="wait for it to end"):
         checkpoint.Lock(str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LOCK]
+
+
+# ----------------------------------------------------------------------------- train.py's out_dir
+
+
+def train_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("bad", [["--max_length", "12"], ["--lora_r", "2", "--lora_targets", "no_such_module"]])
+def test_overwrite_checks_every_flag_before_removing_anything(one_run, tmp_path, capsys, bad):
+    """Case 3: --overwrite with a flag that fails (tokenizing, adding adapters) removes nothing."""
+    out = copy_run(one_run, tmp_path / "out")
+    before = tree(out)
+    capsys.readouterr()
+    assert run_train(out, "--loss", "dpo", "--max_steps", "2", "--overwrite", *bad)[0] == 2
+    train_error(capsys)
+    assert tree(out) == before
+
+
+def test_a_run_without_its_checkpoint_is_never_advised_to_resume(one_run, tmp_path, capsys):
+    """Case 4: checkpoint/ removed from a finished run: the refusal recommends nothing that deletes the run, and
+    --resume (which would start from scratch over it) is refused too."""
+    out = copy_run(one_run, tmp_path / "out")
+    shutil.rmtree(out / checkpoint.CHECKPOINT)
+    before = tree(out)
+    capsys.readouterr()
+    for flags in ([], ["--resume"], ["--resume", "auto"]):
+        assert run_train(out, "--loss", "dpo", "--max_steps", "2", *flags)[0] == 2
+        err = train_error(capsys)
+        assert "no checkpoint to continue from" in err and "--resume continues" not in err
+        assert "give another --out_dir" in err and "--overwrite deletes it" in err, err
+    assert tree(out) == before
+
+
+def test_any_trace_of_a_run_is_a_run(one_run, tmp_path, capsys):
+    """Case 5: final/ alone (no metrics.jsonl, no checkpoint) is a run: not silently trained over; --overwrite
+    removes it and the run's other entries, never files it did not write."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(one_run / checkpoint.FINAL, out / checkpoint.FINAL)
+    (out / "notes.txt").write_text("mine")
+    before = tree(out)
+    capsys.readouterr()
+    assert run_train(out, "--loss", "dpo", "--max_steps", "1")[0] == 2
+    assert "holds a run (final)" in train_error(capsys)
+    assert tree(out) == before
+    assert run_train(out, "--loss", "dpo", "--max_steps", "1", "--overwrite")[0] == 0
+    assert (out / "notes.txt").read_text() == "mine" and len(read_metrics(out)) == 1
+
+
+def test_train_never_writes_over_the_model_it_reads(one_run, tmp_path, capsys):
+    """--model out/final with --out_dir out --overwrite would delete the model being trained: refused first."""
+    out = copy_run(one_run, tmp_path / "out")
+    before = tree(out)
+    capsys.readouterr()
+    assert run_train(out, "--loss", "dpo", "--max_steps", "1", "--model", out / checkpoint.FINAL, "--overwrite")[0] == 2
+    assert f"{out / checkpoint.FINAL} is {out / checkpoint.FINAL}, which this command reads" in train_error(capsys)
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("flags", [["--system_prompt", "Be brief."], ["--chat_template_kwargs", '{"a": 1}']])
+def test_resume_refuses_another_prompt_framing(one_run, tmp_path, capsys, flags):
+    """Case 8: --system_prompt and --chat_template_kwargs define the run: a resume under another framing is refused."""
+    out = copy_run(one_run, tmp_path / "out")
+    capsys.readouterr()
+    assert run_train(out, "--loss", "dpo", "--max_steps", "3", "--resume", *flags)[0] == 2
+    assert f"--resume: {flags[0]} is" in train_error(capsys)
 
 
 # ----------------------------------------------------------------------------- --resume_force

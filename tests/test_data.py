@@ -629,6 +629,21 @@ def test_a_chat_template_that_raises_names_the_pair():
         data.tokenize_pairs(pairs, tok, 256, None, log=None)
 
 
+def test_a_template_that_refuses_the_system_role_names_system_prompt():
+    """Case 16: a template that refuses a system message is a --system_prompt error (a ConfigError, not a pair's
+    DataError that train.py would give a --truncate_x_only hint), in one line."""
+    from base.common import ConfigError
+
+    tok = byte_tokenizer("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + CHAT_PLAIN)
+    pairs = [Pair(({"role": "user", "content": "hi"},), "yes", "no")]
+    with pytest.raises(ConfigError, match=r"^--system_prompt: the tokenizer's chat template refuses a system message "
+                                          r"\(the chat template failed \(TemplateError: System role not supported\)\); "
+                                          r"give no --system_prompt$"):
+        data.tokenize_pairs(pairs, tok, 256, None, log=None, chat=data.ChatOptions.of(system="Be brief."))
+    assert len(data.tokenize_pairs(pairs, tok, 256, None, log=None)) == 1
+
+
 @pytest.mark.parametrize("text", ["{bad", "[1]"])
 def test_chat_template_kwargs_must_be_a_json_object(text):
     with pytest.raises(DataError, match="^--chat_template_kwargs "):

@@ -91,6 +91,21 @@ def test_outputs_a_folder_is_refused_and_missing_parents_are_created(tmp_path, c
     assert json.loads(out.read_text())["metrics"]["n_pairs"] == 2
 
 
+def test_an_output_never_writes_into_what_the_command_reads(tmp_path, capsys):
+    """Issue 36's rule for generate's answers file: not the --questions file, nor inside the --model folder (which
+    train.py replaces whole); both kept as they were."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "turns": ["hi"]}\n')
+    (tmp_path / "model").mkdir()
+    for out, words in ((questions, f"--out {questions}: is --questions"),
+                       (tmp_path / "model" / "a.jsonl", "lies inside --model")):
+        assert ev.main(["generate", "--model", str(tmp_path / "model"), "--questions", str(questions), "--out",
+                        str(out)]) == 2
+        _one_error(capsys, words, "which this command reads")
+    assert questions.read_text() == '{"question_id": 1, "turns": ["hi"]}\n'
+    assert not (tmp_path / "model" / "a.jsonl").exists()
+
+
 def test_table_of_a_file_that_is_no_summary(tmp_path, capsys):
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "b", "model_a": "a"}))

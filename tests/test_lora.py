@@ -68,6 +68,57 @@ def test_adapters_start_at_zero_and_the_reference_view_is_the_base(fused, monkey
     assert all(p.requires_grad for p in lora.trainable(policy)) and len(lora.trainable(policy)) == 2 * 4 * 2
 
 
+def test_merged_state_merges_every_kind_of_layer_peft_added(tmp_path):
+    """Case 6: an Embedding target (lora_embedding_A/B) is merged as peft merges it, beside Linear ones."""
+    peft = pytest.importorskip("peft")
+    tokenizer = models.load_tokenizer()
+    model = peft.get_peft_model(models.load_model(models.TINY, tokenizer), peft.LoraConfig(
+        r=2, lora_alpha=8, target_modules=["embed_in", "query_key_value"], init_lora_weights=False))
+    merged = lora.merged_state(model.state_dict(), model)
+    expected = model.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], msg=key)
+
+
+def test_a_layer_whose_adapter_cannot_be_merged_is_refused_when_added():
+    """Case 6: peft can add LoRA to a Conv1d, but merged_state cannot merge it: refused up front, in one line."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Conv1d(4, 4, 1)), peft.LoraConfig(r=2,
+                                                                                                target_modules=["0"]))
+    with pytest.raises(lora.LoraError, match="0 is a Conv1d, whose adapter cannot be merged"):
+        lora.check_mergeable(model)
+
+
+def test_an_embedding_target_is_merged_into_final_and_its_adapter_saved(tmp_path):
+    """Case 6: --lora_targets embed_in: final/ holds the merged weights only (the trained model, not the base
+    beside unused lora_embedding tensors), and final/adapter loads with peft to the same logits."""
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "out"
+    assert run_train(out, "--loss", "dpo", "--max_steps", "2", "--lora_r", "2", "--lora_targets", "embed_in,dense",
+               "--lr", "1e-1")[0] == 0
+    weights = final_weights(out)
+    assert not any("lora" in k for k in weights)
+    from safetensors.torch import load_file
+    saved = load_file(str(out / checkpoint.FINAL / lora.ADAPTER_DIR / "adapter_model.safetensors"))
+    assert any("lora_embedding_A" in k for k in saved) and any("lora_A" in k for k in saved)
+    base = models.load_model(models.TINY, models.load_tokenizer(), seed=0)
+    assert not torch.equal(weights["gpt_neox.embed_in.weight"], base.state_dict()["gpt_neox.embed_in.weight"])
+    adapted = peft.PeftModel.from_pretrained(base, str(out / checkpoint.FINAL / lora.ADAPTER_DIR)).merge_and_unload()
+    assert_close_weights(weights, {k: v.detach() for k, v in adapted.state_dict().items()}, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--lora_targets", "query_key_value"], ["--lora_alpha", "32"],
+                                   ["--lora_dropout", "0.1"]])
+def test_lora_flags_without_lora_r_are_refused(flags, capsys):
+    """Case 7: LoRA flags without --lora_r would silently run a full fine-tune."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--device", "cpu", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flags[0] in err and "only with --lora_r" in err, err
+
+
 def test_merged_state_is_peft_merge_and_the_adapter_folder_loads(tmp_path):
     from peft import PeftModel
 

@@ -3,12 +3,13 @@
 import ast
 import dataclasses
 import os
+import shlex
 
 from helpers import run_train
 
 import srpo
 import train
-from training import model_card
+from training import config, model_card
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def front_matter(text):
 
 
 def flags(**changes):
-    return dataclasses.asdict(train.resolved(train.Config(**changes)))
+    return dataclasses.asdict(config.resolved(config.Config(**changes)))
 
 
 def test_a_hub_run_names_its_base_model_and_datasets(tmp_path, monkeypatch):
@@ -115,3 +116,30 @@ def test_the_card_counts_the_pairs_dropped_reading_and_tokenizing(tmp_path):
     assert code == 0
     card = (tmp_path / "run" / train.FINAL / "README.md").read_text(encoding="utf-8")
     assert "- pairs kept: 16" in card and "- pairs dropped: 2" in card
+
+
+def test_the_command_repeats_the_resolved_run():
+    """Case 10: --model, --loss and --max_length were left out where they set the defaults they were compared
+    with; the command now gives the resolved config again, whatever the model and loss."""
+    for changes in ({"model": "stories260K", "loss": "dpo", "max_length": 256},
+                    {"loss": "sr-ipo", "lam": 0.5, "lr": 1e-3, "sft_steps": 3, "system_prompt": "Be brief."},
+                    {"loss": "sft", "lora_r": 4, "lora_targets": "query_key_value", "max_length": 64}):
+        cfg = config.resolved(config.Config(**changes))
+        command = model_card.command_line(config.command_flags(cfg))
+        argv = shlex.split(command)[2:]
+        assert config.resolved(config.parse_config(argv)) == cfg, command
+    command = model_card.command_line(config.command_flags(config.resolved(config.Config(
+        model="stories260K", loss="dpo", max_length=256))))
+    assert "--model stories260K" in command and "--loss dpo" in command and "--max_length 256" in command
+    assert "--lam" not in command
+
+
+def test_the_card_names_lora_and_invents_no_rating_scale():
+    """Cases 10 and 11: LoRA's r, alpha and targets on the card; the controls p (neutral, opposite) have no
+    rating scale."""
+    card = model_card.model_card(flags(lora_r=4, lora_targets="query_key_value"), stages=[("sr-dpo", 2)])
+    assert "- LoRA: r 4, alpha 8 (scaling 2), dropout 0, on query_key_value" in card
+    for p in ("neutral", "opposite"):
+        card = model_card.model_card(flags(refine_prompt=p), stages=[("sr-dpo", 2)])
+        assert "rating scale" not in card and f"the {p} control" in card
+    assert "- rating scale of p: 1 to 10" in model_card.model_card(flags(refine_prompt="10"), stages=[("sr-dpo", 2)])

@@ -61,13 +61,13 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(tmp_path, capsys):
     before = snapshot(tmp_path)
     assert run_train(tmp_path, *STEPS)[0] == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--out_dir {tmp_path} holds a run (checkpoint/)" in err[0], err
-    assert "--resume auto" in err[0] and "--overwrite" in err[0]
+    assert len(err) == 1 and f"--out_dir {tmp_path} holds a run (checkpoint, final, metrics.jsonl)" in err[0], err
+    assert "--resume continues it" in err[0] and "--overwrite deletes it" in err[0]
     assert snapshot(tmp_path) == before
-    # final/ and metrics.jsonl alone (the checkpoint deleted) are a run too.
+    # final/ and metrics.jsonl alone (the checkpoint deleted) are a run too, with nothing to resume.
     shutil.rmtree(tmp_path / checkpoint.CHECKPOINT)
     assert run_train(tmp_path, *STEPS)[0] == 2
-    assert "holds a run (final/)" in capsys.readouterr().err
+    assert "holds a run (final, metrics.jsonl) but no checkpoint" in capsys.readouterr().err
 
 
 def test_overwrite_starts_over(tmp_path, capsys):

@@ -112,3 +112,32 @@ def test_report_to_the_real_tensorboard(tmp_path):
     for key in ("loss", "reward_chosen", "logps_chosen", "eval_accuracy"):
         points = [(e.step, e.value) for e in events.Scalars(tracking.tracker_name(key))]
         assert points == [(m["global_step"], pytest.approx(m[key], rel=1e-6)) for m in ms if key in m]
+
+
+def test_a_run_resumed_at_its_last_step_keeps_its_heldout_metrics_and_next_measures_them(tmp_path, capsys):
+    """Case 12: a resume at the last step (nothing left to train or evaluate) still reports the held-out metrics
+    on the card and in the summary. Case 9: the summary's next: command carries the run's held-out data, p,
+    --max_length, --eval_pairs and framing, and measures what the run reported."""
+    import shlex
+
+    import evaluate
+
+    flags = ["--loss", "sr-dpo", "--max_steps", "2", "--max_length", "320", "--eval_data", "embedded",
+             "--refine_prompt", "10", "--beta", "0.2"]
+    assert run_train(tmp_path, *flags)[0] == 0
+    reported = capsys.readouterr().out
+    card = (tmp_path / train.FINAL / "README.md").read_text(encoding="utf-8")
+    assert "## Last held-out metrics" in card and "held-out accuracy" in reported
+    assert run_train(tmp_path, *flags, "--resume")[0] == 0  # at the last step: no step, no evaluation
+    out = capsys.readouterr().out
+    assert (tmp_path / train.FINAL / "README.md").read_text(encoding="utf-8") == card
+    line = next(x for x in out.splitlines() if x.startswith("held-out accuracy"))
+    assert line in reported
+    command = shlex.split(next(x for x in out.splitlines() if x.startswith("next: "))[len("next: "):])
+    for words in (["--max_length", "320"], ["--refine_prompt", "10"], ["--beta", "0.2"], ["--limit", "8"]):
+        assert words == command[command.index(words[0]):][:2], command
+    assert evaluate.main(command[2:] + ["--out", str(tmp_path / "acc.json")]) == 0
+    measured = json.loads((tmp_path / "acc.json").read_text())["metrics"]
+    logged = tracking.logged_heldout(str(tmp_path / "metrics.jsonl"), "sr-dpo")
+    for key in ("accuracy", "p_accuracy", "margin_mean", "n_pairs"):
+        assert measured[key] == pytest.approx(logged[key], abs=1e-4), key

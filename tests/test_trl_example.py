@@ -100,3 +100,40 @@ def test_the_example_runs_with_no_arguments_but_max_steps(tmp_path, monkeypatch)
     assert [e["step"] for e in logged] == [1, 2]
     assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # π = π_ref at step 1: DPO's ln 2
     assert logged[0]["delta/mean"] == 0.0
+
+
+def other_tokenizer_model(path):
+    """A tiny Llama whose tokenizer has one id more than the policy's (models.TINY's)."""
+    from test_distributed import save_source
+    from transformers import AutoTokenizer
+
+    save_source(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_tokens(["<other>"])
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--lam", "-1"], "--lam -1.0: must be >= 0"),
+    (["--loss", "dpo", "--refine_prompt", "10"], "--refine_prompt 10 is used only by the Sr losses"),
+    (["--loss", "dpo", "--lam", "0.3"], "--lam is used only by the Sr losses"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--max_length", "5"], "--max_length 5: "),
+    (["--max_length", "5", "--loss", "dpo"], "--max_length 5: "),
+    (["--model", "no/such-model"], "--model no/such-model"),
+    (["--data", "no_such_pairs.jsonl"], "no_such_pairs.jsonl: not a file"),
+    (["--ref_model", "OTHER"], "its tokenizer"),
+])
+def test_bad_input_is_one_line_as_train_py_says_it(tmp_path, capsys, flags, words):
+    """Cases 13 and 15: the example checks its flags, models and data with the project's own checks (a reference
+    of another vocabulary, λ < 0, λ or p without an Sr loss, a missing model or file, --batch_size 0, a too small
+    --max_length): one line, exit status 2, before any training."""
+    ex = example_module()
+    flags = [other_tokenizer_model(tmp_path / "other") if f == "OTHER" else f for f in flags]
+    with pytest.raises(SystemExit) as e:
+        ex.main(["--max_steps", "1", "--max_pairs", "8", "--output_dir", str(tmp_path / "out"), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()  # after datasets' progress bars, where TRL itself drops every pair
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("examples/trl_sr_dpo.py: error: ") and words in last, err

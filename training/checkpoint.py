@@ -15,6 +15,7 @@ save (train.py), models (models.py) or the exported model folders (export.py, mo
     read_record(folder), check_record(saved, now)       the flags that define the run, checked on --resume
     trim_metrics(path, keep, log)                       metrics.jsonl cut back to the checkpoint's step
     Lock(out_dir, rank)                                 one run per out_dir (run.lock: PID, host, start time, boot id)
+    run_entries(folder), check_out_dir(cfg, ...)         what a run wrote there; where train.py may write
     check_shapes(folder, model), check_stage(...)      what --resume_force cannot continue, in one line
 
 A checkpoint folder holds torch.distributed.checkpoint's files (.metadata and __R_I.distcp), one
@@ -48,11 +49,13 @@ from base.common import SrpoError
 CHECKPOINT, CHECKSUMS, RECORD, LOCK = "checkpoint", "SHA256SUMS", "run.json", "run.lock"
 FINAL, SFT_DIR, METRICS = "final", "sft", "metrics.jsonl"  # out_dir's other entries: models and the metrics log
 METADATA = ".metadata"
-# The flags that define a run: a resumed run must have the same, or it would mix two runs' data order or math.
+# What a run writes in out_dir (each folder also as NAME.old and NAME.tmp while it is replaced): any of them is a run.
+RUN_ENTRIES = tuple(n + s for n in (CHECKPOINT, SFT_DIR, FINAL) for s in ("", ".old", ".tmp")) + (METRICS,)
+# The flags that define a run: a resumed run must have the same, or it would mix two runs' data, math or framing.
 RUN_FLAGS = ("loss", "beta", "lam", "refine", "refine_prompt", "model", "ref_model", "data", "max_pairs",
              "sft_steps", "lr", "warmup_steps", "lr_scheduler", "batch_size", "max_length", "max_grad_norm",
              "optimizer", "average_logps", "seed", "truncate_x_only", "sft_quality_q", "mixed_precision",
-             "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+             "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "system_prompt", "chat_template_kwargs")
 
 
 class CheckpointError(SrpoError):
@@ -325,8 +328,10 @@ def load_state(folder, state, rank=0):
 
 
 def run_record(cfg, **derived):
-    """The run-defining values of a config (RUN_FLAGS), and derived ones (e.g. the number of training pairs)."""
-    return {**{name: getattr(cfg, name) for name in RUN_FLAGS}, **derived}
+    """The run-defining values of a config (RUN_FLAGS; --chat_template_kwargs as JSON, keys sorted), and derived
+    ones (e.g. the number of training pairs)."""
+    kwargs = json.dumps(json.loads(cfg.chat_template_kwargs or "{}"), sort_keys=True)
+    return {**{name: getattr(cfg, name) for name in RUN_FLAGS}, "chat_template_kwargs": kwargs, **derived}
 
 
 def read_record(folder):
@@ -397,6 +402,24 @@ def trim_metrics(path, keep, log=print):
         fh.writelines(kept)
 
 
+# ----------------------------------------------------------------------------- what a run wrote in out_dir
+
+def run_entries(folder):
+    """The entries of `folder` that a run wrote (RUN_ENTRIES, in that order): a folder with any of them is a run."""
+    return [n for n in RUN_ENTRIES if os.path.lexists(os.path.join(folder, n))]
+
+
+def check_out_dir(cfg, found, held):
+    """--out_dir before anything is removed: common.check_output; a run (held) only to --resume found or --overwrite."""
+    reads = [p for p in (cfg.model, cfg.ref_model, cfg.data, cfg.eval_data) if p and os.path.exists(p)]
+    common.check_output(cfg.out_dir, "--out_dir", reads, entries=RUN_ENTRIES)
+    if held and not cfg.overwrite and not (cfg.resume and found):
+        what = f"--out_dir {cfg.out_dir} holds a run ({', '.join(run_entries(cfg.out_dir)) or 'on another node'})"
+        what = f"{what}; --resume continues it from {found}, or" if found else \
+            f"{'--resume: ' if cfg.resume else ''}{what} but no checkpoint to continue from;"
+        raise CheckpointError(f"{what} give another --out_dir (--overwrite deletes it and starts over)")
+
+
 # ----------------------------------------------------------------------------- one run per out_dir
 
 
@@ -459,6 +482,7 @@ def _create(tmp, path, line):
 
 
 LOCK_GRACE_S = 10  # an empty or unreadable lock this young is another run writing it: held
+_HELD = set()  # the locks this process holds (real paths): a lock naming this PID is another run's only there
 
 
 class Lock:
@@ -489,6 +513,7 @@ class Lock:
                     os.remove(self.path)
                     continue
                 self.held = True
+                _HELD.add(os.path.realpath(self.path))
                 return
         except OSError as e:
             raise CheckpointError(f"{os.path.dirname(self.path)}: --out_dir is not writable "
@@ -520,6 +545,8 @@ class Lock:
             return f"PID {pid} is not running"
         if start and _start_time(pid) and start != _start_time(pid):
             return f"PID {pid} is now another process"
+        if pid == os.getpid() and os.path.realpath(self.path) not in _HELD:
+            return f"PID {pid} is this process, which holds no lock there (one left by an earlier process of that PID)"
         raise CheckpointError(held % who)
 
     def _holder(self):
@@ -536,6 +563,7 @@ class Lock:
     def release(self):
         if self.held:
             self.held = False
+            _HELD.discard(os.path.realpath(self.path))
             try:
                 if (self._holder() or [None])[0] == os.getpid():
                     os.remove(self.path)

@@ -2,7 +2,8 @@
 and the checks.
 
 Owns: Config, parse_config (flags -> Config), validate (one-line ConfigErrors for values and combinations that
-would fail later) and resolved (the defaults that depend on the model, filled in). Every default value shared
+would fail later), resolved (the defaults that depend on the model, filled in) and command_flags (the flags
+that give a resolved config again). Every default value shared
 with another command comes from defaults.py. Does not own: what the flags do (train.py).
 """
 
@@ -289,6 +290,10 @@ def validate(cfg, world=1):
     if cfg.lora_r < 0 or cfg.lora_alpha < 0 or not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"--lora_r {cfg.lora_r}, --lora_alpha {cfg.lora_alpha}, --lora_dropout {cfg.lora_dropout}: "
                           f"need r >= 0, alpha >= 0 and dropout in [0, 1)")
+    lora_flags = [f"--{n}" for n in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(cfg, n)]
+    if lora_flags and not cfg.lora_r:
+        raise ConfigError(f"{', '.join(lora_flags)} are used only with --lora_r (LoRA); without it the run is a "
+                          f"full fine-tune")
     if cfg.lora_r:
         try:
             lora.require_peft()
@@ -307,3 +312,19 @@ def resolved(cfg):
             defaults.TINY_WARMUP_STEPS if tiny else defaults.WARMUP_STEPS),
         sft_steps=cfg.sft_steps if cfg.sft_steps is not None else (
             defaults.TINY_SFT_STEPS if tiny and cfg.loss != "sft" else 0))
+
+
+RESOLVED = ("lam", "lr", "warmup_steps", "sft_steps", "pack_length")  # the fields resolved() fills in
+
+
+def command_flags(cfg):
+    """{name: value} of the flags that repeat the resolved config `cfg` (resolved(parse_config(them)) == cfg, but
+    --resume, --resume_force and --overwrite): each field that differs from its default, less a resolved field
+    whose value resolved() gives anyway from the others (lam 0.0 for DPO, tiny's lr, ...)."""
+    flags = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
+             if getattr(cfg, f.name) != f.default and f.name not in ("resume", "resume_force", "overwrite")}
+    for name in RESOLVED:
+        rest = {k: v for k, v in flags.items() if k != name}
+        if name in flags and getattr(resolved(Config(**rest)), name) == flags[name]:
+            flags = rest
+    return flags

@@ -17,13 +17,12 @@ only inside functions: without --lora_r it is never needed.
     with eval_mode(policy): ...                           policy no-grad passes (Δπ): adapter dropout off
     reshard(policy); trainable(policy)                    FSDP2: reshard before building the optimizer on these
     ref = Reference(policy)                               the same, as a module view_logps / pair_logps can take
-    merged_state(full_state, peft_config) -> plain state  W + (α/r)·B·A; the keys of the base model
-    save_adapter(full_state, peft_config, folder)         PeftModel.from_pretrained(base, folder) loads it
+    merged_state(full_state, peft_model) -> plain state   W + (α/r)·B·A for each layer peft added; the base's keys
+    save_adapter(full_state, peft_model, folder)          PeftModel.from_pretrained(base, folder) loads it
 """
 
 import contextlib
 import json
-import math
 import os
 
 import torch
@@ -99,6 +98,7 @@ def add_adapters(model, r, alpha=None, dropout=0.0, targets=None, seed=0):
             wrapped = peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. a target module that the model does not have
         raise LoraError(f"--lora_targets: {str(e).strip().splitlines()[0][:300]}") from None
+    check_mergeable(wrapped)
     wrapped.config.use_cache = False
     return wrapped
 
@@ -217,34 +217,62 @@ def _base_key(key):
     return key.replace(".base_layer.", ".")
 
 
-def merged_state(state, peft_config):
+def _lora_layers(model):
+    """{module name: layer} of what peft added to a peft model (its LoRA layers), the names as in its state dict."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def check_mergeable(model):
+    """LoraError unless every layer peft added to `model` is one whose adapter merged_state merges (a Linear,
+    GPT-2's Conv1D or an Embedding, plain LoRA): refused when the adapters are added, before any training."""
+    from peft.tuners import lora as peft_lora
+
+    for name, layer in _lora_layers(model).items():
+        if type(layer) not in (peft_lora.Linear, peft_lora.Embedding) or any(layer.use_dora.values()):
+            raise LoraError(f"--lora_targets: {_base_key(name)} is a {type(layer.get_base_layer()).__name__}, "
+                            f"whose adapter cannot be merged into final/; target Linear or Embedding layers")
+
+
+def _added(key, name, layer):
+    """Whether state-dict key `key` is one of the adapter weights that peft's `layer` (named `name`) holds."""
+    return any(key.startswith(f"{name}.{attr}.") for attr in layer.adapter_layer_names)
+
+
+def merged_state(state, model):
     """A peft model's full state dict (gathered, e.g. on rank 0's CPU) as a plain transformers state dict with
-    the adapters merged: W + scaling · B·A (transposed for Conv1D's fan_in_fan_out), in W's dtype, computed in
-    float32. peft_config: the LoraConfig (or the peft model)."""
-    config = _peft_config(peft_config)
-    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    the adapters merged, W + scaling · B·A as peft's get_delta_weight has it (transposed for an Embedding and for
+    Conv1D's fan_in_fan_out), in W's dtype, computed in float32. model: the peft model (sharded or not), asked
+    which layers it added and their scaling (check_mergeable refused any other kind when they were added)."""
+    from peft.tuners import lora as peft_lora
+
+    layers = _lora_layers(model)
     out = {}
     for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key or ".lora_dropout." in key:
+        if any(_added(key, name, layer) for name, layer in layers.items()):
             continue
-        if key.endswith(".base_layer.weight"):
-            prefix = key[:-len("base_layer.weight")]
-            a = state.get(f"{prefix}lora_A.{ADAPTER_NAME}.weight")
-            b = state.get(f"{prefix}lora_B.{ADAPTER_NAME}.weight")
-            if a is not None and b is not None:
-                delta = (b.float() @ a.float()) * scaling
-                value = (value.float() + (delta.T if config.fan_in_fan_out else delta)).to(value.dtype)
+        layer = layers.get(key.removesuffix(".base_layer.weight"))
+        if layer is not None and key.endswith(".base_layer.weight"):
+            name = key.removesuffix(".base_layer.weight")
+            embedding = isinstance(layer, peft_lora.Embedding)
+            a, b = (state.get(f"{name}.{attr}.{ADAPTER_NAME}.weight", state.get(f"{name}.{attr}.{ADAPTER_NAME}"))
+                    for attr in (("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")))
+            delta = (b.float() @ a.float()) * layer.scaling[ADAPTER_NAME]
+            value = (value.float() + (delta.T if embedding or layer.fan_in_fan_out else delta)).to(value.dtype)
         out[_base_key(key)] = value
     return out
 
 
-def adapter_state(state):
-    """The adapter's weights from a peft model's full state dict, keyed as peft saves them (no adapter name)."""
-    return {key.replace(f".{ADAPTER_NAME}.", "."): value for key, value in state.items()
-            if ".lora_A." in key or ".lora_B." in key}
+def adapter_state(state, model):
+    """The adapter's weights from a peft model's full state dict, keyed as peft saves them (peft's own
+    get_peft_model_state_dict, which knows every kind of layer it adds)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
 
 
-def save_adapter(state, peft_config, folder, base_model=None):
+def save_adapter(state, model, folder, base_model=None):
     """The adapter in peft's folder format (adapter_config.json, adapter_model.safetensors), from a full state
     dict: ``PeftModel.from_pretrained(base, folder)`` loads it. base_model: recorded as the config's
     base_model_name_or_path (the model the adapters were added to)."""
@@ -252,12 +280,12 @@ def save_adapter(state, peft_config, folder, base_model=None):
 
     from safetensors.torch import save_file
 
-    config = copy.deepcopy(_peft_config(peft_config))
+    config = copy.deepcopy(_peft_config(model))
     if base_model is not None:
         config.base_model_name_or_path = base_model
     os.makedirs(folder, exist_ok=True)
     config.save_pretrained(folder)
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state(state).items()},
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state(state, model).items()},
               os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 

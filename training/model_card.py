@@ -32,12 +32,14 @@ def hub_name(source):
     return source
 
 
-def command_line(flags, defaults, program="train.py", skip=("resume", "resume_force", "overwrite")):
-    """The command that repeats the run: every flag whose value is not its default (True booleans bare), but
-    those in skip. defaults: the values the run would have had with no flag given (resolved as the run's were)."""
+def command_line(flags, defaults=None, program="train.py", skip=("resume", "resume_force", "overwrite")):
+    """The command that repeats the run: every flag (True booleans bare), but those in skip and, where defaults
+    are given, those of their default value. train.py passes config.command_flags, the flags that resolve to
+    the run's config."""
     parts = ["python", program]
     for name, value in flags.items():
-        if name in skip or name not in defaults or value == defaults[name] or value is None or value is False:
+        if name in skip or value is None or value is False or (defaults is not None and (
+                name not in defaults or value == defaults[name])):
             continue
         parts += [f"--{name}"] if value is True else [f"--{name}", str(value)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -90,8 +92,11 @@ def model_card(flags, stages=(), train_pairs=None, dropped_pairs=None, heldout=N
                 rows.append(("Δ", "Δ_naive, Eq. (10): the margin under x itself"))
             elif refine == "prompt":
                 rows.append(("Δ", "Δπ, Eq. (11): β·h under p ⊕ x, the current policy's, without gradient"))
-                if flags.get("refine_prompt"):
-                    rows.append(("rating scale of p", f"1 to {flags['refine_prompt']}"))
+                p = flags.get("refine_prompt")
+                if p and str(p).isdigit():  # the paper's p asks for a rating from 1 to p
+                    rows.append(("rating scale of p", f"1 to {p}"))
+                elif p:  # the controls: a weather text, or p asking for a rating of 1
+                    rows.append(("p", f"the {p} control (--refine_prompt {p})"))
         ref = flags.get("ref_model")
         rows.append(("reference π_ref", f"`{ref}`" if ref else "the starting policy (after SFT, if any)"))
         if flags.get("average_logps"):
@@ -121,6 +126,12 @@ def model_card(flags, stages=(), train_pairs=None, dropped_pairs=None, heldout=N
                        ("seed", "seed")):
         if flags.get(key) is not None:
             lines.append(f"- {label}: {_number(flags[key])}")
+    if flags.get("lora_r"):
+        r, alpha = flags["lora_r"], flags.get("lora_alpha") or 2 * flags["lora_r"]
+        targets = flags.get("lora_targets") or "the family's attention and MLP projections (lora.FAMILY_TARGETS)"
+        lines.append(f"- LoRA: r {r}, alpha {_number(alpha)} (scaling {_number(alpha / r)}), dropout "
+                     f"{_number(flags.get('lora_dropout') or 0.0)}, on {targets}; the adapter merged into the "
+                     f"weights (unmerged in adapter/)")
 
     numbers = {k: v for k, v in (heldout or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numbers:

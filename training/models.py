@@ -68,6 +68,18 @@ def check_compatible(name, tokenizer, max_length, flag="--model", policy_name=No
                              f"{policy_name}); both models must share one vocabulary")
 
 
+def check_models(model, ref_model, max_length):
+    """check_model and check_compatible of a run's --model and, where given, --ref_model (its tokenizer must be
+    the policy's), before either is loaded; returns the policy's tokenizer."""
+    check_model(model, "--model")
+    tokenizer = load_tokenizer(model)
+    check_compatible(model, tokenizer, max_length)
+    if ref_model:
+        check_model(ref_model, "--ref_model")
+        check_compatible(ref_model, tokenizer, max_length, "--ref_model", model)
+    return tokenizer
+
+
 def model_record(reference, seed, run):
     """What a model folder train.py exports records: its reference π_ref (a folder as an absolute path; "tiny"
     with the seed it was built from) and the run's flags."""

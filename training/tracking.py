@@ -10,6 +10,7 @@ Does not own: writing metrics.jsonl or when a step logs (train.py), or a step's 
 import dataclasses
 import json
 import os
+import shlex
 
 from base.common import ConfigError
 from srpo import SELF_REFINED
@@ -53,10 +54,33 @@ def summary(cfg, stages, ev, final, reference, n_pairs=0):
         if "spearman" in ev:
             lines.append(f"Δπ vs true score gap: Spearman {ev['spearman']:+.3f}, Kendall {ev['kendall_tau_b']:+.3f}, "
                          f"pairs ranked by informativeness {ev['concordance']:.3f} (0.5 is chance)")
-    lines += [f"final model: {final}  (a plain transformers folder)",
-              f"next: python evaluate.py accuracy --model {final} --ref_model {reference} --data {cfg.data}",
+    lines += [f"final model: {final}  (a plain transformers folder)", f"next: {next_command(cfg, final, reference)}",
               "=" * 72]
     return "\n".join(lines)
+
+
+def next_command(cfg, final, reference):
+    """The evaluate.py accuracy command that measures final/ as the run's held-out evaluation did: its pairs
+    (--eval_data, else the test split of --data, the first --eval_pairs), --beta, p, --max_length and the
+    prompts' framing (--system_prompt, --chat_template_kwargs), all from the resolved config that was trained."""
+    flags = {"model": final, "ref_model": reference, "data": cfg.eval_data or cfg.data, "beta": cfg.beta,
+             "refine_prompt": cfg.refine_prompt, "max_length": cfg.max_length, "limit": cfg.eval_pairs,
+             "system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
+    return shlex.join(["python", "evaluate.py", "accuracy",
+                       *[part for name, value in flags.items() if value for part in (f"--{name}", str(value))]])
+
+
+def logged_heldout(path, stage):
+    """The last held-out metrics (its eval_* values, without the prefix) that metrics.jsonl at `path` holds for
+    `stage`, or None: what a run resumed at its last step reports, having no evaluation of its own to run."""
+    last = None
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                m = json.loads(line)
+                if m.get("stage") == stage and "eval_accuracy" in m:
+                    last = {k.removeprefix("eval_"): v for k, v in m.items() if k.startswith("eval_")}
+    return last
 
 
 # ----------------------------------------------------------------------------- TensorBoard and W&B
