@@ -45,9 +45,10 @@ from export import export
 from srpo import LOSSES, REFINE_PROMPTS, SELF_REFINED, refinement
 from training import checkpoint, lora, metrics, model_card
 from training.checkpoint import CHECKPOINT, FINAL, METRICS, SFT_DIR, load_checkpoint, save_checkpoint
-from training.config import (  # Config and resolved: train.Config for the benchmarks and tests that name it
-    LR_SCHEDULERS,  # noqa: F401
+from training.config import (
+    LR_SCHEDULERS,
     OPTIMIZERS,
+    Config,  # noqa: F401 - train.Config, for the benchmarks and tests that name it
     command_flags,
     parse_config,
     resolved,
