@@ -26,7 +26,7 @@ import embedded
 import models
 import srpo
 import train
-from experiments import ExperimentError
+from experiments import ExperimentError, provenance
 from metrics import heldout_metrics, pair_logps
 
 LABELS = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "sr-dpo": "Sr-DPO", "sr-ipo": "Sr-IPO"}
@@ -79,6 +79,7 @@ class Context:
         self.runs = {}  # out_dir -> "trained" or "reused": the runs the current experiment needed
         self.done = set()  # out_dirs trained or checked by this process (--fresh retrains each once)
         self.train_nothing = False  # --finished: a run not trained yet raises NotTrained instead of training
+        self.code = provenance.code_hash()  # of train.py and the modules it imports: part of each run's key
         os.makedirs(work, exist_ok=True)
         os.makedirs(out, exist_ok=True)
         questions = answers.load_questions("embedded", "test")
@@ -142,10 +143,13 @@ class Context:
         return out_dir
 
     def train(self, out_dir, argv, label):
-        """train.main(argv) into out_dir, its output in out_dir/train.log; reused when already done."""
+        """train.main(argv) into out_dir, its output in out_dir/train.log; reused when already done: its run.json has
+        the same key (provenance.run_key: the flags with paths relative to the work folder, the hash of the code
+        that defines a run, the library versions), so a changed code file or library retrains."""
         argv = argv + ["--out_dir", out_dir]
         stamp = os.path.join(out_dir, "run.json")
-        if out_dir in self.done or (not self.fresh and (read_json(stamp) or {}).get("argv") == argv
+        key = provenance.run_key(argv, self.work, self.code)
+        if out_dir in self.done or (not self.fresh and (read_json(stamp) or {}).get("key") == key
                                     and os.path.exists(os.path.join(out_dir, checkpoint.FINAL, "config.json"))):
             self.runs.setdefault(out_dir, "reused")
             self.done.add(out_dir)
@@ -162,7 +166,7 @@ class Context:
                                   f"early; see {os.path.join(out_dir, 'train.log')}")
         shutil.rmtree(os.path.join(out_dir, checkpoint.CHECKPOINT), ignore_errors=True)  # final/ is all we use
         seconds, cpu = time.time() - t0, time.process_time() - cpu0
-        write_json(stamp, {"argv": argv, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
+        write_json(stamp, {"argv": argv, "key": key, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
         self.runs[out_dir] = "trained"
         self.done.add(out_dir)
         self.log(f"  {label}: trained in {seconds:.1f}s (CPU {cpu:.1f}s)")

