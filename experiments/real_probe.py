@@ -134,22 +134,27 @@ def view_statistics(margins, reps=1000, seed=0):
 
 
 def score_views(model, tokenizer, views, batch_size, max_length, packing="shared", log=print, partial=None,
-                 signature=None):
+                 signature=None, reverse=False):
     """({view: margins [n] list}, {view: seconds}, layout), each view scored by metrics.pair_logps in the given
     layout (or the next slower one scoring.choose_packing finds right for this model).
 
-    partial: a JSON file of the views scored so far, written after each view and read back by a rerun with the same
-    signature (a long run stopped midway resumes at its next view)."""
+    partial: a JSON file of the views scored so far, read before each view and merged into after it, under the same
+    signature: a stopped run resumes at its next view, and two processes sharing it (one with reverse, the views in
+    the other order) split the views between them."""
     from scoring import choose_packing
 
     packing = choose_packing(packing, [model], "cpu", say=log)
     signature = dict(signature or {}, packing=packing, pair_index=[e["pair_index"] for e in views["none"]])
-    done = read_json(partial) if partial else None
-    done = done["views"] if done and done.get("signature") == signature else {}
+
+    def done():
+        found = read_json(partial) if partial else None
+        return found["views"] if found and found.get("signature") == signature else {}
+
     margins, seconds = {}, {}
-    for view, examples in views.items():
-        if view in done:
-            margins[view], seconds[view] = done[view]["margins"], done[view]["seconds"]
+    for view in (reversed(list(views)) if reverse else views):
+        examples, before = views[view], done()
+        if view in before:
+            margins[view], seconds[view] = before[view]["margins"], before[view]["seconds"]
             log(f"{view}: {len(examples)} pairs scored before ({partial})")
             continue
         t0 = time.time()
@@ -160,9 +165,9 @@ def score_views(model, tokenizer, views, batch_size, max_length, packing="shared
         log(f"{view}: {len(examples)} pairs scored in {seconds[view]:.0f}s ({packing})")
         if partial:
             os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
-            done[view] = {"margins": margins[view], "seconds": seconds[view]}
-            write_json(partial, {"signature": signature, "views": done})
-    return margins, seconds, packing
+            write_json(partial, {"signature": signature, "views": {
+                **done(), view: {"margins": margins[view], "seconds": seconds[view]}}})
+    return {v: margins[v] for v in views}, {v: seconds[v] for v in views}, packing
 
 
 def run(args, log=print):
@@ -188,7 +193,7 @@ def run(args, log=print):
                  "batch_size": args.batch_size, "dtype": args.dtype, "versions": provenance.versions(),
                  "code": provenance.code_hash(provenance.code_files("evaluate.py"))}
     margins, seconds, packing = score_views(model, tokenizer, views, args.batch_size, args.max_length, log=log,
-                                            partial=args.partial, signature=signature)
+                                            partial=args.partial, signature=signature, reverse=args.reverse)
     stats = view_statistics(margins, reps=args.bootstrap)
     n_tokens = {v: sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex) for v, ex in views.items()}
     return {"experiment": NAME, "statistics": stats, "margins": margins,
@@ -260,6 +265,8 @@ def build_parser():
     p.add_argument("--out", default=OUT, help="folder of real_probe.json and real_probe.md")
     p.add_argument("--partial", default=os.path.join(ROOT, "runs", "real_probe", "partial.json"),
                    help="the views scored so far; a rerun with the same settings resumes from it")
+    p.add_argument("--reverse", action="store_true",
+                   help="score the views in reverse order: a second process with the same --partial shares the work")
     p.add_argument("--smoke", action="store_true", help="2 pairs cut to 192 tokens, 20 resamples: for tests")
     return p
 

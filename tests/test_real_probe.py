@@ -168,3 +168,23 @@ def test_real_probe_smoke_where_smollm2_is_installed(tmp_path):
     assert result["config"]["packing"] in ("padded", "packed", "shared")
     assert result["provenance"]["versions"]["transformers"]
     assert "| x alone |" in (tmp_path / "real_probe.md").read_text()
+
+
+def test_views_scored_once_are_read_back_from_the_partial_file(tmp_path, monkeypatch):
+    """A second run (or a second process, in the other order) reuses every view the partial file holds."""
+    tokenizer = models.tiny_tokenizer()
+    model = models.load_model(models.TINY, tokenizer).eval()
+    pairs = [Pair(f"Human asks {i}", "a kind answer", f"a rude answer {i}") for i in range(3)]
+    views, _ = real_probe.view_examples(pairs, tokenizer, 512, log=None)
+    partial, signature = str(tmp_path / "p" / "partial.json"), {"model": "tiny"}
+    first, _, _ = real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
+                                         signature=signature)
+    assert list(first) == list(real_probe.VIEWS) and all(len(m) == 3 for m in first.values())
+    assert first["p"] != first["none"]  # p changes the model's margins
+    monkeypatch.setattr(real_probe.metrics, "pair_logps", lambda *a, **k: pytest.fail("scored again"))
+    again, _, _ = real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
+                                         signature=signature, reverse=True)
+    assert again == first
+    with pytest.raises(pytest.fail.Exception):  # another signature: nothing is reused
+        real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
+                               signature={"model": "other"})
