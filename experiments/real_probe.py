@@ -87,12 +87,16 @@ def view_examples(pairs, tokenizer, max_length, log=print, chat=None):
 
 
 def auc(margin):
-    """The AUC of margins as a classifier of a pair's order: metrics.concordance of (m, −m) against (1, 0).
+    """The AUC of margins as a classifier of a pair's order: the share of ordered (i, j), i = j included, with
+    m_i > −m_j, ties one half (metrics.concordance of (m, −m) against (1, 0)), by sorting: O(n log n).
 
     Shape: margin [n] float. Returns a float in [0, 1]; 0.5 when m carries no order.
     """
     m = np.asarray(margin, dtype=np.float64)
-    return metrics.concordance(np.concatenate([m, -m]), np.concatenate([np.ones(len(m)), np.zeros(len(m))]))
+    ordered = np.sort(m)
+    above = len(m) - np.searchsorted(ordered, -m, side="right")  # j with m_j > −m_i
+    ties = np.searchsorted(ordered, -m, side="right") - np.searchsorted(ordered, -m, side="left")
+    return float((above.sum() + 0.5 * ties.sum()) / len(m) ** 2)
 
 
 def view_statistics(margins, reps=1000, seed=0):
@@ -134,13 +138,13 @@ def view_statistics(margins, reps=1000, seed=0):
 
 
 def score_views(model, tokenizer, views, batch_size, max_length, packing="shared", log=print, partial=None,
-                 signature=None, reverse=False):
+                 signature=None, reverse=False, only=None):
     """({view: margins [n] list}, {view: seconds}, layout), each view scored by metrics.pair_logps in the given
     layout (or the next slower one scoring.choose_packing finds right for this model).
 
     partial: a JSON file of the views scored so far, read before each view and merged into after it, under the same
     signature: a stopped run resumes at its next view, and two processes sharing it (one with reverse, the views in
-    the other order) split the views between them."""
+    the other order) split the views between them. only: score just these views (and return only them)."""
     from scoring import choose_packing
 
     packing = choose_packing(packing, [model], "cpu", say=log)
@@ -151,7 +155,7 @@ def score_views(model, tokenizer, views, batch_size, max_length, packing="shared
         return found["views"] if found and found.get("signature") == signature else {}
 
     margins, seconds = {}, {}
-    for view in (reversed(list(views)) if reverse else views):
+    for view in (reversed(list(views)) if reverse else views) if only is None else only:
         examples, before = views[view], done()
         if view in before:
             margins[view], seconds[view] = before[view]["margins"], before[view]["seconds"]
@@ -167,7 +171,7 @@ def score_views(model, tokenizer, views, batch_size, max_length, packing="shared
             os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
             write_json(partial, {"signature": signature, "views": {
                 **done(), view: {"margins": margins[view], "seconds": seconds[view]}}})
-    return {v: margins[v] for v in views}, {v: seconds[v] for v in views}, packing
+    return {v: margins[v] for v in views if v in margins}, {v: seconds[v] for v in views if v in seconds}, packing
 
 
 def run(args, log=print):
@@ -193,7 +197,10 @@ def run(args, log=print):
                  "batch_size": args.batch_size, "dtype": args.dtype, "versions": provenance.versions(),
                  "code": provenance.code_hash(provenance.code_files("evaluate.py"))}
     margins, seconds, packing = score_views(model, tokenizer, views, args.batch_size, args.max_length, log=log,
-                                            partial=args.partial, signature=signature, reverse=args.reverse)
+                                            partial=args.partial, signature=signature, reverse=args.reverse,
+                                            only=args.views.split(",") if args.views else None)
+    if len(margins) < len(VIEWS):
+        return None
     stats = view_statistics(margins, reps=args.bootstrap)
     n_tokens = {v: sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex) for v, ex in views.items()}
     return {"experiment": NAME, "statistics": stats, "margins": margins,
@@ -265,6 +272,8 @@ def build_parser():
     p.add_argument("--out", default=OUT, help="folder of real_probe.json and real_probe.md")
     p.add_argument("--partial", default=os.path.join(ROOT, "runs", "real_probe", "partial.json"),
                    help="the views scored so far; a rerun with the same settings resumes from it")
+    p.add_argument("--views", help="score only these views (comma-separated: p, none, opposite, neutral) into "
+                                    "--partial, and write no result: processes in parallel, then one run without it")
     p.add_argument("--reverse", action="store_true",
                    help="score the views in reverse order: a second process with the same --partial shares the work")
     p.add_argument("--smoke", action="store_true", help="2 pairs cut to 192 tokens, 20 resamples: for tests")
@@ -287,11 +296,18 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.views and not set(args.views.split(",")) <= set(VIEWS):
+        print(f"python -m experiments.real_probe: error: --views {args.views}: expected some of {', '.join(VIEWS)}",
+              file=sys.stderr)
+        return 2
     try:
         result = run(args, log=lambda message: print(message, file=sys.stderr, flush=True))
     except common.SrpoError as err:
         print(f"python -m experiments.real_probe: error: {err}", file=sys.stderr)
         return 2
+    if result is None:
+        print(f"views {args.views} scored into {args.partial}", file=sys.stderr)
+        return 0
     result["provenance"]["command"] = "python -m experiments.real_probe " + " ".join(argv if argv is not None
                                                                                     else sys.argv[1:])
     os.makedirs(args.out, exist_ok=True)

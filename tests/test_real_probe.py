@@ -188,3 +188,10 @@ def test_views_scored_once_are_read_back_from_the_partial_file(tmp_path, monkeyp
     with pytest.raises(pytest.fail.Exception):  # another signature: nothing is reused
         real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
                                signature={"model": "other"})
+
+
+def test_auc_is_metrics_concordance_of_both_orders():
+    m = np.round(np.random.default_rng(3).normal(0.1, 1.0, 41), 1)
+    both = np.concatenate([m, -m])
+    labels = np.concatenate([np.ones(len(m)), np.zeros(len(m))])
+    assert real_probe.auc(m) == pytest.approx(real_probe.metrics.concordance(both, labels), abs=1e-12)
