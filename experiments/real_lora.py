@@ -28,8 +28,10 @@ from experiments.stats import paired_interval, spread
 TRAIN_PAIRS = 1000  # of the HH file's 1,200: the rest (200) are held out
 RUNS = {"DPO": ("--loss", "dpo"), "Sr-DPO, p": ("--loss", "sr-dpo", "--refine_prompt", "100"),
         "Sr-DPO, neutral text": ("--loss", "sr-dpo", "--refine_prompt", "neutral")}
-FULL = dict(seeds=3, steps=60, batch_size=32, micro_batch_size=16, lr=5e-5, eval_pairs=0, max_length=512, lora_r=16)
-SMOKE = dict(seeds=1, steps=1, batch_size=2, micro_batch_size=2, lr=5e-5, eval_pairs=2, max_length=128, lora_r=4)
+FULL = dict(seeds=3, steps=60, batch_size=32, micro_batch_size=16, lr=5e-5, eval_pairs=0, max_length=512, lora_r=16,
+            max_pairs=0)
+SMOKE = dict(seeds=1, steps=1, batch_size=2, micro_batch_size=2, lr=5e-5, eval_pairs=2, max_length=128, lora_r=4,
+             max_pairs=8)
 OUT = os.path.join(ROOT, "experiments", "results", "smollm2-lora")
 NAME = "real_lora"
 
@@ -66,7 +68,8 @@ def run(args, log=print):
                     "--data", data["train"], "--eval_data", data["heldout"], "--eval_pairs", str(s["eval_pairs"]),
                     "--max_steps", str(s["steps"]), "--epochs", "1000", "--batch_size", str(s["batch_size"]),
                     "--micro_batch_size", str(s["micro_batch_size"]), "--lr", f"{s['lr']:g}", "--warmup_steps",
-                    str(max(1, s["steps"] // 10)), "--max_length", str(s["max_length"]), "--eval_every",
+                    str(max(1, s["steps"] // 10)), "--max_length", str(s["max_length"]), "--max_pairs",
+                    str(s["max_pairs"]), "--eval_every",
                     str(s["steps"]), "--log_every", str(s["steps"]), "--save_every", "0", "--seed", str(seed)]
             ctx.train(out_dir, argv, f"seed {seed} {label}")
             final = [m for m in read_metrics(out_dir) if "eval_accuracy" in m][-1]

