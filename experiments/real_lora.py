@@ -119,12 +119,17 @@ def main(argv=None):
     p.add_argument("--work", help="training runs (default: runs/real_lora[-smoke])")
     p.add_argument("--out", help=f"folder of {NAME}.json and {NAME}.md (default: {os.path.relpath(OUT, ROOT)})")
     p.add_argument("--fresh", action="store_true", help="retrain every run instead of reusing it")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--smoke", action="store_true", help="1 seed, 1 step of 2 pairs, 2 held-out pairs: for tests")
     args = p.parse_args(argv)
     tag = "-smoke" if args.smoke else ""
     args.work = args.work or os.path.join(ROOT, "runs", NAME + tag)
     args.out = args.out or OUT + tag
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         result = run(args, log=lambda message: print(message, file=sys.stderr, flush=True))
     except common.SrpoError as err:

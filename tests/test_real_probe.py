@@ -160,7 +160,12 @@ def test_real_probe_smoke_where_smollm2_is_installed(tmp_path):
     if real_probe.default_data() is None:
         pytest.skip(f"../shared/data/{real_probe.HH_FILE} is absent (the real HH pairs)")
     pytest.importorskip("accelerate")
-    assert real_probe.main(["--smoke", "--out", str(tmp_path), "--partial", str(tmp_path / "partial.json")]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert real_probe.main(["--smoke", "--out", str(tmp_path), "--partial", str(tmp_path / "partial.json"),
+                                "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     result = json.loads((tmp_path / "real_probe.json").read_text())
     stats = result["statistics"]
     assert stats["n_pairs"] == 2 and list(stats["views"]) == list(real_probe.VIEWS)
@@ -229,7 +234,12 @@ def test_real_lora_smoke_where_smollm2_is_installed(tmp_path):
     pytest.importorskip("peft")
     from experiments import real_lora
 
-    assert real_lora.main(["--smoke", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert real_lora.main(["--smoke", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+                               "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     result = json.loads((tmp_path / "o" / "real_lora.json").read_text())
     assert set(result["per_seed"]) == set(real_lora.RUNS) and all(set(v) == {"0"} for v in result["per_seed"].values())
     assert all(0 <= v["0"]["accuracy"] <= 1 for v in result["per_seed"].values())
