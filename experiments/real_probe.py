@@ -144,7 +144,8 @@ def score_views(model, tokenizer, views, batch_size, max_length, packing="shared
 
     partial: a JSON file of the views scored so far, read before each view and merged into after it, under the same
     signature: a stopped run resumes at its next view, and two processes sharing it (one with reverse, the views in
-    the other order) split the views between them. only: score just these views (and return only them).
+    the other order) split the views between them. only: score just these views (and return only them); an entry
+    VIEW[A:B] scores the pairs A to B of the view, kept apart in the partial file until slices cover the view.
     finished: score nothing; return the views the partial file holds."""
     from scoring import choose_packing
 
@@ -153,12 +154,21 @@ def score_views(model, tokenizer, views, batch_size, max_length, packing="shared
 
     def done():
         found = read_json(partial) if partial else None
-        return found["views"] if found and found.get("signature") == signature else {}
+        held = dict(found["views"]) if found and found.get("signature") == signature else {}
+        for view in views:  # a view whose slices cover its pairs
+            slices = sorted((_slice(k)[1], v) for k, v in held.items() if _slice(k)[0] == view and "[" in k)
+            if view not in held and slices and slices[0][0][0] == 0 and slices[-1][0][1] == len(views[view]) and all(
+                    a[0][1] == b[0][0] for a, b in zip(slices, slices[1:])):
+                held[view] = {"margins": [m for _, v in slices for m in v["margins"]],
+                              "seconds": sum(v["seconds"] for _, v in slices)}
+        return held
 
     margins, seconds = {}, {}
-    for view in (reversed(list(views)) if reverse else views) if only is None else only:
-        examples, before = views[view], done()
-        if view in before:
+    for entry in (reversed(list(views)) if reverse else views) if only is None else only:
+        view, (a, b) = _slice(entry, len(views[_slice(entry)[0]]))
+        examples, before = views[view][a:b], done()
+        if entry in before or view in before:
+            view = entry if entry in before else view
             margins[view], seconds[view] = before[view]["margins"], before[view]["seconds"]
             log(f"{view}: {len(examples)} pairs scored before ({partial})")
             continue
@@ -168,14 +178,25 @@ def score_views(model, tokenizer, views, batch_size, max_length, packing="shared
         t0 = time.time()
         logps = metrics.pair_logps(model, examples, tokenizer.pad_token_id, batch_size, packing=packing,
                                    pack_length=max_length, progress=True)
+        view = entry
         margins[view] = (logps["chosen"].double() - logps["rejected"].double()).tolist()
         seconds[view] = time.time() - t0
         log(f"{view}: {len(examples)} pairs scored in {seconds[view]:.0f}s ({packing})")
         if partial:
             os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+            held = {k: v for k, v in done().items() if k in (read_json(partial) or {}).get("views", {})}
             write_json(partial, {"signature": signature, "views": {
-                **done(), view: {"margins": margins[view], "seconds": seconds[view]}}})
+                **held, view: {"margins": margins[view], "seconds": seconds[view]}}})
     return {v: margins[v] for v in views if v in margins}, {v: seconds[v] for v in views if v in seconds}, packing
+
+
+def _slice(entry, n=None):
+    """(view, (A, B)) of "VIEW[A:B]", or of "VIEW" with (0, n)."""
+    if "[" not in entry:
+        return entry, (0, n)
+    view, rest = entry.split("[", 1)
+    a, b = rest.rstrip("]").split(":")
+    return view, (int(a), int(b))
 
 
 def run(args, log=print):
@@ -306,7 +327,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.views and not set(args.views.split(",")) <= set(VIEWS):
+    if args.views and not {_slice(v)[0] for v in args.views.split(",")} <= set(VIEWS):
         print(f"python -m experiments.real_probe: error: --views {args.views}: expected some of {', '.join(VIEWS)}",
               file=sys.stderr)
         return 2
