@@ -218,21 +218,24 @@ class Context:
         """[(pairs trained, value)] of one eval_* key over the run's held-out evaluations."""
         return [(m["step"] * self.size.batch_size, m[key]) for m in read_metrics(self.align(seed, run)) if key in m]
 
-    def sft_margins(self, seed):
+    def sft_margins(self, seed, refine_prompt=defaults.REFINE_PROMPT, split="test"):
         """The seed's SFT model on the held-out pairs before any alignment, with log π_ref taken as 0:
-        metrics.pair_metrics of its own margins log π(y+|·) - log π(y-|·) under x and under p ⊕ x
-        (with π_ref the SFT model itself, as in alignment, Δπ and Δ_naive are exactly 0 there).
-        Computed once, kept beside the model."""
+        metrics.pair_metrics of its own margins log π(y+|·) - log π(y-|·) under x and under refine_prompt ⊕ x
+        (a srpo.REFINE_PROMPTS key: p itself, or a control); split "valid": on the validation pairs
+        (embedded_pairs("test", seed=VALIDATION_SEED)) instead of the test pairs. (With π_ref the SFT model
+        itself, as in alignment, Δπ and Δ_naive are exactly 0 there.) Computed once, kept beside the model."""
         model_dir = self.sft(seed)
-        path = os.path.join(os.path.dirname(model_dir), f"margins-e{self.size.eval_pairs}.json")
+        tag = ("" if refine_prompt == defaults.REFINE_PROMPT else f"-p{refine_prompt}") + (
+            "" if split == "test" else f"-{split}")
+        path = os.path.join(os.path.dirname(model_dir), f"margins-e{self.size.eval_pairs}{tag}.json")
         found = read_json(path)
         if found is not None:
             return found
         tokenizer = models.load_tokenizer(model_dir)
         model = models.load_model(model_dir, tokenizer)
-        pairs = embedded.embedded_pairs("test")[:self.size.eval_pairs or None]
-        examples = data.tokenize_pairs(pairs, tokenizer, defaults.MAX_LENGTH,
-                                       srpo.REFINE_PROMPTS[defaults.REFINE_PROMPT], log=None)
+        pairs = embedded.embedded_pairs("test", seed=VALIDATION_SEED if split == "valid" else 0)
+        examples = data.tokenize_pairs(pairs[:self.size.eval_pairs or None], tokenizer, defaults.MAX_LENGTH,
+                                       srpo.REFINE_PROMPTS[refine_prompt], log=None)
         own = pair_logps(model, examples, tokenizer.pad_token_id, 25, with_p=True)
         found = heldout_metrics(own, {k: torch.zeros_like(v) for k, v in own.items()}, examples, defaults.BETA)
         write_json(path, found)

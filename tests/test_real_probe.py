@@ -190,6 +190,15 @@ def test_views_scored_once_are_read_back_from_the_partial_file(tmp_path, monkeyp
     again, _, _ = real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
                                          signature=signature, reverse=True)
     assert again == first
+    sliced = str(tmp_path / "sliced.json")
+    monkeypatch.undo()
+    for part in ("p[1:3]", "p[0:1]"):  # as two processes would: each a slice of the pairs
+        real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=sliced,
+                               signature=signature, only=[part])
+    joined, _, _ = real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=sliced,
+                                          signature=signature, finished=True)
+    assert list(joined) == ["p"] and joined["p"] == pytest.approx(first["p"], abs=1e-4)
+    monkeypatch.setattr(real_probe.metrics, "pair_logps", lambda *a, **k: pytest.fail("scored again"))
     some, _, _ = real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
                                         signature={"model": "other"}, finished=True)
     assert some == {}  # --finished: nothing scored, and nothing under another signature to report
@@ -244,3 +253,26 @@ def test_real_lora_smoke_where_smollm2_is_installed(tmp_path):
     assert set(result["per_seed"]) == set(real_lora.RUNS) and all(set(v) == {"0"} for v in result["per_seed"].values())
     assert all(0 <= v["0"]["accuracy"] <= 1 for v in result["per_seed"].values())
     assert list(result["runs"].values()) == ["trained"] * 3
+
+
+# ----------------------------------------------------------------------------- the miniature's premise per view
+
+
+def test_premise_views_and_the_pre_stated_rule_for_q(tmp_path):
+    """Smoke-size SFT models at q 0 and 1: each view's own margins on the test pairs (p, neutral, opposite differ:
+    they are other texts), and q chosen by the rule from the validation margins the function reports."""
+    from experiments import premise
+
+    ctx = context.Context(sizes.size_for("default", smoke=True), str(tmp_path / "w"), str(tmp_path / "o"),
+                          log=lambda *a: None)
+    rows = premise.view_table(ctx.variant(1.0, [0]), runs=False)
+    assert [r["seed"] for r in rows] == [0] and set(rows[0]) == {"seed", "p", "neutral", "opposite", "none"}
+    own = ctx.variant(1.0, [0])
+    assert len({own.sft_margins(0, key)["delta_mean"] for key in premise.VIEW_PROMPTS.values()}) == 3  # 3 texts
+    assert own.sft_margins(0)["spearman"] == rows[0]["p"]["spearman"]
+    assert all(0 <= rows[0][v]["accuracy"] <= 1 for v in ("p", "neutral", "opposite", "none"))
+    q, means = premise.choose_q(ctx, (0.0, 1.0), [0])
+    reaching = [x for x in (0.0, 1.0) if means[x] >= premise.Q_RULE]
+    assert q == (reaching[0] if reaching else max((0.0, 1.0), key=lambda x: (means[x], x)))
+    assert (tmp_path / "w" / "seed0-q1" / "sft" / "margins-e6-valid.json").exists()  # validation pairs, not test pairs
+    assert "| seed | p: accuracy |" in premise.view_markdown(rows)
