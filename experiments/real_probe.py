@@ -279,8 +279,9 @@ def markdown(result):
         "",
         (f"**Partial**: the views {', '.join(VIEW_LABELS[v] for v in result['missing_views'])} were not scored "
          f"(a run cut short; --finished).\n\n" if result.get("missing_views") else "")
-        + f"Took {result['seconds']:.0f}s (scoring: " + ", ".join(
-            f"{v} {t:.0f}s" for v, t in result["scoring_seconds"].items()) + "); "
+        + "Scoring, wall seconds per view (summed over its slices where processes shared it): " + ", ".join(
+            f"{v} {t:.0f}s" for v, t in result["scoring_seconds"].items())
+        + f"; this report {result['seconds']:.0f}s; {c['dtype']} on {c['threads']} torch thread(s); "
         + provenance.line(result["provenance"]) + ".",
         ""])
 
