@@ -355,3 +355,16 @@ def test_negative_counts_are_refused_at_parsing(flag, capsys):
         cli.main(["methods", "--smoke", flag, "-1"])
     assert info.value.code == 2
     assert f"argument {flag}: -1 must be >= 0" in capsys.readouterr().err
+
+
+def test_readme_takes_a_script_result_as_its_own_markdown(tmp_path):
+    """A marker naming a result that is not a claim (real_probe) becomes that result's .md, as its script wrote it."""
+    folder = tmp_path / "results" / "smollm2-probe"
+    folder.mkdir(parents=True)
+    (folder / "real_probe.json").write_text("{}")
+    (folder / "real_probe.md").write_text("### A real model's view of p\n\n| view |\n")
+    reading, readme = tmp_path / "reading.md", tmp_path / "README.md"
+    reading.write_text("before\n\n<!-- result: smollm2-probe/real_probe -->\n\nafter\n")
+    render.write_readme(str(tmp_path / "results"), str(reading), str(readme))
+    text = readme.read_text()
+    assert "### A real model's view of p\n\n| view |\n\nafter" in text and "<!-- result" not in text
