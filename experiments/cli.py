@@ -13,7 +13,7 @@ import time
 import torch
 
 from base import common
-from experiments import ROOT, ExperimentError, sizes
+from experiments import ROOT, ExperimentError, provenance, sizes
 from experiments.claims import CLAIMS, EXPERIMENTS, PREMISE, VERDICT, markdown
 from experiments.context import Context, write_json
 from experiments.render import README, RESULTS, render, write_readme, write_summary, write_views
@@ -25,11 +25,13 @@ def run_experiment(name, ctx, smoke=False):
     """Run one experiment; write NAME.json, NAME.md (and NAME.png); return the result document."""
     ctx.log(f"{name}: {CLAIMS[name].TITLE}")
     t0, cpu0, ctx.runs = time.time(), cpu_seconds(), {}
+    made = provenance.record()  # the tree and libraries as the experiment starts, and its command
 
     def document(result):
         return dict(result, experiment=name, seconds=time.time() - t0, cpu_seconds=cpu_seconds() - cpu0,
                     runs_trained=sum(v == "trained" for v in ctx.runs.values()),
                     runs_reused=sum(v == "reused" for v in ctx.runs.values()),
+                    provenance=made,
                     config={**dataclasses.asdict(ctx.size), "smoke": smoke, "seeds": result.get("seeds", ctx.seeds),
                             "test_prompts": len(ctx.questions)})
 

@@ -21,7 +21,7 @@ import data
 import srpo
 import train
 from base import common, defaults, embedded
-from experiments import ExperimentError
+from experiments import ExperimentError, provenance
 from mtbench import answers
 from training import checkpoint, models
 from training.metrics import heldout_metrics
@@ -77,6 +77,7 @@ class Context:
         self.runs = {}  # out_dir -> "trained" or "reused": the runs the current experiment needed
         self.done = set()  # out_dirs trained or checked by this process (--fresh retrains each once)
         self.train_nothing = False  # --finished: a run not trained yet raises NotTrained instead of training
+        self.code = provenance.code_hash()  # of train.py and the modules it imports: part of each run's key
         os.makedirs(work, exist_ok=True)
         os.makedirs(out, exist_ok=True)
         questions = answers.load_questions("embedded", "test")
@@ -140,10 +141,13 @@ class Context:
         return out_dir
 
     def train(self, out_dir, argv, label):
-        """train.main(argv) into out_dir, its output in out_dir/train.log; reused when already done."""
+        """train.main(argv) into out_dir, its output in out_dir/train.log; reused when already done: its run.json has
+        the same key (provenance.run_key: the flags with paths relative to the work folder, the hash of the code
+        that defines a run, the library versions), so a changed code file or library retrains."""
         argv = argv + ["--out_dir", out_dir]
         stamp = os.path.join(out_dir, "run.json")
-        if out_dir in self.done or (not self.fresh and (read_json(stamp) or {}).get("argv") == argv
+        key = provenance.run_key(argv, self.work, self.code)
+        if out_dir in self.done or (not self.fresh and (read_json(stamp) or {}).get("key") == key
                                     and os.path.exists(os.path.join(out_dir, checkpoint.FINAL, "config.json"))):
             self.runs.setdefault(out_dir, "reused")
             self.done.add(out_dir)
@@ -160,7 +164,7 @@ class Context:
                                   f"early; see {os.path.join(out_dir, 'train.log')}")
         shutil.rmtree(os.path.join(out_dir, checkpoint.CHECKPOINT), ignore_errors=True)  # final/ is all we use
         seconds, cpu = time.time() - t0, time.process_time() - cpu0
-        write_json(stamp, {"argv": argv, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
+        write_json(stamp, {"argv": argv, "key": key, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
         self.runs[out_dir] = "trained"
         self.done.add(out_dir)
         self.log(f"  {label}: trained in {seconds:.1f}s (CPU {cpu:.1f}s)")
@@ -212,21 +216,24 @@ class Context:
         """[(pairs trained, value)] of one eval_* key over the run's held-out evaluations."""
         return [(m["step"] * self.size.batch_size, m[key]) for m in read_metrics(self.align(seed, run)) if key in m]
 
-    def sft_margins(self, seed):
+    def sft_margins(self, seed, refine_prompt=defaults.REFINE_PROMPT, split="test"):
         """The seed's SFT model on the held-out pairs before any alignment, with log π_ref taken as 0:
-        metrics.pair_metrics of its own margins log π(y+|·) - log π(y-|·) under x and under p ⊕ x
-        (with π_ref the SFT model itself, as in alignment, Δπ and Δ_naive are exactly 0 there).
-        Computed once, kept beside the model."""
+        metrics.pair_metrics of its own margins log π(y+|·) - log π(y-|·) under x and under refine_prompt ⊕ x
+        (a srpo.REFINE_PROMPTS key: p itself, or a control); split "valid": on the validation pairs
+        (embedded_pairs("test", seed=VALIDATION_SEED)) instead of the test pairs. (With π_ref the SFT model
+        itself, as in alignment, Δπ and Δ_naive are exactly 0 there.) Computed once, kept beside the model."""
         model_dir = self.sft(seed)
-        path = os.path.join(os.path.dirname(model_dir), f"margins-e{self.size.eval_pairs}.json")
+        tag = ("" if refine_prompt == defaults.REFINE_PROMPT else f"-p{refine_prompt}") + (
+            "" if split == "test" else f"-{split}")
+        path = os.path.join(os.path.dirname(model_dir), f"margins-e{self.size.eval_pairs}{tag}.json")
         found = read_json(path)
         if found is not None:
             return found
         tokenizer = models.load_tokenizer(model_dir)
         model = models.load_model(model_dir, tokenizer)
-        pairs = embedded.embedded_pairs("test")[:self.size.eval_pairs or None]
-        examples = data.tokenize_pairs(pairs, tokenizer, defaults.MAX_LENGTH,
-                                       srpo.REFINE_PROMPTS[defaults.REFINE_PROMPT], log=None)
+        pairs = embedded.embedded_pairs("test", seed=VALIDATION_SEED if split == "valid" else 0)
+        examples = data.tokenize_pairs(pairs[:self.size.eval_pairs or None], tokenizer, defaults.MAX_LENGTH,
+                                       srpo.REFINE_PROMPTS[refine_prompt], log=None)
         own = pair_logps(model, examples, tokenizer.pad_token_id, 25, with_p=True)
         found = heldout_metrics(own, {k: torch.zeros_like(v) for k, v in own.items()}, examples, defaults.BETA)
         write_json(path, found)

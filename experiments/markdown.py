@@ -10,6 +10,7 @@ import os
 
 from base import defaults
 from base.common import num, pct
+from experiments import provenance
 from training import models
 
 
@@ -45,7 +46,8 @@ def pct_std(st):
 
 
 def footer(result):
-    """The last line of a claim's Markdown: its size, the time it took, the runs it trained and reused."""
+    """The last line of a claim's Markdown: its size, the time it took, the runs it trained and reused, and (results
+    made since provenance was recorded) the commit and library versions."""
     c = result["config"]
     model = "tiny" if c["model"] == models.TINY else os.path.basename(c["model"])
     return (f"Size {c['name']}{' (smoke)' if c['smoke'] else ''}: model {model}, {len(c['seeds'])} seeds, "
@@ -55,4 +57,5 @@ def footer(result):
             f"{'greedy' if c['temperature'] == 0 else 'sampled (temperature %g)' % c['temperature']} answers of "
             f"at most {c['max_new_tokens']} tokens. Took {result['seconds']:.0f}s"
             + (f" ({result['cpu_seconds']:.0f} CPU-seconds)" if "cpu_seconds" in result else "")
-            + f" ({result['runs_trained']} runs trained, {result['runs_reused']} reused).")
+            + f" ({result['runs_trained']} runs trained, {result['runs_reused']} reused)."
+            + (f" Made at {provenance.line(result['provenance'])}." if "provenance" in result else ""))

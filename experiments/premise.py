@@ -54,6 +54,54 @@ def gain_vs_informativeness(rows, index):
     return {"rho": rho, "n": n, "p": 0.0 if math.isinf(t) else t_two_sided_p(t, n - 2)}
 
 
+VIEW_PROMPTS = {"p": "100", "neutral": "neutral", "opposite": "opposite"}  # srpo.REFINE_PROMPTS keys; "none": x
+# The pre-stated rule for the q of the verdict's miniature (issue 32, item 1), on validation pairs only: the smallest q
+# of the grid whose SFT models' own margin under p ⊕ x has a mean Spearman of at least Q_RULE with the true score gap
+# on embedded_pairs("test", seed=1); if none reaches it, the q with the largest mean.
+Q_RULE = 0.5
+
+
+def choose_q(ctx, qs, seeds):
+    """(q, {q: mean validation Spearman}) by the pre-stated rule (Q_RULE), from the SFT models alone."""
+    means = {q: spread([ctx.variant(q, seeds).sft_margins(seed, split="valid")["spearman"] for seed in seeds])[0]
+             for q in qs}
+    reaching = [q for q in sorted(qs) if means[q] >= Q_RULE]
+    return (reaching[0] if reaching else max(qs, key=lambda q: (means[q], q))), means
+
+
+def view_table(ctx, runs=True):
+    """Per seed, the premise under p, the neutral text, the opposite prompt and no text: the SFT model's own margin
+    (accuracy, Spearman with the true gap) on the test pairs, and, with runs, Δ's mean Spearman with the true gap
+    over an Sr-DPO run refining with that view (Δπ under the text; Δ_naive with no text). The paper's reading
+    predicts a negative Spearman under the opposite prompt and nothing more from the neutral text than from none."""
+    rows = []
+    for seed in ctx.seeds:
+        row = {"seed": seed}
+        for view, key in VIEW_PROMPTS.items():
+            m = ctx.sft_margins(seed, key)
+            row[view] = {"accuracy": m["p_accuracy"], "spearman": m["spearman"]}
+            if runs:
+                during = ctx.curve(seed, sr_run("sr-dpo", refine_prompt=key), "eval_spearman")
+                row[view]["during"] = spread([v for _, v in during])[0]
+        row["none"] = {"accuracy": m["accuracy"], "spearman": m["naive_spearman"]}
+        if runs:
+            during = ctx.curve(seed, sr_run("sr-dpo", refine="naive"), "eval_naive_spearman")
+            row["none"]["during"] = spread([v for _, v in during])[0]
+        rows.append(row)
+    return rows
+
+
+def view_markdown(rows):
+    """The premise per seed and view, as a Markdown table."""
+    views = (*VIEW_PROMPTS, "none")
+    has_runs = "during" in rows[0]["p"]
+    headers = ["seed"] + [f"{v}: {k}" for v in views for k in ("accuracy", "ρ") + (("ρ in Sr-DPO",) if has_runs
+                                                                                   else ())]
+    cells = [[r["seed"]] + [num(r[v][k], ".2f" if k != "accuracy" else ".3f") for v in views
+                            for k in ("accuracy", "spearman") + (("during",) if has_runs else ())] for r in rows]
+    return markdown_table(headers, cells)
+
+
 def premise_waves(qs, seeds):
     """The order of work, so that early results already answer something: the grid's two ends for two
     seeds, then for the other seeds, then the q between them. [(qs, seeds)]."""

@@ -75,6 +75,9 @@ def write_readme(results_dir=RESULTS, reading=READING, path=README):
             raise ExperimentError(f"{reading}: {match.group(0)}: no {missing or 'NAME'}.json in {folder}")
         if kind == "runs":
             return runs_table(names, results)
+        if name not in CLAIMS:  # a result of its own script (real_probe): its Markdown as that script wrote it
+            with open(os.path.join(folder, name + ".md"), encoding="utf-8") as fh:
+                return fh.read().rstrip()
         png = os.path.join(folder, name + ".png")
         link = os.path.relpath(png, os.path.dirname(path)).replace(os.sep, "/")
         plot = f"\n\n![{CLAIMS[name].TITLE}]({link})" if os.path.exists(png) else ""

@@ -1,8 +1,8 @@
 """experiments/stats.py: the statistics of the tables, in float64 with the standard library alone.
 
 Owns: the regularized incomplete beta function, Student's t p-value and quantile, the paired and Welch t-tests, paired
-t-intervals and the seeds a half-width needs, Wilcoxon's signed-rank test, the mean and
-sample standard deviation (n - 1) over seeds (``spread``, ``stat``) and curves pooled over seeds.
+t-intervals and the seeds a half-width needs, Wilcoxon's signed-rank test, the sign test, Holm's adjustment, the
+mean and sample standard deviation (n - 1) over seeds (``spread``, ``stat``) and curves pooled over seeds.
 Does not own: rank correlations (metrics.py) or any model.
 """
 
@@ -235,3 +235,28 @@ def wilcoxon(diffs):
     var = n * (n + 1) * (2 * n + 1) / 24 - sum(t ** 3 - t for t in ties) / 48
     z = (w - total / 2) / math.sqrt(var) if var > 0 else math.nan
     return {"n": n, "w": w, "p": math.erfc(abs(z) / math.sqrt(2)), "exact": False}
+
+
+def sign_test(diffs):
+    """The two-sided exact sign test of per-seed differences against 0: {"n", "positive", "p"}.
+
+    Zeros are dropped; p = min(1, 2·P(X ≤ min(k, n − k))) for X ~ Binomial(n, 1/2), k the positive differences
+    (scipy.stats.binomtest(k, n).pvalue); nan when every difference is 0.
+    """
+    d = [float(x) for x in diffs if x != 0]
+    n, k = len(d), sum(x > 0 for x in d)
+    if n == 0:
+        return {"n": 0, "positive": 0, "p": math.nan}
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return {"n": n, "positive": k, "p": min(1.0, 2 * tail)}
+
+
+def holm(pvalues):
+    """Holm's step-down adjusted p-values, in the input's order: the i-th smallest of m gets
+    max over j ≤ i of min(1, (m − j + 1)·p_(j)). nan p-values are left out of m and stay nan."""
+    finite = sorted((p, i) for i, p in enumerate(pvalues) if p is not None and math.isfinite(p))
+    m, out, running = len(finite), [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out

@@ -1,6 +1,9 @@
-"""experiments/verdict.py: the verdict (issue 25): Sr-DPO and Sr-IPO against baselines whose β is tuned on
-validation prompts, and controls for what the prompt p says; paired 95% intervals over seeds, each set against
-the paper's number (`python -m experiments verdict`)."""
+"""experiments/verdict.py: the verdict (issues 25, 32): Sr-DPO and Sr-IPO against baselines whose β is tuned on
+validation prompts, and controls for what the prompt p says; per comparison the paired 95% t-interval over seeds,
+Wilcoxon's and the sign test's p, and the t-test's p Holm-adjusted within its family (the main comparisons; the
+controls); the verdict words of ``verdict``; the paper's numbers beside, never a threshold; the Δ_naive identity
+(two runs that are the same loss up to a gradient factor) first, as the noise floor
+(`python -m experiments verdict`)."""
 
 import dataclasses
 import json
@@ -11,7 +14,7 @@ from base.common import num
 from experiments.context import NotTrained, Run, baseline_run, sr_run
 from experiments.jobs import prepare
 from experiments.markdown import markdown_table, pvalue
-from experiments.stats import paired_interval, seeds_for_halfwidth, spread, wilcoxon
+from experiments.stats import holm, paired_interval, seeds_for_halfwidth, sign_test, spread, wilcoxon
 
 TITLE = "The verdict: Sr against tuned baselines, and what the prompt does"
 BETA = defaults.BETA  # the paper's β, where the prompt controls run
@@ -21,6 +24,11 @@ PAPER = {"sr-dpo": (45.62 - 20.62, 63.75 - 22.50), "sr-ipo": (38.75 - 26.25, 60.
 CONTROL_NAMES = {"neutral": "Sr-DPO, neutral text", "opposite": "Sr-DPO, opposite prompt",
                  "naive": "Sr-DPO, Δ_naive (no text)"}
 POWER_HALFWIDTHS = (5, 10, 25)  # points of win − lose
+# The smallest effect the power analysis planned for (docs/verdict.md §3: a 95% half-width of 25 points of win − lose,
+# reachable at 9-14 seeds; the verdict's 16 seeds plan ±23): an interval below it is "not detected".
+PLANNED_EFFECT = 25.0
+ALPHA = 0.05  # of the Holm-adjusted paired t-test
+MAIN_ROWS = 5  # result_of's first comparisons after the noise floor: one Holm family; the controls are another
 
 
 def beta_run(loss, beta, validate=False):
@@ -80,28 +88,53 @@ def choose_beta(ctx, loss):
 
 
 def summary(diffs):
-    """A paired difference over seeds: the t-interval, Wilcoxon's p and the seeds won, tied and lost."""
-    iv = paired_interval(diffs) if diffs else {"n": 0, "mean": math.nan}
-    return {**iv, "wilcoxon_p": wilcoxon(diffs)["p"], "won": sum(d > 0 for d in diffs),
+    """A paired difference over seeds: the t-interval, Wilcoxon's and the sign test's p, the seeds won, tied, lost."""
+    iv = paired_interval(diffs) if diffs else {"n": 0, "mean": math.nan, "p": math.nan}
+    return {**iv, "wilcoxon_p": wilcoxon(diffs)["p"], "sign_p": sign_test(diffs)["p"], "won": sum(d > 0 for d in diffs),
             "tied": sum(d == 0 for d in diffs), "lost": sum(d < 0 for d in diffs), "per_seed": list(diffs)}
 
 
-def verdict(iv, paper, direction):
-    """reproduced: the interval excludes 0 in the paper's direction; contradicted: it excludes 0 the other way,
-    or lies wholly on the near side of the paper's effect; else inconclusive. direction 0: an identity that
-    predicts 0 (consistent when the interval covers 0)."""
-    low, high = iv.get("low", math.nan), iv.get("high", math.nan)
+def verdict(iv, adjusted_p, direction, floor=None, planned=PLANNED_EFFECT):
+    """The verdict words of a comparison (win − lose over seeds), the paper's numbers playing no part:
+    reproduced: the Holm-adjusted paired t-test rejects 0 (adjusted_p < ALPHA) and the mean lies in the paper's
+    direction; reversed: it rejects 0 the other way; not detected: it does not, and the 95% interval excludes an
+    effect of `planned` points in the paper's direction (the smallest the power analysis planned for); else
+    inconclusive. A rejection whose mean is smaller than the noise floor (`floor`, points) is inconclusive too.
+    direction 0: an identity that predicts 0 (consistent when the interval covers 0)."""
+    low, high, mean = iv.get("low", math.nan), iv.get("high", math.nan), iv.get("mean", math.nan)
     if not (math.isfinite(low) and math.isfinite(high)):
         return "inconclusive (no interval)"
     if direction == 0:
         return "consistent (covers 0)" if low <= 0 <= high else "not consistent (excludes 0)"
-    low, high = (low, high) if direction > 0 else (-high, -low)
-    effect = None if paper is None else abs(paper)
-    if low > 0:
-        return "reproduced" + (" (smaller than the paper's)" if effect is not None and high < effect else "")
-    if high < 0 or (effect is not None and high < effect):
-        return "contradicted"
+    low, high, mean = (low, high, mean) if direction > 0 else (-high, -low, -mean)
+    if adjusted_p is not None and adjusted_p < ALPHA:
+        if floor is not None and abs(mean) < floor:
+            return "inconclusive (within the noise floor)"
+        return "reproduced" if mean > 0 else "reversed"
+    if high < planned:
+        return "not detected"
     return "inconclusive"
+
+
+def noise_floor(row):
+    """The noise floor in points of win − lose: the largest |difference| the identity row's 95% interval allows
+    between runs that are the same loss up to a gradient factor; None without such a row."""
+    if row is None or not math.isfinite(row["winlose"].get("low", math.nan)):
+        return None
+    return max(abs(row["winlose"]["low"]), abs(row["winlose"]["high"]))
+
+
+def judge(rows):
+    """Each row's Holm-adjusted p (within its family: the MAIN_ROWS main comparisons; the controls) and verdict,
+    against the noise floor of the identity row (direction 0) where there is one. Changes rows in place."""
+    floor = noise_floor(next((r for r in rows if r["direction"] == 0), None))
+    tested = [r for r in rows if r["direction"] != 0]
+    for family in (tested[:MAIN_ROWS], tested[MAIN_ROWS:]):
+        for r, p in zip(family, holm([r["winlose"]["p"] for r in family])):
+            r["winlose"]["holm_p"] = p
+    for r in rows:
+        r["verdict"] = verdict(r["winlose"], r["winlose"].get("holm_p"), r["direction"], floor)
+    return floor
 
 
 def paired(ctx, label, runs_a, runs_b, paper=(None, None), direction=1, note=""):
@@ -120,7 +153,28 @@ def paired(ctx, label, runs_a, runs_b, paper=(None, None), direction=1, note="")
     winlose = summary([100 * (e["win"] - e["lose"]) for e in per_seed])
     return {"comparison": label, "paper_mt_bench": paper[0], "paper_vicuna_bench": paper[1], "direction": direction,
             "note": note, "seeds": [e["seed"] for e in per_seed], "score": score, "winlose": winlose,
-            "per_seed": per_seed, "verdict": verdict(winlose, paper[0], direction)}
+            "per_seed": per_seed}
+
+
+def restate(result):
+    """A verdict result written before issue 32's statistics (no sign test, no Holm p, the identity row last), with
+    each row's summaries recomputed from its per-seed numbers, the identity row moved first as the noise floor, and
+    the verdict words of ``judge``: the same runs, today's statistics. A result that has them is returned as is."""
+    rows = result["rows"]
+    if all("sign_p" in r["winlose"] for r in rows):
+        return result
+    out = []
+    for r in rows:
+        r = dict(r, score=summary([e["score_a"] - e["score_b"] for e in r["per_seed"]]),
+                 winlose=summary([100 * (e["win"] - e["lose"]) for e in r["per_seed"]]))
+        if r["direction"] == 0 and not r["comparison"].startswith("noise floor"):
+            r["comparison"] = "noise floor: " + r["comparison"]
+        out.append(r)
+    out.sort(key=lambda r: r["direction"] != 0)  # stable: the identity row first, the rest in their order
+    floor = judge(out)
+    return dict(result, rows=out, noise_floor=floor, planned_effect=PLANNED_EFFECT,
+                restated="statistics and verdict words recomputed from the per-seed numbers of this result by "
+                         "verdict.restate (issue 32); its runs are those of the original result")
 
 
 def tiers(ctx):
@@ -166,15 +220,19 @@ def result_of(ctx):
         rows.append(paired(ctx, f"Sr-DPO-naive (β {BETA:g}, λ {defaults.LAM:g}) vs DPO, β {BETA:g}", naive,
                            at["dpo"], PAPER["naive"], note="Table 4's Δ_naive row"))
         identity_beta = BETA * (1 - defaults.LAM)
-        if identity_beta in s.verdict_betas:
-            rows.append(paired(ctx, f"Sr-DPO-naive (β {BETA:g}, λ {defaults.LAM:g}) vs DPO, β {identity_beta:g}",
-                               naive, {seed: beta_run("dpo", identity_beta) for seed in seeds}, direction=0,
-                               note="docs/verdict.md §1: the same loss up to a gradient factor; predicts 0"))
+        if identity_beta in s.verdict_betas:  # the noise floor: first
+            rows.insert(0, paired(ctx, f"noise floor: Sr-DPO-naive (β {BETA:g}, λ {defaults.LAM:g}) vs DPO, "
+                                       f"β {identity_beta:g}", naive,
+                                  {seed: beta_run("dpo", identity_beta) for seed in seeds}, direction=0,
+                                  note="docs/verdict.md §1: the same loss up to a gradient factor; predicts 0"))
+    floor = judge(rows)
+    main = [r for r in rows if r["direction"] != 0][:MAIN_ROWS]
     power = [{"comparison": r["comparison"], "sd": r["winlose"].get("sd", math.nan),
               "seeds": {f"{w:g}": (seeds_for_halfwidth(r["winlose"]["sd"], w)
                                    if math.isfinite(r["winlose"].get("sd", math.nan)) else None)
-                        for w in POWER_HALFWIDTHS}} for r in rows[2:4]]
+                        for w in POWER_HALFWIDTHS}} for r in main[2:4]]
     return {"seeds": list(seeds), "betas": list(s.verdict_betas), "controls": list(s.verdict_controls),
+            "noise_floor": floor, "planned_effect": PLANNED_EFFECT,
             "validation_prompts": len(ctx.validation_questions()), "chosen": chosen, "rows": rows, "power": power,
             "complete": all(len(r["seeds"]) == len(seeds) for r in rows)}
 
@@ -225,16 +283,16 @@ def paper_cell(row):
 
 def markdown(result):
     """The Markdown of a result between its title and its footer, as a list of paragraphs."""
+    result = restate(result)
     rows = result["rows"]
     table = markdown_table(
-        ["comparison (A vs B)", "seeds", "paper: win − lose (MT-Bench / Vicuna)",
-         "miniature: win − lose, points [95% CI]",
-         "mean true score A − B [95% CI]", "Wilcoxon p", "seeds A won / tied / lost", "verdict"],
-        [[r["comparison"], len(r["seeds"]), paper_cell(r), interval_cell(r["winlose"]),
-          interval_cell(r["score"], "+.3f"),
-          pvalue(r["winlose"]["wilcoxon_p"]),
-          f"{r['winlose']['won']} / {r['winlose']['tied']} / {r['winlose']['lost']}",
-          f"**{r['verdict']}**"] for r in rows])
+        ["comparison (A vs B)", "seeds", "miniature: win − lose, points [95% CI]", "mean true score A − B [95% CI]",
+         "t p", "Holm p", "Wilcoxon p", "sign p", "seeds A won / tied / lost", "verdict",
+         "paper, beside (GPT-4 win − lose, MT-Bench / Vicuna)"],
+        [[r["comparison"], len(r["seeds"]), interval_cell(r["winlose"]), interval_cell(r["score"], "+.3f"),
+          pvalue(r["winlose"]["p"]), pvalue(r["winlose"].get("holm_p")), pvalue(r["winlose"]["wilcoxon_p"]),
+          pvalue(r["winlose"]["sign_p"]), f"{r['winlose']['won']} / {r['winlose']['tied']} / {r['winlose']['lost']}",
+          f"**{r['verdict']}**", paper_cell(r)] for r in rows])
     betas = result["betas"]
     choice = markdown_table(
         ["baseline", "seeds choosing"] + [f"β {b:g}" for b in betas] + ["even seeds get", "odd seeds get",
@@ -252,10 +310,18 @@ def markdown(result):
         "model, data order and answer sampling shared by both sides). "
         f"Each cell: the mean over seeds of the per-seed difference, with its 95% t-interval; win − lose in points of "
         f"the test prompts' answers judged by their true score. "
-        "Verdict (on win − lose, against the paper's MT-Bench number): **reproduced** when the interval excludes 0 "
-        "in the paper's direction; **contradicted** when it excludes 0 the other way or lies wholly below the "
-        "paper's effect; else **inconclusive**. Controls: the paper's reading (p's content matters) implies that a "
-        "control does worse than p.", table,
+        "t p: the paired t-test; Holm p: the same, Holm-adjusted within its family (the main comparisons; the "
+        "controls); Wilcoxon p: the signed-rank test; sign p: the exact sign test on the seeds won and lost. "
+        "Verdict (on win − lose): **reproduced** when the Holm-adjusted test rejects 0 (p < 0.05) in the paper's "
+        "direction; **reversed** when it rejects 0 the other way; **not detected** when it does not and the 95% "
+        f"interval excludes an effect of {PLANNED_EFFECT:g} points in the paper's direction (the smallest effect "
+        "the power analysis planned for); else **inconclusive**; a rejection smaller than the noise floor "
+        f"({'none measured' if result.get('noise_floor') is None else num(result['noise_floor'], '.1f') + ' points'}"
+        ": the largest difference the first row's interval allows between runs that are the same loss up to a "
+        "gradient factor) is inconclusive too. Controls: the paper's reading (p's content matters) implies that a "
+        "control does worse than p. The paper's numbers (a GPT-4 judge on MT-Bench, Pythia 2.8B) stand beside the "
+        "rows for reference; they share no scale with a true-score win rate on a copy task and decide nothing.",
+        table,
         f"**β of the baselines**, chosen on {result['validation_prompts']} validation prompts "
         "(embedded_pairs(\"test\", seed=1): disjoint from the test and training prompts) by 2-fold cross-fitting "
         f"over seeds (even seeds get the β the odd seeds' validation answers pick, and vice versa); mean validation "
@@ -268,20 +334,22 @@ def markdown(result):
         "seeds per method and the baselines' β tuned the same way."]
     if result.get("partial"):
         parts.insert(0, f"**Partial results**: {result['partial']}; the run goes on (or resumes when run again).")
+    if result.get("restated"):
+        parts.insert(0, f"**Restated**: {result['restated']}.")
     return parts
 
 
 def plot(plt, result):
     """Forest plot: each comparison's paired 95% interval of win − lose (left) and of the mean true score
     (right); 0 and the paper's effect (MT-Bench x, Vicuna-Bench +) marked."""
-    rows = result["rows"]
+    rows = restate(result)["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.6), sharey=True)
     ys = list(range(len(rows)))[::-1]
     for ax, key, unit in ((axes[0], "winlose", "win − lose, points (A vs B)"),
                           (axes[1], "score", "mean true score, A − B")):
         for y, r in zip(ys, rows):
             st = r[key]
-            color = {"reproduced": "tab:green", "contradicted": "tab:red"}.get(r["verdict"].split(" ")[0], "tab:gray")
+            color = {"reproduced": "tab:green", "reversed": "tab:red"}.get(r["verdict"].split(" ")[0], "tab:gray")
             if math.isfinite(st.get("low", math.nan)):
                 ax.plot([st["low"], st["high"]], [y, y], color=color, linewidth=2)
             ax.plot([st["mean"]], [y], "o", color=color)
@@ -296,6 +364,6 @@ def plot(plt, result):
     axes[0].set_yticks(ys)
     axes[0].set_yticklabels([r["comparison"] for r in rows], fontsize=8)
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Paired 95% intervals over {len(result['seeds'])} seeds (green: reproduced, red: contradicted, "
+    fig.suptitle(f"Paired 95% intervals over {len(result['seeds'])} seeds (green: reproduced, red: reversed, "
                  "gray: inconclusive)", fontsize=10)
     return fig

@@ -247,10 +247,10 @@ def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
     seeds = result["config"]["seeds"]
     assert seeds == [0, 1] and result["betas"] == [0.05, 0.1] and result["controls"] == ["neutral", "naive"]
     assert [r["comparison"] for r in result["rows"]] == [
-        "Sr-DPO vs DPO, both at DPO's tuned β", "Sr-IPO vs IPO, both at IPO's tuned β", "Sr-DPO vs DPO, β 0.1",
+        "noise floor: Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.05", "Sr-DPO vs DPO, both at DPO's tuned β",
+        "Sr-IPO vs IPO, both at IPO's tuned β", "Sr-DPO vs DPO, β 0.1",
         "Sr-IPO vs IPO, β 0.1", "Sr-DPO (β 0.1) vs DPO at its tuned β", "Sr-DPO, neutral text vs p (β 0.1)",
-        "Sr-DPO, Δ_naive (no text) vs p (β 0.1)", "Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.1",
-        "Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.05"]
+        "Sr-DPO, Δ_naive (no text) vs p (β 0.1)", "Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.1"]
     for row in result["rows"]:
         assert [e["seed"] for e in row["per_seed"]] == seeds
         for key, diffs in (("score", [e["score_a"] - e["score_b"] for e in row["per_seed"]]),
@@ -261,9 +261,11 @@ def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
             assert math.isfinite(st["low"]) and st["low"] <= st["mean"] <= st["high"]
             assert st["high"] - st["low"] == pytest.approx(2 * 12.706204736 * statistics.stdev(diffs) / math.sqrt(2))
             assert st["won"] + st["tied"] + st["lost"] == 2
-        assert row["verdict"] == verdict.verdict(row["winlose"], row["paper_mt_bench"], row["direction"])
-    assert result["rows"][0]["paper_mt_bench"] == pytest.approx(25.0)
-    assert result["rows"][-1]["verdict"].startswith(("consistent", "not consistent"))
+        assert row["verdict"] == verdict.verdict(row["winlose"], row["winlose"].get("holm_p"), row["direction"],
+                                                 result["noise_floor"])
+    assert result["rows"][1]["paper_mt_bench"] == pytest.approx(25.0)
+    assert result["rows"][0]["verdict"].startswith(("consistent", "not consistent"))
+    assert result["provenance"]["versions"]["torch"] and "command" in result["provenance"]
     for loss in ("dpo", "ipo"):
         chosen = result["chosen"][loss]
         assert set(chosen["validation"]) == {"0.05", "0.1"} and set(chosen["per_seed"]) == {"0", "1"}
@@ -271,19 +273,38 @@ def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
     valid = list((smoke.work / "seed0" / "dpo-b0.05").glob("answers-valid-q4-*.jsonl"))
     assert len(valid) == 1 and len(valid[0].read_text().splitlines()) == 4
     md = (smoke.out / "verdict.md").read_text()
-    assert "| Sr-DPO vs DPO, β 0.1 | 2 | +25.0 / +41.2 |" in md and "speaks for the miniature" in md
+    assert "| Sr-DPO vs DPO, β 0.1 | 2 |" in md and "| +25.0 / +41.2 |" in md and "speaks for the miniature" in md
 
 
 def test_verdict_rule():
-    assert verdict.verdict({"low": 2.0, "high": 30.0}, 25.0, 1) == "reproduced"
-    assert verdict.verdict({"low": 2.0, "high": 20.0}, 25.0, 1) == "reproduced (smaller than the paper's)"
-    assert verdict.verdict({"low": -10.0, "high": 20.0}, 25.0, 1) == "contradicted"  # excludes the paper's +25
-    assert verdict.verdict({"low": -30.0, "high": -2.0}, None, 1) == "contradicted"
-    assert verdict.verdict({"low": -10.0, "high": 30.0}, 25.0, 1) == "inconclusive"
-    assert verdict.verdict({"low": -30.0, "high": -2.0}, None, -1) == "reproduced"
-    assert verdict.verdict({"low": -3.0, "high": 9.0}, None, -1) == "inconclusive"
-    assert verdict.verdict({"low": -3.0, "high": 9.0}, None, 0).startswith("consistent")
-    assert verdict.verdict({"low": math.nan, "high": math.nan}, 25.0, 1).startswith("inconclusive")
+    """The words of issue 32: the Holm-adjusted test decides; the paper's effect plays no part."""
+    iv = {"low": 2.0, "high": 30.0, "mean": 16.0}
+    assert verdict.verdict(iv, 0.01, 1) == "reproduced"
+    assert verdict.verdict(iv, 0.01, -1) == "reversed"  # a control that did better than p
+    assert verdict.verdict(iv, 0.2, 1) == "inconclusive"  # covers the planned 25 points, not rejected after Holm
+    assert verdict.verdict({"low": -30.0, "high": -2.0, "mean": -16.0}, 0.01, 1) == "reversed"
+    assert verdict.verdict({"low": -30.0, "high": -2.0, "mean": -16.0}, 0.01, -1) == "reproduced"
+    assert verdict.verdict({"low": -10.0, "high": 20.0, "mean": 5.0}, 0.5, 1) == "not detected"  # excludes +25
+    assert verdict.verdict({"low": -10.0, "high": 30.0, "mean": 10.0}, 0.5, 1) == "inconclusive"
+    assert verdict.verdict({"low": -20.0, "high": 10.0, "mean": -5.0}, 0.5, -1) == "not detected"  # excludes -25
+    assert verdict.verdict(iv, 0.01, 1, floor=20.0) == "inconclusive (within the noise floor)"
+    assert verdict.verdict(iv, 0.01, 1, floor=10.0) == "reproduced"
+    assert verdict.verdict({"low": -3.0, "high": 9.0, "mean": 3.0}, None, 0).startswith("consistent")
+    assert verdict.verdict({"low": math.nan, "high": math.nan}, 0.01, 1).startswith("inconclusive")
+
+
+def test_judge_adjusts_within_each_family_and_takes_the_floor_from_the_identity_row():
+    def row(p, direction=1, low=-1.0, high=1.0, mean=0.5):
+        return {"direction": direction, "winlose": {"p": p, "low": low, "high": high, "mean": mean}}
+
+    rows = [row(0.9, 0, -12.0, 7.0)] + [row(p, 1, 30.0, 60.0, 45.0) for p in (0.01, 0.04, 0.03, 0.002, 0.5)] + [
+        row(0.02, -1, -60.0, -30.0, -45.0), row(0.04, 1, 30.0, 60.0, 45.0)]
+    assert verdict.judge(rows) == 12.0
+    main = [r["winlose"]["holm_p"] for r in rows[1:6]]
+    assert main == pytest.approx([0.04, 0.09, 0.09, 0.01, 0.5])  # Holm over the five: 5·0.002, 4·0.01, 3·0.03, ...
+    assert [r["winlose"]["holm_p"] for r in rows[6:]] == pytest.approx([0.04, 0.04])
+    assert [r["verdict"] for r in rows] == ["consistent (covers 0)", "reproduced", "inconclusive", "inconclusive",
+                                            "reproduced", "inconclusive", "reproduced", "reproduced"]
 
 
 def test_validation_prompts_are_disjoint_from_test_and_training_prompts(tmp_path):
@@ -352,3 +373,16 @@ def test_negative_counts_are_refused_at_parsing(flag, capsys):
         cli.main(["methods", "--smoke", flag, "-1"])
     assert info.value.code == 2
     assert f"argument {flag}: -1 must be >= 0" in capsys.readouterr().err
+
+
+def test_readme_takes_a_script_result_as_its_own_markdown(tmp_path):
+    """A marker naming a result that is not a claim (real_probe) becomes that result's .md, as its script wrote it."""
+    folder = tmp_path / "results" / "smollm2-probe"
+    folder.mkdir(parents=True)
+    (folder / "real_probe.json").write_text("{}")
+    (folder / "real_probe.md").write_text("### A real model's view of p\n\n| view |\n")
+    reading, readme = tmp_path / "reading.md", tmp_path / "README.md"
+    reading.write_text("before\n\n<!-- result: smollm2-probe/real_probe -->\n\nafter\n")
+    render.write_readme(str(tmp_path / "results"), str(reading), str(readme))
+    text = readme.read_text()
+    assert "### A real model's view of p\n\n| view |\n\nafter" in text and "<!-- result" not in text

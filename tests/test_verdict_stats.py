@@ -109,3 +109,30 @@ def test_wilcoxon_closed_forms():
     assert vs.wilcoxon([1, 2, 3])["p"] == pytest.approx(2 / 8)  # all positive: 1 of 2^3 patterns per tail
     assert vs.wilcoxon([-1, 2])["p"] == 1.0
     assert math.isnan(vs.wilcoxon([0, 0])["p"])
+
+
+@pytest.mark.parametrize("diffs", [DIFFS, [1, 2, 3, 4, 5, 6, 7, -1], [0, 0, 3, -2, 5], [-1] * 9, [2, -3]])
+def test_sign_test_is_scipys_binomtest(scipy_stats, diffs):
+    got = vs.sign_test(diffs)
+    nonzero = [d for d in diffs if d != 0]
+    k = sum(d > 0 for d in nonzero)
+    assert got["n"] == len(nonzero) and got["positive"] == k
+    assert got["p"] == pytest.approx(scipy_stats.binomtest(k, len(nonzero), 0.5).pvalue, rel=1e-12)
+
+
+def test_sign_test_closed_forms():
+    assert vs.sign_test([1.0] * 5)["p"] == pytest.approx(2 / 32)  # all 5 one way: 2·(1/2)^5
+    assert vs.sign_test([1, -1])["p"] == 1.0
+    assert math.isnan(vs.sign_test([0, 0])["p"])
+    # issue 32's figures: 5 of 16 seeds won: 2·P(X ≤ 5), X ~ Bin(16, 1/2) = 2·6885/65536
+    assert vs.sign_test([1] * 5 + [-1] * 11)["p"] == pytest.approx(2 * 6885 / 65536)
+
+
+def test_holm_closed_form():
+    p = [0.01, 0.04, 0.03, 0.005, 0.5]
+    # sorted 0.005, 0.01, 0.03, 0.04, 0.5 times 5, 4, 3, 2, 1: 0.025, 0.04, 0.09, 0.08 -> 0.09 (monotone), 0.5
+    assert vs.holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.025, 0.5])
+    assert vs.holm([0.038, 0.2, 0.9, 0.6, 0.03])[0] == pytest.approx(min(1, 4 * 0.038))
+    assert vs.holm([0.9, 0.8]) == [1.0, 1.0] and vs.holm([]) == []
+    out = vs.holm([math.nan, 0.01, 0.02])
+    assert math.isnan(out[0]) and out[1:] == pytest.approx([0.02, 0.02])
