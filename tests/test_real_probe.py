@@ -198,7 +198,7 @@ def test_views_scored_once_are_read_back_from_the_partial_file(tmp_path, monkeyp
     joined, _, _ = real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=sliced,
                                           signature=signature, finished=True)
     assert list(joined) == ["p"] and joined["p"] == pytest.approx(first["p"], abs=1e-4)
-    monkeypatch.setattr(real_probe.metrics, "pair_logps", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(real_probe.scoring, "pair_logps", lambda *a, **k: pytest.fail("scored again"))
     some, _, _ = real_probe.score_views(model, tokenizer, views, 2, 512, log=lambda m: None, partial=partial,
                                         signature={"model": "other"}, finished=True)
     assert some == {}  # --finished: nothing scored, and nothing under another signature to report
