@@ -29,7 +29,7 @@ SLOW_TEST_S = 30   # a default-tier test longer than this (on 2 idle cores) belo
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     """-n WORKERS where pytest-xdist is installed and neither -n, --pdb nor --collect-only was given; tests of
-    one xdist_group (runs shared through a module-scoped fixture) then go to one worker (--dist loadgroup)."""
+    one xdist_group (runs shared through a session-scoped fixture) then go to one worker (--dist loadgroup)."""
     if (config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", 0) is None
             and not hasattr(config, "workerinput") and not config.option.usepdb and not config.option.collectonly):
         config.option.numprocesses = WORKERS

@@ -126,9 +126,10 @@ def test_every_run_spends_most_of_its_steps_at_its_peak_learning_rate(name, tmp_
 SHARED = pytest.mark.xdist_group("experiments_smoke")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
-    """Runs and results of --smoke, shared by the experiments (each reuses the runs it shares)."""
+    """Runs and results of --smoke, shared by the experiments (each reuses the runs it shares). Session-scoped: a
+    worker may run other modules' tests between these, and a module-scoped folder would be made anew."""
     root = tmp_path_factory.mktemp("experiments")
 
     def run(name, *flags):
