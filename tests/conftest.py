@@ -36,13 +36,10 @@ SLOW_TEST_S = 30   # a default-tier test longer than this (on 2 idle cores) belo
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """-n WORKERS where pytest-xdist is installed and neither -n, --pdb nor --collect-only was given; tests of
-    one xdist_group (runs shared through a session-scoped fixture) then go to one worker (--dist loadgroup)."""
+    """-n WORKERS where pytest-xdist is installed and neither -n, --pdb nor --collect-only was given."""
     if (config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", 0) is None
             and not hasattr(config, "workerinput") and not config.option.usepdb and not config.option.collectonly):
         config.option.numprocesses = WORKERS
-        if config.option.dist == "no":
-            config.option.dist = "loadgroup"
 
 
 def pytest_collection_modifyitems(config, items):
