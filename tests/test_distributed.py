@@ -57,6 +57,7 @@ def test_sharded_loading_matches_from_pretrained(tmp_path):
 BF16_TOLERANCE = 0.05
 
 
+@pytest.mark.slow  # four bf16 runs on the CPU
 def test_bf16_on_cpu_learns_resumes_bitwise_and_tracks_fp32(tmp_path):
     flags = ["--loss", "sr-dpo", "--sft_steps", "2", "--max_pairs", "16", "--epochs", "8"]
     _, bf16 = run(tmp_path / "bf16", *flags, "--mixed_precision", "bf16", "--max_steps", "8")
