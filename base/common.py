@@ -1,9 +1,9 @@
-"""common.py: what every other module of srpo shares, and nothing else; it imports nothing of the project.
+"""base/common.py: what every other module of srpo shares, and nothing else; it imports nothing of the project.
 
 Owns: the project's base error SrpoError and the error kinds that several modules raise (ConfigError,
 DataError, EvalError), atomic writes (atomic_path, atomic_open, replace_path), JSON/JSONL output (write_jsonl,
-jsonable, emit; cut_unfinished_line for a file an interrupted write left), number formatting for tables
-(num, pct) and the progress bar (Progress).
+jsonable, emit), records read from files (field: a checked field; cut_unfinished_line: a file an interrupted
+write left), number formatting for tables (num, pct) and the progress bar (Progress).
 Does not own: any data format (data.py), model (training/models.py) or metric (training/metrics.py).
 """
 
@@ -100,6 +100,18 @@ def _remove(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
+
+
+def field(record, name, where, kind=object, error=SrpoError, missing="", what=None):
+    """record[name] of a record read from a file, checked to be a `kind`: else `error` in one line naming file,
+    line and field, "WHERE: field 'NAME' missing; MISSING" or "WHERE: field 'NAME' must be WHAT, got TYPE" (WHAT:
+    kind's name unless given). The one rule for a field of formats.py's records and of mtbench's files."""
+    if name not in record:
+        raise error(f"{where}: field '{name}' missing; {missing}")
+    value = record[name]
+    if not isinstance(value, kind):
+        raise error(f"{where}: field '{name}' must be {what or kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def cut_unfinished_line(raw):

@@ -1,4 +1,4 @@
-"""defaults.py: every default value that more than one command uses, defined once; imports nothing.
+"""base/defaults.py: every default value that more than one command uses, defined once; imports nothing.
 
 Owns: the paper's hyperparameters as the commands' defaults (β, λ, max_length, the prompt p's scale), the
 tiny model's training schedule, the paper's learning-rate schedule, decoding and the judge's reply length.

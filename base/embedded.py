@@ -1,4 +1,5 @@
-"""embedded.py: the embedded copy task, the preference data that needs no download (docs/data.md, The embedded dataset).
+"""base/embedded.py: the embedded copy task, the preference data that needs no download (docs/data.md, The
+embedded dataset).
 
 Owns: its pairs (embedded_pairs), the quality-aware SFT pairs (embedded_sft_pairs), the true score of any
 response (embedded_score) and the rating -> corrupted letters rule (rating_k).

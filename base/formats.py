@@ -1,4 +1,4 @@
-"""formats.py: preference records in, Pairs out: the accepted record formats and the readers of files and the hub.
+"""base/formats.py: preference records in, Pairs out: the accepted record formats and the readers of files and the hub.
 
     source_records(source, split) -> (where, record) ... -> record_to_pair(record, where) -> Pair
 
@@ -18,6 +18,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
+from base import common
 from base.common import DataError
 
 FORMATS = ("HH-RLHF {chosen, rejected} transcripts; "
@@ -52,18 +53,13 @@ class Dropped(Exception):
 
 
 def _field(record, name, where):
-    """record[name], or DataError naming the field and the accepted formats."""
-    if name not in record:
-        raise DataError(f"{where}: field '{name}' missing; expected one of: {FORMATS}")
-    return record[name]
+    """record[name], or DataError naming the field and the accepted formats (``common.field``)."""
+    return common.field(record, name, where, error=DataError, missing=f"expected one of: {FORMATS}")
 
 
 def _text(record, name, where):
-    """A field that must be a string."""
-    value = _field(record, name, where)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-    return value
+    """A field that must be a string (``common.field``)."""
+    return common.field(record, name, where, str, DataError, f"expected one of: {FORMATS}", "a string")
 
 
 def _score(record, name, where):

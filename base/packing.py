@@ -1,4 +1,4 @@
-"""packing.py: sequences packed into rows without padding, and prompt sharing (docs/packing.md).
+"""base/packing.py: sequences packed into rows without padding, and prompt sharing (docs/packing.md).
 
 Owns: a Piece (tokens that stay together in one row, with positions, segments and branches), the pieces of
 one sequence (sequence_piece) or of one pair with its prompt once (shared_piece), their first-fit decreasing

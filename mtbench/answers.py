@@ -1,4 +1,4 @@
-"""answers.py: MT-Bench-style questions and answers, and answer generation; nothing Sr-specific, no judging.
+"""mtbench/answers.py: MT-Bench-style questions and answers, and answer generation; nothing Sr-specific, no judging.
 
 Owns: question and answer files (FastChat layout), reading them with errors naming file, line and field, the
 decoding settings (``Decoding``) and ``generate_answers``, resumable, one JSONL line per question.
@@ -38,13 +38,9 @@ def read_jsonl(path):
 
 
 def field(record, name, where, kind):
-    """record[name], checked to be of type ``kind``; a one-line error naming file, line and field."""
-    if name not in record:
-        raise EvalError(f"{where}: field '{name}' missing; fields present: {sorted(record)}")
-    value = record[name]
-    if not isinstance(value, kind):
-        raise EvalError(f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}")
-    return value
+    """record[name], checked to be of type ``kind``; a one-line EvalError naming file, line and field
+    (``common.field``)."""
+    return common.field(record, name, where, kind, EvalError, f"fields present: {sorted(record)}")
 
 
 def _turns(value, name, where):

@@ -1,4 +1,4 @@
-"""judge.py: MT-Bench-style pairwise judging, nothing Sr-specific.
+"""mtbench/judge.py: MT-Bench-style pairwise judging, nothing Sr-specific.
 
 Owns: verdict parsing and the both-orders rule (the paper's footnote 2), loading and filling judge prompts
 (their texts: judge_prompts.py), an OpenAI-compatible HTTP judge and a local-LM judge, the resumable run over

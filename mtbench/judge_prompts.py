@@ -1,4 +1,4 @@
-"""judge_prompts.py: the texts of the built-in judge prompts and the names of FastChat's; no logic.
+"""mtbench/judge_prompts.py: the texts of the built-in judge prompts and the names of FastChat's; no logic.
 
 Owns: BUILTIN_PROMPTS (system prompt and template of each built-in prompt, the fields of judge.prompt_fields),
 the default prompt names, built in and in MT-Bench's judge_prompts.jsonl, and the categories judged against a

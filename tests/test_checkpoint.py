@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from test_train import FAST, ROOT, env, metrics, run
+from helpers import FAST, ROOT, env, read_metrics, run_train
 
 import export
 from base import common
@@ -22,7 +22,7 @@ from training import checkpoint, distributed, models
 def one_run(tmp_path_factory):
     """A one-process run whose last checkpoint is its final step: out_dir/checkpoint and final/ hold one model."""
     out = tmp_path_factory.mktemp("one")
-    assert run(out, "--loss", "dpo", "--max_steps", "2")[0] == 0
+    assert run_train(out, "--loss", "dpo", "--max_steps", "2")[0] == 0
     return out
 
 
@@ -180,19 +180,19 @@ def test_a_lock_without_hard_links_is_created_exclusively(tmp_path, monkeypatch)
 
 def test_resume_force_continues_after_a_changed_loss(one_run, tmp_path):
     out = copy_run(one_run, tmp_path / "out")
-    code, ms = run(out, "--loss", "ipo", "--max_steps", "3", "--resume", "--resume_force")
+    code, ms = run_train(out, "--loss", "ipo", "--max_steps", "3", "--resume", "--resume_force")
     assert code == 0
     assert [(m["stage"], m["step"]) for m in ms] == [("dpo", 1), ("dpo", 2), ("ipo", 3)]
 
 
 def test_resume_force_refuses_a_stage_the_plan_lacks(tmp_path, capsys):
     out = tmp_path / "out"
-    assert run(out, "--loss", "dpo", "--sft_steps", "1", "--max_steps", "1")[0] == 0
+    assert run_train(out, "--loss", "dpo", "--sft_steps", "1", "--max_steps", "1")[0] == 0
     capsys.readouterr()
-    assert run(out, "--loss", "dpo", "--sft_steps", "0", "--max_steps", "1", "--resume", "--resume_force")[0] == 2
+    assert run_train(out, "--loss", "dpo", "--sft_steps", "0", "--max_steps", "1", "--resume", "--resume_force")[0] == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a stage this run's plan (dpo) lacks" in err and "sft, dpo" in err, err
-    assert [(m["stage"], m["step"]) for m in metrics(out)] == [("sft", 1), ("dpo", 1)]  # kept
+    assert [(m["stage"], m["step"]) for m in read_metrics(out)] == [("sft", 1), ("dpo", 1)]  # kept
 
 
 def test_resume_force_refuses_another_model_in_one_line(one_run, tmp_path, capsys):
@@ -201,7 +201,7 @@ def test_resume_force_refuses_another_model_in_one_line(one_run, tmp_path, capsy
     out = copy_run(one_run, tmp_path / "out")
     source = save_source(tmp_path / "llama", dtype=torch.float32)
     capsys.readouterr()
-    assert run(out, "--loss", "dpo", "--max_steps", "2", "--model", source, "--resume", "--resume_force")[0] == 2
+    assert run_train(out, "--loss", "dpo", "--max_steps", "2", "--model", source, "--resume", "--resume_force")[0] == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--model" in err and str(out / checkpoint.CHECKPOINT) in err, err
 

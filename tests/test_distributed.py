@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from test_train import FAST, ROOT, env, metrics, run
+from helpers import FAST, ROOT, env, read_metrics, run_train
 
 import train
 from training import checkpoint, distributed, models
@@ -60,14 +60,14 @@ BF16_TOLERANCE = 0.05
 @pytest.mark.slow  # four bf16 runs on the CPU
 def test_bf16_on_cpu_learns_resumes_bitwise_and_tracks_fp32(tmp_path):
     flags = ["--loss", "sr-dpo", "--sft_steps", "2", "--max_pairs", "16", "--epochs", "8"]
-    _, bf16 = run(tmp_path / "bf16", *flags, "--mixed_precision", "bf16", "--max_steps", "8")
-    _, fp32 = run(tmp_path / "fp32", *flags, "--mixed_precision", "fp32", "--max_steps", "8")
+    _, bf16 = run_train(tmp_path / "bf16", *flags, "--mixed_precision", "bf16", "--max_steps", "8")
+    _, fp32 = run_train(tmp_path / "fp32", *flags, "--mixed_precision", "fp32", "--max_steps", "8")
     losses = [m["loss"] for m in bf16 if m["stage"] == "sr-dpo"]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     assert [m["loss"] for m in bf16] == pytest.approx([m["loss"] for m in fp32], abs=BF16_TOLERANCE)
     assert [m["loss"] for m in bf16] != [m["loss"] for m in fp32]  # bf16 compute did run
-    run(tmp_path / "cut", *flags, "--mixed_precision", "bf16", "--max_steps", "4")
-    _, resumed = run(tmp_path / "cut", *flags, "--mixed_precision", "bf16", "--max_steps", "8", "--resume")
+    run_train(tmp_path / "cut", *flags, "--mixed_precision", "bf16", "--max_steps", "4")
+    _, resumed = run_train(tmp_path / "cut", *flags, "--mixed_precision", "bf16", "--max_steps", "8", "--resume")
     assert [(m["stage"], m["step"], m["loss"]) for m in resumed] == [(m["stage"], m["step"], m["loss"]) for m in bf16]
 
 
@@ -85,7 +85,7 @@ def test_bf16_source_exports_bf16_with_its_config_and_generates_alike(tmp_path, 
         return export(policy, *args, **kwargs)
 
     monkeypatch.setattr(train, "export", export_and_generate)
-    code, _ = run(tmp_path / "out", "--model", source, "--loss", "dpo", "--sft_steps", "2", "--max_steps", "2",
+    code, _ = run_train(tmp_path / "out", "--model", source, "--loss", "dpo", "--sft_steps", "2", "--max_steps", "2",
                   "--mixed_precision", "bf16", "--lr", "1e-2")
     assert code == 0
     for name in (checkpoint.SFT_DIR, checkpoint.FINAL):
@@ -96,7 +96,7 @@ def test_bf16_source_exports_bf16_with_its_config_and_generates_alike(tmp_path, 
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         answer = model.generate(prompt, max_new_tokens=8, do_sample=False)
         assert torch.equal(answer, expected[name]), name
-    assert run(tmp_path / "f32", "--model", source, "--loss", "sft", "--max_steps", "1",
+    assert run_train(tmp_path / "f32", "--model", source, "--loss", "sft", "--max_steps", "1",
                "--save_dtype", "float32")[0] == 0
     assert AutoConfig.from_pretrained(tmp_path / "f32" / checkpoint.FINAL).dtype == torch.float32
 
@@ -110,7 +110,7 @@ def free_port():
 def test_two_nodes_without_a_shared_folder_match_one_process(tmp_path):
     """Two torchrun launches as two nodes (c10d rendezvous on 127.0.0.1), each with its own --out_dir:
     the SFT model reaches the alignment stage in memory, and rank 0 alone writes sft/ and final/."""
-    code, one = run(tmp_path / "one", *ALIGN)
+    code, one = run_train(tmp_path / "one", *ALIGN)
     assert code == 0
     port = free_port()
     procs = [subprocess.Popen(
@@ -122,7 +122,7 @@ def test_two_nodes_without_a_shared_folder_match_one_process(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     writers = [n for n in (0, 1) if (tmp_path / f"node{n}" / checkpoint.FINAL).exists()]
     assert len(writers) == 1  # rank 0's node; c10d assigns ranks in rendezvous order
-    two = metrics(tmp_path / f"node{writers[0]}")
+    two = read_metrics(tmp_path / f"node{writers[0]}")
     assert [(m["stage"], m["step"]) for m in two] == [(m["stage"], m["step"]) for m in one]
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
 

@@ -2,7 +2,7 @@
 full fine-tuning (fused head and full logits), the merged export and the adapter folder give the policy's log-probs,
 resume, --precompute_ref, every batch layout, two ranks, and the one-line errors.
 
-Every run is a few steps of the tiny model on the CPU (tests/test_train.py's FAST flags); runs are shared between
+Every run is a few steps of the tiny model on the CPU (tests/helpers.py's FAST flags); runs are shared between
 assertions. peft is a test dependency (requirements-test.txt): nothing here is skipped.
 """
 import json
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from test_train import FAST, ROOT, assert_close_weights, env, final_weights, metrics, run
+from helpers import FAST, ROOT, assert_close_weights, env, final_weights, read_metrics, run_train
 
 import data
 import train
@@ -106,10 +106,10 @@ def test_fused_step_one_equals_full_fine_tuning_only_adapters_change_and_the_exp
 
     monkeypatch.setattr(scoring, "FUSED_MIN_VOCAB", 0)
     flags = ["--loss", "sr-dpo", "--max_steps", "2", *SGD]
-    assert run(tmp_path / "full", *flags)[0] == 0
-    code, ms = run(tmp_path / "lora", *flags, *LORA)
+    assert run_train(tmp_path / "full", *flags)[0] == 0
+    code, ms = run_train(tmp_path / "lora", *flags, *LORA)
     assert code == 0
-    full = metrics(tmp_path / "full")
+    full = read_metrics(tmp_path / "full")
     assert ms[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert ms[0]["delta_mean"] == 0 and ms[0]["delta_std"] == 0
     for key in ("loss", "reward_chosen", "reward_rejected", "delta_mean", "logps_chosen", "logps_rejected"):
@@ -138,7 +138,7 @@ def test_fused_step_one_equals_full_fine_tuning_only_adapters_change_and_the_exp
 
 def test_sft_adapter_merged_before_alignment_resume_bitwise_and_precompute_ref(tmp_path):
     flags = ["--loss", "sr-dpo", "--sft_steps", "2", *LORA, "--lora_dropout", "0.1"]
-    _, whole = run(tmp_path / "whole", *flags, "--max_steps", "4")
+    _, whole = run_train(tmp_path / "whole", *flags, "--max_steps", "4")
     align = [m for m in whole if m["stage"] == "sr-dpo"]
     # π_ref is the SFT model (its adapter merged into sft/): alignment starts at ln 2 with Δπ 0, dropout or not
     assert align[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and align[0]["delta_mean"] == 0
@@ -146,30 +146,30 @@ def test_sft_adapter_merged_before_alignment_resume_bitwise_and_precompute_ref(t
     assert json.loads(sft_adapter.read_text())["base_model_name_or_path"] == "tiny"
     final_adapter = tmp_path / "whole" / checkpoint.FINAL / lora.ADAPTER_DIR / "adapter_config.json"
     assert json.loads(final_adapter.read_text())["base_model_name_or_path"] == str(tmp_path / "whole" / "sft")
-    run(tmp_path / "cut", *flags, "--max_steps", "2")
-    _, resumed = run(tmp_path / "cut", *flags, "--max_steps", "4", "--resume")
+    run_train(tmp_path / "cut", *flags, "--max_steps", "2")
+    _, resumed = run_train(tmp_path / "cut", *flags, "--max_steps", "4", "--resume")
     key = [(m["stage"], m["step"], m["loss"]) for m in whole]
     assert [(m["stage"], m["step"], m["loss"]) for m in resumed] == key  # bitwise in one process
     assert_close_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut"), atol=0)
     # π_ref's log-probs read from the cache (the reference view scored once) give the live run's losses
-    _, cached = run(tmp_path / "cached", *flags, "--max_steps", "4", "--precompute_ref")
+    _, cached = run_train(tmp_path / "cached", *flags, "--max_steps", "4", "--precompute_ref")
     assert [m["loss"] for m in cached] == pytest.approx([m["loss"] for m in whole], rel=1e-5, abs=1e-6)
 
 
 def test_every_layout_and_two_ranks_match_one_padded_process(tmp_path, capsys):
     """Padded and shared batches in one process, packed over two ranks: the same metrics and final weights."""
     flags = ["--loss", "sr-dpo", "--max_steps", "2", *SGD, *LORA, "--micro_batch_size", "2"]
-    code, padded = run(tmp_path / "padded", *flags, "--packing", "padded")
+    code, padded = run_train(tmp_path / "padded", *flags, "--packing", "padded")
     assert code == 0
     capsys.readouterr()
-    code, shared = run(tmp_path / "shared", *flags, "--packing", "shared")
+    code, shared = run_train(tmp_path / "shared", *flags, "--packing", "shared")
     assert code == 0 and "; shared batches" in capsys.readouterr().out
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "packed"), *FAST, *flags, "--packing", "packed"]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "; packed batches" in done.stdout and "2 rank(s)" in done.stdout
-    for other in (shared, metrics(tmp_path / "packed")):
+    for other in (shared, read_metrics(tmp_path / "packed")):
         assert [m["loss"] for m in other] == pytest.approx([m["loss"] for m in padded], rel=1e-5)
         assert [m["reward_chosen"] for m in other] == pytest.approx([m["reward_chosen"] for m in padded], abs=1e-6)
     for name in ("shared", "packed"):
@@ -207,7 +207,7 @@ def test_unknown_targets_are_a_one_line_error(tmp_path, capsys):
 
 
 def test_a_lora_run_does_not_resume_a_full_run(tmp_path, capsys):
-    assert run(tmp_path, "--loss", "dpo", "--max_steps", "1")[0] == 0
+    assert run_train(tmp_path, "--loss", "dpo", "--max_steps", "1")[0] == 0
     assert train.main(["--out_dir", str(tmp_path), *FAST, "--loss", "dpo", "--max_steps", "2", "--resume",
                        *LORA]) == 2
     assert "lora_r" in capsys.readouterr().err

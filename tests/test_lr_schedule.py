@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_train import assert_close_weights, final_weights, run
+from helpers import assert_close_weights, final_weights, run_train
 
 import train
 from training import checkpoint
@@ -60,7 +60,7 @@ def test_constant_is_the_old_ramp_and_the_default():
 
 
 def test_a_run_logs_the_schedule(tmp_path):
-    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", "4", "--lr_scheduler", "linear")
+    code, ms = run_train(tmp_path, "--loss", "dpo", "--max_steps", "4", "--lr_scheduler", "linear")
     assert code == 0
     assert [m["lr"] for m in ms] == pytest.approx([train.get_lr(s, 3e-3, 1, 4, "linear") for s in range(4)])
     assert ms[-1]["lr"] < ms[1]["lr"]
@@ -68,15 +68,15 @@ def test_a_run_logs_the_schedule(tmp_path):
 
 def test_resume_continues_the_cosine_schedule_exactly(tmp_path, nan_at_step, monkeypatch):
     flags = ["--loss", "sr-dpo", "--max_steps", "4", "--lr_scheduler", "cosine", "--save_every", "2"]
-    code, whole = run(tmp_path / "whole", *flags)
+    code, whole = run_train(tmp_path / "whole", *flags)
     assert code == 0
     nan_at_step(3)  # the same run fails at step 3: the checkpoint of step 2 is kept
-    assert run(tmp_path / "cut", *flags)[0] == 2
+    assert run_train(tmp_path / "cut", *flags)[0] == 2
     monkeypatch.undo()
-    code, resumed = run(tmp_path / "cut", *flags, "--resume")
+    code, resumed = run_train(tmp_path / "cut", *flags, "--resume")
     assert code == 0
     assert [(m["step"], m["lr"], m["loss"]) for m in resumed] == [(m["step"], m["lr"], m["loss"]) for m in whole]
     assert_close_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut"), atol=0)
     # A resume that would change the decay's length is refused, as a changed flag is.
     # (32 pairs, 8 a step: one epoch is 4 steps)
-    assert run(tmp_path / "cut", *flags, "--max_steps", "6", "--epochs", "2", "--resume")[0] == 2
+    assert run_train(tmp_path / "cut", *flags, "--max_steps", "6", "--epochs", "2", "--resume")[0] == 2

@@ -4,7 +4,7 @@ import ast
 import dataclasses
 import os
 
-from test_train import run
+from helpers import run_train
 
 import srpo
 import train
@@ -91,7 +91,7 @@ def test_model_card_imports_the_standard_library_and_srpo_only():
 
 
 def test_a_run_writes_the_card_into_final_and_sft(tmp_path):
-    code, _ = run(tmp_path, "--loss", "sr-dpo", "--max_steps", "2", "--sft_steps", "2", "--beta", "0.2")
+    code, _ = run_train(tmp_path, "--loss", "sr-dpo", "--max_steps", "2", "--sft_steps", "2", "--beta", "0.2")
     assert code == 0
     final = (tmp_path / train.FINAL / "README.md").read_text(encoding="utf-8")
     meta = front_matter(final)
@@ -111,7 +111,7 @@ def test_the_card_counts_the_pairs_dropped_reading_and_tokenizing(tmp_path):
     dropped = [{"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": "", "rejected": "b"}]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in good + dropped), encoding="utf-8")
-    code, _ = run(tmp_path / "run", "--data", path, "--loss", "dpo", "--max_steps", "1")
+    code, _ = run_train(tmp_path / "run", "--data", path, "--loss", "dpo", "--max_steps", "1")
     assert code == 0
     card = (tmp_path / "run" / train.FINAL / "README.md").read_text(encoding="utf-8")
     assert "- pairs kept: 16" in card and "- pairs dropped: 2" in card

@@ -195,7 +195,7 @@ def test_a_model_that_rejects_position_ids_trains_every_parameter(tmp_path, monk
     """The packing probe's forward raises midway (BLOOM, attention without 4D masks): FSDP must be left reset, so that
     the root's parameters (embeddings, final norm, head) are trained and checkpointed like the blocks'."""
     import transformers
-    from test_train import final_weights, run
+    from helpers import final_weights, run_train
     from torch.distributed.fsdp import FSDPModule
 
     from training import checkpoint
@@ -210,7 +210,7 @@ def test_a_model_that_rejects_position_ids_trains_every_parameter(tmp_path, monk
     monkeypatch.setattr(transformers.GPTNeoXForCausalLM, "forward", rejects_positions)
     if torch_api == "older torch":
         monkeypatch.delattr(FSDPModule, "reset_iter_state", raising=False)
-    code, _ = run(tmp_path, "--loss", "dpo", "--max_steps", "2", "--save_every", "1")
+    code, _ = run_train(tmp_path, "--loss", "dpo", "--max_steps", "2", "--save_every", "1")
     assert code == 0 and "using padded" in capsys.readouterr().out
     assert (tmp_path / checkpoint.CHECKPOINT).is_dir()
     before = models.load_model(models.TINY, models.load_tokenizer(), seed=0).state_dict()

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from test_train import metrics, run, signalled_run
+from helpers import read_metrics, run_train, signalled_run
 
 from training import checkpoint, config, distributed
 
@@ -40,40 +40,40 @@ def test_resume_flag_takes_an_optional_value():
 
 
 def test_resume_auto_starts_fresh_then_says_a_finished_run_is_done(tmp_path, capsys):
-    code, ms = run(tmp_path, *STEPS, "--resume", "auto")
+    code, ms = run_train(tmp_path, *STEPS, "--resume", "auto")
     assert code == 0 and [m["step"] for m in ms] == [1, 2]
     assert f"--resume auto: no checkpoint in {tmp_path}; starting from the beginning" in capsys.readouterr().out
     before = snapshot(tmp_path)
-    code, ms = run(tmp_path, *STEPS, "--resume", "auto")
+    code, ms = run_train(tmp_path, *STEPS, "--resume", "auto")
     assert code == 0 and "has finished" in capsys.readouterr().out
     assert snapshot(tmp_path) == before  # nothing trained, nothing written
     # A longer run of the same flags is not finished: --resume auto continues it.
-    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", "3", "--resume", "auto")
+    code, ms = run_train(tmp_path, "--loss", "dpo", "--max_steps", "3", "--resume", "auto")
     assert code == 0 and [m["step"] for m in ms] == [1, 2, 3]
     # ... and refuses a changed run-defining flag, as --resume does.
-    assert run(tmp_path, "--loss", "dpo", "--max_steps", "3", "--resume", "auto", "--beta", "0.2")[0] == 2
+    assert run_train(tmp_path, "--loss", "dpo", "--max_steps", "3", "--resume", "auto", "--beta", "0.2")[0] == 2
     assert "--resume: --beta is 0.2" in capsys.readouterr().err
 
 
 def test_rerun_without_resume_is_refused_and_changes_nothing(tmp_path, capsys):
-    assert run(tmp_path, *STEPS)[0] == 0
+    assert run_train(tmp_path, *STEPS)[0] == 0
     capsys.readouterr()
     before = snapshot(tmp_path)
-    assert run(tmp_path, *STEPS)[0] == 2
+    assert run_train(tmp_path, *STEPS)[0] == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--out_dir {tmp_path} holds a run (checkpoint/)" in err[0], err
     assert "--resume auto" in err[0] and "--overwrite" in err[0]
     assert snapshot(tmp_path) == before
     # final/ and metrics.jsonl alone (the checkpoint deleted) are a run too.
     shutil.rmtree(tmp_path / checkpoint.CHECKPOINT)
-    assert run(tmp_path, *STEPS)[0] == 2
+    assert run_train(tmp_path, *STEPS)[0] == 2
     assert "holds a run (final/)" in capsys.readouterr().err
 
 
 def test_overwrite_starts_over(tmp_path, capsys):
-    assert run(tmp_path, "--loss", "dpo", "--max_steps", "3")[0] == 0
+    assert run_train(tmp_path, "--loss", "dpo", "--max_steps", "3")[0] == 0
     (tmp_path / "notes.txt").write_text("mine")
-    code, ms = run(tmp_path, *STEPS, "--overwrite")
+    code, ms = run_train(tmp_path, *STEPS, "--overwrite")
     assert code == 0 and [m["step"] for m in ms] == [1, 2]
     assert "--overwrite: removed checkpoint, final, metrics.jsonl" in capsys.readouterr().out
     extra = torch.load(tmp_path / checkpoint.CHECKPOINT / "extra_rank0.pt", weights_only=True)
@@ -85,7 +85,7 @@ def test_sigusr1_checkpoints_and_exits_with_the_requeue_code(tmp_path):
     assert returncode == distributed.REQUEUE_EXIT == 3, out[-2000:]
     assert "SIGUSR1: checkpoint written at dpo step" in out and "exiting with status 3" in out
     extra = torch.load(tmp_path / checkpoint.CHECKPOINT / "extra_rank0.pt", weights_only=True)
-    assert extra["step"] == len(metrics(tmp_path)) >= 2
-    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", str(extra["step"] + 1), "--epochs", "100", "--resume",
-                   "auto")
+    assert extra["step"] == len(read_metrics(tmp_path)) >= 2
+    code, ms = run_train(tmp_path, "--loss", "dpo", "--max_steps", str(extra["step"] + 1), "--epochs", "100",
+                         "--resume", "auto")
     assert code == 0 and ms[-1]["step"] == extra["step"] + 1

@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
+from helpers import FAST, ROOT, env, read_metrics
 from test_distributed import free_port
-from test_train import FAST, ROOT, env, metrics
 
 from training import distributed
 
@@ -76,7 +76,7 @@ def launch(tmp_path, out_dir, signal_after=None):
                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     if signal_after:
         deadline = time.time() + 180
-        while len(metrics(out_dir)) < signal_after and time.time() < deadline and proc.poll() is None:
+        while len(read_metrics(out_dir)) < signal_after and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
         proc.send_signal(signal.SIGUSR1)  # as `#SBATCH --signal=B:USR1@120` does: to the batch shell
     out, _ = proc.communicate(timeout=300)
@@ -95,12 +95,12 @@ def test_preempted_job_requeues_and_ends_on_the_uninterrupted_weights(tmp_path):
     assert code == distributed.REQUEUE_EXIT, out[-3000:]
     assert "SIGUSR1: checkpoint written at dpo step" in out
     assert "requeue 4242" in log.read_text().splitlines()
-    stopped = len(metrics(tmp_path / "cut"))
+    stopped = len(read_metrics(tmp_path / "cut"))
     assert 1 <= stopped < 8 and not (tmp_path / "cut" / "final").exists()
 
     code, out = launch(tmp_path, tmp_path / "cut")  # the requeued job: the same command
     assert code == 0, out[-3000:]
-    assert [m["step"] for m in metrics(tmp_path / "cut")] == list(range(1, 9))
+    assert [m["step"] for m in read_metrics(tmp_path / "cut")] == list(range(1, 9))
     assert log.read_text().count("requeue") == 1
 
     code, out = launch(tmp_path, tmp_path / "whole")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from test_train import run
+from helpers import run_train
 
 import data
 import train
@@ -42,7 +42,8 @@ def test_report_to_tensorboard_gets_every_metric_at_the_global_step(tmp_path, mo
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=StandInWriter))
     StandInWriter.calls = []
-    code, ms = run(tmp_path, "--loss", "sr-dpo", "--sft_steps", "2", "--max_steps", "2", "--report_to", "tensorboard")
+    code, ms = run_train(tmp_path, "--loss", "sr-dpo", "--sft_steps", "2", "--max_steps", "2",
+                         "--report_to", "tensorboard")
     assert code == 0
     assert [(m["stage"], m["step"], m["global_step"]) for m in ms] == [("sft", 1, 1), ("sft", 2, 2),
                                                                          ("sr-dpo", 1, 3), ("sr-dpo", 2, 4)]
@@ -87,14 +88,14 @@ def test_report_to_wandb_logs_each_step_with_the_config(tmp_path, monkeypatch):
     stand_in = types.SimpleNamespace(log=lambda values, step: logged.append((step, values)), finish=lambda: None)
     fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or stand_in)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", "2", "--report_to", "wandb")
+    code, ms = run_train(tmp_path, "--loss", "dpo", "--max_steps", "2", "--report_to", "wandb")
     assert code == 0 and inits[0]["config"]["loss"] == "dpo" and inits[0]["dir"] == str(tmp_path)
     assert logged == [(m["global_step"], {tracking.tracker_name(k): v for k, v in numeric(m).items()}) for m in ms]
 
 
 def test_report_to_without_the_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    assert run(tmp_path, "--loss", "dpo", "--max_steps", "1", "--report_to", "wandb")[0] == 2
+    assert run_train(tmp_path, "--loss", "dpo", "--max_steps", "1", "--report_to", "wandb")[0] == 2
     assert capsys.readouterr().err.strip() == ("train.py: error: --report_to wandb needs the wandb package: "
                                                "pip install wandb")
 
@@ -103,9 +104,9 @@ def test_report_to_the_real_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    code, _ = run(tmp_path, "--loss", "dpo", "--max_steps", "3", "--report_to", "tensorboard")
+    code, _ = run_train(tmp_path, "--loss", "dpo", "--max_steps", "3", "--report_to", "tensorboard")
     assert code == 0  # resumed from its last checkpoint (step 3): step 4 is added, steps 1-3 stay visible
-    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", "4", "--report_to", "tensorboard", "--resume")
+    code, ms = run_train(tmp_path, "--loss", "dpo", "--max_steps", "4", "--report_to", "tensorboard", "--resume")
     assert code == 0 and [m["global_step"] for m in ms] == [1, 2, 3, 4]
     events = EventAccumulator(str(tmp_path / tracking.TRACKER_DIR)).Reload()
     for key in ("loss", "reward_chosen", "logps_chosen", "eval_accuracy"):

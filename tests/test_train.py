@@ -6,82 +6,46 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from helpers import FAST, ROOT, assert_close_weights, env, final_weights, read_metrics, run_train, signalled_run
 
 import data
 import train
 from base import embedded
-from training import checkpoint, distributed, models, scoring
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Small and fast: 8 pairs a step, no SFT stage, no held-out evaluation until the end.
-FAST = ["--device", "cpu", "--batch_size", "8", "--max_pairs", "32", "--sft_steps", "0", "--eval_every", "0",
-        "--eval_pairs", "8", "--save_every", "0", "--lr", "3e-3", "--warmup_steps", "1"]
-
-
-def run(out_dir, *flags):
-    """train.main in this process; returns its exit code and the metrics it wrote."""
-    code = train.main(["--out_dir", str(out_dir), *FAST, *map(str, flags)])
-    return code, metrics(out_dir)
-
-
-def metrics(out_dir):
-    path = os.path.join(out_dir, checkpoint.METRICS)
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh]
-
-
-def final_weights(out_dir):
-    """The exported final/ folder's weights, loaded with transformers."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, checkpoint.FINAL))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_close_weights(a, b, atol):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
-
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
-
+from training import checkpoint, models, scoring
 
 # RMSprop's first steps are sign-like, so float noise in a near-zero gradient flips whole updates:
 # the equivalence tests use SGD, whose weights are linear in the gradient.
+
+
 def test_four_processes_match_one(tmp_path):
     flags = ["--loss", "sr-dpo", "--max_steps", "3", "--optimizer", "sgd", "--lr", "0.5"]
-    code, _ = run(tmp_path / "one", *flags)
+    code, _ = run_train(tmp_path / "one", *flags)
     assert code == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
            os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "two"), *FAST, *flags]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in two], rel=1e-5)
     assert_close_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
 
 
 def test_accumulation_matches_full_batch(tmp_path):
     flags = ["--loss", "sr-ipo", "--max_steps", "2", "--optimizer", "sgd", "--lr", "0.01"]
-    assert run(tmp_path / "full", *flags)[0] == 0
-    assert run(tmp_path / "micro", *flags, "--micro_batch_size", "2")[0] == 0
+    assert run_train(tmp_path / "full", *flags)[0] == 0
+    assert run_train(tmp_path / "micro", *flags, "--micro_batch_size", "2")[0] == 0
     assert_close_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "micro"), atol=1e-6)
 
 
 def test_resume_gives_the_same_losses(tmp_path):
     flags = ["--loss", "sr-dpo", "--sft_steps", "2"]
-    _, whole = run(tmp_path / "whole", *flags, "--max_steps", "4")
+    _, whole = run_train(tmp_path / "whole", *flags, "--max_steps", "4")
     # Stop after alignment step 2 (the stage's end writes a checkpoint), then continue to step 4.
-    run(tmp_path / "cut", *flags, "--max_steps", "2")
-    _, resumed = run(tmp_path / "cut", *flags, "--max_steps", "4", "--resume")
+    run_train(tmp_path / "cut", *flags, "--max_steps", "2")
+    _, resumed = run_train(tmp_path / "cut", *flags, "--max_steps", "4", "--resume")
     key = [(m["stage"], m["step"], m["loss"]) for m in whole]
     assert [(m["stage"], m["step"], m["loss"]) for m in resumed] == key  # bitwise in one process
 
@@ -89,17 +53,17 @@ def test_resume_gives_the_same_losses(tmp_path):
 def test_resume_with_sft_saved_in_bf16_gives_the_same_losses_and_weights(tmp_path):
     """sft/ in bf16: the uninterrupted run's π_ref (the SFT policy in memory) is the one a resumed run loads."""
     flags = ["--loss", "sr-dpo", "--sft_steps", "2", "--save_dtype", "bfloat16"]
-    _, whole = run(tmp_path / "whole", *flags, "--max_steps", "3")
-    run(tmp_path / "cut", *flags, "--max_steps", "1")
-    _, resumed = run(tmp_path / "cut", *flags, "--max_steps", "3", "--resume")
+    _, whole = run_train(tmp_path / "whole", *flags, "--max_steps", "3")
+    run_train(tmp_path / "cut", *flags, "--max_steps", "1")
+    _, resumed = run_train(tmp_path / "cut", *flags, "--max_steps", "3", "--resume")
     assert [(m["stage"], m["step"], m["loss"]) for m in resumed] == [(m["stage"], m["step"], m["loss"]) for m in whole]
     assert_close_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut"), atol=0)
 
 
 def test_precomputed_reference_matches_live(tmp_path):
     flags = ["--loss", "sr-dpo", "--max_steps", "3"]
-    _, live = run(tmp_path / "live", *flags)
-    _, cached = run(tmp_path / "cached", *flags, "--precompute_ref")
+    _, live = run_train(tmp_path / "live", *flags)
+    _, cached = run_train(tmp_path / "cached", *flags, "--precompute_ref")
     for a, b in zip(live, cached, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["delta_mean"] == pytest.approx(b["delta_mean"], rel=1e-4, abs=1e-6)
@@ -109,56 +73,15 @@ def test_precomputed_reference_matches_live(tmp_path):
 def test_every_loss_learns(tmp_path, loss):
     extra = ["--lam", "0.5"] if loss.startswith("sr-") else []
     # 16 pairs seen 8 times: each loss must fit them.
-    code, ms = run(tmp_path, "--loss", loss, "--max_pairs", "16", "--epochs", "8", "--batch_size", "8", *extra)
+    code, ms = run_train(tmp_path, "--loss", loss, "--max_pairs", "16", "--epochs", "8", "--batch_size", "8", *extra)
     assert code == 0
     losses = [m["loss"] for m in ms]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
 
 
-def test_export_loads_and_matches_the_checkpoint(tmp_path):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    from transformers import AutoModelForCausalLM
-
-    assert run(tmp_path, "--loss", "dpo", "--max_steps", "2")[0] == 0
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / checkpoint.FINAL).eval()
-    dcp_to_torch_save(str(tmp_path / checkpoint.CHECKPOINT), str(tmp_path / "ckpt.pt"))
-    trained = models.load_model(models.TINY).eval()
-    trained.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
-    ids = torch.randint(3, 200, (2, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
-    # The exported tokenizer, loaded as lm-evaluation-harness loads it, encodes a context as training did.
-    from transformers import AutoTokenizer
-
-    import data
-
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / checkpoint.FINAL)
-    for prompt in ("Copy: ABDEF\n", "café 🙂 日本"):
-        assert tokenizer(prompt).input_ids == data.encode_prompt(prompt, models.load_tokenizer())
-
-
-TEXTS = ["Copy: ABDEF\n", "café 日本 🙂  x</s>y <pad> z", "", "a  b\t\n", "<extra_id_3>hi", " </s> "]
-
-
-def test_tiny_tokenizer_is_byt5_without_the_appended_eos():
-    from transformers import ByT5Tokenizer
-
-    tiny, byt5 = models.load_tokenizer(models.TINY), ByT5Tokenizer()
-    assert len(tiny) == len(byt5) and (tiny.pad_token_id, tiny.eos_token_id, tiny.bos_token_id) == (0, 1, None)
-    for text in TEXTS:
-        assert tiny(text).input_ids == tiny.encode(text) == byt5.encode(text, add_special_tokens=False)  # no EOS
-        assert tiny.encode(text, split_special_tokens=True) == [b + 3 for b in text.encode()]
-        for literal in (True, False):  # literal: "</s>" is text (data.py); else ByT5's special tokens are parsed
-            ids = tiny.encode(text, add_special_tokens=False, split_special_tokens=literal)
-            assert ids == byt5.encode(text, add_special_tokens=False, split_special_tokens=literal)
-            assert tiny.decode(ids) == byt5.decode(ids)
-            assert tiny.decode(ids, skip_special_tokens=True) == byt5.decode(ids, skip_special_tokens=True)
-    assert byt5("a").input_ids == [100, byt5.eos_token_id] and tiny("a").input_ids == [100]
-
-
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, nan_at_step):
     nan_at_step(3)
-    code, ms = run(tmp_path, "--loss", "sr-dpo", "--max_steps", "6", "--save_every", "2")
+    code, ms = run_train(tmp_path, "--loss", "sr-dpo", "--max_steps", "6", "--save_every", "2")
     assert code == 2
     extra = torch.load(tmp_path / checkpoint.CHECKPOINT / "extra_rank0.pt", weights_only=True)
     assert extra["step"] == 2
@@ -168,7 +91,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, nan_at_step):
 
 def test_nan_message_names_the_step(tmp_path, capsys, nan_at_step):
     nan_at_step(2)
-    run(tmp_path, "--loss", "dpo", "--max_steps", "3")
+    run_train(tmp_path, "--loss", "dpo", "--max_steps", "3")
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "dpo step 2" in err and len(err.strip().splitlines()) == 1
 
@@ -179,20 +102,7 @@ def test_only_project_errors_become_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "preference_terms", bug)
     with pytest.raises(ValueError, match="a bug"):
-        run(tmp_path, "--loss", "dpo", "--max_steps", "1")
-
-
-def signalled_run(out_dir, sig, *flags):
-    """(exit status, output) of a long DPO run of train.py sent `sig` once it has logged 2 steps."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(out_dir), *FAST,
-           "--loss", "dpo", "--max_steps", "200", "--epochs", "100", *flags]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while len(metrics(out_dir)) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
-    return proc.returncode, out
+        run_train(tmp_path, "--loss", "dpo", "--max_steps", "1")
 
 
 def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
@@ -200,20 +110,11 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     assert returncode == 0, out[-2000:]
     assert "SIGTERM" in out
     extra = torch.load(tmp_path / checkpoint.CHECKPOINT / "extra_rank0.pt", weights_only=True)
-    assert extra["step"] == len(metrics(tmp_path)) >= 2
-    code, ms = run(tmp_path, "--loss", "dpo", "--max_steps", str(extra["step"] + 1), "--epochs", "100", "--resume")
+    assert extra["step"] == len(read_metrics(tmp_path)) >= 2
+    code, ms = run_train(tmp_path, "--loss", "dpo", "--max_steps", str(extra["step"] + 1), "--epochs", "100",
+                         "--resume")
     assert code == 0 and ms[-1]["step"] == extra["step"] + 1
     assert [m["global_step"] for m in ms] == list(range(1, len(ms) + 1))
-
-
-def test_bad_flags_are_one_line_errors(tmp_path):
-    for flags, words in ((["--loss", "dpo", "--lam", "0.3"], "--lam"),
-                         (["--batch_size", "10", "--micro_batch_size", "4"], "not divisible"),
-                         (["--warmup_steps", "-1"], "--warmup_steps")):
-        done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], env=env(),
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2
-        assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_get_lr_is_the_dpo_reference_ramp():
@@ -229,18 +130,6 @@ def test_get_lr_is_the_dpo_reference_ramp():
     assert train.get_lr(0, 1.0, 0) == 1.0
     assert train.resolved(train.Config(model="EleutherAI/pythia-2.8b")).warmup_steps == 150
     assert train.resolved(train.Config(warmup_steps=3)).warmup_steps == 3
-
-
-def test_shard_keeps_a_cpu_model_on_the_cpu_of_a_gpu_machine(monkeypatch):
-    # FSDP2's default mesh is on the machine's accelerator: --device cpu on a GPU machine moved the model to cuda
-    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
-    rank, world, device = distributed.setup_distributed("cpu")
-    try:
-        model = models.load_sharded(models.TINY, None, device, torch.float32, models.mixed_precision("auto", device)[0])
-        assert {p.device_mesh.device_type for p in model.parameters()} == {"cpu"}
-        assert {p.to_local().device.type for p in model.parameters()} == {"cpu"}
-    finally:
-        models.dist.destroy_process_group()
 
 
 def test_every_loss_sees_the_same_x_view_batches(tmp_path):
@@ -320,8 +209,8 @@ def test_sft_loss_is_the_mean_over_the_global_batch_tokens(tmp_path):
             fh.write(json.dumps({"prompt": f"Say {i}:", "chosen": " yes" * (1 + 4 * i) + "!", "rejected": "no"}) + "\n")
     flags = ["--data", str(path), "--max_pairs", "8", "--loss", "sft", "--max_steps", "1", "--optimizer", "sgd",
              "--lr", "1", "--warmup_steps", "0", "--max_grad_norm", "1e9"]
-    assert run(tmp_path / "one", *flags)[0] == 0
-    assert run(tmp_path / "micro", *flags, "--micro_batch_size", "2")[0] == 0
+    assert run_train(tmp_path / "one", *flags)[0] == 0
+    assert run_train(tmp_path / "micro", *flags, "--micro_batch_size", "2")[0] == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "two"), *FAST, *flags]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
@@ -351,37 +240,15 @@ def test_sft_loss_is_the_mean_over_the_global_batch_tokens(tmp_path):
     assert max((other[k] - expected[k]).abs().max() for k in expected) > 1e-3  # the test tells the two apart
 
 
-def test_train_and_heldout_delta_std_are_one_definition():
-    """metrics.jsonl's delta_std (sums over micro-batches, metrics.step_metrics) and eval_delta_std / evaluate's
-    delta_std (metrics.pair_metrics) are the same number: the population std (numpy's ddof=0)."""
-    import numpy as np
-
-    from training import metrics
-
-    delta = torch.tensor([0.3, -1.2, 2.5, 0.0, 0.7, 1.1, -0.4], dtype=torch.float64)
-    beta, zeros = 0.1, torch.zeros_like(delta)
-    summed = {"pairs": 7.0, "tokens": 70.0, "loss": 1.0, "grad_norm": 1.0, "lr": 1.0, "denominator": 7.0}
-    for part in (delta[:3], delta[3:]):  # two micro-batches (or ranks), added as train_step adds them
-        for key, value in metrics.preference_sums(part, part * 0, part, part, part * 0, part * 0).items():
-            summed[key] = summed.get(key, 0.0) + float(value)
-    logged = metrics.step_metrics(summed, "sr-dpo", 1, 1.0)["delta_std"]
-    logps = {"policy_chosen": zeros, "policy_rejected": zeros, "ref_chosen": zeros, "ref_rejected": zeros,
-             "p_policy_chosen": delta / beta, "p_policy_rejected": zeros, "p_ref_chosen": zeros,
-             "p_ref_rejected": zeros}
-    heldout = metrics.pair_metrics(logps, beta)["delta_std"]
-    assert logged == pytest.approx(heldout, rel=1e-12) and heldout == pytest.approx(np.std(delta.numpy()), rel=1e-12)
-    assert heldout != pytest.approx(np.std(delta.numpy(), ddof=1), rel=1e-3)
-
-
 def test_packed_and_shared_runs_match_padded(tmp_path, capsys):
     """SFT then Sr-DPO, held-out scoring at the end: the same metrics and weights in every batch layout,
     one process (shared) and two (packed), as with padded batches."""
     flags = ["--loss", "sr-dpo", "--sft_steps", "2", "--max_steps", "2", "--optimizer", "sgd", "--lr", "0.5",
              "--micro_batch_size", "2"]
-    code, padded = run(tmp_path / "padded", *flags, "--packing", "padded")
+    code, padded = run_train(tmp_path / "padded", *flags, "--packing", "padded")
     assert code == 0
     capsys.readouterr()
-    code, shared = run(tmp_path / "shared", *flags, "--packing", "auto")
+    code, shared = run_train(tmp_path / "shared", *flags, "--packing", "auto")
     assert code == 0
     assert "; shared batches" in capsys.readouterr().out  # auto: shared on this model
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -389,7 +256,7 @@ def test_packed_and_shared_runs_match_padded(tmp_path, capsys):
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "; packed batches" in done.stdout
-    for other in (shared, metrics(tmp_path / "packed")):
+    for other in (shared, read_metrics(tmp_path / "packed")):
         assert len(other) == len(padded) == 4
         for want, got in zip(padded, other):
             timed = {"examples_per_s", "tokens_per_s"}
@@ -408,7 +275,8 @@ def test_quality_aware_sft_trains_on_the_rated_pairs(tmp_path):
 
     import data
 
-    code, m = run(tmp_path, "--loss", "sft", "--max_steps", "1", "--sft_quality_q", "1", "--micro_batch_size", "2")
+    code, m = run_train(tmp_path, "--loss", "sft", "--max_steps", "1", "--sft_quality_q", "1",
+                        "--micro_batch_size", "2")
     assert code == 0
     tok = models.load_tokenizer(models.TINY)
     model = models.load_model(models.TINY, tok, seed=0)
@@ -422,10 +290,3 @@ def test_quality_aware_sft_trains_on_the_rated_pairs(tmp_path):
         nll.append(F.cross_entropy(logits, torch.tensor(response)).item())
     assert pairs[0].prompt.startswith("Please generate a response with a usefulness rating of ")
     assert m[0]["loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
-
-
-@pytest.mark.parametrize("flags", [["--data", "x.jsonl"], ["--loss", "dpo", "--sft_steps", "0"],
-                                   ["--sft_quality_q", "1.5"]])
-def test_quality_aware_sft_needs_embedded_data_and_an_sft_stage(flags):
-    with pytest.raises(SystemExit):
-        train.parse_config(["--sft_quality_q", "0.5", *flags])

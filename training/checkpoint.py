@@ -1,4 +1,4 @@
-"""checkpoint.py: a run's state on disk: atomic checkpoints that cannot run code, the resume record, the lock.
+"""training/checkpoint.py: a run's state on disk: atomic checkpoints that cannot run code, the resume record, the lock.
 
 Owns: saving and loading DCP checkpoints (atomic, checksummed, read without unpickling arbitrary
 objects), the record of the run-defining flags checked on --resume, cutting metrics.jsonl back to the

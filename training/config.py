@@ -1,4 +1,5 @@
-"""config.py: train.py's flags, one Config dataclass: each field's default, --help text and choices, and the checks.
+"""training/config.py: train.py's flags, one Config dataclass: each field's default, --help text and choices,
+and the checks.
 
 Owns: Config, parse_config (flags -> Config), validate (one-line ConfigErrors for values and combinations that
 would fail later) and resolved (the defaults that depend on the model, filled in). Every default value shared

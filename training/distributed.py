@@ -1,4 +1,4 @@
-"""distributed.py: the process group and what every rank must agree on.
+"""training/distributed.py: the process group and what every rank must agree on.
 
 Owns: starting the process group (one process, or torchrun's), summing values over ranks (all_sum), printing
 on rank 0 (log), Failures: one rank's failure stops every rank, its one-line error printed once, and Preemption:

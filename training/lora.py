@@ -1,4 +1,4 @@
-"""lora.py: LoRA adapters (peft) on the policy; π_ref as the same model with its adapters off; merged export.
+"""training/lora.py: LoRA adapters (peft) on the policy; π_ref as the same model with its adapters off; merged export.
 
 Owns: the one-line error when peft is missing (``require_peft``), the default target modules of each model
 family (``default_targets``), adding adapters that start at zero so the model's output is unchanged

@@ -1,4 +1,4 @@
-"""metrics.py: what the paper measures, from per-pair log-probs. Pure: no model, no pass over data.
+"""training/metrics.py: what the paper measures, from per-pair log-probs. Pure: no model, no pass over data.
 
 Owns: rank statistics (Spearman, Kendall τ_b, concordance), implicit rewards, accuracy and Δ statistics
 (one definition each, used by a training step's metrics and by held-out evaluation), one training step's logged

@@ -1,4 +1,4 @@
-"""model_card.py: the README.md of an exported model folder (final/, sft/), in the Hub's model-card format.
+"""training/model_card.py: the README.md of an exported model folder (final/, sft/), in the Hub's model-card format.
 
 A pure function of what the run knows: its flags, its stages, the pairs kept (and dropped, where known), the last
 held-out metrics and the command line. YAML front matter (base_model and datasets only where they are hub names,

@@ -1,4 +1,4 @@
-"""models.py: loading and sharding the causal LMs.
+"""training/models.py: loading and sharding the causal LMs.
 
 Owns: the tokenizer and model loaders (the built-in "tiny" model, or transformers without remote code), the
 checks of a model folder and of a tokenizer against a model, dropout off, FSDP2 sharding, and device and dtype

@@ -1,4 +1,4 @@
-"""scoring.py: log π of each sequence of a batch under a model, in any of data.collate's layouts.
+"""training/scoring.py: log π of each sequence of a batch under a model, in any of data.collate's layouts.
 
 Owns: ``forward_logps`` (log π of each row) and ``view_logps`` (of each sequence of one view of a batch), scored
 from the hidden states through srpo.hidden_token_logps, never the [rows, tokens, vocab] logits, where the model

@@ -1,4 +1,4 @@
-"""tracking.py: what a training run tells: its progress lines and closing summary, and each step's metrics sent
+"""training/tracking.py: what a training run tells: its progress lines and closing summary, and each step's metrics sent
 to TensorBoard or W&B (--report_to; docs/tracking.md).
 
 Owns: the stage and progress lines, the closing summary, the tracking backend (tracker_backend), the names each

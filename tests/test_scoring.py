@@ -1,7 +1,7 @@
-"""models.py's fused scoring (srpo.hidden_token_logps inside the model's own forward) against an independent
-reference: the model's full logits, log_softmax in float64, gather. Several transformers families, fp32 and bf16,
-every layout of data.collate, held-out metrics, the fallback for models that change their logits after the head,
-and two FSDP2 ranks against one process."""
+"""training/scoring.py: fused scoring (srpo.hidden_token_logps inside the model's own forward) and pair_logps
+against an independent reference: the model's full logits, log_softmax in float64, gather. Several transformers
+families, fp32 and bf16, every layout of data.collate, held-out metrics, the fallback for models that change their
+logits after the head, and two FSDP2 ranks against one process."""
 
 import json
 import os
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import data
-from srpo import IGNORE_INDEX
+from base import common, formats
+from srpo import IGNORE_INDEX, REFINE_PROMPTS
 from training import metrics, models, scoring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,7 +248,7 @@ import json, os, sys
 sys.path.insert(0, {root!r})
 import torch, data
 from training import distributed, models, scoring
-from test_fused_logps import examples
+from test_scoring import examples
 
 calls, fused_head = [], scoring.hidden_token_logps
 scoring.hidden_token_logps = lambda *a, **k: calls.append(1) or fused_head(*a, **k)
@@ -312,3 +313,28 @@ def test_two_fsdp2_ranks_equal_one(tmp_path):
         for what, other in (("one rank", one), ("full logits", full)):
             ref = {k: torch.tensor(v) for k, v in other["grads"].items()}
             assert_grads_close(grads, ref, rel=1e-4 if key.startswith("fp32") else 2e-2, what=f"{key} vs {what}")
+
+
+def test_pair_logps_matches_forward_logps_one_pair_at_a_time():
+    tok = models.load_tokenizer("tiny")
+    model = models.load_model("tiny", tok, seed=0)
+    pairs = [formats.Pair("Copy: ABDEF\n", "ABDEF", "AB"), formats.Pair("Say hi\n", "hi there, friend", "no"),
+             formats.Pair("Q\n", "x", "yyyyyyyy", 1.0, 0.5)]  # unequal lengths: padding in every batch
+    examples = data.tokenize_pairs(pairs, tok, 300, REFINE_PROMPTS["100"], log=None)
+    out = scoring.pair_logps(model, examples, tok.pad_token_id, batch_size=2, with_p=True)
+    assert sorted(out) == ["chosen", "p_chosen", "p_rejected", "rejected"]
+    for i, example in enumerate(examples):
+        batch = data.collate([example], tok.pad_token_id)
+        for prefix in ("", "p_"):
+            with torch.no_grad():
+                rows = scoring.forward_logps(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                                            batch[prefix + "labels"])
+            assert out[prefix + "chosen"][i] == pytest.approx(float(rows[0]), abs=1e-4)
+            assert out[prefix + "rejected"][i] == pytest.approx(float(rows[1]), abs=1e-4)
+    x_only = scoring.pair_logps(model, examples, tok.pad_token_id, batch_size=5)
+    assert sorted(x_only) == ["chosen", "rejected"] and torch.equal(x_only["chosen"], out["chosen"])
+    score_chosen, _ = metrics.true_scores(examples)
+    assert torch.isnan(score_chosen[:2]).all() and score_chosen[2] == 1.0
+    no_p = data.tokenize_pairs(pairs, tok, 300, None, log=None)
+    with pytest.raises(common.EvalError, match="no p ⊕ x view"):
+        scoring.pair_logps(model, no_p, tok.pad_token_id, with_p=True)
