@@ -1,7 +1,8 @@
 """Test configuration: no test may reach the network or a model hub; the suite's two tiers and its time.
 
 - `python -m pytest` runs the default tier on two pytest-xdist workers where pytest-xdist is installed and no
-  -n was given (`-n 0` or `-p no:xdist`: one process, the same tests and results).
+  -n was given (`-n 0` or `-p no:xdist`: one process, the same tests and results); the default tier's workers
+  run torch on one thread unless OMP_NUM_THREADS says otherwise.
 - Tests marked `slow` (those that cannot be made cheap) run only with `-m slow` (CI's second command) or when
   named on the command line (`path::test`); any other -m expression decides by itself.
 - Each test's seconds (setup, call and teardown; wall and CPU of this process and its children) are kept, and
@@ -28,13 +29,20 @@ SLOW_TEST_S = 30   # a default-tier test longer than this (on 2 idle cores) belo
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """-n WORKERS where pytest-xdist is installed and neither -n, --pdb nor --collect-only was given; tests of
-    one xdist_group (runs shared through a module-scoped fixture) then go to one worker (--dist loadgroup)."""
+    """-n WORKERS where pytest-xdist is installed and neither -n, --pdb nor --collect-only was given."""
     if (config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", 0) is None
             and not hasattr(config, "workerinput") and not config.option.usepdb and not config.option.collectonly):
         config.option.numprocesses = WORKERS
-        if config.option.dist == "no":
-            config.option.dist = "loadgroup"
+
+
+def pytest_configure(config):
+    """The default tier's workers run torch on one thread each (unless OMP_NUM_THREADS says otherwise): 2 workers
+    of 2 threads on 2 cores spent half their CPU time waiting (a training test took 41 CPU-seconds, not 21). Not
+    the slow tier's: the bf16 test misses its bf16-vs-fp32 tolerance on one thread."""
+    if hasattr(config, "workerinput") and not config.option.markexpr and not any("::" in a for a in config.args):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # test modules, and so torch, are imported after this
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):

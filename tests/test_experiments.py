@@ -122,13 +122,10 @@ def test_every_run_spends_most_of_its_steps_at_its_peak_learning_rate(name, tmp_
 # ----------------------------------------------------------------------------- smoke runs
 
 
-# the tests that use `smoke` share its runs: on one pytest-xdist worker (tests/conftest.py: --dist loadgroup)
-SHARED = pytest.mark.xdist_group("experiments_smoke")
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
-    """Runs and results of --smoke, shared by the experiments (each reuses the runs it shares)."""
+    """Runs and results of --smoke, shared by the experiments (each reuses the runs it shares). Session-scoped: a
+    pytest-xdist worker may run other modules' tests between these, and a module-scoped folder is made anew."""
     root = tmp_path_factory.mktemp("experiments")
 
     def run(name, *flags):
@@ -150,7 +147,6 @@ def assert_rates(cell, games):
     assert [s["seed"] for s in cell["per_seed"]] == list(range(len(cell["per_seed"])))
 
 
-@SHARED
 def test_methods_has_table2_and_table3(smoke):
     result = smoke("methods")
     seeds, prompts = result["config"]["seeds"], result["config"]["test_prompts"]
@@ -169,7 +165,6 @@ def test_methods_has_table2_and_table3(smoke):
     assert result["runs_trained"] == len(seeds) * 5  # SFT and four methods per seed
 
 
-@SHARED
 def test_figure1_has_both_views_at_every_evaluation(smoke):
     result = smoke("figure1")
     steps, batch = result["config"]["steps"], result["config"]["batch_size"]
@@ -180,8 +175,8 @@ def test_figure1_has_both_views_at_every_evaluation(smoke):
             assert all(len(p["per_seed"]) == len(result["config"]["seeds"]) for p in curves[key])
 
 
-@SHARED
 def test_corollary_has_the_correlations_of_every_method(smoke):
+    smoke("methods")  # reused when the test above ran in this process (pytest-xdist may have run it elsewhere)
     result = smoke("corollary")
     assert set(result["curves"]) == {"Sr-DPO", "DPO", "Sr-IPO", "IPO"}
     for curves in result["curves"].values():
@@ -190,7 +185,6 @@ def test_corollary_has_the_correlations_of_every_method(smoke):
     assert result["runs_trained"] == 0  # the methods' runs, reused
 
 
-@SHARED
 def test_lambda_has_every_lambda_for_both_methods(smoke):
     result = smoke("lambda", "--seeds", "1")
     rows = result["rows"]
@@ -201,7 +195,6 @@ def test_lambda_has_every_lambda_for_both_methods(smoke):
     assert all(r["tie_rate"] == 1.0 for r in rows if r["lambda"] == 0.0)  # λ = 0 is the baseline's loss
 
 
-@SHARED
 def test_table4_has_the_three_variants(smoke):
     result = smoke("table4", "--seeds", "1")
     assert [r["variant"] for r in result["rows"]] == [v for v, _ in table4.TABLE4]
@@ -210,7 +203,6 @@ def test_table4_has_the_three_variants(smoke):
 
 
 @pytest.mark.slow  # 16 runs at the smallest size
-@SHARED
 def test_premise_has_every_q_both_pairs_the_lambda_curve_and_the_side_by_side(smoke):
     # after the tests above (when this session ran them: `-m slow` alone does not), the q = 0 runs of seed 0 are
     # theirs, reused; two worker processes train the rest
@@ -238,7 +230,6 @@ def test_premise_has_every_q_both_pairs_the_lambda_curve_and_the_side_by_side(sm
 
 
 @pytest.mark.slow  # the verdict at its smallest: 2 seeds x the beta grid and controls
-@SHARED
 def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
     """The verdict at its smallest (2 seeds, β in {0.05, 0.1}, the neutral and naive controls): every paired
     comparison has a computed 95% interval in both units, each interval matches its per-seed differences, and
@@ -317,7 +308,6 @@ def test_validation_prompts_are_disjoint_from_test_and_training_prompts(tmp_path
     assert not valid & {p.prompt for p in context.embedded.embedded_pairs("train")}
 
 
-@SHARED
 def test_render_rewrites_the_views_from_the_json(smoke):
     smoke("table4", "--seeds", "1")  # reused when the test above ran
     md = smoke.out / "table4.md"
@@ -349,7 +339,6 @@ def test_bad_size_is_an_argparse_error():
         cli.main(["methods", "--size", "huge"])
 
 
-@SHARED
 def test_readme_is_generated_from_reading_and_results(smoke, tmp_path):
     """Each marker of the hand-written text becomes that result's Markdown; the text around it is kept."""
     smoke("table4", "--seeds", "1")  # reused when the tests above ran
