@@ -1,6 +1,6 @@
 """evaluate.py: the paper's measurements as commands.
 
-Owns: the command line. ``accuracy`` is the paper's own measurement (metrics.py does the work);
+Owns: the command line. ``accuracy`` is the paper's own measurement (training/metrics.py does the work);
 ``generate``, ``judge``, ``exact`` and ``table`` run the MT-Bench machinery of mtbench/.
 Does not own: any statistic (training/metrics.py), model loading (training/models.py) or judging logic
 (mtbench/judge.py).

@@ -5,12 +5,12 @@ The command:
 
     python export.py out/checkpoint out/step-900 [--dtype bfloat16]
 
-Reads a checkpoint that any number of ranks wrote (checkpoint.py: verified against its checksums, the
+Reads a checkpoint that any number of ranks wrote (training/checkpoint.py: verified against its checksums, the
 DCP metadata read without running code, the model's tensors only), builds the model from its run's
 --model (run.json), merges LoRA adapters where the run had them (W + alpha/r · B·A), and writes the
 weights in the source's dtype (or --dtype), the source's config, the tokenizer and models.MODEL_RECORD.
-Owns: export, write_folder and the command. Does not own: checkpoints (checkpoint.py) or loading models
-(models.py).
+Owns: export, write_folder and the command. Does not own: checkpoints (training/checkpoint.py) or loading models
+(training/models.py).
 """
 
 import argparse
@@ -34,7 +34,8 @@ def export(policy, tokenizer, path, rank, config, dtype, record, card=None, adap
 
     The weights are gathered to rank 0's CPU and cast to `dtype` one tensor at a time; config.json is the
     source's `config` (use_cache and dropout as it had them) with `dtype` recorded; `record` is written as
-    models.MODEL_RECORD (the model's reference and the run's flags); `card`, the text of README.md (model_card.py).
+    models.MODEL_RECORD (the model's reference and the run's flags); `card`, the text of README.md
+    (training/model_card.py).
     LoRA: the weights are merged (lora.merged_state) and the adapter is written beside them in peft's format
     (lora.ADAPTER_DIR), its base `adapter_base`.
     """

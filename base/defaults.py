@@ -2,7 +2,7 @@
 
 Owns: the paper's hyperparameters as the commands' defaults (β, λ, max_length, the prompt p's scale), the
 tiny model's training schedule, the paper's learning-rate schedule, decoding and the judge's reply length.
-train.py's Config, evaluate.py, judge.py and experiments/ read them from here; tests/test_architecture.py
+train.py's Config, evaluate.py, mtbench/judge.py and experiments/ read them from here; tests/test_architecture.py
 fails if one of these values is written again as a default elsewhere.
 Does not own: the formulas (srpo.py) or the text of p (srpo.REFINE_PROMPTS).
 """

@@ -18,8 +18,9 @@ How it counts:
     CUDA: torch.cuda.max_memory_allocated minus memory_allocated.
   * Percentages are of the fp32 logits' size (B*T*V*4 bytes), for bf16 logits too.
   * fused: srpo.hidden_sequence_logps from hidden states [B, T, --hidden] and a head [V, --hidden] (the path
-    models.py takes): the logits never exist. Its inputs (and in backward their gradients) are subtracted as the
-    logits are for the others; the naive and srpo columns leave out the logits themselves (and their gradient),
+    training/models.py takes): the logits never exist. Its inputs (and in backward their gradients) are subtracted
+    as the logits are for the others; the naive and srpo columns leave out the logits themselves (and their
+    gradient),
     which a model makes for them, so that "logits + extra" is what they cost and "extra" what fused costs.
 """
 

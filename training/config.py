@@ -4,7 +4,7 @@ and the checks.
 Owns: Config, parse_config (flags -> Config), validate (one-line ConfigErrors for values and combinations that
 would fail later), resolved (the defaults that depend on the model, filled in) and command_flags (the flags
 that give a resolved config again). Every default value shared
-with another command comes from defaults.py. Does not own: what the flags do (train.py).
+with another command comes from base/defaults.py. Does not own: what the flags do (train.py).
 """
 
 import dataclasses
