@@ -20,8 +20,7 @@ How it counts:
   * fused: srpo.hidden_sequence_logps from hidden states [B, T, --hidden] and a head [V, --hidden] (the path
     training/models.py takes): the logits never exist. Its inputs (and in backward their gradients) are subtracted
     as the logits are for the others; the naive and srpo columns leave out the logits themselves (and their
-    gradient),
-    which a model makes for them, so that "logits + extra" is what they cost and "extra" what fused costs.
+    gradient), which a model makes for them, so that "logits + extra" is what they cost and "extra" what fused costs.
 """
 
 import argparse
