@@ -85,7 +85,7 @@ def test_gpu_check_script_runs_small_on_cpu(tmp_path):
     """SMALL=1 gpu_check.sh: the toy model through train.py, step_cost.py and logps_memory.py, then the
     summary with every goal (met or not: a CPU says nothing about a GPU's figures)."""
     run(["bash", "benchmarks/gpu_check.sh"], tmp_path, timeout=900, SMALL="1", PARTS="train step_cost logps",
-        OUT=str(tmp_path))
+        OUT=str(tmp_path), PYTHON=sys.executable)
     summary = json.loads((tmp_path / "summary.json").read_text())
     names = {c["name"] for c in summary["checks"]}
     assert {"mfu", "sr-dpo/dpo peak memory", "loop/floor sr-dpo",
