@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from base import common
+from base import common, defaults
 from experiments import ROOT, ExperimentError, provenance, real_probe, sizes
 from experiments.context import Context, read_metrics
 from experiments.markdown import markdown_table
@@ -28,8 +28,8 @@ from experiments.stats import paired_interval, spread
 TRAIN_PAIRS = 1000  # of the HH file's 1,200: the rest (200) are held out
 RUNS = {"DPO": ("--loss", "dpo"), "Sr-DPO, p": ("--loss", "sr-dpo", "--refine_prompt", "100"),
         "Sr-DPO, neutral text": ("--loss", "sr-dpo", "--refine_prompt", "neutral")}
-FULL = dict(seeds=3, steps=60, batch_size=32, micro_batch_size=16, lr=5e-5, eval_pairs=0, max_length=512, lora_r=16,
-            max_pairs=0)
+FULL = dict(seeds=3, steps=60, batch_size=32, micro_batch_size=16, lr=5e-5, eval_pairs=0,
+            max_length=defaults.MAX_LENGTH, lora_r=16, max_pairs=0)
 SMOKE = dict(seeds=1, steps=1, batch_size=2, micro_batch_size=2, lr=5e-5, eval_pairs=2, max_length=128, lora_r=4,
              max_pairs=8)
 OUT = os.path.join(ROOT, "experiments", "results", "smollm2-lora")

