@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 
+from base import defaults
 from base.common import ConfigError
 from srpo import SELF_REFINED
 
@@ -66,8 +67,10 @@ def next_command(cfg, final, reference):
     flags = {"model": final, "ref_model": reference, "data": cfg.eval_data or cfg.data, "beta": cfg.beta,
              "refine_prompt": cfg.refine_prompt, "max_length": cfg.max_length, "limit": cfg.eval_pairs,
              "system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
-    return shlex.join(["python", "evaluate.py", "accuracy",
-                       *[part for name, value in flags.items() if value for part in (f"--{name}", str(value))]])
+    same = {"beta": defaults.BETA, "refine_prompt": defaults.REFINE_PROMPT, "max_length": defaults.MAX_LENGTH}
+    given = {name: value for name, value in flags.items() if value and value != same.get(name)}  # evaluate.py's
+    return shlex.join(["python", "evaluate.py", "accuracy",  # own defaults (defaults.py) left out
+                       *[part for name, value in given.items() for part in (f"--{name}", str(value))]])
 
 
 def logged_heldout(path, stage):
