@@ -135,10 +135,7 @@ def main(argv=None):
     except common.SrpoError as err:
         print(f"python -m experiments.real_lora: error: {err}", file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
-    common.emit(result, markdown(result), os.path.join(args.out, NAME + ".json"))
-    with open(os.path.join(args.out, NAME + ".md"), "w") as fh:
-        fh.write(markdown(result))
+    real_probe.write_result(args.out, NAME, result, markdown(result))
     return 0
 
 

@@ -344,11 +344,16 @@ def main(argv=None):
         return 0 if args.views else 2
     result["provenance"]["command"] = "python -m experiments.real_probe " + " ".join(argv if argv is not None
                                                                                     else sys.argv[1:])
-    os.makedirs(args.out, exist_ok=True)
-    common.emit(result, markdown(result), os.path.join(args.out, NAME + ".json"))
-    with open(os.path.join(args.out, NAME + ".md"), "w") as fh:
-        fh.write(markdown(result))
+    write_result(args.out, NAME, result, markdown(result))
     return 0
+
+
+def write_result(folder, name, result, text):
+    """folder/name.json (printed with its Markdown, common.emit) and folder/name.md: a real-model result."""
+    os.makedirs(folder, exist_ok=True)
+    common.emit(result, text, os.path.join(folder, name + ".json"))
+    with open(os.path.join(folder, name + ".md"), "w") as fh:
+        fh.write(text)
 
 
 if __name__ == "__main__":
