@@ -2,9 +2,9 @@
 
 Owns: the project's base error SrpoError and the error kinds that several modules raise (ConfigError,
 DataError, EvalError), atomic writes (atomic_path, atomic_open, replace_path), where a command may write
-(check_output, inside), JSON/JSONL output (write_jsonl,
-jsonable, emit), records read from files (field: a checked field; cut_unfinished_line: a file an interrupted
-write left), number formatting for tables (num, pct) and the progress bar (Progress).
+(check_output, inside), the project's git state and package versions (git, package_version), JSON/JSONL
+output (write_jsonl, jsonable, emit), records read from files (field: a checked field; cut_unfinished_line: a
+file an interrupted write left), number formatting for tables (num, pct) and the progress bar (Progress).
 Does not own: any data format (data.py), model (training/models.py) or metric (training/metrics.py).
 """
 
@@ -14,8 +14,10 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
+from importlib import metadata
 
 
 class SrpoError(Exception):
@@ -36,6 +38,27 @@ class EvalError(SrpoError):
 
 
 # ----------------------------------------------------------------------------- files out, progress
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder that holds srpo.py
+
+
+def package_version(name, missing="not installed"):
+    """An installed package's version, or `missing`: what train.py --env and the experiments' results record."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return missing
+
+
+def git(*args, timeout=30):
+    """git's stripped output for `args` in the project's folder; None where git is missing, fails or times out,
+    or the project is no git checkout."""
+    try:
+        done = subprocess.run(["git", "-C", PROJECT, *args], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 @contextlib.contextmanager

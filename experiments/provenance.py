@@ -10,11 +10,10 @@ Does not own: the runs (context.py) or the results (cli.py, each claim).
 
 import ast
 import hashlib
-import importlib.metadata
 import os
-import subprocess
 import sys
 
+from base import common
 from experiments import ROOT
 
 LIBRARIES = ("torch", "transformers", "numpy")  # the versions a result records and a run's key includes
@@ -25,28 +24,16 @@ SKIP = ("tests", "experiments", "benchmarks", "docs", "examples", "scripts", "ru
 def versions():
     """{library: version} of LIBRARIES and Python ("absent" for a library not installed)."""
     out = {"python": sys.version.split()[0]}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "absent"
+    out.update({name: common.package_version(name, missing="absent") for name in LIBRARIES})
     return out
-
-
-def _git(*args):
-    try:
-        done = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def record(command=None):
     """{commit, dirty, versions, command}: git's HEAD (None outside a git work tree), whether tracked or untracked
     files other than experiments/results/ differ from it, LIBRARIES' versions, and the command (default: this
     process's argv)."""
-    status = _git("status", "--porcelain", "--", ".", ":(exclude)experiments/results")
-    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+    status = common.git("status", "--porcelain", "--", ".", ":(exclude)experiments/results")
+    return {"commit": common.git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
             "versions": versions(),
             "command": command if command is not None else " ".join(["python", *sys.argv])}
 

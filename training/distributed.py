@@ -13,12 +13,13 @@ import datetime
 import os
 import platform
 import signal
-import subprocess
 import sys
 import threading
 
 import torch
 import torch.distributed as dist
+
+from base import common
 
 
 def setup_distributed(device="auto", timeout=None):
@@ -46,32 +47,15 @@ def environment_report():
     """train.py --env: one block to paste into a bug report. The versions of Python and the packages a run uses
     (or "not installed"), srpo's git commit, the devices --device auto picks from, CUDA and NCCL, the backend and
     the dtype path --mixed_precision auto takes there."""
-    from importlib import metadata
-
-    def version(package):
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    here = os.path.dirname(os.path.abspath(__file__))
-
-    def git(*args):
-        try:
-            done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "--short=12", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    commit = common.git("rev-parse", "--short=12", "HEAD", timeout=10)
+    dirty = bool(common.git("status", "--porcelain", "--untracked-files=no", timeout=10))
     cuda = torch.cuda.is_available()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda and dist.is_nccl_available() else "not available"
     lines = [
         f"python: {platform.python_version()} ({platform.python_implementation()}, {platform.platform()})",
         f"srpo: {commit + (' (dirty: uncommitted changes)' if dirty else '') if commit else 'not a git checkout'}",
-        *(f"{package}: {version(package)}" for package in
+        *(f"{package}: {common.package_version(package)}" for package in
           ("torch", "transformers", "numpy", "peft", "trl", "pyyaml", "tensorboard", "wandb")),
         f"cpu: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
         f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}",
