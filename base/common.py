@@ -44,7 +44,12 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the fol
 
 
 def package_version(name, missing="not installed"):
-    """An installed package's version, or `missing`: what train.py --env and the experiments' results record."""
+    """An installed package's version, or `missing`: what train.py --env and the experiments' results record.
+    An imported module's own ``__version__`` comes first: it keeps the build label ("2.14.1+cu130") that the
+    distribution's metadata may drop ("2.14.1")."""
+    version = getattr(sys.modules.get(name), "__version__", None)
+    if isinstance(version, str):
+        return version
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

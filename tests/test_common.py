@@ -1,5 +1,6 @@
 """common.py: atomic writes, number formatting and the progress line."""
 import os
+import sys
 
 import pytest
 
@@ -53,3 +54,16 @@ def test_progress_is_one_throttled_line_with_rate_and_time_left():
     list(common.Progress(3, "x", enabled=False, stream=silent).iterate(range(3)))
     list(common.Progress(3, "x", enabled=given).iterate(range(3)))  # a stream as `progress` writes there
     assert silent.getvalue() == "" and given.getvalue().startswith("x 1/3 | ")
+
+
+def test_package_version_keeps_the_build_label_of_an_imported_module(monkeypatch):
+    """A CUDA wheel's metadata says "2.14.1" where torch.__version__ says "2.14.1+cu130": the record keeps the
+    label; a package never imported falls back to its metadata, a missing one to `missing`."""
+    import types
+    from importlib import metadata
+
+    monkeypatch.setitem(sys.modules, "numpy", types.SimpleNamespace(__version__="9.9.9+build7"))
+    assert common.package_version("numpy") == "9.9.9+build7"
+    monkeypatch.delitem(sys.modules, "numpy")
+    assert common.package_version("numpy") == metadata.version("numpy")
+    assert common.package_version("no-such-package-srpo", missing="absent") == "absent"
