@@ -87,7 +87,8 @@ def _stderr(message):
 
 
 def _decoding(args):
-    return answers.Decoding(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.max_length)
+    return answers.Decoding(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.max_length,
+                            getattr(args, "num_choices", 1))
 
 
 def _chat(args):
@@ -366,6 +367,9 @@ def _generate_args(p):
                                       "answer file, so write to MODEL_ID.jsonl")
     _questions_args(p)
     p.add_argument("--out", required=True, help="answers JSONL, appended question by question; a rerun resumes it")
+    p.add_argument("--num_choices", type=POSITIVE, default=1,
+                   help="answers per question, sampled (FastChat's --num-choices; needs --temperature > 0): for "
+                        "an expected score; the judge reads the first")
     _decoding_args(p)
     _device_args(p)
 

@@ -96,10 +96,12 @@ def embedded_questions(split="test"):
 
 @dataclass(frozen=True)
 class Answer:
-    """One question's answers in an answer file, and where they were read ("FILE:LINE")."""
+    """One question's answers in an answer file, and where they were read ("FILE:LINE"): turns, the first
+    choice's (what the judge reads); choices, every choice's turns (``Decoding.choices`` samples)."""
     model_id: str
     turns: list
     where: str
+    choices: tuple = ()
 
 
 def load_answers(path):
@@ -117,8 +119,10 @@ def index_answers(rows, default_id):
         choices = field(record, "choices", where, list)
         if not choices or not isinstance(choices[0], dict):
             raise EvalError(f"{where}: field 'choices' must be a non-empty list of objects")
-        turns = _turns(choices[0].get("turns"), "choices[0].turns", where)
-        answers[key] = Answer(str(record.get("model_id", default_id)), turns, where)
+        if not all(isinstance(c, dict) for c in choices):
+            raise EvalError(f"{where}: field 'choices' must be a list of objects")
+        every = tuple(_turns(c.get("turns"), f"choices[{i}].turns", where) for i, c in enumerate(choices))
+        answers[key] = Answer(str(record.get("model_id", default_id)), every[0], where, every)
     return answers
 
 
@@ -128,12 +132,21 @@ def index_answers(rows, default_id):
 
 @dataclass(frozen=True)
 class Decoding:
-    """How to decode: greedy when temperature is 0, else sampling with temperature and top_p."""
+    """How to decode: greedy when temperature is 0, else sampling with temperature and top_p; choices answers
+    per question (FastChat's --num-choices: samples, for an expected score; the judge reads the first)."""
     max_new_tokens: int = defaults.MAX_NEW_TOKENS
     temperature: float = defaults.TEMPERATURE
     top_p: float = defaults.TOP_P
     seed: int = 0
     max_length: int | None = None  # context limit; None: the model's max_position_embeddings
+    choices: int = 1
+
+    def __post_init__(self):
+        if self.choices < 1:
+            raise EvalError(f"--num_choices {self.choices}: must be at least 1")
+        if self.choices > 1 and self.temperature == 0:
+            raise EvalError(f"--num_choices {self.choices} with --temperature 0: greedy decoding gives every "
+                            f"choice the same answer; sample (--temperature > 0) or ask for one choice")
 
 
 def _context_limit(model, decoding):
@@ -148,12 +161,13 @@ def check_context(name, model, max_length, flag="--max_length"):
                         f"(its config's max_position_embeddings / n_positions); use {limit} or less")
 
 
-def generate_reply(model, tokenizer, prompt_ids, decoding):
-    """The decoded continuation of one prompt (special tokens dropped, outer whitespace stripped).
+def generate_reply(model, tokenizer, prompt_ids, decoding, n=1):
+    """The decoded continuation of one prompt (special tokens dropped, outer whitespace stripped); n > 1: a list of
+    n sampled continuations, drawn in one batch.
 
     Shape: prompt_ids list[int]. The whole prompt is kept: new tokens are capped at the room that the
-    context limit leaves after it, and a prompt that leaves no room is an EvalError. Returns (text, the
-    new-token cap used: decoding.max_new_tokens or less).
+    context limit leaves after it, and a prompt that leaves no room is an EvalError. Returns (text, or a list of
+    n texts, the new-token cap used: decoding.max_new_tokens or less).
     """
     limit = _context_limit(model, decoding)
     room = min(decoding.max_new_tokens, limit - len(prompt_ids)) if limit else decoding.max_new_tokens
@@ -167,14 +181,30 @@ def generate_reply(model, tokenizer, prompt_ids, decoding):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=room,
                              use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **options)
-    text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-    return text.strip(), room
+                             eos_token_id=tokenizer.eos_token_id, num_return_sequences=n, **options)
+    texts = [tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True).strip() for row in out]
+    return (texts[0] if n == 1 else texts), room
 
 
 def question_seed(seed, question_id):
     """A per-question seed: answers do not depend on which other questions are in the file."""
     return (seed * 1_000_003 + zlib.crc32(json.dumps(question_id).encode())) % (2 ** 31)
+
+
+def answer_choices(model, tokenizer, turns, decoding, seed, prompt=None, chat=None):
+    """decoding.choices answers to a conversation: [(answers, caps)] per choice (``answer_turns``). One turn: the
+    choices are sampled in one batch from seed; several: choice i is its own conversation from seed + i."""
+    if decoding.choices == 1 or len(turns) > 1:
+        return [answer_turns(model, tokenizer, turns, decoding, seed + i, prompt, chat)
+                for i in range(decoding.choices)]
+    torch.manual_seed(seed)
+    ids = data.encode_prompt(prompt if prompt is not None else ({"role": "user", "content": turns[0]},), tokenizer,
+                             chat=chat)
+    try:
+        replies, cap = generate_reply(model, tokenizer, ids, decoding, n=decoding.choices)
+    except EvalError as e:
+        raise EvalError(f"turn 1: {e}") from None
+    return [([reply], [cap]) for reply in replies]
 
 
 def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None, chat=None):
@@ -234,9 +264,12 @@ def load_generated(path, model_id, decoding, chat=None):
     """
     done, settings = {}, asdict(decoding)
     for key, (where, record) in _unique_ids(appended_rows(path, "that question is answered again")).items():
-        for field, expected in (("model_id", model_id), ("decoding", settings), ("chat", chat_record(chat))):
-            if record.get(field) != expected:
-                raise EvalError(f"{where}: answer made with {field} {record.get(field)!r}, not {expected!r}; "
+        made = record.get("decoding")
+        made = {"choices": 1, **made} if isinstance(made, dict) else made  # a file from before --num_choices
+        for field, found, expected in (("model_id", record.get("model_id"), model_id), ("decoding", made, settings),
+                                       ("chat", record.get("chat"), chat_record(chat))):
+            if found != expected:
+                raise EvalError(f"{where}: answer made with {field} {found!r}, not {expected!r}; "
                                 f"use another --out")
         done[key] = record
     return done
@@ -261,14 +294,14 @@ def generate_answers(model, tokenizer, questions, decoding, model_id, out_path=N
     with open(out_path, "a", encoding="utf-8") if out_path else contextlib.nullcontext() as out:
         for q in bar.iterate(todo):
             try:
-                answers, caps = answer_turns(model, tokenizer, q["turns"], decoding,
-                                             question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"),
-                                             chat)
+                choices = answer_choices(model, tokenizer, q["turns"], decoding,
+                                         question_seed(decoding.seed, q["question_id"]), q.get("data_prompt"), chat)
             except EvalError as e:
                 raise EvalError(f"question {json.dumps(q['question_id'])}: {e}") from None
-            capped += sum(cap < decoding.max_new_tokens for cap in caps)
+            capped += sum(cap < decoding.max_new_tokens for _, caps in choices for cap in caps)
             record = {"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
-                      "choices": [{"index": 0, "turns": answers}], "tstamp": time.time(),
+                      "choices": [{"index": i, "turns": turns} for i, (turns, _) in enumerate(choices)],
+                      "tstamp": time.time(),
                       "decoding": asdict(decoding), **({"chat": chat_record(chat)} if chat else {})}
             if out is not None:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,5 +1,6 @@
 """answers.py and evaluate.py's generate command: seeded, resumable generation framed as in training; bad
 question files."""
+import dataclasses
 import json
 
 import pytest
@@ -185,3 +186,50 @@ def test_a_resumed_answers_file_keeps_one_prompt_framing(tmp_path, monkeypatch):
     records, _ = answers.generate_answers(model, tokenizer, two, decoding, "m", str(out), chat=first)
     assert [r["chat"] for r in records] == [{"system_prompt": "Be brief.", "chat_template_kwargs": {
         "enable_thinking": False}}] * 2
+
+
+def test_num_choices_samples_answers_in_one_batch_and_resumes_only_alike(tmp_path, capsys):
+    """--num_choices K: K sampled answers per question, the first what the judge reads. One turn: one batch, the
+    same K answers for the same seed and independent of the other questions; two turns: choice i is the
+    conversation that one choice from seed + i gives. A file made with another K is refused; one from before the
+    flag (no "choices" in its decoding) resumes with K = 1. Greedy decoding with K > 1 is one line."""
+    questions = tmp_path / "q.jsonl"
+    common.write_jsonl(questions, [{"question_id": "x1", "turns": ["Hello there"]},
+                                   {"question_id": "x2", "turns": ["One", "Two"]}])
+    sampled = ["--temperature", "1.0", "--max_new_tokens", "6", "--seed", "3"]
+
+    def run(name, *extra, qfile=questions):
+        out = tmp_path / name
+        assert ev.main(["generate", "--model", "tiny", "--questions", str(qfile), "--out", str(out), *sampled,
+                        *extra]) == 0
+        return answers.load_answers(out)
+
+    four, again = run("a.jsonl", "--num_choices", "4"), run("b.jsonl", "--num_choices", "4")
+    assert four == dict(again, **{k: dataclasses.replace(v, where=four[k].where) for k, v in again.items()})
+    assert [len(four[k].choices) for k in four] == [4, 4] and all(a.turns == a.choices[0] for a in four.values())
+    assert len({c[0] for c in four[json.dumps("x1")].choices}) > 1  # sampled, not one answer four times
+    tokenizer, model = models.load_tokenizer(), models.load_model()
+    decoding = answers.Decoding(max_new_tokens=6, temperature=1.0, seed=3)
+    seed = answers.question_seed(3, "x2")
+    assert list(four[json.dumps("x2")].choices) == [
+        answers.answer_turns(model, tokenizer, ["One", "Two"], decoding, seed + i)[0] for i in range(4)]
+    only_x1 = tmp_path / "q1.jsonl"
+    common.write_jsonl(only_x1, [{"question_id": "x1", "turns": ["Hello there"]}])
+    assert run("c.jsonl", "--num_choices", "4", qfile=only_x1)[json.dumps("x1")].choices == \
+        four[json.dumps("x1")].choices
+    assert ev.main(["generate", "--model", "tiny", "--questions", str(questions), "--out",
+                    str(tmp_path / "a.jsonl"), *sampled, "--num_choices", "2"]) == 2
+    assert "a.jsonl:1: answer made with decoding" in capsys.readouterr().err
+    one = tmp_path / "one.jsonl"
+    run("one.jsonl")
+    rows = [json.loads(line) for line in one.read_text().splitlines()]
+    for row in rows:
+        del row["decoding"]["choices"]
+    common.write_jsonl(one, rows[:1])
+    assert run("one.jsonl")[json.dumps("x2")].turns == [r for r in rows if r["question_id"] == "x2"][0][
+        "choices"][0]["turns"]
+    capsys.readouterr()
+    assert ev.main(["generate", "--model", "tiny", "--questions", str(questions), "--out", str(tmp_path / "g"),
+                    "--num_choices", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--num_choices 2 with --temperature 0" in err
