@@ -28,11 +28,13 @@ def run_experiment(name, ctx, smoke=False):
     made = provenance.record()  # the tree and libraries as the experiment starts, and its command
 
     def document(result):
+        size = result.get("size") or dataclasses.asdict(ctx.size)  # a claim run in its own regime says so
+        result = {k: v for k, v in result.items() if k != "size"}
         return dict(result, experiment=name, seconds=time.time() - t0, cpu_seconds=cpu_seconds() - cpu0,
                     runs_trained=sum(v == "trained" for v in ctx.runs.values()),
                     runs_reused=sum(v == "reused" for v in ctx.runs.values()),
                     provenance=made,
-                    config={**dataclasses.asdict(ctx.size), "smoke": smoke, "seeds": result.get("seeds", ctx.seeds),
+                    config={**size, "smoke": smoke, "seeds": result.get("seeds", ctx.seeds),
                             "test_prompts": len(ctx.questions)})
 
     base = os.path.join(ctx.out, name)

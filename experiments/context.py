@@ -84,11 +84,11 @@ class Context:
         self.questions = questions[:size.test_prompts or None]
         self.seeds = list(range(size.seeds))
 
-    def variant(self, sft_q, seeds):
-        """This context for SFT models trained with --sft_quality_q sft_q (own folders seedN-qQ) and these
-        seeds; it shares the record of runs and the questions."""
+    def variant(self, sft_q, seeds, size=None):
+        """This context for SFT models trained with --sft_quality_q sft_q (own folders seedN-qQ), these seeds and
+        (if given) another size; it shares the record of runs and the questions."""
         other = copy.copy(self)
-        other.sft_q, other.seeds = sft_q, list(seeds)
+        other.sft_q, other.seeds, other.size = sft_q, list(seeds), size or self.size
         return other
 
     def seed_dir(self, seed):
@@ -185,19 +185,21 @@ class Context:
 
     def answers(self, seed, run, split="test"):
         """The run's answers to the test prompts (split "valid": the validation prompts), {question key:
-        answers.Answer}, generated once, with the same decoding for both splits."""
+        answers.Answer}, generated once, with the same decoding for both splits (size.samples choices each)."""
         folder = self.align(seed, run) if isinstance(run, Run) else os.path.dirname(self.sft(seed))
         s = self.size
         questions = self.questions if split == "test" else self.validation_questions()
         path = os.path.join(folder, f"answers{'' if split == 'test' else '-' + split}-q{len(questions)}"
-                                    f"-n{s.max_new_tokens}-t{s.temperature:g}.jsonl")
+                                    f"-n{s.max_new_tokens}-t{s.temperature:g}"
+                                    f"{f'-k{s.samples}' if s.samples > 1 else ''}.jsonl")
         if not os.path.exists(path):
             device = "cuda" if torch.cuda.is_available() else "cpu"
             model_dir = os.path.join(folder, checkpoint.FINAL)
             tokenizer = models.load_tokenizer(model_dir)
             model = models.load_model(model_dir, tokenizer).to(device)
             name = run.name if isinstance(run, Run) else "sft"
-            decoding = answers.Decoding(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
+            decoding = answers.Decoding(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed,
+                                        choices=s.samples)
             records, capped = answers.generate_answers(model, tokenizer, questions, decoding, name)
             if capped:
                 self.log(f"  {self.label(seed)} {name}: {capped} answer turn(s) had fewer new tokens than asked, "

@@ -54,8 +54,10 @@ def footer(result):
             f"SFT {c['sft_steps']} steps of {c['sft_batch_size']} (lr {c['sft_lr']:g}), alignment {c['steps']} "
             f"steps of {c['batch_size']} pairs (lr {c['lr']:g}, β {defaults.BETA:g}, λ {defaults.LAM:g} unless "
             f"varied), {c['test_prompts']} test prompts, "
-            f"{'greedy' if c['temperature'] == 0 else 'sampled (temperature %g)' % c['temperature']} answers of "
-            f"at most {c['max_new_tokens']} tokens. Took {result['seconds']:.0f}s"
+            + (f"{c['samples']} " if c.get("samples", 1) > 1 else "")
+            + f"{'greedy' if c['temperature'] == 0 else 'sampled (temperature %g)' % c['temperature']} answers "
+            + ("per prompt " if c.get("samples", 1) > 1 else "") + f"of at most {c['max_new_tokens']} tokens."
+            f" Took {result['seconds']:.0f}s"
             + (f" ({result['cpu_seconds']:.0f} CPU-seconds)" if "cpu_seconds" in result else "")
             + f" ({result['runs_trained']} runs trained, {result['runs_reused']} reused)."
             + (f" Made at {provenance.line(result['provenance'])}." if "provenance" in result else ""))

