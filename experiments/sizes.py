@@ -58,6 +58,7 @@ class Size:
     verdict_samples: int = 8  # answers per test and validation prompt: the expected true score
     verdict_qs: tuple = (0.1, 0.3, 1.0)  # the quality-aware SFT shares premise.choose_q tries, smallest first
     verdict_betas: tuple = (0.05, 0.1, 0.2)  # the verdict's first β grid for each method, widened until interior
+    verdict_widenings: int = 4  # at most this many halvings (doublings) of that grid's lower (upper) end
     verdict_controls: tuple = ("neutral", "opposite", "naive")  # its prompt controls of Sr-DPO at β 0.1
     validation_prompts: int = 0  # validation prompts answered by the baselines' β sweep (0: all 200)
 
@@ -74,7 +75,7 @@ SIZES = {
 SMOKE = dict(sft_steps=2, sft_batch_size=4, steps=2, batch_size=4, seeds=2, eval_every=1, eval_pairs=6, test_prompts=4,
              micro_batch_size=0, train_pairs=16, premise_seeds=2, premise_qs=(0.0, 1.0), verdict_seeds=2,
              verdict_betas=(0.05, 0.1), verdict_controls=("neutral", "opposite", "naive"), validation_prompts=4,
-             verdict_lr=0.0, verdict_steps=2, verdict_samples=2, verdict_qs=(0.3,))
+             verdict_lr=0.0, verdict_steps=2, verdict_samples=2, verdict_qs=(0.3,), verdict_widenings=1)
 SMOKE_SMOLLM2 = dict(SMOKE, verdict_betas=(0.1,), verdict_controls=("neutral",), verdict_qs=(), verdict_samples=1,
                      sft_steps=1,
                      sft_batch_size=2, steps=1, batch_size=2, eval_pairs=2, test_prompts=2,

@@ -29,7 +29,6 @@ POWER_HALFWIDTHS = (5, 10, 25)  # points of win − lose
 # that 8 seeds reach when the per-seed differences have an SD of at most 12 points (t(7) · 12 / √8 = 10); the noise
 # floor of this regime is 0.5 points (experiments/results/default-noise-floor). An interval below it: "not detected".
 PLANNED_EFFECT = 10.0
-WIDENINGS = 4  # at most this many halvings (doublings) of the β grid's lower (upper) end, to make its optimum interior
 ALPHA = 0.05  # of the Holm-adjusted paired t-test
 MAIN_ROWS = 5  # result_of's first comparisons after the noise floor: one Holm family; the controls are another
 
@@ -94,18 +93,18 @@ def choose_beta(ctx, loss, betas):
 
 def beta_grid(ctx, loss):
     """loss's β grid and choose_beta's result on it: size.verdict_betas, widened (the lower end halved, the upper
-    doubled, at most WIDENINGS times each) while a fold's or all seeds' pick lies at an end, so that the optimum is
-    interior. Each grid's runs are trained first (with validation answers) unless ctx.train_nothing, where the
-    grid widens only as far as runs exist."""
-    betas = sorted(ctx.size.verdict_betas)
+    doubled, at most size.verdict_widenings times each) while a fold's or all seeds' pick lies at an end, so that
+    the optimum is interior. Each grid's runs are trained first (with validation answers) unless ctx.train_nothing,
+    where the grid widens only as far as runs exist."""
+    betas, most = sorted(ctx.size.verdict_betas), ctx.size.verdict_widenings
     low = high = 0
     while True:
         if not ctx.train_nothing:
             prepare(ctx, [(ctx.sft_q, ctx.seeds, [beta_run(loss, b, True) for b in betas])])
         chosen = choose_beta(ctx, loss, betas)
         picks = {chosen[k] for k in ("even_seeds_get", "odd_seeds_get", "all_seeds_pick")} - {None}
-        wider = ([betas[0] / 2] if betas[0] in picks and low < WIDENINGS and len(betas) > 1 else []) + (
-            [betas[-1] * 2] if betas[-1] in picks and high < WIDENINGS and len(betas) > 1 else [])
+        wider = ([betas[0] / 2] if betas[0] in picks and low < most and len(betas) > 1 else []) + (
+            [betas[-1] * 2] if betas[-1] in picks and high < most and len(betas) > 1 else [])
         if not wider or (ctx.train_nothing and not any(have(ctx, s, [beta_run(loss, b, True) for b in wider], "valid")
                                                        for s in ctx.seeds)):
             return betas, chosen
@@ -412,7 +411,8 @@ def markdown(result):
         "(embedded_pairs(\"test\", seed=1): disjoint from the test and training prompts) by 2-fold cross-fitting "
         f"over seeds (even seeds get the β the odd seeds' validation answers pick, and vice versa); mean validation "
         f"true score ± SD over seeds. Each method has its own grid, widened until its optimum is interior "
-        f"(at most {WIDENINGS} halvings or doublings; '-': not on that method's grid)." if isinstance(
+        f"(at most {result['config'].get('verdict_widenings', 4)} halvings or doublings; '-': not on that "
+        "method's grid)." if isinstance(
             result["betas"], dict) else "**β of the baselines** (Sr at the tuned β ran at its baseline's β).",
         choice,
         "**Power**: seeds a 95% half-width of win − lose would need, planned from this run's per-seed SD.", power,

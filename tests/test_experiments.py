@@ -11,8 +11,10 @@ import statistics
 import pytest
 
 import train
+from base import embedded
 from experiments import ExperimentError, cli, context, corollary, lambdas, premise, render, sizes, table4, verdict
 from experiments.stats import betainc, t_test, t_two_sided_p
+from mtbench import answers
 from training import models
 
 # ----------------------------------------------------------------------------- statistics
@@ -229,19 +231,23 @@ def test_premise_has_every_q_both_pairs_the_lambda_curve_and_the_side_by_side(sm
     assert "Does a more informative Δπ pay?" in (smoke.out / "premise.md").read_text()
 
 
-@pytest.mark.slow  # the verdict at its smallest: 2 seeds x the beta grid and controls
+@pytest.mark.slow  # the verdict at its smallest: 2 seeds x each method's beta grid and the controls
 def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
-    """The verdict at its smallest (2 seeds, β in {0.05, 0.1}, the neutral and naive controls): every paired
-    comparison has a computed 95% interval in both units, each interval matches its per-seed differences, and
-    the verdicts come from the rule; the validation answers are on their own prompts."""
+    """The verdict at its smallest (2 seeds, q 0.3, β grids from {0.05, 0.1} widened once at most, the three
+    controls): every paired comparison has a computed 95% interval in both units, each interval matches its
+    per-seed differences, each score is the mean true score of the answers' sampled choices, the verdicts come from
+    the rule, each method's β is its own; the validation answers are on their own prompts."""
     result = smoke("verdict", "--jobs", "2")
     seeds = result["config"]["seeds"]
-    assert seeds == [0, 1] and result["betas"] == [0.05, 0.1] and result["controls"] == ["neutral", "naive"]
+    assert seeds == [0, 1] and result["controls"] == ["neutral", "opposite", "naive"]
+    assert result["q"] == 0.3 and set(result["q_rule"]["validation_spearman"]) == {"0.3"}
+    assert (result["config"]["steps"], result["config"]["samples"]) == (2, 2)
     assert [r["comparison"] for r in result["rows"]] == [
-        "noise floor: Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.05", "Sr-DPO vs DPO, both at DPO's tuned β",
-        "Sr-IPO vs IPO, both at IPO's tuned β", "Sr-DPO vs DPO, β 0.1",
+        "noise floor: Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.05", "Sr-DPO vs DPO, each at its own tuned β",
+        "Sr-IPO vs IPO, each at its own tuned β", "Sr-DPO vs DPO, β 0.1",
         "Sr-IPO vs IPO, β 0.1", "Sr-DPO (β 0.1) vs DPO at its tuned β", "Sr-DPO, neutral text vs p (β 0.1)",
-        "Sr-DPO, Δ_naive (no text) vs p (β 0.1)", "Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.1"]
+        "Sr-DPO, opposite prompt vs p (β 0.1)", "Sr-DPO, Δ_naive (no text) vs p (β 0.1)",
+        "Sr-DPO-naive (β 0.1, λ 0.5) vs DPO, β 0.1"]
     for row in result["rows"]:
         assert [e["seed"] for e in row["per_seed"]] == seeds
         for key, diffs in (("score", [e["score_a"] - e["score_b"] for e in row["per_seed"]]),
@@ -254,17 +260,31 @@ def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
             assert st["won"] + st["tied"] + st["lost"] == 2
         assert row["verdict"] == verdict.verdict(row["winlose"], row["winlose"].get("holm_p"), row["direction"],
                                                  result["noise_floor"])
+    at_p = result["rows"][3]["per_seed"][1]  # Sr-DPO at β 0.1, seed 1: its expected score from the answer file
+    (found,) = (smoke.work / "seed1-q0.3" / at_p["run_a"]).glob("answers-q4-*-k2.jsonl")
+    records = [json.loads(line) for line in found.read_text().splitlines()]
+    assert all(len(r["choices"]) == 2 for r in records)
+    prompts = {q["question_id"]: q["turns"][0] for q in answers.embedded_questions("test")}
+    assert at_p["score_a"] == pytest.approx(statistics.mean(
+        statistics.mean(embedded.embedded_score(prompts[r["question_id"]], c["turns"][0]) for c in r["choices"])
+        for r in records))
     assert result["rows"][1]["paper_mt_bench"] == pytest.approx(25.0)
     assert result["rows"][0]["verdict"].startswith(("consistent", "not consistent"))
     assert result["provenance"]["versions"]["torch"] and "command" in result["provenance"]
-    for loss in ("dpo", "ipo"):
-        chosen = result["chosen"][loss]
-        assert set(chosen["validation"]) == {"0.05", "0.1"} and set(chosen["per_seed"]) == {"0", "1"}
+    for loss in ("dpo", "ipo", "sr-dpo", "sr-ipo"):
+        chosen, grid = result["chosen"][loss], result["betas"][loss]
+        assert {0.05, 0.1} <= set(grid) <= {0.025, 0.05, 0.1, 0.2} and chosen["betas"] == grid
+        assert set(chosen["validation"]) == {f"{b:g}" for b in grid} and set(chosen["per_seed"]) == {"0", "1"}
         assert (chosen["per_seed"]["0"], chosen["per_seed"]["1"]) == (chosen["even_seeds_get"], chosen["odd_seeds_get"])
-    valid = list((smoke.work / "seed0" / "dpo-b0.05").glob("answers-valid-q4-*.jsonl"))
+        picks = {chosen[k] for k in ("even_seeds_get", "odd_seeds_get", "all_seeds_pick")}
+        assert (min(grid) not in picks or min(grid) < 0.05) and (max(grid) not in picks or max(grid) > 0.1)
+    views = result["views"]
+    assert [r["seed"] for r in views["rows"]] == seeds and set(views["mean"]) == {"p", "neutral", "opposite", "none"}
+    valid = list((smoke.work / "seed0-q0.3" / "dpo-b0.05").glob("answers-valid-q4-*.jsonl"))
     assert len(valid) == 1 and len(valid[0].read_text().splitlines()) == 4
     md = (smoke.out / "verdict.md").read_text()
     assert "| Sr-DPO vs DPO, β 0.1 | 2 |" in md and "| +25.0 / +41.2 |" in md and "speaks for the miniature" in md
+    assert "**The setting.** SFT with a share q = 0.3" in md and "**The paper's prediction.**" in md
 
 
 def test_verdict_rule():
@@ -272,12 +292,12 @@ def test_verdict_rule():
     iv = {"low": 2.0, "high": 30.0, "mean": 16.0}
     assert verdict.verdict(iv, 0.01, 1) == "reproduced"
     assert verdict.verdict(iv, 0.01, -1) == "reversed"  # a control that did better than p
-    assert verdict.verdict(iv, 0.2, 1) == "inconclusive"  # covers the planned 25 points, not rejected after Holm
+    assert verdict.verdict(iv, 0.2, 1) == "inconclusive"  # covers the planned 10 points, not rejected after Holm
     assert verdict.verdict({"low": -30.0, "high": -2.0, "mean": -16.0}, 0.01, 1) == "reversed"
     assert verdict.verdict({"low": -30.0, "high": -2.0, "mean": -16.0}, 0.01, -1) == "reproduced"
-    assert verdict.verdict({"low": -10.0, "high": 20.0, "mean": 5.0}, 0.5, 1) == "not detected"  # excludes +25
-    assert verdict.verdict({"low": -10.0, "high": 30.0, "mean": 10.0}, 0.5, 1) == "inconclusive"
-    assert verdict.verdict({"low": -20.0, "high": 10.0, "mean": -5.0}, 0.5, -1) == "not detected"  # excludes -25
+    assert verdict.verdict({"low": -10.0, "high": 8.0, "mean": -1.0}, 0.5, 1) == "not detected"  # excludes +10
+    assert verdict.verdict({"low": -10.0, "high": 12.0, "mean": 1.0}, 0.5, 1) == "inconclusive"
+    assert verdict.verdict({"low": -8.0, "high": 10.0, "mean": 1.0}, 0.5, -1) == "not detected"  # excludes -10
     assert verdict.verdict(iv, 0.01, 1, floor=20.0) == "inconclusive (within the noise floor)"
     assert verdict.verdict(iv, 0.01, 1, floor=10.0) == "reproduced"
     assert verdict.verdict({"low": -3.0, "high": 9.0, "mean": 3.0}, None, 0).startswith("consistent")

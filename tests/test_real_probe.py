@@ -260,9 +260,10 @@ def test_real_lora_smoke_where_smollm2_is_installed(tmp_path):
 # ----------------------------------------------------------------------------- the miniature's premise per view
 
 
-def test_premise_views_and_the_pre_stated_rule_for_q(tmp_path):
+def test_premise_views_and_the_pre_stated_rule_for_q(tmp_path, monkeypatch):
     """Smoke-size SFT models at q 0 and 1: each view's own margins on the test pairs (p, neutral, opposite differ:
-    they are other texts), and q chosen by the rule from the validation margins the function reports."""
+    they are other texts), and q chosen by the rule from the validation margins, trained q by q in increasing order
+    until one reaches it."""
     from experiments import premise
 
     ctx = context.Context(sizes.size_for("default", smoke=True), str(tmp_path / "w"), str(tmp_path / "o"),
@@ -273,8 +274,13 @@ def test_premise_views_and_the_pre_stated_rule_for_q(tmp_path):
     assert len({own.sft_margins(0, key)["delta_mean"] for key in premise.VIEW_PROMPTS.values()}) == 3  # 3 texts
     assert own.sft_margins(0)["spearman"] == rows[0]["p"]["spearman"]
     assert all(0 <= rows[0][v]["accuracy"] <= 1 for v in ("p", "neutral", "opposite", "none"))
-    q, means = premise.choose_q(ctx, (0.0, 1.0), [0])
-    reaching = [x for x in (0.0, 1.0) if means[x] >= premise.Q_RULE]
-    assert q == (reaching[0] if reaching else max((0.0, 1.0), key=lambda x: (means[x], x)))
+    monkeypatch.setattr(premise, "Q_RULE", 2.0)  # no q reaches it: every q is trained, the largest mean wins
+    q, means = premise.choose_q(ctx, (1.0, 0.3), [0])
+    assert sorted(means) == [0.3, 1.0] and q == max(means, key=lambda x: (means[x], -x))
+    assert means[1.0] == own.sft_margins(0, split="valid")["spearman"]
     assert (tmp_path / "w" / "seed0-q1" / "sft" / "margins-e6-valid.json").exists()  # validation pairs, not test pairs
+    monkeypatch.setattr(premise, "Q_RULE", -2.0)  # the smallest q reaches it: no larger q is trained
+    other = context.Context(sizes.size_for("default", smoke=True), str(tmp_path / "w2"), str(tmp_path / "o"),
+                            log=lambda *a: None)
+    assert premise.choose_q(other, (1.0, 0.3), [0])[0] == 0.3 and not (tmp_path / "w2" / "seed0-q1").exists()
     assert "| seed | p: accuracy |" in premise.view_markdown(rows)
