@@ -24,11 +24,15 @@ PAPER = {"sr-dpo": (45.62 - 20.62, 63.75 - 22.50), "sr-ipo": (38.75 - 26.25, 60.
          "naive": (38.75 - 19.37, None)}
 CONTROL_NAMES = {"neutral": "Sr-DPO, neutral text", "opposite": "Sr-DPO, opposite prompt",
                  "naive": "Sr-DPO, Δ_naive (no text)"}
-POWER_HALFWIDTHS = (5, 10, 25)  # points of win − lose
-# The smallest effect the power analysis planned for (docs/verdict.md §3): 10 points of win − lose, a 95% half-width
-# that 8 seeds reach when the per-seed differences have an SD of at most 12 points (t(7) · 12 / √8 = 10); the noise
-# floor of this regime is 0.5 points (experiments/results/default-noise-floor). An interval below it: "not detected".
-PLANNED_EFFECT = 10.0
+POWER_HALFWIDTHS = {"score": (0.005, 0.01, 0.02), "winlose": (5, 10, 25)}
+# The verdict words are said on the primary metric, the expected true score (issue 32, item 2), and beside it on
+# win − lose for comparability with Table 2. The smallest effect each was planned for (docs/verdict.md §6); an
+# interval that excludes it in the paper's direction, without a rejection, is "not detected":
+# score: 0.02, a tenth of what DPO gains over SFT in this regime (+0.196, experiments/results/default-noise-floor);
+# win − lose: 10 points, the 95% half-width 8 seeds reach at a per-seed SD of 12 points (t(7) · 12 / √8 = 10).
+PLANNED_EFFECT = {"score": 0.02, "winlose": 10.0}
+PRIMARY = "score"
+UNITS = {"score": ("mean true score A − B", "+.3f"), "winlose": ("win − lose, points", "+.1f")}
 ALPHA = 0.05  # of the Holm-adjusted paired t-test
 MAIN_ROWS = 5  # result_of's first comparisons after the noise floor: one Holm family; the controls are another
 
@@ -119,12 +123,13 @@ def summary(diffs):
             "tied": sum(d == 0 for d in diffs), "lost": sum(d < 0 for d in diffs), "per_seed": list(diffs)}
 
 
-def verdict(iv, adjusted_p, direction, floor=None, planned=PLANNED_EFFECT):
-    """The verdict words of a comparison (win − lose over seeds), the paper's numbers playing no part:
+def verdict(iv, adjusted_p, direction, floor=None, planned=PLANNED_EFFECT[PRIMARY]):
+    """The verdict words of a comparison (one metric's paired summary over seeds), the paper's numbers playing no
+    part:
     reproduced: the Holm-adjusted paired t-test rejects 0 (adjusted_p < ALPHA) and the mean lies in the paper's
     direction; reversed: it rejects 0 the other way; not detected: it does not, and the 95% interval excludes an
-    effect of `planned` points in the paper's direction (the smallest the power analysis planned for); else
-    inconclusive. A rejection whose mean is smaller than the noise floor (`floor`, points) is inconclusive too.
+    effect of `planned` in the paper's direction (the smallest the power analysis planned for); else
+    inconclusive. A rejection whose mean is smaller than the noise floor (`floor`, same unit) is inconclusive too.
     direction 0: an identity that predicts 0 (consistent when the interval covers 0)."""
     low, high, mean = iv.get("low", math.nan), iv.get("high", math.nan), iv.get("mean", math.nan)
     if not (math.isfinite(low) and math.isfinite(high)):
@@ -141,25 +146,29 @@ def verdict(iv, adjusted_p, direction, floor=None, planned=PLANNED_EFFECT):
     return "inconclusive"
 
 
-def noise_floor(row):
-    """The noise floor in points of win − lose: the largest |difference| the identity row's 95% interval allows
-    between runs that are the same loss up to a gradient factor; None without such a row."""
-    if row is None or not math.isfinite(row["winlose"].get("low", math.nan)):
+def noise_floor(row, key=PRIMARY):
+    """The noise floor of one metric (key "score" or "winlose"): the largest |difference| the identity row's 95%
+    interval allows between runs that are the same loss up to a gradient factor; None without such a row."""
+    if row is None or not math.isfinite(row[key].get("low", math.nan)):
         return None
-    return max(abs(row["winlose"]["low"]), abs(row["winlose"]["high"]))
+    return max(abs(row[key]["low"]), abs(row[key]["high"]))
 
 
-def judge(rows):
-    """Each row's Holm-adjusted p (within its family: the MAIN_ROWS main comparisons; the controls) and verdict,
-    against the noise floor of the identity row (direction 0) where there is one. Changes rows in place."""
-    floor = noise_floor(next((r for r in rows if r["direction"] == 0), None))
+def judge(rows, primary=PRIMARY):
+    """Each row's Holm-adjusted p per metric (within its family: the MAIN_ROWS main comparisons; the controls), its
+    verdict on the primary metric ("verdict") and on the other ("verdict_" + its key), each against the noise floor
+    of the identity row (direction 0) where there is one. Changes rows in place; returns {metric: floor}."""
+    identity = next((r for r in rows if r["direction"] == 0), None)
+    floors = {key: noise_floor(identity, key) for key in UNITS}
     tested = [r for r in rows if r["direction"] != 0]
-    for family in (tested[:MAIN_ROWS], tested[MAIN_ROWS:]):
-        for r, p in zip(family, holm([r["winlose"]["p"] for r in family])):
-            r["winlose"]["holm_p"] = p
-    for r in rows:
-        r["verdict"] = verdict(r["winlose"], r["winlose"].get("holm_p"), r["direction"], floor)
-    return floor
+    for key in UNITS:
+        for family in (tested[:MAIN_ROWS], tested[MAIN_ROWS:]):
+            for r, p in zip(family, holm([r[key]["p"] for r in family])):
+                r[key]["holm_p"] = p
+        for r in rows:
+            r["verdict" if key == primary else "verdict_" + key] = verdict(
+                r[key], r[key].get("holm_p"), r["direction"], floors[key], PLANNED_EFFECT[key])
+    return floors
 
 
 def paired(ctx, label, runs_a, runs_b, paper=(None, None), direction=1, note=""):
@@ -182,24 +191,23 @@ def paired(ctx, label, runs_a, runs_b, paper=(None, None), direction=1, note="")
 
 
 def restate(result):
-    """A verdict result written before issue 32's statistics (no sign test, no Holm p, the identity row last), with
-    each row's summaries recomputed from its per-seed numbers, the identity row moved first as the noise floor, and
-    the verdict words of ``judge``: the same runs, today's statistics. A result that has them is returned as is."""
-    rows = result["rows"]
-    if all("sign_p" in r["winlose"] for r in rows):
-        return result
+    """The result with each row's summaries recomputed from its per-seed numbers and judged again (``judge``): the
+    same runs, today's statistics. A result from before issue 32's statistics (no "primary": its verdict words were
+    said on win − lose, its identity row last) gets its identity row moved first as the noise floor, and says so."""
+    primary = result.get("primary", "winlose")
     out = []
-    for r in rows:
+    for r in result["rows"]:
         r = dict(r, score=summary([e["score_a"] - e["score_b"] for e in r["per_seed"]]),
                  winlose=summary([100 * (e["win"] - e["lose"]) for e in r["per_seed"]]))
         if r["direction"] == 0 and not r["comparison"].startswith("noise floor"):
             r["comparison"] = "noise floor: " + r["comparison"]
         out.append(r)
     out.sort(key=lambda r: r["direction"] != 0)  # stable: the identity row first, the rest in their order
-    floor = judge(out)
-    return dict(result, rows=out, noise_floor=floor, planned_effect=PLANNED_EFFECT,
-                restated="statistics and verdict words recomputed from the per-seed numbers of this result by "
-                         "verdict.restate (issue 32); its runs are those of the original result")
+    floors = judge(out, primary)
+    old = {} if "primary" in result else {
+        "restated": "statistics and verdict words recomputed from the per-seed numbers of this result by "
+                    "verdict.restate (issue 32); its runs are those of the original result"}
+    return dict(result, rows=out, noise_floor=floors, primary=primary, planned_effect=PLANNED_EFFECT, **old)
 
 
 def tiers(ctx):
@@ -269,16 +277,15 @@ def result_of(ctx, q=None):
                                    f"β {identity_beta:g}", naive,
                               {seed: beta_run("dpo", identity_beta) for seed in seeds}, direction=0,
                               note="docs/verdict.md §1: the same loss up to a gradient factor; predicts 0"))
-    floor = judge(rows)
+    floors = judge(rows)
     main = [r for r in rows if r["direction"] != 0][:MAIN_ROWS]
-    power = [{"comparison": r["comparison"], "sd": r["winlose"].get("sd", math.nan),
-              "seeds": {f"{w:g}": (seeds_for_halfwidth(r["winlose"]["sd"], w)
-                                   if math.isfinite(r["winlose"].get("sd", math.nan)) else None)
-                        for w in POWER_HALFWIDTHS}} for r in main[2:4]]
+    power = [{"comparison": r["comparison"], "metric": key, "sd": r[key].get("sd", math.nan),
+              "seeds": {f"{w:g}": (seeds_for_halfwidth(r[key]["sd"], w) if math.isfinite(r[key].get("sd", math.nan))
+                                   else None) for w in POWER_HALFWIDTHS[key]}} for key in UNITS for r in main[2:4]]
     return {"size": dataclasses.asdict(s), "seeds": list(seeds), "q": ctx.sft_q, "q_rule": q, "lr": s.lr,
             "steps": s.steps, "samples": s.samples,
             "betas": {loss: g for loss, (g, _) in grid.items()}, "controls": list(s.verdict_controls),
-            "noise_floor": floor, "planned_effect": PLANNED_EFFECT, "views": views(ctx),
+            "primary": PRIMARY, "noise_floor": floors, "planned_effect": PLANNED_EFFECT, "views": views(ctx),
             "validation_prompts": len(ctx.validation_questions()), "chosen": chosen, "rows": rows, "power": power,
             "complete": all(len(r["seeds"]) == len(seeds) for r in rows)}
 
@@ -358,15 +365,18 @@ def paper_cell(row):
 def markdown(result):
     """The Markdown of a result between its title and its footer, as a list of paragraphs."""
     result = restate(result)
-    rows = result["rows"]
+    rows, primary = result["rows"], result["primary"]
+    other = next(k for k in UNITS if k != primary)
+    (unit, fmt), (other_unit, other_fmt) = UNITS[primary], UNITS[other]
     table = markdown_table(
-        ["comparison (A vs B)", "seeds", "miniature: win − lose, points [95% CI]", "mean true score A − B [95% CI]",
-         "t p", "Holm p", "Wilcoxon p", "sign p", "seeds A won / tied / lost", "verdict",
+        ["comparison (A vs B)", "seeds", f"{unit} [95% CI]", "t p", "Holm p", "Wilcoxon p", "sign p",
+         "seeds A won / tied / lost", "verdict", f"miniature: {other_unit} [95% CI]", "Holm p", "verdict on it",
          "paper, beside (GPT-4 win − lose, MT-Bench / Vicuna)"],
-        [[r["comparison"], len(r["seeds"]), interval_cell(r["winlose"]), interval_cell(r["score"], "+.3f"),
-          pvalue(r["winlose"]["p"]), pvalue(r["winlose"].get("holm_p")), pvalue(r["winlose"]["wilcoxon_p"]),
-          pvalue(r["winlose"]["sign_p"]), f"{r['winlose']['won']} / {r['winlose']['tied']} / {r['winlose']['lost']}",
-          f"**{r['verdict']}**", paper_cell(r)] for r in rows])
+        [[r["comparison"], len(r["seeds"]), interval_cell(r[primary], fmt), pvalue(r[primary]["p"]),
+          pvalue(r[primary].get("holm_p")), pvalue(r[primary]["wilcoxon_p"]), pvalue(r[primary]["sign_p"]),
+          f"{r[primary]['won']} / {r[primary]['tied']} / {r[primary]['lost']}", f"**{r['verdict']}**",
+          interval_cell(r[other], other_fmt), pvalue(r[other].get("holm_p")), r["verdict_" + other], paper_cell(r)]
+         for r in rows])
     grid = result["betas"] if isinstance(result["betas"], dict) else {k: result["betas"] for k in result["chosen"]}
     betas = sorted({b for g in grid.values() for b in g})
     choice = markdown_table(
@@ -377,9 +387,11 @@ def markdown(result):
                                                 if f"{b:g}" in c["validation"] else "-" for b in betas]
          + ["-" if c[k] is None else f"{c[k]:g}" for k in ("even_seeds_get", "odd_seeds_get", "all_seeds_pick")]
          for loss, c in result["chosen"].items()])
-    power = markdown_table(["comparison", "SD of win − lose per seed"] + [f"seeds for ±{w}" for w in POWER_HALFWIDTHS],
-                           [[p["comparison"], num(p["sd"], ".1f")] + [p["seeds"][f"{w:g}"] for w in POWER_HALFWIDTHS]
-                            for p in result["power"]])
+    power = markdown_table(["comparison", "metric", "SD per seed", "seeds for a 95% half-width of"],
+                           [[p["comparison"], UNITS[p.get("metric", "winlose")][0],
+                             num(p["sd"], UNITS[p.get("metric", "winlose")][1].lstrip("+"))]
+                            + [", ".join(f"±{w}: {n}" for w, n in p["seeds"].items())] for p in result["power"]])
+    floors, planned = result["noise_floor"], result["planned_effect"]
     n = len(result["seeds"])
     regime = (f"**The setting.** SFT with a share q = {result['q']:g} of rated pairs (the paper's p with a rating, "
               "embedded_sft_pairs: the model reads p)" + (
@@ -393,19 +405,22 @@ def markdown(result):
     parts = [*([regime] if regime else []),
         f"Paired over up to {n} seeds, each comparison over the seeds that have both its runs (a seed: one SFT "
         "model, data order and answer sampling shared by both sides). "
-        f"Each cell: the mean over seeds of the per-seed difference, with its 95% t-interval; win − lose in points of "
-        f"the test prompts' answers judged by their true score. "
-        "t p: the paired t-test; Holm p: the same, Holm-adjusted within its family (the main comparisons; the "
-        "controls); Wilcoxon p: the signed-rank test; sign p: the exact sign test on the seeds won and lost. "
-        "Verdict (on win − lose): **reproduced** when the Holm-adjusted test rejects 0 (p < 0.05) in the paper's "
-        "direction; **reversed** when it rejects 0 the other way; **not detected** when it does not and the 95% "
-        f"interval excludes an effect of {PLANNED_EFFECT:g} points in the paper's direction (the smallest effect "
-        "the power analysis planned for); else **inconclusive**; a rejection smaller than the noise floor "
-        f"({'none measured' if result.get('noise_floor') is None else num(result['noise_floor'], '.1f') + ' points'}"
-        ": the largest difference the first row's interval allows between runs that are the same loss up to a "
-        "gradient factor) is inconclusive too. Controls: the paper's reading (p's content matters) implies that a "
-        "control does worse than p. The paper's numbers (a GPT-4 judge on MT-Bench, Pythia 2.8B) stand beside the "
-        "rows for reference; they share no scale with a true-score win rate on a copy task and decide nothing.",
+        f"Each cell: the mean over seeds of the per-seed difference, with its 95% t-interval: the {unit} over the "
+        f"test prompts (the primary metric), and beside it the {other_unit} (a game per prompt, judged by the "
+        "true score). t p: the paired t-test; Holm p: the same, Holm-adjusted within its family (the main "
+        "comparisons; the controls); Wilcoxon p: the signed-rank test; sign p: the exact sign test on the seeds "
+        f"won and lost. Verdict (on the {unit}; beside it the same rule on the {other_unit}): **reproduced** when "
+        "the Holm-adjusted test rejects 0 (p < 0.05) in the paper's direction; **reversed** when it rejects 0 the "
+        "other way; **not detected** when it does not and the 95% interval excludes an effect of "
+        f"{num(planned[primary], fmt.lstrip('+'))} ({num(planned[other], other_fmt.lstrip('+'))} in {other_unit}) "
+        "in the paper's direction (the smallest effect the power analysis planned for); else **inconclusive**; a "
+        "rejection smaller than the noise floor (" + ", ".join(
+            f"{UNITS[k][0]} {'none measured' if floors.get(k) is None else num(floors[k], UNITS[k][1].lstrip('+'))}"
+            for k in (primary, other)) + ": the largest difference the first row's interval allows between runs "
+        "that are the same loss up to a gradient factor) is inconclusive too. Controls: the paper's reading (p's "
+        "content matters) implies that a control does worse than p. The paper's numbers (a GPT-4 judge on "
+        "MT-Bench, Pythia 2.8B) stand beside the rows for reference; they share no scale with a true score on a "
+        "copy task and decide nothing.",
         table,
         f"**β of the baselines**, chosen on {result['validation_prompts']} validation prompts "
         "(embedded_pairs(\"test\", seed=1): disjoint from the test and training prompts) by 2-fold cross-fitting "
@@ -415,7 +430,7 @@ def markdown(result):
         "method's grid)." if isinstance(
             result["betas"], dict) else "**β of the baselines** (Sr at the tuned β ran at its baseline's β).",
         choice,
-        "**Power**: seeds a 95% half-width of win − lose would need, planned from this run's per-seed SD.", power,
+        "**Power**: seeds a 95% half-width would need, planned from this run's per-seed SD.", power,
         *view_parts(result.get("views")),
         "A miniature verdict speaks for the miniature only (a tiny model on a copy task, judged by a true score). "
         "What would carry it to the paper's setting: the same design on a real model at scale (Pythia 2.8B on "

@@ -258,8 +258,9 @@ def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
             assert math.isfinite(st["low"]) and st["low"] <= st["mean"] <= st["high"]
             assert st["high"] - st["low"] == pytest.approx(2 * 12.706204736 * statistics.stdev(diffs) / math.sqrt(2))
             assert st["won"] + st["tied"] + st["lost"] == 2
-        assert row["verdict"] == verdict.verdict(row["winlose"], row["winlose"].get("holm_p"), row["direction"],
-                                                 result["noise_floor"])
+        for key, name in (("score", "verdict"), ("winlose", "verdict_winlose")):
+            assert row[name] == verdict.verdict(row[key], row[key].get("holm_p"), row["direction"],
+                                                result["noise_floor"][key], verdict.PLANNED_EFFECT[key])
     at_p = result["rows"][3]["per_seed"][1]  # Sr-DPO at β 0.1, seed 1: its expected score from the answer file
     (found,) = (smoke.work / "seed1-q0.3" / at_p["run_a"]).glob("answers-q4-*-k2.jsonl")
     records = [json.loads(line) for line in found.read_text().splitlines()]
@@ -285,19 +286,24 @@ def test_verdict_has_every_comparison_with_its_interval_and_verdict(smoke):
     md = (smoke.out / "verdict.md").read_text()
     assert "| Sr-DPO vs DPO, β 0.1 | 2 |" in md and "| +25.0 / +41.2 |" in md and "speaks for the miniature" in md
     assert "**The setting.** SFT with a share q = 0.3" in md and "**The paper's prediction.**" in md
+    assert result["primary"] == "score" and "**Restated**" not in md
 
 
 def test_verdict_rule():
-    """The words of issue 32: the Holm-adjusted test decides; the paper's effect plays no part."""
-    iv = {"low": 2.0, "high": 30.0, "mean": 16.0}
+    """The words of issue 32: the Holm-adjusted test decides; the paper's effect plays no part; "not detected" needs
+    the interval to exclude the planned effect (by default the primary metric's, 0.02 of mean true score)."""
+    iv, w = {"low": 2.0, "high": 30.0, "mean": 16.0}, verdict.PLANNED_EFFECT["winlose"]
+    assert verdict.PRIMARY == "score" and verdict.PLANNED_EFFECT == {"score": 0.02, "winlose": 10.0}
     assert verdict.verdict(iv, 0.01, 1) == "reproduced"
     assert verdict.verdict(iv, 0.01, -1) == "reversed"  # a control that did better than p
-    assert verdict.verdict(iv, 0.2, 1) == "inconclusive"  # covers the planned 10 points, not rejected after Holm
+    assert verdict.verdict(iv, 0.2, 1, planned=w) == "inconclusive"  # covers the planned 10 points, not rejected
     assert verdict.verdict({"low": -30.0, "high": -2.0, "mean": -16.0}, 0.01, 1) == "reversed"
     assert verdict.verdict({"low": -30.0, "high": -2.0, "mean": -16.0}, 0.01, -1) == "reproduced"
-    assert verdict.verdict({"low": -10.0, "high": 8.0, "mean": -1.0}, 0.5, 1) == "not detected"  # excludes +10
-    assert verdict.verdict({"low": -10.0, "high": 12.0, "mean": 1.0}, 0.5, 1) == "inconclusive"
-    assert verdict.verdict({"low": -8.0, "high": 10.0, "mean": 1.0}, 0.5, -1) == "not detected"  # excludes -10
+    assert verdict.verdict({"low": -10.0, "high": 8.0, "mean": -1.0}, 0.5, 1, planned=w) == "not detected"
+    assert verdict.verdict({"low": -10.0, "high": 12.0, "mean": 1.0}, 0.5, 1, planned=w) == "inconclusive"
+    assert verdict.verdict({"low": -8.0, "high": 10.0, "mean": 1.0}, 0.5, -1, planned=w) == "not detected"
+    assert verdict.verdict({"low": -0.01, "high": 0.015, "mean": 0.0}, 0.5, 1) == "not detected"  # excludes 0.02
+    assert verdict.verdict({"low": -0.01, "high": 0.025, "mean": 0.0}, 0.5, 1) == "inconclusive"
     assert verdict.verdict(iv, 0.01, 1, floor=20.0) == "inconclusive (within the noise floor)"
     assert verdict.verdict(iv, 0.01, 1, floor=10.0) == "reproduced"
     assert verdict.verdict({"low": -3.0, "high": 9.0, "mean": 3.0}, None, 0).startswith("consistent")
@@ -305,17 +311,25 @@ def test_verdict_rule():
 
 
 def test_judge_adjusts_within_each_family_and_takes_the_floor_from_the_identity_row():
+    """Per metric: Holm within the main comparisons and within the controls, the floor from the identity row; the
+    verdict on the primary metric (score), and beside it on win − lose."""
     def row(p, direction=1, low=-1.0, high=1.0, mean=0.5):
-        return {"direction": direction, "winlose": {"p": p, "low": low, "high": high, "mean": mean}}
+        winlose = {"p": p, "low": low, "high": high, "mean": mean}
+        return {"direction": direction, "winlose": winlose, "score": {k: v / 1000 if k != "p" else min(1.0, 2 * v)
+                                                                      for k, v in winlose.items()}}
 
     rows = [row(0.9, 0, -12.0, 7.0)] + [row(p, 1, 30.0, 60.0, 45.0) for p in (0.01, 0.04, 0.03, 0.002, 0.5)] + [
         row(0.02, -1, -60.0, -30.0, -45.0), row(0.04, 1, 30.0, 60.0, 45.0)]
-    assert verdict.judge(rows) == 12.0
+    assert verdict.judge(rows) == {"winlose": 12.0, "score": pytest.approx(0.012)}
     main = [r["winlose"]["holm_p"] for r in rows[1:6]]
     assert main == pytest.approx([0.04, 0.09, 0.09, 0.01, 0.5])  # Holm over the five: 5·0.002, 4·0.01, 3·0.03, ...
+    assert [r["score"]["holm_p"] for r in rows[1:6]] == pytest.approx([0.08, 0.18, 0.18, 0.02, 1.0])
     assert [r["winlose"]["holm_p"] for r in rows[6:]] == pytest.approx([0.04, 0.04])
-    assert [r["verdict"] for r in rows] == ["consistent (covers 0)", "reproduced", "inconclusive", "inconclusive",
-                                            "reproduced", "inconclusive", "reproduced", "reproduced"]
+    assert [r["verdict_winlose"] for r in rows] == ["consistent (covers 0)", "reproduced", "inconclusive",
+                                                    "inconclusive", "reproduced", "inconclusive", "reproduced",
+                                                    "reproduced"]
+    assert [r["verdict"] for r in rows] == ["consistent (covers 0)", "inconclusive", "inconclusive", "inconclusive",
+                                            "reproduced", "inconclusive", "inconclusive", "inconclusive"]
 
 
 def test_validation_prompts_are_disjoint_from_test_and_training_prompts(tmp_path):
