@@ -78,6 +78,7 @@ class Context:
         self.done = set()  # out_dirs trained or checked by this process (--fresh retrains each once)
         self.train_nothing = False  # --finished: a run not trained yet raises NotTrained instead of training
         self.code = provenance.code_hash()  # of train.py and the modules it imports: part of each run's key
+        self.read = {}  # answer files read so far, by path (shared by variant())
         os.makedirs(work, exist_ok=True)
         os.makedirs(out, exist_ok=True)
         questions = answers.load_questions("embedded", "test")
@@ -155,6 +156,8 @@ class Context:
         if self.train_nothing:
             raise NotTrained(f"{label}: not trained yet (--finished trains nothing)")
         shutil.rmtree(out_dir, ignore_errors=True)  # stale answers and metrics go with the old model
+        for path in [p for p in self.read if p.startswith(os.path.join(out_dir, ""))]:
+            del self.read[path]
         os.makedirs(out_dir)
         t0, cpu0 = time.time(), time.process_time()
         with open(os.path.join(out_dir, "train.log"), "w") as log, contextlib.redirect_stdout(log):
@@ -205,7 +208,9 @@ class Context:
                 self.log(f"  {self.label(seed)} {name}: {capped} answer turn(s) had fewer new tokens than asked, "
                          f"to fit the context")
             common.write_jsonl(path, records)
-        return answers.load_answers(path)
+        if path not in self.read:  # the tables read each answer file many times; it does not change once written
+            self.read[path] = answers.load_answers(path)
+        return self.read[path]
 
     def final_eval(self, seed, run):
         """The held-out metrics of the run's last step (train.py's eval_* keys, prefix dropped)."""

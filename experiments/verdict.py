@@ -32,7 +32,7 @@ POWER_HALFWIDTHS = {"score": (0.005, 0.01, 0.02), "winlose": (5, 10, 25)}
 # win − lose: 10 points, the 95% half-width 8 seeds reach at a per-seed SD of 12 points (t(7) · 12 / √8 = 10).
 PLANNED_EFFECT = {"score": 0.02, "winlose": 10.0}
 PRIMARY = "score"
-UNITS = {"score": ("mean true score A − B", "+.3f"), "winlose": ("win − lose, points", "+.1f")}
+UNITS = {"score": ("mean true score A − B", "+.4f"), "winlose": ("win − lose, points", "+.1f")}
 ALPHA = 0.05  # of the Holm-adjusted paired t-test
 MAIN_ROWS = 5  # result_of's first comparisons after the noise floor: one Holm family; the controls are another
 
