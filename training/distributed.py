@@ -96,8 +96,10 @@ class Failures:
         self.rank = rank
         self.store = dist.distributed_c10d._get_default_store() if world > 1 else None
         self.done = threading.Event()
+        self.watcher = None
         if self.store is not None:
-            threading.Thread(target=self._watch, daemon=True).start()
+            self.watcher = threading.Thread(target=self._watch, daemon=True)
+            self.watcher.start()
 
     def fail(self, message, status):
         """Report this rank's failure; returns `status` where the process is not ended for it (one process)."""
@@ -109,7 +111,11 @@ class Failures:
         return status
 
     def stop(self):
+        """End the watching thread, and wait for it: the process group (and its store) is destroyed next, and a
+        thread still inside a store call then aborts the process ("terminate called without an active exception")."""
         self.done.set()
+        if self.watcher is not None and self.watcher is not threading.current_thread():
+            self.watcher.join(timeout=10)
 
     def _watch(self):
         while not self.done.wait(0.2):
