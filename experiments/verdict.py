@@ -100,19 +100,19 @@ def beta_grid(ctx, loss):
     doubled, at most size.verdict_widenings times each) while a fold's or all seeds' pick lies at an end, so that
     the optimum is interior. Each grid's runs are trained first (with validation answers) unless ctx.train_nothing,
     where the grid widens only as far as runs exist."""
-    betas, most = sorted(ctx.size.verdict_betas), ctx.size.verdict_widenings
-    low = high = 0
+    start, most = sorted(ctx.size.verdict_betas), ctx.size.verdict_widenings
+    betas = list(start)
     while True:
         if not ctx.train_nothing:
             prepare(ctx, [(ctx.sft_q, ctx.seeds, [beta_run(loss, b, True) for b in betas])])
         chosen = choose_beta(ctx, loss, betas)
         picks = {chosen[k] for k in ("even_seeds_get", "odd_seeds_get", "all_seeds_pick")} - {None}
-        wider = ([betas[0] / 2] if betas[0] in picks and low < most and len(betas) > 1 else []) + (
-            [betas[-1] * 2] if betas[-1] in picks and high < most and len(betas) > 1 else [])
+        wider = ([betas[0] / 2] if betas[0] in picks and sum(b < start[0] for b in betas) < most else []) + (
+            [betas[-1] * 2] if betas[-1] in picks and sum(b > start[-1] for b in betas) < most else [])
+        wider = wider if len(start) > 1 else []  # one β: nothing to tune
         if not wider or (ctx.train_nothing and not any(have(ctx, s, [beta_run(loss, b, True) for b in wider], "valid")
                                                        for s in ctx.seeds)):
             return betas, chosen
-        low, high = low + (betas[0] in picks), high + (betas[-1] in picks)
         betas = sorted(betas + wider)
 
 
@@ -249,7 +249,7 @@ def views(ctx):
             "neutral_no_more_than_none": not (neutral["mean_diff"] > 0 and neutral["p"] < 2 * ALPHA)}
 
 
-def result_of(ctx, q=None):
+def result_of(ctx, q_rule=None):
     """The comparisons over ctx.seeds (each over the seeds that have its runs)."""
     s, seeds = ctx.size, ctx.seeds
     grid = grids(ctx)
@@ -282,8 +282,7 @@ def result_of(ctx, q=None):
     power = [{"comparison": r["comparison"], "metric": key, "sd": r[key].get("sd", math.nan),
               "seeds": {f"{w:g}": (seeds_for_halfwidth(r[key]["sd"], w) if math.isfinite(r[key].get("sd", math.nan))
                                    else None) for w in POWER_HALFWIDTHS[key]}} for key in UNITS for r in main[2:4]]
-    return {"size": dataclasses.asdict(s), "seeds": list(seeds), "q": ctx.sft_q, "q_rule": q, "lr": s.lr,
-            "steps": s.steps, "samples": s.samples,
+    return {"size": dataclasses.asdict(s), "seeds": list(seeds), "q": ctx.sft_q, "q_rule": q_rule,
             "betas": {loss: g for loss, (g, _) in grid.items()}, "controls": list(s.verdict_controls),
             "primary": PRIMARY, "noise_floor": floors, "planned_effect": PLANNED_EFFECT, "views": views(ctx),
             "validation_prompts": len(ctx.validation_questions()), "chosen": chosen, "rows": rows, "power": power,
@@ -307,23 +306,23 @@ def run(ctx):
     then each method's β grid (beta_grid); the results so far written after each tier (a cut-off run resumes when
     run again; with --finished it reports from the runs trained so far, each comparison over the seeds that have
     its runs)."""
-    ctx, q = setting(ctx)
+    ctx, q_rule = setting(ctx)
     if not ctx.train_nothing:
         step = max(2, ctx.jobs)
         for i, tier in enumerate(tiers(ctx)):
             waves = [ctx.seeds[k:k + step] for k in range(0, len(ctx.seeds), step)] if i == 0 else [ctx.seeds]
             for wave in waves:  # tier 1 seeds a wave at a time: SFT models and their runs, so that seeds finish
                 prepare(ctx, [(ctx.sft_q, wave, tier)])
-                ctx.interim(dict(finished(ctx, q), partial=f"tier {i + 1} of 2 trained up to seed {wave[-1]}; "
+                ctx.interim(dict(finished(ctx, q_rule), partial=f"tier {i + 1} of 2 trained up to seed {wave[-1]}; "
                                                            "then each method's β grid"))
-    return result_of(ctx, q)
+    return result_of(ctx, q_rule)
 
 
-def finished(ctx, q=None):
+def finished(ctx, q_rule=None):
     """result_of from the runs trained so far, training nothing."""
     before, ctx.train_nothing = ctx.train_nothing, True
     try:
-        return result_of(ctx, q)
+        return result_of(ctx, q_rule)
     finally:
         ctx.train_nothing = before
 
@@ -399,8 +398,9 @@ def markdown(result):
                   "mean validation Spearman per q tried: " + ", ".join(
                       f"q {k}: {num(v, '.3f')}" for k, v in result["q_rule"]["validation_spearman"].items()) + ")"
                   if result.get("q_rule") else "") +
-              f"; alignment at lr {result['lr']:g} for {result['steps']} steps (whether identical runs agree there: "
-              f"the first row); each answer's score the expected true score, the mean of {result['samples']} sampled "
+              f"; alignment at lr {result['config']['lr']:g} for {result['config']['steps']} steps (whether identical "
+              f"runs agree there: the first row); each answer's score the expected true score, the mean of "
+              f"{result['config']['samples']} sampled "
               "answers per prompt (win − lose compares these means prompt by prompt).") if "q" in result else None
     parts = [*([regime] if regime else []),
         f"Paired over up to {n} seeds, each comparison over the seeds that have both its runs (a seed: one SFT "

@@ -117,10 +117,8 @@ def index_answers(rows, default_id):
     answers = {}
     for key, (where, record) in _unique_ids(rows).items():
         choices = field(record, "choices", where, list)
-        if not choices or not isinstance(choices[0], dict):
+        if not choices or not all(isinstance(c, dict) for c in choices):
             raise EvalError(f"{where}: field 'choices' must be a non-empty list of objects")
-        if not all(isinstance(c, dict) for c in choices):
-            raise EvalError(f"{where}: field 'choices' must be a list of objects")
         every = tuple(_turns(c.get("turns"), f"choices[{i}].turns", where) for i, c in enumerate(choices))
         answers[key] = Answer(str(record.get("model_id", default_id)), every[0], where, every)
     return answers
@@ -161,13 +159,18 @@ def check_context(name, model, max_length, flag="--max_length"):
                         f"(its config's max_position_embeddings / n_positions); use {limit} or less")
 
 
-def generate_reply(model, tokenizer, prompt_ids, decoding, n=1):
-    """The decoded continuation of one prompt (special tokens dropped, outer whitespace stripped); n > 1: a list of
-    n sampled continuations, drawn in one batch.
+def generate_reply(model, tokenizer, prompt_ids, decoding):
+    """The decoded continuation of one prompt: ``generate_replies``'s one reply. Returns (text, new-token cap)."""
+    replies, room = generate_replies(model, tokenizer, prompt_ids, decoding, 1)
+    return replies[0], room
+
+
+def generate_replies(model, tokenizer, prompt_ids, decoding, n):
+    """n decoded continuations of one prompt, drawn in one batch (special tokens dropped, outer whitespace stripped).
 
     Shape: prompt_ids list[int]. The whole prompt is kept: new tokens are capped at the room that the
-    context limit leaves after it, and a prompt that leaves no room is an EvalError. Returns (text, or a list of
-    n texts, the new-token cap used: decoding.max_new_tokens or less).
+    context limit leaves after it, and a prompt that leaves no room is an EvalError. Returns (texts list[str],
+    the new-token cap used: decoding.max_new_tokens or less).
     """
     limit = _context_limit(model, decoding)
     room = min(decoding.max_new_tokens, limit - len(prompt_ids)) if limit else decoding.max_new_tokens
@@ -182,13 +185,18 @@ def generate_reply(model, tokenizer, prompt_ids, decoding, n=1):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=room,
                              use_cache=True, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, num_return_sequences=n, **options)
-    texts = [tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True).strip() for row in out]
-    return (texts[0] if n == 1 else texts), room
+    return [tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True).strip() for row in out], room
 
 
 def question_seed(seed, question_id):
     """A per-question seed: answers do not depend on which other questions are in the file."""
     return (seed * 1_000_003 + zlib.crc32(json.dumps(question_id).encode())) % (2 ** 31)
+
+
+def turn_ids(tokenizer, messages, prompt=None, chat=None):
+    """A turn's generation prompt: ``data.encode_prompt`` of the chat so far (messages), framed as in training;
+    the first turn's is `prompt` as the training data holds it, where given."""
+    return data.encode_prompt(prompt if prompt is not None and len(messages) == 1 else messages, tokenizer, chat=chat)
 
 
 def answer_choices(model, tokenizer, turns, decoding, seed, prompt=None, chat=None):
@@ -198,10 +206,9 @@ def answer_choices(model, tokenizer, turns, decoding, seed, prompt=None, chat=No
         return [answer_turns(model, tokenizer, turns, decoding, seed + i, prompt, chat)
                 for i in range(decoding.choices)]
     torch.manual_seed(seed)
-    ids = data.encode_prompt(prompt if prompt is not None else ({"role": "user", "content": turns[0]},), tokenizer,
-                             chat=chat)
+    ids = turn_ids(tokenizer, ({"role": "user", "content": turns[0]},), prompt, chat)
     try:
-        replies, cap = generate_reply(model, tokenizer, ids, decoding, n=decoding.choices)
+        replies, cap = generate_replies(model, tokenizer, ids, decoding, decoding.choices)
     except EvalError as e:
         raise EvalError(f"turn 1: {e}") from None
     return [([reply], [cap]) for reply in replies]
@@ -219,8 +226,7 @@ def answer_turns(model, tokenizer, turns, decoding, seed, prompt=None, chat=None
     messages, answers, caps = (), [], []
     for turn, question in enumerate(turns, 1):
         messages += ({"role": "user", "content": question},)
-        ids = data.encode_prompt(prompt if prompt is not None and len(messages) == 1 else messages, tokenizer,
-                                 chat=chat)
+        ids = turn_ids(tokenizer, messages, prompt, chat)
         try:
             reply, cap = generate_reply(model, tokenizer, ids, decoding)
         except EvalError as e:

